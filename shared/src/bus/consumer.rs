@@ -1,0 +1,434 @@
+//! The consumer runtime: manual ack, bounded prefetch, bounded concurrency,
+//! graceful shutdown (stop taking, finish in-flight, then close), reconnection
+//! with backoff, and the retry ladder of DESIGN.md §4:
+//!
+//! 1. a transient error is retried in-process with exponential backoff (backon);
+//! 2. then the message goes through the delay tiers (`orderflow.<svc>.retry.*`,
+//!    TTL queues that dead-letter back to the service queue);
+//! 3. then, or at once for a permanent error, it goes to `orderflow.<svc>.dead`
+//!    with the reason, the original routing key and the service in headers.
+//!
+//! A message is acked only after the handler returned (its effects committed)
+//! or after its copy in a delay/dead-letter queue is confirmed. Nothing is
+//! requeued forever: the service queue also has a broker-side delivery limit.
+
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::{ExponentialBuilder, Retryable};
+use futures::{FutureExt, StreamExt};
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+use super::message::{Message, original_routing_key};
+use super::{Broker, BusError, Publisher, reconnect_backoff};
+use crate::Shutdown;
+use crate::envelope::{Envelope, headers};
+use crate::topology::QueueRole;
+
+/// How handling a message failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HandleError {
+    /// Might work later (database or broker unavailable, a timeout).
+    #[error("transient: {0:#}")]
+    Transient(anyhow::Error),
+    /// Will never work (invalid data, a broken invariant).
+    #[error("permanent: {0:#}")]
+    Permanent(anyhow::Error),
+}
+
+impl HandleError {
+    pub fn transient(error: impl Into<anyhow::Error>) -> Self {
+        Self::Transient(error.into())
+    }
+
+    pub fn permanent(error: impl Into<anyhow::Error>) -> Self {
+        Self::Permanent(error.into())
+    }
+
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Transient(_))
+    }
+}
+
+/// Database errors are transient: the database may come back.
+impl From<sqlx::Error> for HandleError {
+    fn from(error: sqlx::Error) -> Self {
+        Self::Transient(error.into())
+    }
+}
+
+/// What a worker implements: handle one decoded message.
+pub trait Handler: Send + Sync + 'static {
+    fn handle(&self, message: &Message) -> impl Future<Output = Result<(), HandleError>> + Send;
+}
+
+/// How a service consumes its queue.
+#[derive(Clone, Debug)]
+pub struct ConsumerOptions {
+    /// The service name; its queue is `orderflow.<service>`.
+    pub service: String,
+    /// Unacknowledged deliveries the broker may push to this consumer.
+    pub prefetch: u16,
+    /// Handler invocations in flight at once.
+    pub concurrency: usize,
+    /// In-process retries of a transient error before the delay tiers.
+    pub in_process_retries: usize,
+    /// First in-process retry delay (doubling, with jitter).
+    pub retry_min_delay: Duration,
+    pub retry_max_delay: Duration,
+}
+
+impl ConsumerOptions {
+    pub fn new(service: impl Into<String>) -> Self {
+        Self {
+            service: service.into(),
+            prefetch: 64,
+            concurrency: 16,
+            in_process_retries: 3,
+            retry_min_delay: Duration::from_millis(50),
+            retry_max_delay: Duration::from_secs(1),
+        }
+    }
+}
+
+struct Context<H> {
+    broker: Broker,
+    options: ConsumerOptions,
+    handler: Arc<H>,
+    publisher: Publisher,
+    queue: String,
+    dead_queue: String,
+    /// Delay queue names, in tier order.
+    delay_queues: Vec<String>,
+}
+
+/// Consumes the service queue until `shutdown`, coming back by itself when the
+/// broker connection drops. Returns once in-flight messages are finished.
+pub async fn run_consumer<H: Handler>(
+    broker: Broker,
+    options: ConsumerOptions,
+    handler: Arc<H>,
+    shutdown: Shutdown,
+) -> Result<(), BusError> {
+    let topology = broker.topology();
+    let service = options.service.clone();
+    let queue_of = |role: &QueueRole| {
+        topology
+            .queue(&service, role)
+            .map(|q| q.name.clone())
+            .ok_or_else(|| BusError::UnknownService(service.clone()))
+    };
+    let queue = queue_of(&QueueRole::Service)?;
+    let dead_queue = queue_of(&QueueRole::DeadLetter)?;
+    let delay_queues = topology
+        .retry_tiers
+        .iter()
+        .map(|tier| queue_of(&QueueRole::Delay(*tier)))
+        .collect::<Result<Vec<_>, _>>()?;
+    let permits = Arc::new(Semaphore::new(options.concurrency.max(1)));
+    let context = Arc::new(Context {
+        publisher: broker.publisher(),
+        broker,
+        options,
+        handler,
+        queue,
+        dead_queue,
+        delay_queues,
+    });
+    let mut tasks = JoinSet::new();
+    let mut delays = reconnect_backoff();
+    while !shutdown.is_cancelled() {
+        let started = tokio::time::Instant::now();
+        match session(&context, &permits, &mut tasks, &shutdown).await {
+            Ok(()) => break,
+            Err(error) => {
+                if started.elapsed() > Duration::from_secs(30) {
+                    delays = reconnect_backoff();
+                }
+                let delay = delays.next().unwrap_or(Duration::from_secs(5));
+                tracing::warn!(
+                    service = %context.options.service,
+                    %error,
+                    ?delay,
+                    "consumer lost its channel; reconnecting (unacked messages will be redelivered)"
+                );
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    () = shutdown.cancelled() => {}
+                }
+            }
+        }
+    }
+    while tasks.join_next().await.is_some() {}
+    tracing::info!(service = %context.options.service, "consumer stopped");
+    Ok(())
+}
+
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    #[error("{0}")]
+    Amqp(#[from] lapin::Error),
+    #[error("the broker cancelled the consumer (queue deleted?)")]
+    Cancelled,
+}
+
+/// One channel's life: consume until shutdown (Ok) or until the channel dies.
+async fn session<H: Handler>(
+    context: &Arc<Context<H>>,
+    permits: &Arc<Semaphore>,
+    tasks: &mut JoinSet<()>,
+    shutdown: &Shutdown,
+) -> Result<(), SessionError> {
+    let channel = context.broker.channel().await?;
+    channel
+        .basic_qos(context.options.prefetch, BasicQosOptions::default())
+        .await?;
+    let tag = format!("{}-{}", context.options.service, uuid::Uuid::now_v7());
+    let mut consumer = channel
+        .basic_consume(
+            context.queue.as_str().into(),
+            tag.as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    tracing::info!(service = %context.options.service, queue = %context.queue, "consuming");
+    loop {
+        while let Some(result) = tasks.try_join_next() {
+            if let Err(error) = result {
+                tracing::error!(%error, "message task failed to complete");
+            }
+        }
+        let permit = tokio::select! {
+            () = shutdown.cancelled() => break,
+            permit = permits.clone().acquire_owned() => permit.expect("semaphore is never closed"),
+        };
+        let delivery = tokio::select! {
+            () = shutdown.cancelled() => break,
+            next = consumer.next() => match next {
+                Some(Ok(delivery)) => delivery,
+                Some(Err(error)) => return Err(error.into()),
+                None => return Err(SessionError::Cancelled),
+            },
+        };
+        let context = context.clone();
+        tasks.spawn(async move {
+            process(&context, delivery).await;
+            drop(permit);
+        });
+    }
+    // Graceful stop: take nothing more, finish what is in flight, then close.
+    let _ = channel
+        .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+        .await;
+    while let Some(result) = tasks.join_next().await {
+        if let Err(error) = result {
+            tracing::error!(%error, "message task failed to complete");
+        }
+    }
+    let _ = channel.close(200, "shutting down".into()).await;
+    Ok(())
+}
+
+/// Calls the handler; a panic becomes a permanent error instead of a lost message.
+async fn call_handler<H: Handler>(handler: &H, message: &Message) -> Result<(), HandleError> {
+    match AssertUnwindSafe(handler.handle(message)).catch_unwind().await {
+        Ok(result) => result,
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".to_owned());
+            Err(HandleError::Permanent(anyhow::anyhow!(
+                "handler panicked: {what}"
+            )))
+        }
+    }
+}
+
+async fn process<H: Handler>(context: &Context<H>, delivery: Delivery) {
+    let service = &context.options.service;
+    let message = match Message::decode(&delivery) {
+        Ok(message) => message,
+        Err(undecodable) => {
+            let reason = format!("undecodable message: {}", undecodable.error);
+            dead_letter(context, &delivery, &undecodable.envelope, 0, &reason).await;
+            return;
+        }
+    };
+    let span = tracing::info_span!(
+        "handle",
+        service = %service,
+        order_id = %message.envelope.correlation_id,
+        message_id = %message.envelope.message_id,
+        kind = %message.envelope.kind,
+    );
+    let backoff = ExponentialBuilder::default()
+        .with_min_delay(context.options.retry_min_delay)
+        .with_max_delay(context.options.retry_max_delay)
+        .with_max_times(context.options.in_process_retries)
+        .with_jitter();
+    let result = (|| call_handler(context.handler.as_ref(), &message))
+        .retry(backoff)
+        .sleep(tokio::time::sleep)
+        .when(HandleError::is_transient)
+        .notify(|error, delay| {
+            tracing::warn!(
+                parent: &span,
+                %error,
+                ?delay,
+                "transient failure, retrying in process"
+            );
+        })
+        .await;
+    match result {
+        Ok(()) => {
+            tracing::debug!(parent: &span, "handled");
+            ack(&delivery, &span).await;
+        }
+        Err(HandleError::Permanent(error)) => {
+            let reason = format!("permanent failure: {error:#}");
+            dead_letter(context, &delivery, &message.envelope, message.retries, &reason).await;
+        }
+        Err(HandleError::Transient(error)) => {
+            let tier = message.retries as usize;
+            if let Some(delay_queue) = context.delay_queues.get(tier) {
+                delay(context, &delivery, &message, delay_queue, &error).await;
+            } else {
+                let reason = format!(
+                    "gave up after {} delayed retries: {error:#}",
+                    context.delay_queues.len()
+                );
+                dead_letter(context, &delivery, &message.envelope, message.retries, &reason).await;
+            }
+        }
+    }
+}
+
+async fn ack(delivery: &Delivery, span: &tracing::Span) {
+    if let Err(error) = delivery.ack(BasicAckOptions::default()).await {
+        tracing::warn!(
+            parent: span,
+            %error,
+            "ack failed (channel gone); the broker will redeliver and the inbox will skip it"
+        );
+    }
+}
+
+/// Puts the message back on its queue after a pause, when its copy could not
+/// be moved to a delay or dead-letter queue: the broker's delivery limit stops
+/// this from going on forever.
+async fn requeue(delivery: &Delivery) {
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let _ = delivery
+        .nack(BasicNackOptions {
+            requeue: true,
+            ..BasicNackOptions::default()
+        })
+        .await;
+}
+
+fn runtime_headers(routing_key: &str, retries: u32) -> FieldTable {
+    let mut table = FieldTable::default();
+    table.insert(
+        headers::ROUTING_KEY.into(),
+        AMQPValue::LongString(routing_key.into()),
+    );
+    table.insert(
+        headers::RETRIES.into(),
+        AMQPValue::LongLongInt(i64::from(retries)),
+    );
+    table
+}
+
+async fn delay<H: Handler>(
+    context: &Context<H>,
+    delivery: &Delivery,
+    message: &Message,
+    delay_queue: &str,
+    error: &anyhow::Error,
+) {
+    let routing_key = original_routing_key(delivery);
+    let properties = message
+        .envelope
+        .to_properties(runtime_headers(&routing_key, message.retries + 1));
+    let span = tracing::info_span!("delay", order_id = %message.envelope.correlation_id, message_id = %message.envelope.message_id);
+    match context
+        .publisher
+        .publish_raw("", delay_queue, &delivery.data, properties)
+        .await
+    {
+        Ok(()) => {
+            tracing::warn!(
+                parent: &span,
+                service = %context.options.service,
+                %delay_queue,
+                error = %format!("{error:#}"),
+                "transient failure persists; message parked in a delay queue"
+            );
+            ack(delivery, &span).await;
+        }
+        Err(publish_error) => {
+            tracing::error!(parent: &span, %publish_error, "cannot park message in its delay queue; requeueing");
+            requeue(delivery).await;
+        }
+    }
+}
+
+async fn dead_letter<H: Handler>(
+    context: &Context<H>,
+    delivery: &Delivery,
+    envelope: &Envelope,
+    retries: u32,
+    reason: &str,
+) {
+    let routing_key = original_routing_key(delivery);
+    let mut extra = runtime_headers(&routing_key, retries);
+    extra.insert(headers::REASON.into(), AMQPValue::LongString(reason.into()));
+    extra.insert(
+        headers::SERVICE.into(),
+        AMQPValue::LongString(context.options.service.as_str().into()),
+    );
+    extra.insert(
+        headers::FAILED_AT.into(),
+        AMQPValue::LongString(chrono::Utc::now().to_rfc3339().into()),
+    );
+    let span = tracing::info_span!("dead_letter", order_id = %envelope.correlation_id, message_id = %envelope.message_id);
+    match context
+        .publisher
+        .publish_raw(
+            "",
+            &context.dead_queue,
+            &delivery.data,
+            envelope.to_properties(extra),
+        )
+        .await
+    {
+        Ok(()) => {
+            tracing::error!(
+                parent: &span,
+                service = %context.options.service,
+                routing_key,
+                reason,
+                dead_letter_queue = %context.dead_queue,
+                "message dead-lettered; inspect with `orderflow dlq list`, replay with `orderflow dlq replay`"
+            );
+            ack(delivery, &span).await;
+        }
+        Err(publish_error) => {
+            tracing::error!(parent: &span, %publish_error, "cannot dead-letter message; requeueing");
+            requeue(delivery).await;
+        }
+    }
+}

@@ -1,0 +1,119 @@
+//! Messages as handlers see them ([`Message`]: envelope + typed event) and as
+//! publishers send them ([`Outgoing`]: routing key + envelope + body).
+
+use lapin::message::Delivery;
+
+use crate::envelope::{Envelope, header_int, header_str, headers};
+use crate::events::{DecodeError, Event, parse_object};
+
+/// A received message, decoded.
+#[derive(Clone, Debug)]
+pub struct Message {
+    pub envelope: Envelope,
+    pub event: Event,
+    /// The broker delivered it before (a previous consumer did not ack).
+    pub redelivered: bool,
+    /// How many delay tiers it went through already.
+    pub retries: u32,
+}
+
+/// A delivery that could not be decoded, with what is known about it.
+#[derive(Debug)]
+pub(crate) struct Undecodable {
+    pub envelope: Envelope,
+    pub error: DecodeError,
+}
+
+/// The routing key a delivery was originally published with (a delay queue
+/// hands it back with the queue name as routing key).
+pub(crate) fn original_routing_key(delivery: &Delivery) -> String {
+    delivery
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|h| header_str(h, headers::ROUTING_KEY))
+        .unwrap_or_else(|| delivery.routing_key.as_str().to_owned())
+}
+
+impl Message {
+    pub(crate) fn decode(delivery: &Delivery) -> Result<Self, Box<Undecodable>> {
+        let routing_key = original_routing_key(delivery);
+        let body = &delivery.data;
+        let properties = &delivery.properties;
+        let retries = properties
+            .headers()
+            .as_ref()
+            .and_then(|h| header_int(h, headers::RETRIES))
+            .and_then(|r| u32::try_from(r).ok())
+            .unwrap_or(0);
+        let fail = |envelope, error| Err(Box::new(Undecodable { envelope, error }));
+        let mut object = match parse_object(body) {
+            Ok(object) => object,
+            Err(error) => {
+                return fail(
+                    Envelope::from_properties(properties, &routing_key, body, None),
+                    error,
+                );
+            }
+        };
+        let body_order_id = match object.get("order_id") {
+            Some(serde_json::Value::String(id)) if !id.is_empty() => Some(id.clone()),
+            Some(serde_json::Value::String(_)) | None => None,
+            Some(other) => {
+                return fail(
+                    Envelope::from_properties(properties, &routing_key, body, None),
+                    DecodeError::Schema {
+                        kind: routing_key.clone(),
+                        detail: format!("order_id must be a string, found {other}"),
+                    },
+                );
+            }
+        };
+        let envelope =
+            Envelope::from_properties(properties, &routing_key, body, body_order_id.as_deref());
+        if body_order_id.is_none() {
+            // No order id in the body: the envelope's (sent or derived) one is the order id.
+            object.insert(
+                "order_id".to_owned(),
+                serde_json::Value::String(envelope.correlation_id.clone()),
+            );
+        }
+        match Event::from_object(&routing_key, object) {
+            Ok(event) => Ok(Self {
+                envelope,
+                event,
+                redelivered: delivery.redelivered,
+                retries,
+            }),
+            Err(error) => fail(envelope, error),
+        }
+    }
+
+    pub fn order_id(&self) -> &str {
+        self.event.order_id()
+    }
+}
+
+/// A message to publish on the events exchange.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Outgoing {
+    pub routing_key: String,
+    pub envelope: Envelope,
+    pub body: Vec<u8>,
+}
+
+impl Outgoing {
+    /// `event` with a new envelope; caused by `cause` when given.
+    pub fn event(event: &Event, cause: Option<&Envelope>) -> Self {
+        let routing_key = event.routing_key();
+        let envelope = match cause {
+            Some(cause) => Envelope::caused_by(&routing_key, event.order_id(), cause),
+            None => Envelope::new(&routing_key, event.order_id()),
+        };
+        Self {
+            routing_key,
+            envelope,
+            body: event.to_json(),
+        }
+    }
+}

@@ -1,0 +1,185 @@
+//! The bus: a [`Broker`] (pooled connections to RabbitMQ that come back by
+//! themselves), a [`Publisher`] (confirms, mandatory, timeout) and the consumer
+//! runtime [`run_consumer`] (manual ack, bounded prefetch, retries, dead letters).
+
+mod consumer;
+mod message;
+mod publisher;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use deadpool_lapin::{Pool, PoolConfig, Runtime, Timeouts};
+use lapin::options::ConfirmSelectOptions;
+use lapin::{Channel, ConnectionProperties};
+use secrecy::{ExposeSecret, SecretString};
+
+use crate::topology::{self, Names, Topology};
+
+pub use consumer::{ConsumerOptions, HandleError, Handler, run_consumer};
+pub use message::{Message, Outgoing};
+pub use publisher::{PublishError, Publisher};
+
+/// Errors of the broker connection itself (as opposed to one publish).
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    #[error("cannot set up the RabbitMQ connection pool for {url}: {detail}")]
+    Pool { url: String, detail: String },
+    #[error("cannot reach RabbitMQ at {url}: {detail}; is the broker running and ORDERFLOW_AMQP_URL right?")]
+    Connect { url: String, detail: String },
+    #[error("RabbitMQ refused to open a channel: {0}")]
+    Channel(#[source] lapin::Error),
+    #[error(transparent)]
+    Declare(#[from] topology::DeclareError),
+    #[error("service `{0}` has no queue in the topology; is it listed in orderflow_services()?")]
+    UnknownService(String),
+}
+
+struct Inner {
+    pool: Pool,
+    url_redacted: String,
+    topology: Topology,
+    publish_timeout: Duration,
+}
+
+/// A handle on the broker: a pool of connections, the topology and the
+/// publish timeout. Cheap to clone.
+#[derive(Clone)]
+pub struct Broker {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Broker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Broker")
+            .field("url", &self.inner.url_redacted)
+            .field("namespace", &self.inner.topology.names.namespace())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The backoff used to come back after the broker went away: 100 ms doubling
+/// to 5 s, with jitter, for as long as it takes.
+pub(crate) fn reconnect_backoff() -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(5))
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+impl Broker {
+    /// A broker handle; connects lazily. `connection_name` shows in the
+    /// management UI and `rabbitmqctl list_connections client_properties`.
+    pub fn new(
+        url: &SecretString,
+        connection_name: &str,
+        topology: Topology,
+        publish_timeout: Duration,
+    ) -> Result<Self, BusError> {
+        let url_redacted = crate::config::redact_url(url.expose_secret());
+        let name = connection_name.to_owned();
+        let config = deadpool_lapin::Config {
+            url: Some(url.expose_secret().to_owned()),
+            pool: Some(PoolConfig {
+                max_size: 8,
+                timeouts: Timeouts {
+                    wait: Some(Duration::from_secs(10)),
+                    create: Some(Duration::from_secs(10)),
+                    recycle: Some(Duration::from_secs(5)),
+                },
+                ..PoolConfig::default()
+            }),
+        };
+        let pool = config
+            .create_pool(
+                move || ConnectionProperties::default().with_connection_name(name.as_str().into()),
+                Runtime::Tokio1,
+            )
+            .map_err(|e| BusError::Pool {
+                url: url_redacted.clone(),
+                detail: e.to_string(),
+            })?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                pool,
+                url_redacted,
+                topology,
+                publish_timeout,
+            }),
+        })
+    }
+
+    pub fn topology(&self) -> &Topology {
+        &self.inner.topology
+    }
+
+    pub fn names(&self) -> &Names {
+        &self.inner.topology.names
+    }
+
+    pub fn publish_timeout(&self) -> Duration {
+        self.inner.publish_timeout
+    }
+
+    /// A fresh channel on a pooled connection (a broken connection is
+    /// replaced by the pool). One attempt; callers retry.
+    pub async fn channel(&self) -> Result<Channel, BusError> {
+        let connection = self.inner.pool.get().await.map_err(|e| BusError::Connect {
+            url: self.inner.url_redacted.clone(),
+            detail: e.to_string(),
+        })?;
+        connection.create_channel().await.map_err(BusError::Channel)
+    }
+
+    /// A fresh channel in publisher-confirm mode.
+    pub async fn confirm_channel(&self) -> Result<Channel, BusError> {
+        let channel = self.channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(BusError::Channel)?;
+        Ok(channel)
+    }
+
+    /// Declares the whole topology (idempotent). Waits for the broker with
+    /// backoff up to `patience`, then gives up with the last error.
+    pub async fn declare_topology(&self, patience: Duration) -> Result<(), BusError> {
+        let deadline = tokio::time::Instant::now() + patience;
+        let mut delays = reconnect_backoff();
+        loop {
+            let result = async {
+                let channel = self.channel().await?;
+                topology::declare(&channel, self.topology()).await?;
+                let _ = channel.close(200, "topology declared".into()).await;
+                Ok::<(), BusError>(())
+            }
+            .await;
+            match result {
+                Ok(()) => return Ok(()),
+                // A precondition failure will not heal by waiting.
+                Err(e @ BusError::Declare(_)) => return Err(e),
+                Err(e) => {
+                    let delay = delays.next().unwrap_or(Duration::from_secs(5));
+                    if tokio::time::Instant::now() + delay > deadline {
+                        return Err(e);
+                    }
+                    tracing::warn!(error = %e, ?delay, "broker not ready, retrying topology declaration");
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+    }
+
+    /// A publisher on its own confirm channel (created on first use).
+    pub fn publisher(&self) -> Publisher {
+        Publisher::new(self.clone())
+    }
+
+    /// Closes the pool; open channels end with their connections.
+    pub fn close(&self) {
+        self.inner.pool.close();
+    }
+}

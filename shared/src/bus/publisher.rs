@@ -1,0 +1,211 @@
+//! Publishing with publisher confirms, the mandatory flag and a timeout on
+//! every publish: a nack, a returned (unroutable) message or a timeout is an
+//! error the caller sees, never a silent drop. Broken channels are replaced
+//! and the publish retried with backoff (the envelope keeps its `message_id`,
+//! so a retry that duplicates a message is deduplicated by the inbox).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::{ExponentialBuilder, Retryable};
+use lapin::options::BasicPublishOptions;
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Confirmation};
+use tokio::sync::Mutex;
+
+use super::{Broker, BusError, Outgoing};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error(
+        "message {message_id} ({routing_key}) is unroutable: no queue is bound to it on `{exchange}` \
+         (broker said {reply}); is the topology declared?"
+    )]
+    Unroutable {
+        exchange: String,
+        routing_key: String,
+        message_id: String,
+        reply: String,
+    },
+    #[error("broker refused (nack) message {message_id} ({routing_key})")]
+    Nacked {
+        routing_key: String,
+        message_id: String,
+    },
+    #[error("no confirm for message {message_id} ({routing_key}) within {timeout:?}")]
+    Timeout {
+        routing_key: String,
+        message_id: String,
+        timeout: Duration,
+    },
+    #[error("publishing message {message_id} ({routing_key}) failed: {source}")]
+    Broker {
+        routing_key: String,
+        message_id: String,
+        #[source]
+        source: lapin::Error,
+    },
+    #[error("publishing message {message_id}: {source}")]
+    Connection {
+        message_id: String,
+        #[source]
+        source: BusError,
+    },
+}
+
+impl PublishError {
+    /// Worth trying again on a fresh channel (everything but an unroutable message).
+    pub fn is_retryable(&self) -> bool {
+        !matches!(self, Self::Unroutable { .. })
+    }
+}
+
+/// Publishes on one confirm channel, shared by all clones; many publishes can
+/// be in flight at once, each waiting for its own confirm.
+#[derive(Clone)]
+pub struct Publisher {
+    broker: Broker,
+    channel: Arc<Mutex<Option<Channel>>>,
+    retry: ExponentialBuilder,
+}
+
+impl std::fmt::Debug for Publisher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Publisher")
+            .field("broker", &self.broker)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Publisher {
+    pub(crate) fn new(broker: Broker) -> Self {
+        Self {
+            broker,
+            channel: Arc::new(Mutex::new(None)),
+            retry: ExponentialBuilder::default()
+                .with_min_delay(Duration::from_millis(50))
+                .with_max_delay(Duration::from_secs(2))
+                .with_max_times(6)
+                .with_jitter(),
+        }
+    }
+
+    /// Publishes an event on the events exchange.
+    pub async fn publish(&self, message: &Outgoing) -> Result<(), PublishError> {
+        let exchange = self.broker.names().events_exchange();
+        let properties = message.envelope.to_properties(FieldTable::default());
+        self.publish_raw(&exchange, &message.routing_key, &message.body, properties)
+            .await
+    }
+
+    /// Publishes any body with any properties; used for events, delay queues
+    /// and dead-letter queues (`exchange` "" = straight to a queue).
+    pub async fn publish_raw(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<(), PublishError> {
+        let attempt = || self.publish_once(exchange, routing_key, body, properties.clone());
+        attempt
+            .retry(self.retry)
+            .sleep(tokio::time::sleep)
+            .when(PublishError::is_retryable)
+            .notify(|error, delay| {
+                tracing::warn!(%error, ?delay, "publish failed, retrying on a fresh channel");
+            })
+            .await
+    }
+
+    async fn channel(&self) -> Result<Channel, BusError> {
+        let mut slot = self.channel.lock().await;
+        if let Some(channel) = slot.as_ref()
+            && channel.status().connected()
+        {
+            return Ok(channel.clone());
+        }
+        let channel = self.broker.confirm_channel().await?;
+        *slot = Some(channel.clone());
+        Ok(channel)
+    }
+
+    async fn forget_channel(&self, broken: &Channel) {
+        let mut slot = self.channel.lock().await;
+        if slot.as_ref().is_some_and(|c| c.id() == broken.id()) {
+            *slot = None;
+        }
+    }
+
+    async fn publish_once(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<(), PublishError> {
+        let message_id = properties
+            .message_id()
+            .as_ref()
+            .map(|id| id.as_str().to_owned())
+            .unwrap_or_default();
+        let channel = self
+            .channel()
+            .await
+            .map_err(|source| PublishError::Connection {
+                message_id: message_id.clone(),
+                source,
+            })?;
+        let timeout = self.broker.publish_timeout();
+        let confirm = tokio::time::timeout(timeout, async {
+            channel
+                .basic_publish(
+                    exchange.into(),
+                    routing_key.into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..BasicPublishOptions::default()
+                    },
+                    body,
+                    properties,
+                )
+                .await?
+                .await
+        })
+        .await;
+        let confirm = match confirm {
+            Err(_) => {
+                self.forget_channel(&channel).await;
+                return Err(PublishError::Timeout {
+                    routing_key: routing_key.to_owned(),
+                    message_id,
+                    timeout,
+                });
+            }
+            Ok(Err(source)) => {
+                self.forget_channel(&channel).await;
+                return Err(PublishError::Broker {
+                    routing_key: routing_key.to_owned(),
+                    message_id,
+                    source,
+                });
+            }
+            Ok(Ok(confirm)) => confirm,
+        };
+        match confirm {
+            Confirmation::Ack(None) => Ok(()),
+            Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned)) => {
+                Err(PublishError::Unroutable {
+                    exchange: exchange.to_owned(),
+                    routing_key: routing_key.to_owned(),
+                    message_id,
+                    reply: format!("{} {}", returned.reply_code, returned.reply_text),
+                })
+            }
+            Confirmation::Nack(None) | Confirmation::NotRequested => Err(PublishError::Nacked {
+                routing_key: routing_key.to_owned(),
+                message_id,
+            }),
+        }
+    }
+}

@@ -1,0 +1,194 @@
+//! Configuration: defaults, then an optional TOML file, then `ORDERFLOW_*`
+//! environment variables (the names of DESIGN.md §6). Secrets (URLs with
+//! passwords, token keys) are [`SecretString`]s and never printed.
+
+use std::path::Path;
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// Everything a worker or `orderflow up` is configured with.
+#[derive(Clone, Debug, Deserialize)]
+pub struct Settings {
+    /// `ORDERFLOW_AMQP_URL`
+    pub amqp_url: SecretString,
+    /// `ORDERFLOW_DATABASE_URL`
+    pub database_url: SecretString,
+    /// `ORDERFLOW_HTTP_ADDR`
+    pub http_addr: String,
+    /// `ORDERFLOW_NAMESPACE`: prefix of every broker name (empty: none).
+    pub namespace: String,
+    /// `ORDERFLOW_GENERATE_INFO_TIMEOUT_SECS`
+    pub generate_info_timeout_secs: u64,
+    /// `ORDERFLOW_PAYMENT_TIMEOUT_SECS`
+    pub payment_timeout_secs: u64,
+    /// `ORDERFLOW_FLOW_TIMEOUT_SECS`
+    pub flow_timeout_secs: u64,
+    /// `ORDERFLOW_TOKEN_KEYS`: `kid:secret[,kid:secret]`, the first one signs.
+    pub token_keys: Option<SecretString>,
+    /// `ORDERFLOW_LOG`: a tracing filter such as `info` or `orderflow=debug`.
+    pub log: String,
+    /// `ORDERFLOW_LOG_FORMAT`: `text` or `json`.
+    pub log_format: LogFormat,
+    /// `ORDERFLOW_PREFETCH`: unacknowledged deliveries per consumer.
+    pub prefetch: u16,
+    /// `ORDERFLOW_CONCURRENCY`: handler invocations in flight per consumer.
+    pub concurrency: usize,
+    /// `ORDERFLOW_PUBLISH_TIMEOUT_MS`: how long one publish may wait for its confirm.
+    pub publish_timeout_ms: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("configuration is invalid: {0}; check the config file and the ORDERFLOW_* environment")]
+pub struct ConfigError(#[from] config::ConfigError);
+
+impl Settings {
+    /// Defaults, then `file` (if given and present), then the environment.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::load_from(file, config::Environment::with_prefix("ORDERFLOW"))
+    }
+
+    fn load_from(file: Option<&Path>, env: config::Environment) -> Result<Self, ConfigError> {
+        let mut builder = config::Config::builder()
+            .set_default("amqp_url", "amqp://guest:guest@127.0.0.1:5672/%2f")?
+            .set_default(
+                "database_url",
+                "postgres://postgres@127.0.0.1:5432/orderflow",
+            )?
+            .set_default("http_addr", "127.0.0.1:8080")?
+            .set_default("namespace", "")?
+            .set_default("generate_info_timeout_secs", 300)?
+            .set_default("payment_timeout_secs", 300)?
+            .set_default("flow_timeout_secs", 3600)?
+            .set_default("log", "info")?
+            .set_default("log_format", "text")?
+            .set_default("prefetch", 64)?
+            .set_default("concurrency", 16)?
+            .set_default("publish_timeout_ms", 10_000)?;
+        if let Some(file) = file {
+            builder = builder.add_source(config::File::from(file).required(false));
+        }
+        let settings: Self = builder
+            .add_source(env.try_parsing(true))
+            .build()?
+            .try_deserialize()?;
+        Ok(settings)
+    }
+
+    /// The AMQP URL with its password masked, for logs and error messages.
+    pub fn amqp_url_redacted(&self) -> String {
+        redact_url(self.amqp_url.expose_secret())
+    }
+
+    /// The database URL with its password masked, for logs and error messages.
+    pub fn database_url_redacted(&self) -> String {
+        redact_url(self.database_url.expose_secret())
+    }
+}
+
+/// `scheme://user:secret@host/..` → `scheme://user:***@host/..`.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let Some((userinfo, host)) = rest.split_once('@') else {
+        return url.to_owned();
+    };
+    match userinfo.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+        None => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    fn env(vars: &[(&str, &str)]) -> config::Environment {
+        let map: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        config::Environment::with_prefix("ORDERFLOW").source(Some(map))
+    }
+
+    #[test]
+    fn defaults_are_those_of_the_design() {
+        let settings = Settings::load_from(None, env(&[])).unwrap();
+        assert_eq!(
+            settings.amqp_url.expose_secret(),
+            "amqp://guest:guest@127.0.0.1:5672/%2f"
+        );
+        assert_eq!(settings.http_addr, "127.0.0.1:8080");
+        assert_eq!(settings.namespace, "");
+        assert_eq!(settings.generate_info_timeout_secs, 300);
+        assert_eq!(settings.payment_timeout_secs, 300);
+        assert_eq!(settings.flow_timeout_secs, 3600);
+        assert!(settings.token_keys.is_none());
+        assert_eq!(settings.log_format, LogFormat::Text);
+    }
+
+    #[test]
+    fn environment_overrides_file_and_defaults() {
+        let dir = std::env::temp_dir().join(format!("orderflow-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("orderflow.toml");
+        std::fs::write(&file, "namespace = \"from-file\"\nhttp_addr = \"0.0.0.0:1\"\n").unwrap();
+        let settings = Settings::load_from(
+            Some(&file),
+            env(&[
+                ("ORDERFLOW_NAMESPACE", "from-env"),
+                ("ORDERFLOW_PAYMENT_TIMEOUT_SECS", "7"),
+                ("ORDERFLOW_LOG_FORMAT", "json"),
+                ("ORDERFLOW_TOKEN_KEYS", "k1:s3cret"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(settings.namespace, "from-env");
+        assert_eq!(settings.http_addr, "0.0.0.0:1");
+        assert_eq!(settings.payment_timeout_secs, 7);
+        assert_eq!(settings.log_format, LogFormat::Json);
+        assert_eq!(
+            settings.token_keys.as_ref().unwrap().expose_secret(),
+            "k1:s3cret"
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn secrets_are_never_printed() {
+        let settings = Settings::load_from(
+            None,
+            env(&[
+                ("ORDERFLOW_TOKEN_KEYS", "k1:topsecretkey"),
+                ("ORDERFLOW_AMQP_URL", "amqp://svc:hunter2@broker:5672/%2f"),
+            ]),
+        )
+        .unwrap();
+        let printed = format!("{settings:?}");
+        assert!(!printed.contains("topsecretkey"), "{printed}");
+        assert!(!printed.contains("hunter2"), "{printed}");
+        assert_eq!(
+            settings.amqp_url_redacted(),
+            "amqp://svc:***@broker:5672/%2f"
+        );
+    }
+
+    #[test]
+    fn a_bad_number_is_a_clear_error() {
+        let err =
+            Settings::load_from(None, env(&[("ORDERFLOW_FLOW_TIMEOUT_SECS", "soon")])).unwrap_err();
+        assert!(err.to_string().contains("flow_timeout_secs"), "{err}");
+    }
+}

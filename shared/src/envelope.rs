@@ -1,0 +1,245 @@
+//! The message envelope of DESIGN.md §4, carried in AMQP properties:
+//! `message_id` (UUID v7), `correlation_id` (= order id), `type` (= routing key),
+//! `timestamp`, `content_type`, `delivery_mode` 2, and the headers
+//! `causation_id` and `traceparent`.
+//!
+//! Messages typed into the RabbitMQ UI may carry none of it; the missing parts
+//! are derived deterministically from the body, so a redelivery of such a
+//! message is still recognised as a duplicate.
+
+use std::fmt::Write as _;
+
+use lapin::BasicProperties;
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+/// Header names of the envelope and of the runtime.
+pub mod headers {
+    pub const CAUSATION_ID: &str = "causation_id";
+    pub const TRACEPARENT: &str = "traceparent";
+    /// The routing key a message was first published with (kept when it goes
+    /// through a delay or dead-letter queue, whose routing key is the queue).
+    pub const ROUTING_KEY: &str = "x-orderflow-routing-key";
+    /// How many delay tiers the message has been through.
+    pub const RETRIES: &str = "x-orderflow-retries";
+    /// Why a message was dead-lettered.
+    pub const REASON: &str = "x-orderflow-reason";
+    /// The service that dead-lettered it.
+    pub const SERVICE: &str = "x-orderflow-service";
+    /// When it was dead-lettered (RFC 3339).
+    pub const FAILED_AT: &str = "x-orderflow-failed-at";
+}
+
+/// Fixed UUID v5 namespaces for derived identifiers (any constant would do; these
+/// must never change, or redeliveries of old messages stop being duplicates).
+const MESSAGE_ID_NAMESPACE: Uuid = Uuid::from_u128(0x6f72_6465_7266_6c6f_772d_6d73_6769_6401);
+const ORDER_ID_NAMESPACE: Uuid = Uuid::from_u128(0x6f72_6465_7266_6c6f_772d_6f72_6465_7201);
+
+/// Envelope of one message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Envelope {
+    pub message_id: String,
+    /// The order id.
+    pub correlation_id: String,
+    /// The event name (= routing key).
+    pub kind: String,
+    /// Seconds since the Unix epoch, as AMQP carries it.
+    pub timestamp: u64,
+    /// The `message_id` of the message that caused this one.
+    pub causation_id: Option<String>,
+    /// W3C trace context: `00-<trace id>-<parent id>-01`.
+    pub traceparent: String,
+}
+
+fn now_secs() -> u64 {
+    u64::try_from(chrono::Utc::now().timestamp()).unwrap_or_default()
+}
+
+fn span_id(id: Uuid) -> String {
+    // The last 8 bytes of a v7 UUID are random.
+    let bytes = id.as_bytes();
+    bytes[8..]
+        .iter()
+        .fold(String::with_capacity(16), |mut hex, b| {
+            let _ = write!(hex, "{b:02x}");
+            hex
+        })
+}
+
+impl Envelope {
+    /// A new message that starts a trace (an order placed by a client).
+    pub fn new(kind: impl Into<String>, order_id: impl Into<String>) -> Self {
+        let message_id = Uuid::now_v7();
+        let trace_id = Uuid::now_v7().simple().to_string();
+        Self {
+            message_id: message_id.to_string(),
+            correlation_id: order_id.into(),
+            kind: kind.into(),
+            timestamp: now_secs(),
+            causation_id: None,
+            traceparent: format!("00-{trace_id}-{}-01", span_id(message_id)),
+        }
+    }
+
+    /// A new message caused by `cause`: same trace, `causation_id` = its id.
+    pub fn caused_by(kind: impl Into<String>, order_id: impl Into<String>, cause: &Self) -> Self {
+        let mut envelope = Self::new(kind, order_id);
+        envelope.causation_id = Some(cause.message_id.clone());
+        if let Some(trace_id) = cause.traceparent.split('-').nth(1) {
+            envelope.traceparent = format!(
+                "00-{trace_id}-{}-01",
+                span_id(Uuid::parse_str(&envelope.message_id).unwrap_or_default())
+            );
+        }
+        envelope
+    }
+
+    /// AMQP properties carrying this envelope, persistent, JSON, plus `extra` headers.
+    pub fn to_properties(&self, extra: FieldTable) -> BasicProperties {
+        let mut headers = extra;
+        if let Some(causation_id) = &self.causation_id {
+            headers.insert(
+                headers::CAUSATION_ID.into(),
+                AMQPValue::LongString(causation_id.as_str().into()),
+            );
+        }
+        headers.insert(
+            headers::TRACEPARENT.into(),
+            AMQPValue::LongString(self.traceparent.as_str().into()),
+        );
+        BasicProperties::default()
+            .with_message_id(ShortString::from(self.message_id.as_str()))
+            .with_correlation_id(ShortString::from(self.correlation_id.as_str()))
+            .with_type(ShortString::from(self.kind.as_str()))
+            .with_timestamp(self.timestamp)
+            .with_content_type("application/json".into())
+            .with_delivery_mode(2)
+            .with_headers(headers)
+    }
+
+    /// The envelope of a received message. `routing_key` is the event name it
+    /// was published with; `body_order_id` the `order_id` found in the body.
+    /// Missing parts are derived from the body, deterministically.
+    pub fn from_properties(
+        properties: &BasicProperties,
+        routing_key: &str,
+        body: &[u8],
+        body_order_id: Option<&str>,
+    ) -> Self {
+        let headers = properties.headers().as_ref();
+        let message_id = properties
+            .message_id()
+            .as_ref()
+            .map(|id| id.as_str().to_owned())
+            .filter(|id| !id.is_empty())
+            .unwrap_or_else(|| derive_message_id(routing_key, body));
+        let correlation_id = body_order_id
+            .map(str::to_owned)
+            .or_else(|| {
+                properties
+                    .correlation_id()
+                    .as_ref()
+                    .map(|id| id.as_str().to_owned())
+                    .filter(|id| !id.is_empty())
+            })
+            .unwrap_or_else(|| derive_order_id(body));
+        let traceparent = headers
+            .and_then(|h| header_str(h, headers::TRACEPARENT))
+            .unwrap_or_else(|| {
+                let id = Uuid::parse_str(&message_id)
+                    .unwrap_or_else(|_| Uuid::new_v5(&MESSAGE_ID_NAMESPACE, message_id.as_bytes()));
+                format!("00-{}-{}-01", id.simple(), span_id(id))
+            });
+        Self {
+            message_id,
+            correlation_id,
+            kind: routing_key.to_owned(),
+            timestamp: properties.timestamp().unwrap_or_else(now_secs),
+            causation_id: headers.and_then(|h| header_str(h, headers::CAUSATION_ID)),
+            traceparent,
+        }
+    }
+}
+
+/// The `message_id` of a message that came without one: a UUID v5 of its
+/// routing key and body, so the same message delivered again has the same id.
+pub fn derive_message_id(routing_key: &str, body: &[u8]) -> String {
+    let mut hasher = Sha256::new();
+    hasher.update(routing_key.as_bytes());
+    hasher.update([0]);
+    hasher.update(body);
+    Uuid::new_v5(&MESSAGE_ID_NAMESPACE, &hasher.finalize()).to_string()
+}
+
+/// The order id of an `order.started` that came without one (typed into the
+/// RabbitMQ UI): a UUID v5 of the body.
+pub fn derive_order_id(body: &[u8]) -> String {
+    Uuid::new_v5(&ORDER_ID_NAMESPACE, &Sha256::digest(body)).to_string()
+}
+
+/// A header as a string (long or short string, or bytes that are UTF-8).
+pub fn header_str(headers: &FieldTable, key: &str) -> Option<String> {
+    match headers.inner().get(key)? {
+        AMQPValue::LongString(s) => String::from_utf8(s.as_bytes().to_vec()).ok(),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+        AMQPValue::ByteArray(b) => String::from_utf8(b.as_slice().to_vec()).ok(),
+        _ => None,
+    }
+}
+
+/// A header as an integer, whatever integer width the publisher chose.
+pub fn header_int(headers: &FieldTable, key: &str) -> Option<i64> {
+    match headers.inner().get(key)? {
+        AMQPValue::ShortShortInt(v) => Some(i64::from(*v)),
+        AMQPValue::ShortShortUInt(v) => Some(i64::from(*v)),
+        AMQPValue::ShortInt(v) => Some(i64::from(*v)),
+        AMQPValue::ShortUInt(v) => Some(i64::from(*v)),
+        AMQPValue::LongInt(v) => Some(i64::from(*v)),
+        AMQPValue::LongUInt(v) => Some(i64::from(*v)),
+        AMQPValue::LongLongInt(v) => Some(*v),
+        AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok()?.parse().ok(),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn envelope_survives_amqp_properties() {
+        let cause = Envelope::new("order.started", "o-1");
+        let envelope = Envelope::caused_by("order.info-generated", "o-1", &cause);
+        let properties = envelope.to_properties(FieldTable::default());
+        assert_eq!(properties.delivery_mode(), &Some(2));
+        assert_eq!(
+            properties.content_type().as_ref().map(ShortString::as_str),
+            Some("application/json")
+        );
+        let back = Envelope::from_properties(&properties, "order.info-generated", b"{}", Some("o-1"));
+        assert_eq!(back, envelope);
+        assert_eq!(back.causation_id.as_deref(), Some(cause.message_id.as_str()));
+        // Same trace, new span.
+        assert_eq!(
+            back.traceparent.split('-').nth(1),
+            cause.traceparent.split('-').nth(1)
+        );
+        assert_ne!(back.traceparent, cause.traceparent);
+        assert_eq!(Uuid::parse_str(&back.message_id).unwrap().get_version_num(), 7);
+    }
+
+    #[test]
+    fn a_bare_message_gets_a_deterministic_envelope() {
+        let body = br#"{"supplier":"s","products":[],"address":"a"}"#;
+        let bare = BasicProperties::default();
+        let first = Envelope::from_properties(&bare, "order.started", body, None);
+        let again = Envelope::from_properties(&bare, "order.started", body, None);
+        assert_eq!(first.message_id, again.message_id);
+        assert_eq!(first.correlation_id, again.correlation_id);
+        assert_eq!(first.correlation_id, derive_order_id(body));
+        let other = Envelope::from_properties(&bare, "order.started", b"{}", None);
+        assert_ne!(first.message_id, other.message_id);
+        assert_eq!(first.kind, "order.started");
+    }
+}

@@ -1,0 +1,228 @@
+//! Storage in PostgreSQL: one database, one schema per bounded context
+//! (DESIGN.md §5). A [`Db`] is a pool whose connections have their
+//! `search_path` set to the context's schema, so every query is written
+//! unqualified and a service cannot wander into another context by accident.
+
+mod outbox;
+mod unit;
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{AssertSqlSafe, ConnectOptions, Connection, PgPool};
+use tokio::sync::Notify;
+
+pub use outbox::{Relay, RelayError};
+pub use unit::UnitOfWork;
+
+use crate::config::redact_url;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("`{0}` is not a valid schema or database name (lowercase letters, digits, `_`)")]
+    BadName(String),
+    #[error("database URL `{url}` is invalid: {source}")]
+    BadUrl {
+        url: String,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("cannot reach PostgreSQL at {url}: {source}; is it running and ORDERFLOW_DATABASE_URL right?")]
+    Connect {
+        url: String,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("migrating schema `{schema}` failed: {source}")]
+    Migrate {
+        schema: String,
+        #[source]
+        source: sqlx::migrate::MigrateError,
+    },
+    #[error(transparent)]
+    Sql(#[from] sqlx::Error),
+}
+
+fn check_name(name: &str) -> Result<(), StoreError> {
+    let mut chars = name.chars();
+    let valid = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && name.len() <= 63;
+    if valid {
+        Ok(())
+    } else {
+        Err(StoreError::BadName(name.to_owned()))
+    }
+}
+
+/// `result`, with the database errors whose SQLSTATE is in `codes` treated as success.
+fn tolerate<T>(result: Result<T, sqlx::Error>, codes: &[&str]) -> Result<(), StoreError> {
+    match result {
+        Ok(_) => Ok(()),
+        Err(error)
+            if error
+                .as_database_error()
+                .and_then(sqlx::error::DatabaseError::code)
+                .is_some_and(|code| codes.contains(&code.as_ref())) =>
+        {
+            Ok(())
+        }
+        Err(error) => Err(error.into()),
+    }
+}
+
+fn parse_url(url: &SecretString) -> Result<PgConnectOptions, StoreError> {
+    PgConnectOptions::from_str(url.expose_secret()).map_err(|source| StoreError::BadUrl {
+        url: redact_url(url.expose_secret()),
+        source,
+    })
+}
+
+/// Creates the database named in `url` if it does not exist yet (connecting to
+/// the `postgres` maintenance database to do so).
+pub async fn ensure_database(url: &SecretString) -> Result<(), StoreError> {
+    let options = parse_url(url)?;
+    let name = options.get_database().unwrap_or("postgres").to_owned();
+    check_name(&name)?;
+    let redacted = redact_url(url.expose_secret());
+    let mut admin = options
+        .clone()
+        .database("postgres")
+        .connect()
+        .await
+        .map_err(|source| StoreError::Connect {
+            url: redacted.clone(),
+            source,
+        })?;
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+            .bind(&name)
+            .fetch_one(&mut admin)
+            .await?;
+    if !exists {
+        let created = sqlx::query(AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
+            .execute(&mut admin)
+            .await;
+        // Another process may have created it meanwhile (42P04 duplicate_database).
+        tolerate(created, &["42P04"])?;
+        tracing::info!(database = %name, "created database");
+    }
+    admin.close().await?;
+    Ok(())
+}
+
+/// A pool scoped to one context's schema, plus the in-process signal that
+/// wakes the outbox relay.
+#[derive(Clone, Debug)]
+pub struct Db {
+    pool: PgPool,
+    schema: String,
+    outbox_signal: Arc<Notify>,
+}
+
+impl Db {
+    /// Connects to `url` with every connection's `search_path` set to `schema`,
+    /// and creates the schema if missing.
+    pub async fn connect(
+        url: &SecretString,
+        schema: &str,
+        max_connections: u32,
+    ) -> Result<Self, StoreError> {
+        check_name(schema)?;
+        let options = parse_url(url)?.options([("search_path", schema)]);
+        let redacted = redact_url(url.expose_secret());
+        let mut admin =
+            options
+                .clone()
+                .connect()
+                .await
+                .map_err(|source| StoreError::Connect {
+                    url: redacted.clone(),
+                    source,
+                })?;
+        let created = sqlx::query(AssertSqlSafe(format!(
+            "CREATE SCHEMA IF NOT EXISTS \"{schema}\""
+        )))
+        .execute(&mut admin)
+        .await;
+        // Two processes creating the schema at once: the loser sees 23505/42P06.
+        tolerate(created, &["23505", "42P06"])?;
+        admin.close().await?;
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(options)
+            .await
+            .map_err(|source| StoreError::Connect {
+                url: redacted,
+                source,
+            })?;
+        Ok(Self {
+            pool,
+            schema: schema.to_owned(),
+            outbox_signal: Arc::new(Notify::new()),
+        })
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    pub fn schema(&self) -> &str {
+        &self.schema
+    }
+
+    /// The NOTIFY channel on which commits that wrote to the outbox wake relays
+    /// in other processes.
+    pub fn outbox_channel(&self) -> String {
+        format!("orderflow_outbox_{}", self.schema)
+    }
+
+    pub(crate) fn outbox_signal(&self) -> &Arc<Notify> {
+        &self.outbox_signal
+    }
+
+    /// Applies the runtime migrations (inbox, outbox) and then the context's
+    /// own, each tracked in its own table inside the schema.
+    pub async fn migrate(
+        &self,
+        context: Option<&sqlx::migrate::Migrator>,
+    ) -> Result<(), StoreError> {
+        let failed = |source| StoreError::Migrate {
+            schema: self.schema.clone(),
+            source,
+        };
+        // The runtime's own tables (inbox, outbox), applied to every context schema.
+        let mut runtime = sqlx::migrate!("./migrations/runtime");
+        runtime.dangerous_set_table_name("_orderflow_runtime_migrations");
+        runtime.run(&self.pool).await.map_err(failed)?;
+        if let Some(context) = context {
+            context.run(&self.pool).await.map_err(failed)?;
+        }
+        Ok(())
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_name;
+
+    #[test]
+    fn schema_names_are_checked_before_they_reach_sql() {
+        assert!(check_name("orders").is_ok());
+        assert!(check_name("t_0192_ab").is_ok());
+        assert!(check_name("").is_err());
+        assert!(check_name("Orders").is_err());
+        assert!(check_name("a\"; DROP SCHEMA x; --").is_err());
+        assert!(check_name("9lives").is_err());
+    }
+}

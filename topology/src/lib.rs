@@ -1,0 +1,17 @@
+//! The RabbitMQ topology of orderflow as code: every exchange, queue and binding
+//! the services need, built from one model so that the broker declaration at
+//! start, the exported `definitions.json` and the consumer runtime agree on names
+//! and arguments.
+
+mod declare;
+mod definitions;
+mod model;
+mod names;
+
+pub use declare::{DeclareError, declare};
+pub use definitions::to_definitions;
+pub use model::{
+    Binding, DEFAULT_DELIVERY_LIMIT, DEFAULT_RETRY_TIERS, Exchange, Queue, QueueRole, ServiceSpec,
+    Topology, orderflow_services,
+};
+pub use names::Names;

@@ -1,0 +1,99 @@
+//! Naming of exchanges and queues, with the optional namespace prefix that lets
+//! parallel test runs (or several deployments) share one broker.
+
+use std::time::Duration;
+
+/// Builds every broker name used by orderflow. With an empty namespace the names
+/// are exactly those of DESIGN.md (`orderflow.events`, `orderflow.<service>`);
+/// with namespace `t1` they become `t1.orderflow.events`, `t1.orderflow.<service>`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Names {
+    namespace: String,
+}
+
+impl Names {
+    pub fn new(namespace: impl Into<String>) -> Self {
+        Self {
+            namespace: namespace.into(),
+        }
+    }
+
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    fn prefixed(&self, name: &str) -> String {
+        if self.namespace.is_empty() {
+            name.to_owned()
+        } else {
+            format!("{}.{name}", self.namespace)
+        }
+    }
+
+    /// The topic exchange every event is published to; routing key = event name.
+    pub fn events_exchange(&self) -> String {
+        self.prefixed("orderflow.events")
+    }
+
+    /// The quorum queue a consuming service's instances compete on.
+    pub fn service_queue(&self, service: &str) -> String {
+        self.prefixed(&format!("orderflow.{service}"))
+    }
+
+    /// Where a service's messages go when they cannot be handled.
+    pub fn dead_letter_queue(&self, service: &str) -> String {
+        self.prefixed(&format!("orderflow.{service}.dead"))
+    }
+
+    /// A delay queue: messages wait `delay` there, then dead-letter back to the
+    /// service queue.
+    pub fn delay_queue(&self, service: &str, delay: Duration) -> String {
+        self.prefixed(&format!("orderflow.{service}.retry.{}", format_delay(delay)))
+    }
+}
+
+/// `1s`, `250ms`, `1m`: short, unambiguous and stable, since it is part of a queue name.
+fn format_delay(delay: Duration) -> String {
+    let ms = delay.as_millis();
+    if ms.is_multiple_of(60_000) && ms > 0 {
+        format!("{}m", ms / 60_000)
+    } else if ms.is_multiple_of(1000) && ms > 0 {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{ms}ms")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_namespace_gives_the_design_names() {
+        let names = Names::default();
+        assert_eq!(names.events_exchange(), "orderflow.events");
+        assert_eq!(names.service_queue("generate-info"), "orderflow.generate-info");
+        assert_eq!(
+            names.dead_letter_queue("generate-info"),
+            "orderflow.generate-info.dead"
+        );
+    }
+
+    #[test]
+    fn namespace_prefixes_every_name() {
+        let names = Names::new("t42");
+        assert_eq!(names.events_exchange(), "t42.orderflow.events");
+        assert_eq!(
+            names.delay_queue("order-api", Duration::from_millis(1500)),
+            "t42.orderflow.order-api.retry.1500ms"
+        );
+        assert_eq!(
+            names.delay_queue("order-api", Duration::from_secs(10)),
+            "t42.orderflow.order-api.retry.10s"
+        );
+        assert_eq!(
+            names.delay_queue("order-api", Duration::from_mins(2)),
+            "t42.orderflow.order-api.retry.2m"
+        );
+    }
+}
