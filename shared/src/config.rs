@@ -144,7 +144,11 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("orderflow-config-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("orderflow.toml");
-        std::fs::write(&file, "namespace = \"from-file\"\nhttp_addr = \"0.0.0.0:1\"\n").unwrap();
+        std::fs::write(
+            &file,
+            "namespace = \"from-file\"\nhttp_addr = \"0.0.0.0:1\"\n",
+        )
+        .unwrap();
         let settings = Settings::load_from(
             Some(&file),
             env(&[

@@ -217,16 +217,23 @@ mod tests {
             properties.content_type().as_ref().map(ShortString::as_str),
             Some("application/json")
         );
-        let back = Envelope::from_properties(&properties, "order.info-generated", b"{}", Some("o-1"));
+        let back =
+            Envelope::from_properties(&properties, "order.info-generated", b"{}", Some("o-1"));
         assert_eq!(back, envelope);
-        assert_eq!(back.causation_id.as_deref(), Some(cause.message_id.as_str()));
+        assert_eq!(
+            back.causation_id.as_deref(),
+            Some(cause.message_id.as_str())
+        );
         // Same trace, new span.
         assert_eq!(
             back.traceparent.split('-').nth(1),
             cause.traceparent.split('-').nth(1)
         );
         assert_ne!(back.traceparent, cause.traceparent);
-        assert_eq!(Uuid::parse_str(&back.message_id).unwrap().get_version_num(), 7);
+        assert_eq!(
+            Uuid::parse_str(&back.message_id).unwrap().get_version_num(),
+            7
+        );
     }
 
     #[test]

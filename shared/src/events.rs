@@ -267,7 +267,9 @@ impl Event {
 }
 
 /// Parses a message body into a JSON object.
-pub fn parse_object(body: &[u8]) -> Result<serde_json::Map<String, serde_json::Value>, DecodeError> {
+pub fn parse_object(
+    body: &[u8],
+) -> Result<serde_json::Map<String, serde_json::Value>, DecodeError> {
     match serde_json::from_slice::<serde_json::Value>(body) {
         Ok(serde_json::Value::Object(object)) => Ok(object),
         Ok(_) => Err(DecodeError::NotAnObject),
@@ -338,7 +340,10 @@ mod tests {
             decode("order.started", "{not json"),
             Err(DecodeError::NotJson(_))
         ));
-        assert_eq!(decode("order.started", "[1,2]"), Err(DecodeError::NotAnObject));
+        assert_eq!(
+            decode("order.started", "[1,2]"),
+            Err(DecodeError::NotAnObject)
+        );
         assert_eq!(
             decode("order.exploded", "{}"),
             Err(DecodeError::UnknownType("order.exploded".into()))

@@ -1,1 +1,386 @@
-//! Helpers for the end-to-end tests.
+//! Helpers for the end-to-end tests: every test gets its own broker namespace
+//! and its own PostgreSQL database on the real local services, and removes
+//! both when it ends (also when it fails).
+
+use std::future::Future;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use lapin::options::{BasicGetOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use orderflow_shared::bus::{Broker, ConsumerOptions, Handler, run_consumer};
+use orderflow_shared::store::Db;
+use orderflow_shared::topology::{Names, ServiceSpec, Topology};
+use orderflow_shared::{Shutdown, telemetry};
+use secrecy::{ExposeSecret, SecretString};
+use sqlx::{AssertSqlSafe, Connection as _, PgConnection};
+use tokio::task::JoinHandle;
+
+/// Short delay tiers so that tests of the retry ladder take a second, not minutes.
+pub const TEST_RETRY_TIERS: [Duration; 2] =
+    [Duration::from_millis(300), Duration::from_millis(600)];
+
+pub fn amqp_url() -> String {
+    std::env::var("ORDERFLOW_TEST_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
+}
+
+/// The server the per-test databases are created on (its `postgres` database).
+pub fn admin_database_url() -> String {
+    std::env::var("ORDERFLOW_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+/// One test's private slice of the broker and the database server.
+pub struct TestEnv {
+    pub namespace: String,
+    pub database: String,
+    pub database_url: SecretString,
+    pub amqp_url: SecretString,
+    pub topology: Topology,
+    pub broker: Broker,
+    cleaned: bool,
+}
+
+impl TestEnv {
+    /// A fresh namespace with `services`' queues declared, and a fresh database.
+    pub async fn new(services: &[ServiceSpec]) -> Self {
+        let _ = telemetry::init(
+            &std::env::var("ORDERFLOW_LOG").unwrap_or_else(|_| "off".to_owned()),
+            orderflow_shared::config::LogFormat::Text,
+        );
+        let id = uuid::Uuid::now_v7().simple().to_string();
+        // The random tail of a v7 UUID, so parallel tests never collide.
+        let namespace = format!("t{}", &id[16..]);
+        let database = format!("orderflow_{namespace}");
+        let mut admin = PgConnection::connect(&admin_database_url())
+            .await
+            .expect("PostgreSQL is not reachable; start it (see README)");
+        sqlx::query(AssertSqlSafe(format!("CREATE DATABASE \"{database}\"")))
+            .execute(&mut admin)
+            .await
+            .expect("create test database");
+        let mut database_url = admin_database_url();
+        let cut = database_url.rfind('/').expect("database URL has a path");
+        database_url.truncate(cut + 1);
+        database_url.push_str(&database);
+        let topology = Topology::build(Names::new(&namespace), services, &TEST_RETRY_TIERS);
+        let amqp_url = SecretString::from(amqp_url());
+        let broker = Broker::new(
+            &amqp_url,
+            &namespace,
+            topology.clone(),
+            Duration::from_secs(10),
+        )
+        .expect("broker handle");
+        broker
+            .declare_topology(Duration::from_secs(30))
+            .await
+            .expect("declare test topology");
+        Self {
+            namespace,
+            database,
+            database_url: SecretString::from(database_url),
+            amqp_url,
+            topology,
+            broker,
+            cleaned: false,
+        }
+    }
+
+    /// A migrated store for `schema` in this test's database.
+    pub async fn db(&self, schema: &str) -> Db {
+        let db = Db::connect(&self.database_url, schema, 10)
+            .await
+            .expect("connect test database");
+        db.migrate(None).await.expect("migrate");
+        db
+    }
+
+    pub fn queue(&self, service: &str) -> String {
+        self.topology.names.service_queue(service)
+    }
+
+    pub fn dead_letter_queue(&self, service: &str) -> String {
+        self.topology.names.dead_letter_queue(service)
+    }
+
+    /// A plain channel on its own connection, for poking at the broker the way
+    /// a user of the management UI would.
+    pub async fn raw_channel(&self) -> (Connection, Channel) {
+        let connection = Connection::connect(
+            self.amqp_url.expose_secret(),
+            ConnectionProperties::default()
+                .with_connection_name(format!("{}-raw", self.namespace).into()),
+        )
+        .await
+        .expect("raw connection");
+        let channel = connection.create_channel().await.expect("raw channel");
+        (connection, channel)
+    }
+
+    /// Publishes `body` on the events exchange with `properties` exactly as
+    /// given (no envelope added), like a message typed into the RabbitMQ UI.
+    pub async fn publish_bare(&self, routing_key: &str, body: &[u8], properties: BasicProperties) {
+        let (connection, channel) = self.raw_channel().await;
+        channel
+            .confirm_select(lapin::options::ConfirmSelectOptions::default())
+            .await
+            .expect("confirm mode");
+        let confirm = channel
+            .basic_publish(
+                self.topology.names.events_exchange().into(),
+                routing_key.into(),
+                lapin::options::BasicPublishOptions::default(),
+                body,
+                properties,
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("confirm");
+        assert!(confirm.is_ack());
+        let _ = connection.close(200, "done".into()).await;
+    }
+
+    /// Number of ready messages in `queue`.
+    pub async fn message_count(&self, queue: &str) -> u32 {
+        let (connection, channel) = self.raw_channel().await;
+        let declared = channel
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("queue exists");
+        let _ = connection.close(200, "done".into()).await;
+        declared.message_count()
+    }
+
+    /// Takes every message currently in `queue` (acking them).
+    pub async fn drain(&self, queue: &str) -> Vec<lapin::message::BasicGetMessage> {
+        let (connection, channel) = self.raw_channel().await;
+        let mut messages = Vec::new();
+        while let Some(message) = channel
+            .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+            .await
+            .expect("basic_get")
+        {
+            messages.push(message);
+        }
+        let _ = connection.close(200, "done".into()).await;
+        messages
+    }
+
+    /// Starts a consumer for `service` with `handler`; stop it with the token.
+    pub fn spawn_consumer<H: Handler>(
+        &self,
+        options: ConsumerOptions,
+        handler: Arc<H>,
+    ) -> (Shutdown, JoinHandle<()>) {
+        let shutdown = Shutdown::new();
+        let task = tokio::spawn(run_consumer(
+            self.broker.clone(),
+            options,
+            handler,
+            shutdown.clone(),
+        ));
+        let handle = tokio::spawn(async move {
+            task.await
+                .expect("consumer task panicked")
+                .expect("consumer failed");
+        });
+        (shutdown, handle)
+    }
+
+    /// Closes, on the broker side, every connection of this test's broker
+    /// handle (as `rabbitmqctl close_connection` does for an operator).
+    /// Blocking: call it from `spawn_blocking`. Panics when none was found.
+    pub fn close_broker_connections(&self) -> usize {
+        // The plain (tab-separated) listing prints pids in the form
+        // `close_connection` accepts; the JSON one does not.
+        let output = Command::new("rabbitmqctl")
+            .args(["list_connections", "pid", "client_properties", "-q"])
+            .output()
+            .expect("rabbitmqctl is installed");
+        assert!(
+            output.status.success(),
+            "rabbitmqctl list_connections failed"
+        );
+        let listing = String::from_utf8_lossy(&output.stdout);
+        let marker = format!("\"{}\"", self.namespace);
+        let mut closed = 0;
+        for line in listing.lines().filter(|line| line.contains(&marker)) {
+            let pid = line.split('\t').next().expect("pid column");
+            let status = Command::new("rabbitmqctl")
+                .args(["close_connection", pid, "test closes the connection"])
+                .status()
+                .expect("rabbitmqctl close_connection");
+            if status.success() {
+                closed += 1;
+            }
+        }
+        assert!(
+            closed > 0,
+            "no connection named {} could be closed among: {listing}",
+            self.namespace
+        );
+        closed
+    }
+
+    /// Deletes this test's queues and exchange and drops its database.
+    pub async fn cleanup(mut self) {
+        self.cleaned = true;
+        self.broker.close();
+        cleanup(&self.topology, &self.amqp_url, &self.database).await;
+    }
+}
+
+async fn cleanup(topology: &Topology, amqp_url: &SecretString, database: &str) {
+    if let Ok(connection) =
+        Connection::connect(amqp_url.expose_secret(), ConnectionProperties::default()).await
+        && let Ok(channel) = connection.create_channel().await
+    {
+        for queue in &topology.queues {
+            let _ = channel
+                .queue_delete(queue.name.as_str().into(), QueueDeleteOptions::default())
+                .await;
+        }
+        for exchange in &topology.exchanges {
+            let _ = channel
+                .exchange_delete(
+                    exchange.name.as_str().into(),
+                    lapin::options::ExchangeDeleteOptions::default(),
+                )
+                .await;
+        }
+        let _ = connection.close(200, "cleanup".into()).await;
+    }
+    if let Ok(mut admin) = PgConnection::connect(&admin_database_url()).await {
+        let _ = sqlx::query(AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS \"{database}\" WITH (FORCE)"
+        )))
+        .execute(&mut admin)
+        .await;
+    }
+}
+
+impl Drop for TestEnv {
+    /// A test that failed before `cleanup` still leaves nothing behind.
+    fn drop(&mut self) {
+        if self.cleaned {
+            return;
+        }
+        self.broker.close();
+        let topology = self.topology.clone();
+        let amqp_url = self.amqp_url.clone();
+        let database = self.database.clone();
+        let _ = std::thread::spawn(move || {
+            if let Ok(runtime) = tokio::runtime::Runtime::new() {
+                runtime.block_on(cleanup(&topology, &amqp_url, &database));
+            }
+        })
+        .join();
+    }
+}
+
+/// Polls `condition` until it holds or `patience` runs out (then panics with
+/// `what`). For eventual outcomes only, never to assert speed.
+pub async fn eventually<F, Fut>(patience: Duration, what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + patience;
+    loop {
+        if condition().await {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {patience:?} waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A stateful handler for the tests: applies each message once through the
+/// inbox (one row in `effects` per applied message) and counts deliveries.
+/// `effects` has no unique constraint, so without the inbox a duplicate
+/// delivery would show as a second row.
+pub struct Effects {
+    pub db: Db,
+    pub consumer: String,
+    pub deliveries: std::sync::atomic::AtomicUsize,
+    /// Pause after the commit, before the ack: the window in which a lost
+    /// connection makes the broker deliver an applied message again.
+    pub linger: Duration,
+}
+
+impl Effects {
+    pub async fn new(db: Db, consumer: &str) -> Self {
+        sqlx::query(
+            "CREATE TABLE IF NOT EXISTS effects (message_id TEXT NOT NULL, order_id TEXT NOT NULL)",
+        )
+        .execute(db.pool())
+        .await
+        .expect("create effects table");
+        Self {
+            db,
+            consumer: consumer.to_owned(),
+            deliveries: std::sync::atomic::AtomicUsize::new(0),
+            linger: Duration::ZERO,
+        }
+    }
+
+    /// (rows, distinct message ids) in `effects`.
+    pub async fn counts(&self) -> (i64, i64) {
+        sqlx::query_as("SELECT count(*), count(DISTINCT message_id) FROM effects")
+            .fetch_one(self.db.pool())
+            .await
+            .expect("count effects")
+    }
+
+    pub fn deliveries(&self) -> usize {
+        self.deliveries.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Handler for Effects {
+    async fn handle(
+        &self,
+        message: &orderflow_shared::bus::Message,
+    ) -> Result<(), orderflow_shared::bus::HandleError> {
+        self.deliveries
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let Some(mut unit) = self
+            .db
+            .begin_unit(&self.consumer, &message.envelope)
+            .await?
+        else {
+            return Ok(());
+        };
+        sqlx::query("INSERT INTO effects (message_id, order_id) VALUES ($1, $2)")
+            .bind(&message.envelope.message_id)
+            .bind(message.order_id())
+            .execute(unit.conn())
+            .await?;
+        unit.commit().await?;
+        tokio::time::sleep(self.linger).await;
+        Ok(())
+    }
+}
+
+/// A small valid event for tests that do not care which event it is.
+pub fn sample_event(order_id: &str) -> orderflow_shared::events::Event {
+    orderflow_shared::events::Event::OrderCancelled(orderflow_shared::events::OrderCancelled {
+        order_id: order_id.to_owned(),
+        reason: "test".to_owned(),
+    })
+}

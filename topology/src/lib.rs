@@ -11,7 +11,7 @@ mod names;
 pub use declare::{DeclareError, declare};
 pub use definitions::to_definitions;
 pub use model::{
-    Binding, DEFAULT_DELIVERY_LIMIT, DEFAULT_RETRY_TIERS, Exchange, Queue, QueueRole, ServiceSpec,
-    Topology, orderflow_services,
+    ArgValue, Arguments, Binding, DEFAULT_DELIVERY_LIMIT, DEFAULT_RETRY_TIERS, Exchange, Queue,
+    QueueRole, ServiceSpec, Topology, orderflow_services,
 };
 pub use names::Names;

@@ -245,8 +245,12 @@ mod tests {
                 );
             }
         }
-        assert!(topology.bindings.iter().any(|b| b.queue
-            == "ns.orderflow.payment-provider-zhifubao"
-            && b.routing_key == "payment.selected.zhifubao"));
+        assert!(
+            topology
+                .bindings
+                .iter()
+                .any(|b| b.queue == "ns.orderflow.payment-provider-zhifubao"
+                    && b.routing_key == "payment.selected.zhifubao")
+        );
     }
 }

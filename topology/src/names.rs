@@ -48,7 +48,10 @@ impl Names {
     /// A delay queue: messages wait `delay` there, then dead-letter back to the
     /// service queue.
     pub fn delay_queue(&self, service: &str, delay: Duration) -> String {
-        self.prefixed(&format!("orderflow.{service}.retry.{}", format_delay(delay)))
+        self.prefixed(&format!(
+            "orderflow.{service}.retry.{}",
+            format_delay(delay)
+        ))
     }
 }
 
@@ -72,7 +75,10 @@ mod tests {
     fn empty_namespace_gives_the_design_names() {
         let names = Names::default();
         assert_eq!(names.events_exchange(), "orderflow.events");
-        assert_eq!(names.service_queue("generate-info"), "orderflow.generate-info");
+        assert_eq!(
+            names.service_queue("generate-info"),
+            "orderflow.generate-info"
+        );
         assert_eq!(
             names.dead_letter_queue("generate-info"),
             "orderflow.generate-info.dead"

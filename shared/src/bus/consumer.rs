@@ -242,7 +242,10 @@ async fn session<H: Handler>(
 
 /// Calls the handler; a panic becomes a permanent error instead of a lost message.
 async fn call_handler<H: Handler>(handler: &H, message: &Message) -> Result<(), HandleError> {
-    match AssertUnwindSafe(handler.handle(message)).catch_unwind().await {
+    match AssertUnwindSafe(handler.handle(message))
+        .catch_unwind()
+        .await
+    {
         Ok(result) => result,
         Err(panic) => {
             let what = panic
@@ -267,13 +270,7 @@ async fn process<H: Handler>(context: &Context<H>, delivery: Delivery) {
             return;
         }
     };
-    let span = tracing::info_span!(
-        "handle",
-        service = %service,
-        order_id = %message.envelope.correlation_id,
-        message_id = %message.envelope.message_id,
-        kind = %message.envelope.kind,
-    );
+    let envelope = &message.envelope;
     let backoff = ExponentialBuilder::default()
         .with_min_delay(context.options.retry_min_delay)
         .with_max_delay(context.options.retry_max_delay)
@@ -285,7 +282,10 @@ async fn process<H: Handler>(context: &Context<H>, delivery: Delivery) {
         .when(HandleError::is_transient)
         .notify(|error, delay| {
             tracing::warn!(
-                parent: &span,
+                %service,
+                order_id = %envelope.correlation_id,
+                message_id = %envelope.message_id,
+                kind = %envelope.kind,
                 %error,
                 ?delay,
                 "transient failure, retrying in process"
@@ -294,12 +294,25 @@ async fn process<H: Handler>(context: &Context<H>, delivery: Delivery) {
         .await;
     match result {
         Ok(()) => {
-            tracing::debug!(parent: &span, "handled");
-            ack(&delivery, &span).await;
+            tracing::debug!(
+                %service,
+                order_id = %envelope.correlation_id,
+                message_id = %envelope.message_id,
+                kind = %envelope.kind,
+                "handled"
+            );
+            ack(&delivery, envelope).await;
         }
         Err(HandleError::Permanent(error)) => {
             let reason = format!("permanent failure: {error:#}");
-            dead_letter(context, &delivery, &message.envelope, message.retries, &reason).await;
+            dead_letter(
+                context,
+                &delivery,
+                &message.envelope,
+                message.retries,
+                &reason,
+            )
+            .await;
         }
         Err(HandleError::Transient(error)) => {
             let tier = message.retries as usize;
@@ -310,16 +323,24 @@ async fn process<H: Handler>(context: &Context<H>, delivery: Delivery) {
                     "gave up after {} delayed retries: {error:#}",
                     context.delay_queues.len()
                 );
-                dead_letter(context, &delivery, &message.envelope, message.retries, &reason).await;
+                dead_letter(
+                    context,
+                    &delivery,
+                    &message.envelope,
+                    message.retries,
+                    &reason,
+                )
+                .await;
             }
         }
     }
 }
 
-async fn ack(delivery: &Delivery, span: &tracing::Span) {
+async fn ack(delivery: &Delivery, envelope: &Envelope) {
     if let Err(error) = delivery.ack(BasicAckOptions::default()).await {
         tracing::warn!(
-            parent: span,
+            order_id = %envelope.correlation_id,
+            message_id = %envelope.message_id,
             %error,
             "ack failed (channel gone); the broker will redeliver and the inbox will skip it"
         );
@@ -363,7 +384,6 @@ async fn delay<H: Handler>(
     let properties = message
         .envelope
         .to_properties(runtime_headers(&routing_key, message.retries + 1));
-    let span = tracing::info_span!("delay", order_id = %message.envelope.correlation_id, message_id = %message.envelope.message_id);
     match context
         .publisher
         .publish_raw("", delay_queue, &delivery.data, properties)
@@ -371,16 +391,22 @@ async fn delay<H: Handler>(
     {
         Ok(()) => {
             tracing::warn!(
-                parent: &span,
                 service = %context.options.service,
+                order_id = %message.envelope.correlation_id,
+                message_id = %message.envelope.message_id,
                 %delay_queue,
                 error = %format!("{error:#}"),
                 "transient failure persists; message parked in a delay queue"
             );
-            ack(delivery, &span).await;
+            ack(delivery, &message.envelope).await;
         }
         Err(publish_error) => {
-            tracing::error!(parent: &span, %publish_error, "cannot park message in its delay queue; requeueing");
+            tracing::error!(
+                order_id = %message.envelope.correlation_id,
+                message_id = %message.envelope.message_id,
+                %publish_error,
+                "cannot park message in its delay queue; requeueing"
+            );
             requeue(delivery).await;
         }
     }
@@ -404,7 +430,6 @@ async fn dead_letter<H: Handler>(
         headers::FAILED_AT.into(),
         AMQPValue::LongString(chrono::Utc::now().to_rfc3339().into()),
     );
-    let span = tracing::info_span!("dead_letter", order_id = %envelope.correlation_id, message_id = %envelope.message_id);
     match context
         .publisher
         .publish_raw(
@@ -417,17 +442,23 @@ async fn dead_letter<H: Handler>(
     {
         Ok(()) => {
             tracing::error!(
-                parent: &span,
                 service = %context.options.service,
+                order_id = %envelope.correlation_id,
+                message_id = %envelope.message_id,
                 routing_key,
                 reason,
                 dead_letter_queue = %context.dead_queue,
                 "message dead-lettered; inspect with `orderflow dlq list`, replay with `orderflow dlq replay`"
             );
-            ack(delivery, &span).await;
+            ack(delivery, envelope).await;
         }
         Err(publish_error) => {
-            tracing::error!(parent: &span, %publish_error, "cannot dead-letter message; requeueing");
+            tracing::error!(
+                order_id = %envelope.correlation_id,
+                message_id = %envelope.message_id,
+                %publish_error,
+                "cannot dead-letter message; requeueing"
+            );
             requeue(delivery).await;
         }
     }

@@ -26,7 +26,9 @@ pub use publisher::{PublishError, Publisher};
 pub enum BusError {
     #[error("cannot set up the RabbitMQ connection pool for {url}: {detail}")]
     Pool { url: String, detail: String },
-    #[error("cannot reach RabbitMQ at {url}: {detail}; is the broker running and ORDERFLOW_AMQP_URL right?")]
+    #[error(
+        "cannot reach RabbitMQ at {url}: {detail}; is the broker running and ORDERFLOW_AMQP_URL right?"
+    )]
     Connect { url: String, detail: String },
     #[error("RabbitMQ refused to open a channel: {0}")]
     Channel(#[source] lapin::Error),

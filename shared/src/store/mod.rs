@@ -30,7 +30,9 @@ pub enum StoreError {
         #[source]
         source: sqlx::Error,
     },
-    #[error("cannot reach PostgreSQL at {url}: {source}; is it running and ORDERFLOW_DATABASE_URL right?")]
+    #[error(
+        "cannot reach PostgreSQL at {url}: {source}; is it running and ORDERFLOW_DATABASE_URL right?"
+    )]
     Connect {
         url: String,
         #[source]
@@ -136,15 +138,14 @@ impl Db {
         check_name(schema)?;
         let options = parse_url(url)?.options([("search_path", schema)]);
         let redacted = redact_url(url.expose_secret());
-        let mut admin =
-            options
-                .clone()
-                .connect()
-                .await
-                .map_err(|source| StoreError::Connect {
-                    url: redacted.clone(),
-                    source,
-                })?;
+        let mut admin = options
+            .clone()
+            .connect()
+            .await
+            .map_err(|source| StoreError::Connect {
+                url: redacted.clone(),
+                source,
+            })?;
         let created = sqlx::query(AssertSqlSafe(format!(
             "CREATE SCHEMA IF NOT EXISTS \"{schema}\""
         )))

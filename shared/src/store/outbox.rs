@@ -26,7 +26,9 @@ pub enum RelayError {
         #[source]
         source: sqlx::Error,
     },
-    #[error("outbox of schema `{schema}`: {failed} of {claimed} messages not published, first: {first}")]
+    #[error(
+        "outbox of schema `{schema}`: {failed} of {claimed} messages not published, first: {first}"
+    )]
     Publish {
         schema: String,
         claimed: usize,
@@ -66,7 +68,12 @@ impl Relay {
     /// flight at once) and marks the confirmed ones sent. Returns how many
     /// were published.
     pub async fn relay_batch(&self) -> Result<usize, RelayError> {
-        let mut tx = self.db.pool().begin().await.map_err(|e| self.sql_error(e))?;
+        let mut tx = self
+            .db
+            .pool()
+            .begin()
+            .await
+            .map_err(|e| self.sql_error(e))?;
         let rows = sqlx::query(
             "SELECT id, message_id, routing_key, correlation_id, causation_id, traceparent, \
              occurred_at, body FROM outbox WHERE sent_at IS NULL ORDER BY id LIMIT $1 \
@@ -86,7 +93,9 @@ impl Relay {
             let occurred_at: i64 = row.try_get("occurred_at").map_err(|e| self.sql_error(e))?;
             let envelope = Envelope {
                 message_id: row.try_get("message_id").map_err(|e| self.sql_error(e))?,
-                correlation_id: row.try_get("correlation_id").map_err(|e| self.sql_error(e))?,
+                correlation_id: row
+                    .try_get("correlation_id")
+                    .map_err(|e| self.sql_error(e))?,
                 kind: routing_key.clone(),
                 timestamp: u64::try_from(occurred_at).unwrap_or_default(),
                 causation_id: row.try_get("causation_id").map_err(|e| self.sql_error(e))?,

@@ -1,0 +1,93 @@
+//! Publishing errors the caller must see (an unroutable message), and the
+//! topology declaration being idempotent.
+
+use std::time::Duration;
+
+use orderflow_shared::bus::{Broker, BusError, Outgoing, PublishError};
+use orderflow_shared::events::{Event, PaymentSelected};
+use orderflow_shared::topology::{Names, ServiceSpec, Topology};
+use orderflow_tests::{TestEnv, sample_event};
+
+#[tokio::test]
+async fn an_unroutable_publish_is_reported_as_an_error() {
+    let env = TestEnv::new(&[ServiceSpec::new("only-cancellations", &["order.cancelled"])]).await;
+    // No queue is bound to payment.selected.weixin in this namespace.
+    let event = Event::PaymentSelected(PaymentSelected {
+        order_id: "order-1".into(),
+        method: "weixin".into(),
+        amount_cents: 100,
+    });
+    let error = env
+        .broker
+        .publisher()
+        .publish(&Outgoing::event(&event, None))
+        .await
+        .unwrap_err();
+    assert!(matches!(error, PublishError::Unroutable { .. }), "{error}");
+    assert!(
+        error.to_string().contains("payment.selected.weixin"),
+        "{error}"
+    );
+    // A routable one on the same publisher still goes through.
+    env.broker
+        .publisher()
+        .publish(&Outgoing::event(&sample_event("order-1"), None))
+        .await
+        .unwrap();
+    assert_eq!(env.message_count(&env.queue("only-cancellations")).await, 1);
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn declaring_the_topology_twice_is_a_no_op() {
+    let env = TestEnv::new(&[ServiceSpec::new("svc", &["order.cancelled"])]).await;
+    env.broker
+        .publisher()
+        .publish(&Outgoing::event(&sample_event("order-1"), None))
+        .await
+        .unwrap();
+    // Second declaration (another worker starting): no error, nothing lost.
+    env.broker
+        .declare_topology(Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(env.message_count(&env.queue("svc")).await, 1);
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_queue_declared_with_other_arguments_is_a_clear_error() {
+    let env = TestEnv::new(&[ServiceSpec::new("svc", &["order.cancelled"])]).await;
+    // The same topology, but the service queue now asks for another delivery
+    // limit (what an upgrade that changed an argument would do).
+    let mut changed = Topology::build(
+        Names::new(&env.namespace),
+        &[ServiceSpec::new("svc", &["order.cancelled"])],
+        &orderflow_tests::TEST_RETRY_TIERS,
+    );
+    for queue in &mut changed.queues {
+        if queue.name == env.queue("svc") {
+            queue.arguments.insert(
+                "x-delivery-limit".into(),
+                orderflow_shared::topology::ArgValue::Int(3),
+            );
+        }
+    }
+    let other = Broker::new(
+        &env.amqp_url,
+        &env.namespace,
+        changed,
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    let error = other
+        .declare_topology(Duration::from_secs(5))
+        .await
+        .unwrap_err();
+    assert!(matches!(error, BusError::Declare(_)), "{error}");
+    let text = error.to_string();
+    assert!(text.contains(&env.queue("svc")), "{text}");
+    assert!(text.contains("PRECONDITION"), "{text}");
+    other.close();
+    env.cleanup().await;
+}
