@@ -3,6 +3,11 @@
 //! broker restart does); publisher and consumer come back by themselves and
 //! all 1,000 messages take effect exactly once.
 
+#![allow(
+    clippy::unwrap_used,
+    reason = "a test fails loudly on the first surprise"
+)]
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -61,7 +66,7 @@ async fn closing_all_connections_mid_stream_loses_nothing_and_duplicates_nothing
     );
 
     producer.await.unwrap();
-    eventually(Duration::from_secs(60), "all messages applied", || async {
+    eventually(Duration::from_mins(1), "all messages applied", || async {
         effects.counts().await.0 >= MESSAGES as i64
     })
     .await;

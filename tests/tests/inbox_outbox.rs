@@ -3,6 +3,11 @@
 //! downstream inbox keeps it to one effect; several relays never publish a
 //! row twice.
 
+#![allow(
+    clippy::unwrap_used,
+    reason = "a test fails loudly on the first surprise"
+)]
+
 use std::sync::Arc;
 use std::time::Duration;
 

@@ -3,6 +3,11 @@
 //! in the service's dead-letter queue once, with the reason, the original
 //! routing key and the service in headers, and the worker keeps serving.
 
+#![allow(
+    clippy::unwrap_used,
+    reason = "a test fails loudly on the first surprise"
+)]
+
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -110,14 +115,14 @@ async fn a_longer_transient_failure_goes_through_a_delay_queue_and_then_succeeds
         || async { !handler.handled().is_empty() },
     )
     .await;
-    let handled = handler.handled();
-    assert_eq!(handled.len(), 1);
-    assert_eq!(handled[0].retries, 1, "came back from the first delay tier");
+    let messages = handler.handled();
+    assert_eq!(messages.len(), 1);
+    assert_eq!(messages[0].retries, 1, "came back from the first delay tier");
     assert_eq!(
-        handled[0].envelope.kind, "order.cancelled",
+        messages[0].envelope.kind, "order.cancelled",
         "original routing key kept"
     );
-    assert_eq!(handled[0].order_id(), "order-2");
+    assert_eq!(messages[0].order_id(), "order-2");
     stop.cancel();
     consumer.await.unwrap();
     assert_eq!(env.message_count(&env.dead_letter_queue("worker")).await, 0);

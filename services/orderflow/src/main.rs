@@ -1,1 +1,48 @@
-fn main() {}
+//! `orderflow`: the operator command line of orderflow. Thin entry point: parse
+//! the arguments, run the command, report errors.
+
+mod cli;
+mod providers;
+mod topology;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use crate::cli::{Cli, Command};
+
+/// Exit status of a command that could not run (clap uses the same for usage
+/// errors); 1 is left for "checked, and found a difference" (`topology lint`).
+const EXIT_ERROR: u8 = 2;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        // `orderflow topology diagram | head`: the reader left, nothing to report.
+        Err(error) if is_broken_pipe(&error) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error}");
+            for cause in error.chain().skip(1) {
+                // Multi-line causes (a TOML parse error with its snippet) stay indented.
+                let cause = cause.to_string();
+                eprintln!("  caused by: {}", cause.trim_end().replace('\n', "\n    "));
+            }
+            ExitCode::from(EXIT_ERROR)
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Topology(command) => topology::run(command),
+    }
+}
+
+fn is_broken_pipe(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}

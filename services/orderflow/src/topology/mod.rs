@@ -1,0 +1,149 @@
+//! `orderflow topology export|lint|diagram`: builds the topology model from the
+//! payment methods and turns it into a definitions file, a check of the committed
+//! file, or a Mermaid diagram.
+
+mod diagram;
+mod lint;
+
+use std::io::Write;
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use orderflow_topology::{DEFAULT_RETRY_TIERS, Names, Topology, orderflow_services};
+use serde_json::Value;
+
+use crate::cli::{DiagramArgs, ExportArgs, LintArgs, ModelArgs, TopologyCommand};
+use crate::providers::load_payment_methods;
+
+/// The vhost the exported definitions declare everything on.
+const VHOST: &str = "/";
+
+pub fn run(command: TopologyCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        TopologyCommand::Export(args) => export(&args),
+        TopologyCommand::Lint(args) => lint(&args),
+        TopologyCommand::Diagram(args) => diagram(&args),
+    }
+}
+
+/// The topology of orderflow for the configured payment methods.
+fn build_model(args: &ModelArgs) -> anyhow::Result<Topology> {
+    let methods = load_payment_methods(&args.providers)?;
+    Ok(Topology::build(
+        Names::new(args.namespace.as_str()),
+        &orderflow_services(&methods),
+        &DEFAULT_RETRY_TIERS,
+    ))
+}
+
+/// The definitions document exactly as `export` writes it: pretty JSON with a
+/// trailing newline.
+fn render_definitions(definitions: &Value) -> anyhow::Result<String> {
+    let mut text =
+        serde_json::to_string_pretty(definitions).context("cannot serialise the definitions")?;
+    text.push('\n');
+    Ok(text)
+}
+
+fn export(args: &ExportArgs) -> anyhow::Result<ExitCode> {
+    let topology = build_model(&args.model)?;
+    let text = render_definitions(&orderflow_topology::to_definitions(&topology, VHOST))?;
+    if args.out == Path::new("-") {
+        write_stdout(&text)?;
+    } else {
+        write_file(&args.out, &text)?;
+        write_stdout(&format!(
+            "wrote {} ({}, {}, {})\n",
+            args.out.display(),
+            count(topology.exchanges.len(), "exchange"),
+            count(topology.queues.len(), "queue"),
+            count(topology.bindings.len(), "binding"),
+        ))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn lint(args: &LintArgs) -> anyhow::Result<ExitCode> {
+    let topology = build_model(&args.model)?;
+    let model = orderflow_topology::to_definitions(&topology, VHOST);
+    let text = std::fs::read_to_string(&args.file).with_context(|| {
+        format!(
+            "cannot read {} (create it with `orderflow topology export`)",
+            args.file.display()
+        )
+    })?;
+    let committed: Value = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not valid JSON", args.file.display()))?;
+    let differences = lint::diff(&committed, &model);
+    if differences.is_empty() {
+        write_stdout(&format!("{} matches the model\n", args.file.display()))?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    write_stdout(&lint::report(&args.file, &differences))?;
+    Ok(ExitCode::from(1))
+}
+
+fn diagram(args: &DiagramArgs) -> anyhow::Result<ExitCode> {
+    let topology = build_model(&args.model)?;
+    write_stdout(&diagram::mermaid(&topology))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `1 queue`, `45 queues`.
+fn count(n: usize, noun: &str) -> String {
+    if n == 1 {
+        format!("{n} {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
+}
+
+fn write_stdout(text: &str) -> anyhow::Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+        .context("cannot write to stdout")
+}
+
+/// Replaces `path` with `text` through a temporary file in the same directory,
+/// so that an interrupted export never leaves a half-written file behind.
+fn write_file(path: &Path, text: &str) -> anyhow::Result<()> {
+    let file_name = path
+        .file_name()
+        .with_context(|| format!("{} is not a file path", path.display()))?;
+    let mut temporary_name = file_name.to_owned();
+    temporary_name.push(format!(".tmp-{}", std::process::id()));
+    let temporary = path.with_file_name(temporary_name);
+    std::fs::write(&temporary, text)
+        .and_then(|()| std::fs::rename(&temporary, path))
+        .inspect_err(|_| {
+            let _ = std::fs::remove_file(&temporary);
+        })
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_committed_definitions_match_the_model() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let methods = load_payment_methods(&root.join("config/providers.toml")).expect("providers");
+        let topology = Topology::build(
+            Names::default(),
+            &orderflow_services(&methods),
+            &DEFAULT_RETRY_TIERS,
+        );
+        let model = orderflow_topology::to_definitions(&topology, VHOST);
+        let committed = std::fs::read_to_string(root.join("topology/definitions.json"))
+            .expect("topology/definitions.json exists");
+        assert_eq!(
+            committed,
+            render_definitions(&model).expect("renders"),
+            "run `cargo run -p orderflow -- topology export`"
+        );
+    }
+}
