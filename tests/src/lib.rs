@@ -317,6 +317,9 @@ where
 pub struct Effects {
     pub db: Db,
     pub consumer: String,
+    /// Handler calls that began.
+    pub started: std::sync::atomic::AtomicUsize,
+    /// Handler calls that returned (their transaction committed or skipped).
     pub deliveries: std::sync::atomic::AtomicUsize,
     /// Pause after the commit, before the ack: the window in which a lost
     /// connection makes the broker deliver an applied message again.
@@ -334,6 +337,7 @@ impl Effects {
         Self {
             db,
             consumer: consumer.to_owned(),
+            started: std::sync::atomic::AtomicUsize::new(0),
             deliveries: std::sync::atomic::AtomicUsize::new(0),
             linger: Duration::ZERO,
         }
@@ -347,6 +351,11 @@ impl Effects {
             .expect("count effects")
     }
 
+    pub fn started(&self) -> usize {
+        self.started.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Deliveries fully handled (duplicates included).
     pub fn deliveries(&self) -> usize {
         self.deliveries.load(std::sync::atomic::Ordering::SeqCst)
     }
@@ -357,8 +366,20 @@ impl Handler for Effects {
         &self,
         message: &orderflow_shared::bus::Message,
     ) -> Result<(), orderflow_shared::bus::HandleError> {
+        self.started
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let result = self.apply(message).await;
         self.deliveries
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        result
+    }
+}
+
+impl Effects {
+    async fn apply(
+        &self,
+        message: &orderflow_shared::bus::Message,
+    ) -> Result<(), orderflow_shared::bus::HandleError> {
         let Some(mut unit) = self
             .db
             .begin_unit(&self.consumer, &message.envelope)

@@ -117,7 +117,10 @@ async fn a_longer_transient_failure_goes_through_a_delay_queue_and_then_succeeds
     .await;
     let messages = handler.handled();
     assert_eq!(messages.len(), 1);
-    assert_eq!(messages[0].retries, 1, "came back from the first delay tier");
+    assert_eq!(
+        messages[0].retries, 1,
+        "came back from the first delay tier"
+    );
     assert_eq!(
         messages[0].envelope.kind, "order.cancelled",
         "original routing key kept"
