@@ -96,3 +96,47 @@ async fn a_queue_declared_with_other_arguments_is_a_clear_error() {
     other.close();
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_message_that_keeps_crashing_its_consumer_is_dead_lettered_by_the_broker() {
+    let env = TestEnv::new(&[ServiceSpec::new("svc", &["order.cancelled"])]).await;
+    env.broker
+        .publisher()
+        .publish(&Outgoing::event(&sample_event("order-1"), None))
+        .await
+        .unwrap();
+    // A consumer that dies before acking hands the message back every time,
+    // as a nack with requeue does.
+    let (connection, channel) = env.raw_channel().await;
+    let mut returned = 0;
+    while let Some(message) = channel
+        .basic_get(
+            env.queue("svc").as_str().into(),
+            lapin::options::BasicGetOptions::default(),
+        )
+        .await
+        .unwrap()
+    {
+        message
+            .delivery
+            .nack(lapin::options::BasicNackOptions {
+                requeue: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        returned += 1;
+        assert!(returned <= 50, "the broker never gave up on the message");
+    }
+    let _ = connection.close(200, "done".into()).await;
+    assert_eq!(
+        returned,
+        orderflow_shared::topology::DEFAULT_DELIVERY_LIMIT + 1
+    );
+    let dead = env.dead_letter_queue("svc");
+    orderflow_tests::eventually(Duration::from_secs(10), "dead-lettered", || async {
+        env.message_count(&dead).await == 1
+    })
+    .await;
+    env.cleanup().await;
+}

@@ -292,7 +292,7 @@ async fn process<H: Handler>(context: &Context<H>, delivery: Delivery) {
             );
         })
         .await;
-    match result {
+    let reason = match result {
         Ok(()) => {
             tracing::debug!(
                 %service,
@@ -302,38 +302,21 @@ async fn process<H: Handler>(context: &Context<H>, delivery: Delivery) {
                 "handled"
             );
             ack(&delivery, envelope).await;
+            return;
         }
-        Err(HandleError::Permanent(error)) => {
-            let reason = format!("permanent failure: {error:#}");
-            dead_letter(
-                context,
-                &delivery,
-                &message.envelope,
-                message.retries,
-                &reason,
-            )
-            .await;
-        }
+        Err(HandleError::Permanent(error)) => format!("permanent failure: {error:#}"),
         Err(HandleError::Transient(error)) => {
-            let tier = message.retries as usize;
-            if let Some(delay_queue) = context.delay_queues.get(tier) {
+            if let Some(delay_queue) = context.delay_queues.get(message.retries as usize) {
                 delay(context, &delivery, &message, delay_queue, &error).await;
-            } else {
-                let reason = format!(
-                    "gave up after {} delayed retries: {error:#}",
-                    context.delay_queues.len()
-                );
-                dead_letter(
-                    context,
-                    &delivery,
-                    &message.envelope,
-                    message.retries,
-                    &reason,
-                )
-                .await;
+                return;
             }
+            format!(
+                "gave up after {} delayed retries: {error:#}",
+                context.delay_queues.len()
+            )
         }
-    }
+    };
+    dead_letter(context, &delivery, envelope, message.retries, &reason).await;
 }
 
 async fn ack(delivery: &Delivery, envelope: &Envelope) {

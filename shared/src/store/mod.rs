@@ -85,22 +85,28 @@ fn parse_url(url: &SecretString) -> Result<PgConnectOptions, StoreError> {
     })
 }
 
+/// One connection (for administrative statements), with an error that names
+/// the server.
+async fn connect_one(
+    options: &PgConnectOptions,
+    url: &SecretString,
+) -> Result<sqlx::PgConnection, StoreError> {
+    options
+        .connect()
+        .await
+        .map_err(|source| StoreError::Connect {
+            url: redact_url(url.expose_secret()),
+            source,
+        })
+}
+
 /// Creates the database named in `url` if it does not exist yet (connecting to
 /// the `postgres` maintenance database to do so).
 pub async fn ensure_database(url: &SecretString) -> Result<(), StoreError> {
     let options = parse_url(url)?;
     let name = options.get_database().unwrap_or("postgres").to_owned();
     check_name(&name)?;
-    let redacted = redact_url(url.expose_secret());
-    let mut admin = options
-        .clone()
-        .database("postgres")
-        .connect()
-        .await
-        .map_err(|source| StoreError::Connect {
-            url: redacted.clone(),
-            source,
-        })?;
+    let mut admin = connect_one(&options.clone().database("postgres"), url).await?;
     let exists: bool =
         sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
             .bind(&name)
@@ -137,15 +143,7 @@ impl Db {
     ) -> Result<Self, StoreError> {
         check_name(schema)?;
         let options = parse_url(url)?.options([("search_path", schema)]);
-        let redacted = redact_url(url.expose_secret());
-        let mut admin = options
-            .clone()
-            .connect()
-            .await
-            .map_err(|source| StoreError::Connect {
-                url: redacted.clone(),
-                source,
-            })?;
+        let mut admin = connect_one(&options, url).await?;
         let created = sqlx::query(AssertSqlSafe(format!(
             "CREATE SCHEMA IF NOT EXISTS \"{schema}\""
         )))
@@ -160,7 +158,7 @@ impl Db {
             .connect_with(options)
             .await
             .map_err(|source| StoreError::Connect {
-                url: redacted,
+                url: redact_url(url.expose_secret()),
                 source,
             })?;
         Ok(Self {
