@@ -140,3 +140,25 @@ async fn a_message_that_keeps_crashing_its_consumer_is_dead_lettered_by_the_brok
     .await;
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_publish_without_a_confirm_in_time_is_reported_as_a_timeout() {
+    let env = TestEnv::new(&[ServiceSpec::new("svc", &["order.cancelled"])]).await;
+    // A deadline no broker can meet stands in for a blocked or stalled broker.
+    let impatient = Broker::new(
+        &env.amqp_url,
+        &env.namespace,
+        env.topology.clone(),
+        Duration::from_nanos(1),
+    )
+    .unwrap();
+    let error = impatient
+        .publisher()
+        .publish(&Outgoing::event(&sample_event("order-1"), None))
+        .await
+        .unwrap_err();
+    assert!(matches!(error, PublishError::Timeout { .. }), "{error}");
+    assert!(error.to_string().contains("no confirm"), "{error}");
+    impatient.close();
+    env.cleanup().await;
+}
