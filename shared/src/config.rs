@@ -57,6 +57,15 @@ impl Settings {
         Self::load_from(file, config::Environment::with_prefix("ORDERFLOW"))
     }
 
+    /// The defaults alone (no file, no environment): a base for tests.
+    pub fn defaults() -> Result<Self, ConfigError> {
+        Self::load_from(
+            None,
+            config::Environment::with_prefix("ORDERFLOW")
+                .source(Some(std::collections::HashMap::new())),
+        )
+    }
+
     fn load_from(file: Option<&Path>, env: config::Environment) -> Result<Self, ConfigError> {
         let mut builder = config::Config::builder()
             .set_default("amqp_url", "amqp://guest:guest@127.0.0.1:5672/%2f")?

@@ -162,6 +162,29 @@ impl Envelope {
     }
 }
 
+/// A deterministic UUID v7 for the message with `routing_key` caused by
+/// `cause`: the cause's time (from its v7 id, else its timestamp) and 74 bits
+/// of a hash of the cause's id and the routing key.
+pub fn derive_caused_message_id(cause: &Envelope, routing_key: &str) -> String {
+    let millis = Uuid::parse_str(&cause.message_id)
+        .ok()
+        .and_then(|id| id.get_timestamp())
+        .map_or(cause.timestamp.saturating_mul(1000), |ts| {
+            let (secs, nanos) = ts.to_unix();
+            secs * 1000 + u64::from(nanos / 1_000_000)
+        });
+    let mut hasher = Sha256::new();
+    hasher.update(cause.message_id.as_bytes());
+    hasher.update([0]);
+    hasher.update(routing_key.as_bytes());
+    let digest = hasher.finalize();
+    let mut random = [0u8; 10];
+    random.copy_from_slice(&digest[..10]);
+    uuid::Builder::from_unix_timestamp_millis(millis, &random)
+        .into_uuid()
+        .to_string()
+}
+
 /// The `message_id` of a message that came without one: a UUID v5 of its
 /// routing key and body, so the same message delivered again has the same id.
 pub fn derive_message_id(routing_key: &str, body: &[u8]) -> String {
@@ -233,6 +256,25 @@ mod tests {
         assert_eq!(
             Uuid::parse_str(&back.message_id).unwrap().get_version_num(),
             7
+        );
+    }
+
+    #[test]
+    fn derived_ids_are_deterministic_v7_and_distinct_per_event() {
+        let cause = Envelope::new("order.started", "o-1");
+        let a = derive_caused_message_id(&cause, "order.info-generated");
+        assert_eq!(a, derive_caused_message_id(&cause, "order.info-generated"));
+        assert_ne!(a, derive_caused_message_id(&cause, "order.cancelled"));
+        let id = Uuid::parse_str(&a).unwrap();
+        assert_eq!(id.get_version_num(), 7);
+        assert_eq!(
+            id.get_timestamp().unwrap().to_unix().0,
+            Uuid::parse_str(&cause.message_id)
+                .unwrap()
+                .get_timestamp()
+                .unwrap()
+                .to_unix()
+                .0
         );
     }
 

@@ -5,12 +5,15 @@
 //! in one transaction), and a [`store::Relay`] publishes the outbox with
 //! publisher confirms. Everything talks to the real RabbitMQ and PostgreSQL.
 
+pub mod app;
 pub mod bus;
 pub mod config;
 pub mod envelope;
 pub mod events;
+pub mod metadata;
 pub mod store;
 pub mod telemetry;
+pub mod token;
 
 pub use orderflow_topology as topology;
 pub use tokio_util::sync::CancellationToken as Shutdown;

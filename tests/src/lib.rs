@@ -10,13 +10,19 @@ use std::time::Duration;
 use lapin::options::{BasicGetOptions, QueueDeclareOptions, QueueDeleteOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use orderflow_shared::app::Ctx;
 use orderflow_shared::bus::{Broker, ConsumerOptions, Handler, run_consumer};
+use orderflow_shared::config::Settings;
+use orderflow_shared::metadata::Metadata;
 use orderflow_shared::store::Db;
-use orderflow_shared::topology::{Names, ServiceSpec, Topology};
+use orderflow_shared::topology::{Names, ServiceSpec, Topology, orderflow_services};
 use orderflow_shared::{Shutdown, telemetry};
 use secrecy::{ExposeSecret, SecretString};
 use sqlx::{AssertSqlSafe, Connection as _, PgConnection};
 use tokio::task::JoinHandle;
+
+/// The token keys the tests sign with.
+pub const TEST_TOKEN_KEYS: &str = "test:orderflow-test-signing-key";
 
 /// Short delay tiers so that tests of the retry ladder take a second, not minutes.
 pub const TEST_RETRY_TIERS: [Duration; 2] =
@@ -88,6 +94,41 @@ impl TestEnv {
             broker,
             cleaned: false,
         }
+    }
+
+    /// The whole orderflow topology (every service, the configured payment
+    /// methods) in a fresh namespace, and a fresh database.
+    pub async fn orderflow() -> Self {
+        let metadata = Metadata::embedded().expect("repository metadata");
+        Self::new(&orderflow_services(&metadata.methods())).await
+    }
+
+    /// Settings pointing at this test's namespace and database; token keys
+    /// set to a test key.
+    pub fn settings(&self) -> Settings {
+        let mut settings = Settings::defaults().expect("default settings");
+        settings.amqp_url = self.amqp_url.clone();
+        settings.database_url = self.database_url.clone();
+        settings.namespace.clone_from(&self.namespace);
+        settings.token_keys = Some(SecretString::from(TEST_TOKEN_KEYS.to_owned()));
+        "off".clone_into(&mut settings.log);
+        settings
+    }
+
+    /// A service context on this test's topology, as `orderflow up` builds one.
+    pub fn ctx(&self, connection_name: &str) -> Ctx {
+        self.ctx_with(self.settings(), connection_name)
+    }
+
+    /// A service context with other settings (timeouts, keys).
+    pub fn ctx_with(&self, settings: Settings, connection_name: &str) -> Ctx {
+        Ctx::new(
+            settings,
+            Metadata::embedded().expect("repository metadata"),
+            self.topology.clone(),
+            &format!("{}-{connection_name}", self.namespace),
+        )
+        .expect("service context")
     }
 
     /// A migrated store for `schema` in this test's database.

@@ -103,6 +103,17 @@ pub struct Outgoing {
 }
 
 impl Outgoing {
+    /// `event` caused by `cause`, with a `message_id` derived from the cause:
+    /// a handler without an inbox (one that only publishes) that handles the
+    /// same message twice publishes the same message twice, and downstream
+    /// inboxes see the duplicate. Still a UUID v7, timestamped like the cause.
+    pub fn derived(event: &Event, cause: &Envelope) -> Self {
+        let mut message = Self::event(event, Some(cause));
+        message.envelope.message_id =
+            crate::envelope::derive_caused_message_id(cause, &message.routing_key);
+        message
+    }
+
     /// `event` with a new envelope; caused by `cause` when given.
     pub fn event(event: &Event, cause: Option<&Envelope>) -> Self {
         let routing_key = event.routing_key();

@@ -3,6 +3,7 @@
 //! `search_path` set to the context's schema, so every query is written
 //! unqualified and a service cannot wander into another context by accident.
 
+mod context;
 mod outbox;
 mod unit;
 
@@ -15,6 +16,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{AssertSqlSafe, ConnectOptions, Connection, PgPool};
 use tokio::sync::Notify;
 
+pub use context::Context;
 pub use outbox::{Relay, RelayError};
 pub use unit::UnitOfWork;
 
@@ -204,6 +206,17 @@ impl Db {
             context.run(&self.pool).await.map_err(failed)?;
         }
         Ok(())
+    }
+
+    /// Connects to `context`'s schema and applies its migrations.
+    pub async fn for_context(
+        url: &SecretString,
+        context: Context,
+        max_connections: u32,
+    ) -> Result<Self, StoreError> {
+        let db = Self::connect(url, context.schema(), max_connections).await?;
+        db.migrate(Some(&context.migrator())).await?;
+        Ok(db)
     }
 
     pub async fn close(&self) {

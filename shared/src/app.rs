@@ -1,0 +1,155 @@
+//! What every service starts from: a [`Ctx`] (settings, metadata, the broker
+//! with its topology declared, token keys) and a shutdown signal; plus
+//! [`main`], the whole body of each thin worker binary.
+
+use std::future::Future;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+
+use crate::Shutdown;
+use crate::bus::{Broker, ConsumerOptions};
+use crate::config::Settings;
+use crate::metadata::Metadata;
+use crate::store::{Context, Db};
+use crate::token::TokenKeys;
+use crate::topology::{DEFAULT_RETRY_TIERS, Names, Topology, orderflow_services};
+
+/// Everything a service's `run(ctx, shutdown)` needs. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Ctx {
+    pub settings: Arc<Settings>,
+    pub metadata: Arc<Metadata>,
+    pub broker: Broker,
+    /// `None` when `ORDERFLOW_TOKEN_KEYS` is not set.
+    pub token_keys: Option<TokenKeys>,
+}
+
+/// The orderflow topology for `settings`' namespace and `metadata`'s methods.
+pub fn topology_for(settings: &Settings, metadata: &Metadata) -> Topology {
+    Topology::build(
+        Names::new(&settings.namespace),
+        &orderflow_services(&metadata.methods()),
+        &DEFAULT_RETRY_TIERS,
+    )
+}
+
+impl Ctx {
+    /// A context on `topology` (tests pass one with short delay tiers);
+    /// connects lazily. `connection_name` shows in the RabbitMQ UI.
+    pub fn new(
+        settings: Settings,
+        metadata: Metadata,
+        topology: Topology,
+        connection_name: &str,
+    ) -> anyhow::Result<Self> {
+        let broker = Broker::new(
+            &settings.amqp_url,
+            connection_name,
+            topology,
+            Duration::from_millis(settings.publish_timeout_ms),
+        )?;
+        let token_keys = settings
+            .token_keys
+            .as_ref()
+            .map(TokenKeys::parse)
+            .transpose()?;
+        Ok(Self {
+            settings: Arc::new(settings),
+            metadata: Arc::new(metadata),
+            broker,
+            token_keys,
+        })
+    }
+
+    /// The deployment's context: the full topology, declared on the broker
+    /// (waiting up to a minute for it to come up).
+    pub async fn start(
+        settings: Settings,
+        metadata: Metadata,
+        connection_name: &str,
+    ) -> anyhow::Result<Self> {
+        let topology = topology_for(&settings, &metadata);
+        let ctx = Self::new(settings, metadata, topology, connection_name)?;
+        ctx.broker
+            .declare_topology(Duration::from_mins(1))
+            .await
+            .context("declaring the RabbitMQ topology")?;
+        Ok(ctx)
+    }
+
+    /// `context`'s schema, migrated.
+    pub async fn db(&self, context: Context) -> anyhow::Result<Db> {
+        Db::for_context(&self.settings.database_url, context, 16)
+            .await
+            .with_context(|| format!("opening the `{}` schema", context.schema()))
+    }
+
+    /// Consumer options for `service` from the settings.
+    pub fn consumer(&self, service: &str) -> ConsumerOptions {
+        ConsumerOptions {
+            prefetch: self.settings.prefetch,
+            concurrency: self.settings.concurrency,
+            ..ConsumerOptions::new(service)
+        }
+    }
+
+    /// The token keys, or an error that says how to set them.
+    pub fn require_token_keys(&self) -> anyhow::Result<&TokenKeys> {
+        self.token_keys.as_ref().context(
+            "ORDERFLOW_TOKEN_KEYS is not set: give the signing keys as `kid:secret[,kid:secret]` \
+             (`orderflow up` falls back to a development key)",
+        )
+    }
+}
+
+/// A shutdown token cancelled by Ctrl-C or SIGTERM.
+pub fn shutdown_on_signal() -> Shutdown {
+    let shutdown = Shutdown::new();
+    let trigger = shutdown.clone();
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("installing the SIGTERM handler");
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = ctrl_c.await;
+        tracing::info!("shutdown requested; finishing in-flight work");
+        trigger.cancel();
+    });
+    shutdown
+}
+
+/// The body of a worker binary: settings, logs, metadata, context, then
+/// `run` until Ctrl-C/SIGTERM. Errors are printed with their causes.
+pub async fn main<F, Fut>(service: &str, run: F) -> ExitCode
+where
+    F: FnOnce(Ctx, Shutdown) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    let result = async {
+        let settings = Settings::load(std::env::var_os("ORDERFLOW_CONFIG").as_deref().map(std::path::Path::new))?;
+        crate::telemetry::init(&settings.log, settings.log_format)?;
+        let metadata = Metadata::from_env()?;
+        tracing::info!(service, amqp = %settings.amqp_url_redacted(), database = %settings.database_url_redacted(), "starting");
+        let ctx = Ctx::start(settings, metadata, service).await?;
+        run(ctx, shutdown_on_signal()).await
+    }
+    .await;
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {service}: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
