@@ -153,3 +153,23 @@ where
         }
     }
 }
+
+/// Runs `service`'s consumer with `handler` until `shutdown`, and for a
+/// stateful service the relay of its outbox (`outbox`), which makes a last
+/// pass after the consumer stopped.
+pub async fn run_worker<H: crate::bus::Handler>(
+    ctx: &Ctx,
+    service: &str,
+    handler: Arc<H>,
+    outbox: Option<Db>,
+    shutdown: Shutdown,
+) -> anyhow::Result<()> {
+    let relay = outbox.map(|db| {
+        tokio::spawn(crate::store::Relay::new(db, ctx.broker.publisher()).run(shutdown.clone()))
+    });
+    crate::bus::run_consumer(ctx.broker.clone(), ctx.consumer(service), handler, shutdown).await?;
+    if let Some(relay) = relay {
+        relay.await.context("outbox relay task")?;
+    }
+    Ok(())
+}

@@ -45,6 +45,12 @@ pub struct Settings {
     pub concurrency: usize,
     /// `ORDERFLOW_PUBLISH_TIMEOUT_MS`: how long one publish may wait for its confirm.
     pub publish_timeout_ms: u64,
+    /// `ORDERFLOW_GATEWAY_LATENCY_MS`: the simulated payment gateway's latency.
+    pub gateway_latency_ms: u64,
+    /// `ORDERFLOW_GATEWAY_FAILURE_RATE`: share (0..1) of gateway calls that fail transiently.
+    pub gateway_failure_rate: f64,
+    /// `ORDERFLOW_GATEWAY_RETRIES`: gateway retries before a provider gives up (`payment.failed`).
+    pub gateway_retries: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -82,7 +88,10 @@ impl Settings {
             .set_default("log_format", "text")?
             .set_default("prefetch", 64)?
             .set_default("concurrency", 16)?
-            .set_default("publish_timeout_ms", 10_000)?;
+            .set_default("publish_timeout_ms", 10_000)?
+            .set_default("gateway_latency_ms", 20)?
+            .set_default("gateway_failure_rate", 0.0)?
+            .set_default("gateway_retries", 3)?;
         if let Some(file) = file {
             builder = builder.add_source(config::File::from(file).required(false));
         }

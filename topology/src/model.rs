@@ -45,6 +45,7 @@ pub fn orderflow_services<S: AsRef<str>>(payment_methods: &[S]) -> Vec<ServiceSp
             &[
                 "order.started",
                 "order.info-generated",
+                "order.info-rejected",
                 "payment.awaiting",
                 "payment.selected.*",
                 "payment.rejected",
@@ -63,7 +64,12 @@ pub fn orderflow_services<S: AsRef<str>>(payment_methods: &[S]) -> Vec<ServiceSp
         ServiceSpec::new("order-completed", &["payment.captured"]),
         ServiceSpec::new(
             "order-cancelled",
-            &["payment.rejected", "payment.failed", "saga.timed-out"],
+            &[
+                "order.info-rejected",
+                "payment.rejected",
+                "payment.failed",
+                "saga.timed-out",
+            ],
         ),
     ];
     for method in payment_methods {

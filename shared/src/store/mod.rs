@@ -4,6 +4,7 @@
 //! unqualified and a service cannot wander into another context by accident.
 
 mod context;
+pub mod orders;
 mod outbox;
 mod unit;
 

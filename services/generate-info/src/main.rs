@@ -1,0 +1,7 @@
+//! The `generate-info` worker binary: configuration from ORDERFLOW_* and the
+//! library's `run` until Ctrl-C or SIGTERM.
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    orderflow_shared::app::main("generate-info", generate_info::run).await
+}

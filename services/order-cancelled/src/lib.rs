@@ -1,0 +1,74 @@
+//! order-cancelled: on `payment.rejected`, `payment.failed`, `saga.timed-out`
+//! or `order.info-rejected`, the terminal transition to `cancelled` (orders
+//! table, conditional: the first terminal transition wins) and, only if it
+//! won, `order.cancelled` with the reason, which the payment providers
+//! answer with a refund when they had captured.
+
+use std::sync::Arc;
+
+use orderflow_shared::Shutdown;
+use orderflow_shared::app::{Ctx, run_worker};
+use orderflow_shared::bus::{HandleError, Handler, Message, Outgoing};
+use orderflow_shared::events::{Event, OrderCancelled, Step};
+use orderflow_shared::store::orders::{Terminal, finish};
+use orderflow_shared::store::{Context, Db};
+
+pub const SERVICE: &str = "order-cancelled";
+
+/// The cancellation reason an event stands for, if it cancels the order.
+pub fn cancellation_reason(event: &Event) -> Option<String> {
+    match event {
+        Event::PaymentRejected(e) => Some(e.reason.clone()),
+        Event::PaymentFailed(e) => Some(format!("payment failed at {}: {}", e.provider, e.reason)),
+        Event::SagaTimedOut(e) => Some(
+            match e.step {
+                Step::GenerateInfo => "timed out waiting for the order information",
+                Step::Payment => "timed out waiting for the payment",
+                Step::Flow => "timed out: the order took longer than the flow allows",
+            }
+            .to_owned(),
+        ),
+        Event::InfoRejected(e) => Some(e.reason.clone()),
+        _ => None,
+    }
+}
+
+pub struct OrderCancelledHandler {
+    db: Db,
+}
+
+impl Handler for OrderCancelledHandler {
+    async fn handle(&self, message: &Message) -> Result<(), HandleError> {
+        let Some(reason) = cancellation_reason(&message.event) else {
+            return Ok(());
+        };
+        let order_id = message.order_id();
+        let Some(mut unit) = self.db.begin_unit(SERVICE, &message.envelope).await? else {
+            return Ok(());
+        };
+        let outcome = Terminal::Cancelled {
+            reason: reason.clone(),
+        };
+        if finish(unit.conn(), order_id, &outcome).await? {
+            unit.emit(Outgoing::event(
+                &Event::OrderCancelled(OrderCancelled {
+                    order_id: order_id.to_owned(),
+                    reason: reason.clone(),
+                }),
+                Some(&message.envelope),
+            ));
+            tracing::info!(%order_id, %reason, "order cancelled");
+        } else {
+            tracing::info!(%order_id, %reason, "order already ended; cancellation ignored");
+        }
+        unit.commit().await?;
+        Ok(())
+    }
+}
+
+/// Runs order-cancelled until `shutdown`.
+pub async fn run(ctx: Ctx, shutdown: Shutdown) -> anyhow::Result<()> {
+    let db = ctx.db(Context::Orders).await?;
+    let handler = Arc::new(OrderCancelledHandler { db: db.clone() });
+    run_worker(&ctx, SERVICE, handler, Some(db), shutdown).await
+}

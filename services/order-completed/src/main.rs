@@ -1,0 +1,7 @@
+//! The `order-completed` worker binary: configuration from ORDERFLOW_* and the
+//! library's `run` until Ctrl-C or SIGTERM.
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    orderflow_shared::app::main("order-completed", order_completed::run).await
+}

@@ -1,0 +1,116 @@
+//! The `PaymentProvider` trait and the registry of implementations by name.
+//! Adding a payment method = a `config/providers.toml` entry (discount), an
+//! implementation registered here, and the merchants that accept it.
+
+use futures::future::BoxFuture;
+
+use crate::gateway::{GatewayError, Operation, Receipt, SimulatedGateway};
+
+/// A payment provider's gateway integration.
+pub trait PaymentProvider: Send + Sync + 'static {
+    /// The method name it is registered under.
+    fn name(&self) -> &'static str;
+
+    /// Charges `amount_cents` for `order_id`; the same `idempotency_key`
+    /// never charges twice.
+    fn charge<'a>(
+        &'a self,
+        idempotency_key: &'a str,
+        order_id: &'a str,
+        amount_cents: i64,
+    ) -> BoxFuture<'a, Result<Receipt, GatewayError>>;
+
+    /// Refunds `amount_cents` of `order_id`'s charge, once per key.
+    fn refund<'a>(
+        &'a self,
+        idempotency_key: &'a str,
+        order_id: &'a str,
+        amount_cents: i64,
+    ) -> BoxFuture<'a, Result<Receipt, GatewayError>>;
+}
+
+/// A provider on the simulated gateway; the providers differ in name and in
+/// the shape of their references, as real ones do.
+struct Simulated {
+    name: &'static str,
+    reference_prefix: &'static str,
+    gateway: SimulatedGateway,
+}
+
+impl PaymentProvider for Simulated {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn charge<'a>(
+        &'a self,
+        idempotency_key: &'a str,
+        order_id: &'a str,
+        amount_cents: i64,
+    ) -> BoxFuture<'a, Result<Receipt, GatewayError>> {
+        Box::pin(self.gateway.execute(
+            Operation::Charge,
+            self.name,
+            self.reference_prefix,
+            idempotency_key,
+            order_id,
+            amount_cents,
+        ))
+    }
+
+    fn refund<'a>(
+        &'a self,
+        idempotency_key: &'a str,
+        order_id: &'a str,
+        amount_cents: i64,
+    ) -> BoxFuture<'a, Result<Receipt, GatewayError>> {
+        Box::pin(self.gateway.execute(
+            Operation::Refund,
+            self.name,
+            self.reference_prefix,
+            idempotency_key,
+            order_id,
+            amount_cents,
+        ))
+    }
+}
+
+type Constructor = fn(SimulatedGateway) -> Box<dyn PaymentProvider>;
+
+/// Every registered implementation, by method name.
+const REGISTRY: &[(&str, Constructor)] = &[
+    ("zhifubao", |gateway| {
+        Box::new(Simulated {
+            name: "zhifubao",
+            reference_prefix: "ZFB",
+            gateway,
+        })
+    }),
+    ("weixin", |gateway| {
+        Box::new(Simulated {
+            name: "weixin",
+            reference_prefix: "WX",
+            gateway,
+        })
+    }),
+    ("unionpay", |gateway| {
+        Box::new(Simulated {
+            name: "unionpay",
+            reference_prefix: "UP",
+            gateway,
+        })
+    }),
+];
+
+/// The implementation registered as `method`.
+pub fn lookup(method: &str, gateway: SimulatedGateway) -> Option<Box<dyn PaymentProvider>> {
+    REGISTRY
+        .iter()
+        .find(|(name, _)| *name == method)
+        .map(|(_, constructor)| constructor(gateway))
+}
+
+/// The names of all registered implementations.
+pub fn registered() -> Vec<&'static str> {
+    REGISTRY.iter().map(|(name, _)| *name).collect()
+}
