@@ -2,6 +2,9 @@
 //! and its own PostgreSQL database on the real local services, and removes
 //! both when it ends (also when it fails).
 
+pub mod proxy;
+pub mod system;
+
 use std::future::Future;
 use std::process::Command;
 use std::sync::Arc;
@@ -53,6 +56,22 @@ pub struct TestEnv {
 impl TestEnv {
     /// A fresh namespace with `services`' queues declared, and a fresh database.
     pub async fn new(services: &[ServiceSpec]) -> Self {
+        Self::with_tiers(services, &TEST_RETRY_TIERS).await
+    }
+
+    /// The whole orderflow topology with the deployment's delay tiers, as
+    /// `orderflow up` declares it (for tests that run the real binary).
+    pub async fn deployment() -> Self {
+        let metadata = Metadata::embedded().expect("repository metadata");
+        Self::with_tiers(
+            &orderflow_services(&metadata.methods()),
+            &orderflow_shared::topology::DEFAULT_RETRY_TIERS,
+        )
+        .await
+    }
+
+    /// [`new`](Self::new) with other delay tiers.
+    pub async fn with_tiers(services: &[ServiceSpec], tiers: &[Duration]) -> Self {
         let _ = telemetry::init(
             &std::env::var("ORDERFLOW_LOG").unwrap_or_else(|_| "off".to_owned()),
             orderflow_shared::config::LogFormat::Text,
@@ -72,7 +91,7 @@ impl TestEnv {
         let cut = database_url.rfind('/').expect("database URL has a path");
         database_url.truncate(cut + 1);
         database_url.push_str(&database);
-        let topology = Topology::build(Names::new(&namespace), services, &TEST_RETRY_TIERS);
+        let topology = Topology::build(Names::new(&namespace), services, tiers);
         let amqp_url = SecretString::from(amqp_url());
         let broker = Broker::new(
             &amqp_url,

@@ -11,7 +11,9 @@ use std::time::Duration;
 use orderflow_shared::bus::{Broker, BusError, Outgoing, PublishError};
 use orderflow_shared::events::{Event, PaymentSelected};
 use orderflow_shared::topology::{Names, ServiceSpec, Topology};
+use orderflow_tests::proxy::StallingProxy;
 use orderflow_tests::{TestEnv, sample_event};
+use secrecy::SecretString;
 
 #[tokio::test]
 async fn an_unroutable_publish_is_reported_as_an_error() {
@@ -144,21 +146,27 @@ async fn a_message_that_keeps_crashing_its_consumer_is_dead_lettered_by_the_brok
 #[tokio::test]
 async fn a_publish_without_a_confirm_in_time_is_reported_as_a_timeout() {
     let env = TestEnv::new(&[ServiceSpec::new("svc", &["order.cancelled"])]).await;
-    // A deadline no broker can meet stands in for a blocked or stalled broker.
-    let impatient = Broker::new(
-        &env.amqp_url,
+    let proxy = StallingProxy::start("127.0.0.1:5672").await;
+    let through_proxy = Broker::new(
+        &SecretString::from(proxy.amqp_url()),
         &env.namespace,
         env.topology.clone(),
-        Duration::from_nanos(1),
+        Duration::from_millis(300),
     )
     .unwrap();
-    let error = impatient
-        .publisher()
-        .publish(&Outgoing::event(&sample_event("order-1"), None))
-        .await
-        .unwrap_err();
+    let publisher = through_proxy.publisher();
+    let message = Outgoing::event(&sample_event("order-1"), None);
+    publisher.publish(&message).await.unwrap();
+
+    // The broker stops answering: no confirm, not even a new channel.
+    proxy.stall();
+    let error = publisher.publish(&message).await.unwrap_err();
     assert!(matches!(error, PublishError::Timeout { .. }), "{error}");
     assert!(error.to_string().contains("no confirm"), "{error}");
-    impatient.close();
+
+    // When it answers again, publishing works again.
+    proxy.resume();
+    publisher.publish(&message).await.unwrap();
+    through_proxy.close();
     env.cleanup().await;
 }

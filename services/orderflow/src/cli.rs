@@ -43,6 +43,98 @@ pub enum Command {
             docker-compose loads at boot."
     )]
     Topology(TopologyCommand),
+
+    /// Run every worker and the order API in one process (development, demos)
+    #[command(long_about = "Run every worker and the order API in one process.\n\n\
+        Uses the same libraries as the separate worker binaries: order-api, generate-info, \
+        payment-wait, saga-coordinator, one payment-provider per configured method, \
+        order-completed and order-cancelled. With no flags it works on a fresh machine \
+        against the local RabbitMQ and PostgreSQL: it creates the database if missing, runs \
+        the migrations, declares the topology and prints where the API listens. Configure it \
+        with the ORDERFLOW_* environment (see the README). Without ORDERFLOW_TOKEN_KEYS it \
+        signs payment tokens with a public development key and says so. Ctrl-C or SIGTERM \
+        stops it gracefully: in-flight messages finish, nothing is lost.")]
+    Up(UpArgs),
+
+    /// Place, pay and inspect orders through the order API
+    #[command(subcommand)]
+    Order(OrderCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    /// A TOML file with settings (the ORDERFLOW_* environment overrides it)
+    #[arg(long, env = "ORDERFLOW_CONFIG")]
+    pub config: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct ApiArgs {
+    /// Base URL of the order API [default: http://$ORDERFLOW_HTTP_ADDR, else http://127.0.0.1:8080]
+    #[arg(long, env = "ORDERFLOW_API_URL")]
+    pub api: Option<String>,
+    /// Print the API's JSON instead of a summary
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum OrderCommand {
+    /// Place an order (POST /orders); prices come from the server's catalogue
+    Start(StartArgs),
+    /// Pay an order: fetches its payment token, submits the method, waits for the outcome
+    Pay(PayArgs),
+    /// Show an order's state (GET /orders/{id})
+    Show(ShowArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct StartArgs {
+    /// The merchant, e.g. haidilao
+    #[arg(long)]
+    pub supplier: String,
+    /// A product line as SKU:QUANTITY (repeat for more lines), e.g. --product hotpot-set:2
+    #[arg(long = "product", required = true, value_name = "SKU:QTY")]
+    pub products: Vec<String>,
+    /// Delivery address
+    #[arg(long, default_value = "1 Harbour Road")]
+    pub address: String,
+    /// Use this order id instead of a generated one (placing it again is idempotent)
+    #[arg(long)]
+    pub order_id: Option<String>,
+    /// Wait until the order awaits payment (or has ended) before returning
+    #[arg(long)]
+    pub wait: bool,
+    /// How long --wait waits, in seconds
+    #[arg(long, default_value_t = 30)]
+    pub timeout_secs: u64,
+    #[command(flatten)]
+    pub api: ApiArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct PayArgs {
+    /// The order id
+    pub order_id: String,
+    /// The payment method, e.g. zhifubao, weixin, unionpay
+    #[arg(long)]
+    pub method: String,
+    /// Return after submitting instead of waiting for completed/cancelled
+    #[arg(long)]
+    pub no_wait: bool,
+    /// How long to wait for the token and for the outcome, in seconds
+    #[arg(long, default_value_t = 30)]
+    pub timeout_secs: u64,
+    #[command(flatten)]
+    pub api: ApiArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ShowArgs {
+    /// The order id
+    pub order_id: String,
+    #[command(flatten)]
+    pub api: ApiArgs,
 }
 
 #[derive(Debug, Subcommand)]

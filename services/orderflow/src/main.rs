@@ -2,8 +2,10 @@
 //! the arguments, run the command, report errors.
 
 mod cli;
+mod order;
 mod providers;
 mod topology;
+mod up;
 
 use std::process::ExitCode;
 
@@ -36,6 +38,8 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Topology(command) => topology::run(command),
+        Command::Up(args) => up::run(&args),
+        Command::Order(command) => order::run(command),
     }
 }
 

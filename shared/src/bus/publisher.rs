@@ -130,9 +130,11 @@ impl Publisher {
         Ok(channel)
     }
 
-    async fn forget_channel(&self, broken: &Channel) {
+    /// Drops the cached channel (if it is `broken`, or whichever it is when
+    /// `None`), so the next publish opens a fresh one.
+    async fn forget_channel(&self, broken: Option<&Channel>) {
         let mut slot = self.channel.lock().await;
-        if slot.as_ref().is_some_and(|c| c.id() == broken.id()) {
+        if broken.is_none_or(|b| slot.as_ref().is_some_and(|c| c.id() == b.id())) {
             *slot = None;
         }
     }
@@ -149,49 +151,56 @@ impl Publisher {
             .as_ref()
             .map(|id| id.as_str().to_owned())
             .unwrap_or_default();
-        let channel = self
-            .channel()
-            .await
-            .map_err(|source| PublishError::Connection {
-                message_id: message_id.clone(),
-                source,
-            })?;
         let timeout = self.broker.publish_timeout();
-        let confirm = tokio::time::timeout(timeout, async {
-            channel
-                .basic_publish(
-                    exchange.into(),
-                    routing_key.into(),
-                    BasicPublishOptions {
-                        mandatory: true,
-                        ..BasicPublishOptions::default()
-                    },
-                    body,
-                    properties,
-                )
-                .await?
+        // The timeout covers getting a channel too: on a stalled connection
+        // even opening one never completes.
+        let attempt = tokio::time::timeout(timeout, async {
+            let channel = self
+                .channel()
                 .await
+                .map_err(|source| PublishError::Connection {
+                    message_id: message_id.clone(),
+                    source,
+                })?;
+            let confirm = async {
+                channel
+                    .basic_publish(
+                        exchange.into(),
+                        routing_key.into(),
+                        BasicPublishOptions {
+                            mandatory: true,
+                            ..BasicPublishOptions::default()
+                        },
+                        body,
+                        properties,
+                    )
+                    .await?
+                    .await
+            }
+            .await;
+            match confirm {
+                Ok(confirm) => Ok(confirm),
+                Err(source) => {
+                    self.forget_channel(Some(&channel)).await;
+                    Err(PublishError::Broker {
+                        routing_key: routing_key.to_owned(),
+                        message_id: message_id.clone(),
+                        source,
+                    })
+                }
+            }
         })
         .await;
-        let confirm = match confirm {
-            Err(_) => {
-                self.forget_channel(&channel).await;
-                return Err(PublishError::Timeout {
-                    routing_key: routing_key.to_owned(),
-                    message_id,
-                    timeout,
-                });
-            }
-            Ok(Err(source)) => {
-                self.forget_channel(&channel).await;
-                return Err(PublishError::Broker {
-                    routing_key: routing_key.to_owned(),
-                    message_id,
-                    source,
-                });
-            }
-            Ok(Ok(confirm)) => confirm,
+        let Ok(result) = attempt else {
+            // Whatever channel this publish was using may be stalled.
+            self.forget_channel(None).await;
+            return Err(PublishError::Timeout {
+                routing_key: routing_key.to_owned(),
+                message_id,
+                timeout,
+            });
         };
+        let confirm = result?;
         match confirm {
             Confirmation::Ack(None) => Ok(()),
             Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned)) => {

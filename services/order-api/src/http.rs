@@ -1,0 +1,275 @@
+//! The HTTP routes of DESIGN.md §6 (axum): start an order, read it (also by
+//! long poll), submit a payment, merchant payment methods, health and metrics.
+//! Every error is JSON `{"error": "..."}`; no input makes a handler panic.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{Method, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use orderflow_shared::Shutdown;
+use orderflow_shared::events::PaymentSubmitted;
+use orderflow_shared::metadata::Metadata;
+use orderflow_shared::store::Db;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::error::{ApiError, error_body};
+use crate::input::{NewOrder, PaymentSubmission};
+use crate::metrics::{self, Metrics};
+use crate::orders::{self, Creation, OrderView, Submission};
+use crate::status::Status;
+use crate::watch::Watcher;
+
+/// Largest request body accepted (413 beyond).
+pub const BODY_LIMIT: usize = 64 * 1024;
+
+/// Longest a long poll waits, whatever `timeout_ms` asks for.
+pub const MAX_WAIT: Duration = Duration::from_mins(1);
+
+/// How long a long poll waits when `timeout_ms` is not given.
+pub const DEFAULT_WAIT: Duration = Duration::from_secs(30);
+
+/// What every handler shares.
+#[derive(Clone, Debug)]
+pub struct AppState {
+    pub metadata: Arc<Metadata>,
+    pub db: Db,
+    pub watcher: Watcher,
+    pub metrics: Arc<Metrics>,
+    /// Long polls answer at once when the server shuts down.
+    pub shutdown: Shutdown,
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/orders", post(create_order))
+        .route("/orders/{id}", get(get_order))
+        .route("/orders/{id}/payment", post(submit_payment))
+        .route(
+            "/merchants/{supplier}/payment-methods",
+            get(merchant_payment_methods),
+        )
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics_text))
+        .fallback(no_route)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            metrics::track,
+        ))
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .with_state(state)
+}
+
+#[derive(Debug, Serialize)]
+struct Accepted {
+    order_id: String,
+    status: String,
+}
+
+fn accepted(order_id: String, status: impl Into<String>) -> Response {
+    (
+        StatusCode::ACCEPTED,
+        Json(Accepted {
+            order_id,
+            status: status.into(),
+        }),
+    )
+        .into_response()
+}
+
+/// `POST /orders`: 202 for a new order or the same request again, 409 for
+/// the same id with another body, 400/413/415/422 for bad input.
+async fn create_order(
+    State(state): State<AppState>,
+    body: Result<Json<NewOrder>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(body) = body?;
+    let order = body.validate(&state.metadata)?;
+    let order_id = order.started.order_id.clone();
+    match orders::create(&state.db, &order).await? {
+        Creation::Created => {
+            state.metrics.orders_created.inc();
+            tracing::info!(order_id = %order_id, supplier = %order.started.supplier, "order created");
+            Ok(accepted(order_id, Status::Started.as_str()))
+        }
+        Creation::Repeated { status } => Ok(accepted(order_id, status)),
+        Creation::Conflict => Err(ApiError::conflict(format!(
+            "order {order_id} exists with a different request; use another order_id"
+        ))),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct WaitQuery {
+    wait_for: Option<String>,
+    timeout_ms: Option<u64>,
+}
+
+/// `GET /orders/{id}`, with `?wait_for=<status>&timeout_ms=<n>` a long poll:
+/// answers once the order has that status (or a later or terminal one), or
+/// with the current state when the timeout passes.
+async fn get_order(
+    State(state): State<AppState>,
+    id: Result<Path<String>, PathRejection>,
+    query: Result<Query<WaitQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Path(order_id) = id?;
+    let Query(query) = query?;
+    let found = match query.wait_for {
+        None => orders::fetch(&state.db, &order_id).await?,
+        Some(wanted) => {
+            let wanted: Status = wanted
+                .parse()
+                .map_err(|e: crate::status::UnknownStatus| ApiError::bad_request(e.to_string()))?;
+            let timeout = query
+                .timeout_ms
+                .map_or(DEFAULT_WAIT, Duration::from_millis)
+                .min(MAX_WAIT);
+            wait_for(&state, &order_id, wanted, timeout).await?
+        }
+    };
+    match found {
+        Some(view) => Ok(Json(view).into_response()),
+        None => Err(ApiError::not_found(format!("order {order_id} not found"))),
+    }
+}
+
+/// Reads the order until it satisfies `wanted`, `timeout` passes or the
+/// server shuts down; woken by the orders table's notifications.
+async fn wait_for(
+    state: &AppState,
+    order_id: &str,
+    wanted: Status,
+    timeout: Duration,
+) -> Result<Option<OrderView>, ApiError> {
+    let _waiting = state.metrics.waiting();
+    let deadline = tokio::time::Instant::now() + timeout;
+    // Subscribed before the first read: no change can slip in between.
+    let mut changes = state.watcher.subscribe();
+    loop {
+        let view = orders::fetch(&state.db, order_id).await?;
+        let done = view
+            .as_ref()
+            .and_then(OrderView::status)
+            .is_some_and(|status| status.satisfies(wanted));
+        if done {
+            return Ok(view);
+        }
+        tokio::select! {
+            () = changes.changed(order_id) => {}
+            () = tokio::time::sleep_until(deadline) => return Ok(view),
+            () = state.shutdown.cancelled() => return Ok(view),
+        }
+    }
+}
+
+/// `POST /orders/{id}/payment`: the customer's token and method, handed to
+/// the coordinator as `payment.submitted`; the outcome shows on the order.
+async fn submit_payment(
+    State(state): State<AppState>,
+    id: Result<Path<String>, PathRejection>,
+    body: Result<Json<PaymentSubmission>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Path(order_id) = id?;
+    let Json(body) = body?;
+    body.validate()?;
+    let method = body.method.clone();
+    let submission = PaymentSubmitted {
+        order_id: order_id.clone(),
+        token: body.token,
+        method: body.method,
+    };
+    match orders::submit_payment(&state.db, submission).await? {
+        Submission::Submitted => {
+            // Never the token: it is a credential.
+            tracing::info!(order_id = %order_id, method = %method, "payment submitted");
+            Ok(accepted(order_id, "payment_submitted"))
+        }
+        Submission::NotFound => Err(ApiError::not_found(format!("order {order_id} not found"))),
+        Submission::Finished(status) => Err(ApiError::conflict(format!(
+            "order {order_id} is already {status}"
+        ))),
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct MethodView<'a> {
+    method: &'a str,
+    display_name: &'a str,
+    discount_percent: i64,
+}
+
+/// `GET /merchants/{supplier}/payment-methods`: what the front end offers
+/// (the default set for a merchant without its own entry).
+async fn merchant_payment_methods(
+    State(state): State<AppState>,
+    supplier: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let Path(supplier) = supplier?;
+    let methods: Vec<MethodView<'_>> = state
+        .metadata
+        .payment_methods_for(&supplier)
+        .iter()
+        .filter_map(|method| {
+            // Metadata validation guarantees a provider per merchant method.
+            state.metadata.provider(method).map(|provider| MethodView {
+                method,
+                display_name: &provider.display_name,
+                discount_percent: provider.discount_percent,
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "supplier": supplier, "payment_methods": methods })).into_response())
+}
+
+/// `GET /healthz`: 200 when the database answers, 503 otherwise.
+async fn healthz(State(state): State<AppState>) -> Response {
+    let check = tokio::time::timeout(
+        Duration::from_secs(2),
+        sqlx::query("SELECT 1").execute(state.db.pool()),
+    )
+    .await;
+    match check {
+        Ok(Ok(_)) => Json(json!({ "status": "ok" })).into_response(),
+        Ok(Err(error)) => {
+            tracing::warn!(%error, "health check failed");
+            error_body(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!("database unavailable: {error}"),
+            )
+        }
+        Err(_) => error_body(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "database unavailable: no answer within 2 s",
+        ),
+    }
+}
+
+/// `GET /metrics`: Prometheus (OpenMetrics) text.
+async fn metrics_text(State(state): State<AppState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, metrics::CONTENT_TYPE)],
+        state.metrics.encode(),
+    )
+        .into_response()
+}
+
+async fn no_route(method: Method, uri: Uri) -> Response {
+    error_body(
+        StatusCode::NOT_FOUND,
+        &format!("no route for {method} {}", uri.path()),
+    )
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> Response {
+    error_body(
+        StatusCode::METHOD_NOT_ALLOWED,
+        &format!("{method} is not allowed on {}", uri.path()),
+    )
+}

@@ -1,0 +1,236 @@
+//! The read model: every event bound to `orderflow.order-api` folded into the
+//! `orders` table, once per message (inbox). Events may arrive in any order
+//! (DESIGN.md §7), so each one upserts the row, the status only moves forward,
+//! and a terminal status is never replaced: order-completed and
+//! order-cancelled write the same table conditionally, and whichever terminal
+//! transition lands first wins.
+
+use orderflow_shared::bus::{HandleError, Handler, Message};
+use orderflow_shared::events::{
+    Event, InfoGenerated, OrderCancelled, OrderCompleted, OrderStarted, PaymentAwaiting,
+    PaymentCaptured, PaymentRefunded, PaymentSelected,
+};
+use orderflow_shared::store::Db;
+use sqlx::PgConnection;
+
+use crate::SERVICE;
+use crate::status::Status;
+
+/// The consumer of the order API's queue.
+#[derive(Clone, Debug)]
+pub struct ReadModel {
+    db: Db,
+}
+
+impl ReadModel {
+    pub fn new(db: Db) -> Self {
+        Self { db }
+    }
+}
+
+impl Handler for ReadModel {
+    async fn handle(&self, message: &Message) -> Result<(), HandleError> {
+        let Some(mut unit) = self.db.begin_unit(SERVICE, &message.envelope).await? else {
+            return Ok(()); // applied before
+        };
+        apply(unit.conn(), &message.event).await?;
+        unit.commit().await?;
+        Ok(())
+    }
+}
+
+/// SQL: `status = <next>` if the row's status ranks below `next`, else
+/// unchanged. `$2` must be `next`'s predecessors, `$3` `next` itself.
+macro_rules! forward_status {
+    () => {
+        "status = CASE WHEN orders.status = ANY($2::text[]) THEN $3 ELSE orders.status END"
+    };
+}
+
+async fn apply(conn: &mut PgConnection, event: &Event) -> Result<(), sqlx::Error> {
+    match event {
+        Event::OrderStarted(e) => order_started(conn, e).await,
+        Event::InfoGenerated(e) => info_generated(conn, e).await,
+        Event::PaymentAwaiting(e) => payment_awaiting(conn, e).await,
+        Event::PaymentSelected(e) => payment_selected(conn, e).await,
+        // generate-info could not price it; order-cancelled cancels it.
+        Event::InfoRejected(e) => last_rejection(conn, &e.order_id, &e.reason).await,
+        Event::PaymentRejected(e) => last_rejection(conn, &e.order_id, &e.reason).await,
+        Event::SubmissionRejected(e) => last_rejection(conn, &e.order_id, &e.reason).await,
+        Event::PaymentCaptured(e) => payment_captured(conn, e).await,
+        Event::PaymentRefunded(e) => payment_refunded(conn, e).await,
+        Event::OrderCompleted(e) => order_completed(conn, e).await,
+        Event::OrderCancelled(e) => order_cancelled(conn, e).await,
+        // saga.timed-out: order-cancelled acts on it, the order shows the
+        // resulting order.cancelled. The others are not bound to this queue.
+        Event::SagaTimedOut(_) | Event::PaymentSubmitted(_) | Event::PaymentFailed(_) => Ok(()),
+    }
+}
+
+/// The order's content. The first one known stays: an order's lines do not
+/// change, and the API's own row was written from the same request.
+async fn order_started(conn: &mut PgConnection, e: &OrderStarted) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO orders (order_id, supplier, products, address) VALUES ($1, $2, $3, $4) \
+         ON CONFLICT (order_id) DO UPDATE SET \
+           supplier = COALESCE(orders.supplier, EXCLUDED.supplier), \
+           products = COALESCE(orders.products, EXCLUDED.products), \
+           address = COALESCE(orders.address, EXCLUDED.address), \
+           updated_at = now()",
+    )
+    .bind(&e.order_id)
+    .bind(&e.supplier)
+    .bind(sqlx::types::Json(&e.products))
+    .bind(&e.address)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+async fn info_generated(conn: &mut PgConnection, e: &InfoGenerated) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO orders (order_id, supplier, payment_methods, amount_cents) \
+         VALUES ($1, $2, $3, $4) \
+         ON CONFLICT (order_id) DO UPDATE SET \
+           supplier = COALESCE(orders.supplier, EXCLUDED.supplier), \
+           payment_methods = EXCLUDED.payment_methods, \
+           amount_cents = EXCLUDED.amount_cents, \
+           updated_at = now()",
+    )
+    .bind(&e.order_id)
+    .bind(&e.supplier)
+    .bind(&e.payment_methods)
+    .bind(e.amount_cents)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// The payment step is open. Of several tokens (a step opened again), the one
+/// that expires last is kept, whatever order they arrive in.
+async fn payment_awaiting(conn: &mut PgConnection, e: &PaymentAwaiting) -> Result<(), sqlx::Error> {
+    let next = Status::AwaitingPayment;
+    sqlx::query(concat!(
+        "INSERT INTO orders (order_id, status, payment_token, token_expires_at, payment_methods, \
+           amount_cents) VALUES ($1, $3, $4, $5, $6, $7) \
+         ON CONFLICT (order_id) DO UPDATE SET ",
+        forward_status!(),
+        ", payment_token = CASE WHEN orders.token_expires_at IS NULL \
+             OR orders.token_expires_at <= EXCLUDED.token_expires_at \
+             THEN EXCLUDED.payment_token ELSE orders.payment_token END, \
+           token_expires_at = GREATEST(orders.token_expires_at, EXCLUDED.token_expires_at), \
+           payment_methods = EXCLUDED.payment_methods, \
+           amount_cents = EXCLUDED.amount_cents, \
+           updated_at = now()",
+    ))
+    .bind(&e.order_id)
+    .bind(next.predecessors())
+    .bind(next.as_str())
+    .bind(&e.token)
+    .bind(e.expires_at)
+    .bind(&e.payment_methods)
+    .bind(e.amount_cents)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// The customer's method was accepted. On a finished order (a late message)
+/// the method is only filled in if missing.
+async fn payment_selected(conn: &mut PgConnection, e: &PaymentSelected) -> Result<(), sqlx::Error> {
+    let next = Status::Paying;
+    sqlx::query(concat!(
+        "INSERT INTO orders (order_id, status, method) VALUES ($1, $3, $4) \
+         ON CONFLICT (order_id) DO UPDATE SET ",
+        forward_status!(),
+        ", method = CASE WHEN orders.status IN ('completed', 'cancelled') \
+             THEN COALESCE(orders.method, EXCLUDED.method) ELSE EXCLUDED.method END, \
+           updated_at = now()",
+    ))
+    .bind(&e.order_id)
+    .bind(next.predecessors())
+    .bind(next.as_str())
+    .bind(&e.method)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+async fn last_rejection(
+    conn: &mut PgConnection,
+    order_id: &str,
+    reason: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO orders (order_id, last_rejection) VALUES ($1, $2) \
+         ON CONFLICT (order_id) DO UPDATE SET last_rejection = EXCLUDED.last_rejection, \
+           updated_at = now()",
+    )
+    .bind(order_id)
+    .bind(reason)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+async fn payment_captured(conn: &mut PgConnection, e: &PaymentCaptured) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO orders (order_id, charged_cents, capture_id) VALUES ($1, $2, $3) \
+         ON CONFLICT (order_id) DO UPDATE SET charged_cents = EXCLUDED.charged_cents, \
+           capture_id = EXCLUDED.capture_id, updated_at = now()",
+    )
+    .bind(&e.order_id)
+    .bind(e.charged_cents)
+    .bind(&e.capture_id)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+async fn payment_refunded(conn: &mut PgConnection, e: &PaymentRefunded) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO orders (order_id, refunded_cents) VALUES ($1, $2) \
+         ON CONFLICT (order_id) DO UPDATE SET refunded_cents = EXCLUDED.refunded_cents, \
+           updated_at = now()",
+    )
+    .bind(&e.order_id)
+    .bind(e.refunded_cents)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Terminal: applies unless the order was cancelled first (a row already
+/// completed by order-completed gets the same values again).
+async fn order_completed(conn: &mut PgConnection, e: &OrderCompleted) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO orders (order_id, status, method, charged_cents) \
+         VALUES ($1, 'completed', $2, $3) \
+         ON CONFLICT (order_id) DO UPDATE SET status = 'completed', \
+           method = EXCLUDED.method, charged_cents = EXCLUDED.charged_cents, updated_at = now() \
+         WHERE orders.status <> 'cancelled'",
+    )
+    .bind(&e.order_id)
+    .bind(&e.method)
+    .bind(e.charged_cents)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Terminal: applies unless the order was completed first; the first reason
+/// given stays.
+async fn order_cancelled(conn: &mut PgConnection, e: &OrderCancelled) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO orders (order_id, status, cancel_reason) VALUES ($1, 'cancelled', $2) \
+         ON CONFLICT (order_id) DO UPDATE SET status = 'cancelled', \
+           cancel_reason = COALESCE(orders.cancel_reason, EXCLUDED.cancel_reason), \
+           updated_at = now() \
+         WHERE orders.status <> 'completed'",
+    )
+    .bind(&e.order_id)
+    .bind(&e.reason)
+    .execute(conn)
+    .await?;
+    Ok(())
+}

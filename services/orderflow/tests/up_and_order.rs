@@ -1,0 +1,163 @@
+//! The `orderflow` binary as a user meets it: `orderflow up` on a fresh
+//! database, orders placed and paid with `orderflow order`, and `up` killed
+//! with SIGKILL in the middle of an order and started again.
+
+#![allow(
+    clippy::unwrap_used,
+    reason = "a test fails loudly on the first surprise"
+)]
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use orderflow_tests::{TEST_TOKEN_KEYS, TestEnv};
+use secrecy::ExposeSecret;
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+const BIN: &str = env!("CARGO_BIN_EXE_orderflow");
+
+/// Starts `orderflow up` on the test's namespace and database; returns the
+/// child and the API URL it printed.
+async fn up(env: &TestEnv) -> (Child, String) {
+    let mut child = Command::new(BIN)
+        .arg("up")
+        .env("ORDERFLOW_AMQP_URL", env.amqp_url.expose_secret())
+        .env("ORDERFLOW_DATABASE_URL", env.database_url.expose_secret())
+        .env("ORDERFLOW_NAMESPACE", &env.namespace)
+        .env("ORDERFLOW_HTTP_ADDR", "127.0.0.1:0")
+        .env("ORDERFLOW_TOKEN_KEYS", TEST_TOKEN_KEYS)
+        .env("ORDERFLOW_GATEWAY_LATENCY_MS", "1")
+        .env("ORDERFLOW_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let line = tokio::time::timeout(Duration::from_mins(1), lines.next_line())
+        .await
+        .expect("`orderflow up` printed nothing within 60 s")
+        .unwrap()
+        .expect("`orderflow up` exited before it was up");
+    let url = line
+        .split_whitespace()
+        .find(|word| word.starts_with("http://"))
+        .unwrap_or_else(|| panic!("no API address in {line:?}"))
+        .to_owned();
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    (child, url)
+}
+
+/// Runs `orderflow <args>`; (exit code, stdout, stderr).
+async fn cli(args: &[&str]) -> (i32, String, String) {
+    let output = Command::new(BIN).args(args).output().await.unwrap();
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn up_serves_orders_and_survives_sigkill() {
+    let env = TestEnv::deployment().await;
+    let (mut first, api) = up(&env).await;
+
+    let (code, out, err) = cli(&[
+        "order",
+        "start",
+        "--supplier",
+        "haidilao",
+        "--product",
+        "hotpot-set:1",
+        "--wait",
+        "--json",
+        "--api",
+        &api,
+    ])
+    .await;
+    assert_eq!(code, 0, "{err}");
+    let order: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(order["status"], "awaiting_payment", "{order:#}");
+    let order_id = order["order_id"].as_str().unwrap().to_owned();
+
+    // Killed without warning while the order waits for its payment.
+    first.start_kill().unwrap();
+    first.wait().await.unwrap();
+    let (mut second, api) = up(&env).await;
+
+    let (code, out, err) = cli(&[
+        "order", "pay", &order_id, "--method", "zhifubao", "--json", "--api", &api,
+    ])
+    .await;
+    assert_eq!(code, 0, "{err}");
+    let order: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(order["status"], "completed", "{order:#}");
+    assert_eq!(order["charged_cents"], 12_800 * 80 / 100);
+
+    let (code, out, _) = cli(&["order", "show", &order_id, "--api", &api]).await;
+    assert_eq!(code, 0);
+    assert!(out.contains("completed") && out.contains("102.40"), "{out}");
+
+    let (code, _, err) = cli(&[
+        "order",
+        "pay",
+        "no-such-order",
+        "--method",
+        "weixin",
+        "--timeout-secs",
+        "1",
+        "--api",
+        &api,
+    ])
+    .await;
+    assert_eq!(code, 2);
+    assert!(err.contains("not found"), "{err}");
+    let (code, _, err) = cli(&[
+        "order",
+        "start",
+        "--supplier",
+        "x",
+        "--product",
+        "tea",
+        "--api",
+        &api,
+    ])
+    .await;
+    assert_eq!(code, 2);
+    assert!(err.contains("SKU:QUANTITY"), "{err}");
+
+    // SIGTERM: a graceful stop.
+    let pid = second.id().unwrap();
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let status = tokio::time::timeout(Duration::from_secs(30), second.wait())
+        .await
+        .expect("`orderflow up` stops within 30 s of SIGTERM")
+        .unwrap();
+    assert!(status.success(), "{status}");
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn up_explains_a_database_it_cannot_reach() {
+    let output = Command::new(BIN)
+        .arg("up")
+        .env("ORDERFLOW_AMQP_URL", "amqp://guest:guest@127.0.0.1:1/%2f")
+        .env(
+            "ORDERFLOW_DATABASE_URL",
+            "postgres://postgres@127.0.0.1:1/nowhere",
+        )
+        .env("ORDERFLOW_HTTP_ADDR", "127.0.0.1:0")
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert!(err.contains("cannot reach PostgreSQL"), "{err}");
+}

@@ -1,0 +1,203 @@
+//! The whole orderflow system in-process, as `orderflow up` runs it, on one
+//! test's namespace and database, with an HTTP client for its API.
+
+use std::time::Duration;
+
+use orderflow_shared::Shutdown;
+use orderflow_shared::app::Ctx;
+use orderflow_shared::config::Settings;
+use orderflow_shared::store::Db;
+use serde_json::{Value, json};
+use tokio::task::JoinSet;
+
+use crate::TestEnv;
+
+/// Which workers run; tests of a missing worker leave one out.
+#[derive(Clone, Debug)]
+pub struct Workers {
+    pub generate_info: bool,
+}
+
+impl Default for Workers {
+    fn default() -> Self {
+        Self {
+            generate_info: true,
+        }
+    }
+}
+
+pub struct System {
+    pub env: TestEnv,
+    pub ctx: Ctx,
+    pub api: String,
+    pub client: reqwest::Client,
+    shutdown: Shutdown,
+    tasks: JoinSet<anyhow::Result<()>>,
+}
+
+impl System {
+    /// Every worker and the API with the default test settings.
+    pub async fn start() -> Self {
+        Self::start_with(|_| {}, Workers::default()).await
+    }
+
+    /// Every worker in `workers` and the API, with `adjust`ed settings.
+    pub async fn start_with(adjust: impl FnOnce(&mut Settings), workers: Workers) -> Self {
+        let env = TestEnv::orderflow().await;
+        let mut settings = env.settings();
+        settings.gateway_latency_ms = 1;
+        adjust(&mut settings);
+        let ctx = env.ctx_with(settings, "system");
+        let shutdown = Shutdown::new();
+        let mut tasks = JoinSet::new();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the API");
+        let api = format!("http://{}", listener.local_addr().expect("address"));
+        tasks.spawn(order_api::serve(ctx.clone(), listener, shutdown.clone()));
+        if workers.generate_info {
+            tasks.spawn(generate_info::run(ctx.clone(), shutdown.clone()));
+        }
+        tasks.spawn(payment_wait::run(ctx.clone(), shutdown.clone()));
+        tasks.spawn(saga_coordinator::run(ctx.clone(), shutdown.clone()));
+        tasks.spawn(order_completed::run(ctx.clone(), shutdown.clone()));
+        tasks.spawn(order_cancelled::run(ctx.clone(), shutdown.clone()));
+        for method in ctx.metadata.methods() {
+            tasks.spawn(payment_provider::run(ctx.clone(), method, shutdown.clone()));
+        }
+        let system = Self {
+            env,
+            ctx,
+            api,
+            client: reqwest::Client::new(),
+            shutdown,
+            tasks,
+        };
+        system.wait_healthy().await;
+        system
+    }
+
+    async fn wait_healthy(&self) {
+        crate::eventually(
+            Duration::from_secs(30),
+            "the API answers /healthz",
+            || async {
+                self.client
+                    .get(format!("{}/healthz", self.api))
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status().is_success())
+            },
+        )
+        .await;
+    }
+
+    /// POST /orders; (status, body).
+    pub async fn post_order(&self, body: &Value) -> (u16, Value) {
+        let response = self
+            .client
+            .post(format!("{}/orders", self.api))
+            .json(body)
+            .send()
+            .await
+            .expect("POST /orders");
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Places an order and returns its id.
+    pub async fn place(&self, supplier: &str, products: &[(&str, u32)]) -> String {
+        let products: Vec<Value> = products
+            .iter()
+            .map(|(sku, quantity)| json!({"sku": sku, "quantity": quantity}))
+            .collect();
+        let (status, body) = self
+            .post_order(&json!({"supplier": supplier, "products": products, "address": "1 Road"}))
+            .await;
+        assert_eq!(status, 202, "{body}");
+        body["order_id"].as_str().expect("order_id").to_owned()
+    }
+
+    /// GET /orders/{id}?wait_for=status; panics unless it reached `status`
+    /// (or, with `or_terminal`, ended).
+    pub async fn wait_for(&self, order_id: &str, status: &str) -> Value {
+        let order = self.get_order(order_id, Some(status)).await;
+        assert_eq!(order["status"], status, "order {order_id}: {order:#}");
+        order
+    }
+
+    /// GET /orders/{id}, long-polling for `wait_for` up to 20 s.
+    pub async fn get_order(&self, order_id: &str, wait_for: Option<&str>) -> Value {
+        let mut request = self.client.get(format!("{}/orders/{order_id}", self.api));
+        if let Some(status) = wait_for {
+            request = request.query(&[("wait_for", status), ("timeout_ms", "20000")]);
+        }
+        let response = request.send().await.expect("GET /orders/{id}");
+        assert!(
+            response.status().is_success(),
+            "GET {order_id}: {}",
+            response.status()
+        );
+        response.json().await.expect("order JSON")
+    }
+
+    /// POST /orders/{id}/payment with `token`.
+    pub async fn submit(&self, order_id: &str, token: &str, method: &str) -> u16 {
+        self.client
+            .post(format!("{}/orders/{order_id}/payment", self.api))
+            .json(&json!({"token": token, "method": method}))
+            .send()
+            .await
+            .expect("POST payment")
+            .status()
+            .as_u16()
+    }
+
+    /// Waits for the token, pays with `method`, returns the ended order.
+    pub async fn pay(&self, order_id: &str, method: &str) -> Value {
+        let order = self.wait_for(order_id, "awaiting_payment").await;
+        let token = order["payment_token"].as_str().expect("payment token");
+        assert_eq!(self.submit(order_id, token, method).await, 202);
+        self.ended(order_id).await
+    }
+
+    /// The order once it is completed or cancelled.
+    pub async fn ended(&self, order_id: &str) -> Value {
+        let order = self.get_order(order_id, Some("completed")).await;
+        assert!(
+            order["status"] == "completed" || order["status"] == "cancelled",
+            "order {order_id} did not end: {order:#}"
+        );
+        order
+    }
+
+    /// A store on `schema` of this system's database.
+    pub async fn db(&self, schema: &str) -> Db {
+        self.env.db(schema).await
+    }
+
+    /// (charges, refunds) the simulated gateway made for `order_id`.
+    pub async fn gateway(&self, order_id: &str) -> (i64, i64) {
+        let db = self.db("payments").await;
+        let counts = sqlx::query_as(
+            "SELECT count(*) FILTER (WHERE kind = 'charge'), count(*) FILTER (WHERE kind = 'refund') \
+             FROM gateway_ledger WHERE order_id = $1",
+        )
+        .bind(order_id)
+        .fetch_one(db.pool())
+        .await
+        .expect("gateway ledger");
+        db.close().await;
+        counts
+    }
+
+    /// Stops every worker (gracefully) and removes the test's broker and database objects.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        while let Some(result) = self.tasks.join_next().await {
+            result.expect("worker panicked").expect("worker failed");
+        }
+        self.ctx.broker.close();
+        self.env.cleanup().await;
+    }
+}

@@ -1,0 +1,903 @@
+//! The order API on the real broker and database: creating an order emits
+//! `order.started` through the outbox (never a client's price), the same
+//! request again gets the same answer, another body a 409; bad input is a
+//! JSON 400/413/415/422 that starts nothing; the read model follows events in
+//! any order and never leaves a terminal status; long polls wake on the
+//! orders table's notifications; payment submissions reach the coordinator;
+//! merchants, health and metrics.
+
+#![allow(
+    clippy::unwrap_used,
+    reason = "a test fails loudly on the first surprise"
+)]
+
+use std::time::{Duration, Instant};
+
+use lapin::message::BasicGetMessage;
+use lapin::types::ShortString;
+use orderflow_shared::Shutdown;
+use orderflow_shared::bus::Outgoing;
+use orderflow_shared::events::Event;
+use orderflow_shared::store::Db;
+use orderflow_tests::{TestEnv, eventually};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+/// The order API (its consumer and relay included) on a fresh namespace and
+/// database, and an HTTP client for it.
+struct Api {
+    env: TestEnv,
+    base: String,
+    http: reqwest::Client,
+    shutdown: Shutdown,
+    server: JoinHandle<anyhow::Result<()>>,
+    /// The `orders` schema, to look at the outbox and the inbox.
+    orders: Db,
+}
+
+impl Api {
+    async fn start() -> Self {
+        let env = TestEnv::orderflow().await;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let shutdown = Shutdown::new();
+        let server = tokio::spawn(order_api::serve(
+            env.ctx("order-api"),
+            listener,
+            shutdown.clone(),
+        ));
+        let http = reqwest::Client::new();
+        // Answers once the schema is migrated and the router is up.
+        let (status, body) = get_json(&http, &format!("{base}/healthz")).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body, json!({"status": "ok"}));
+        let orders = env.db("orders").await;
+        Self {
+            env,
+            base,
+            http,
+            shutdown,
+            server,
+            orders,
+        }
+    }
+
+    /// Graceful shutdown: `serve` returns Ok once everything has stopped.
+    async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(30), self.server)
+            .await
+            .expect("serve ends after shutdown")
+            .unwrap()
+            .unwrap();
+        self.orders.close().await;
+        self.env.cleanup().await;
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    async fn get(&self, path: &str) -> (StatusCode, Value) {
+        get_json(&self.http, &self.url(path)).await
+    }
+
+    async fn post(&self, path: &str, body: &Value) -> (StatusCode, Value) {
+        let response = self
+            .http
+            .post(self.url(path))
+            .json(body)
+            .send()
+            .await
+            .unwrap();
+        status_and_json(response).await
+    }
+
+    /// `POST` of raw bytes with a content type (or none).
+    async fn post_raw(
+        &self,
+        path: &str,
+        content_type: Option<&str>,
+        body: Vec<u8>,
+    ) -> (StatusCode, Value) {
+        let mut request = self.http.post(self.url(path)).body(body);
+        if let Some(content_type) = content_type {
+            request = request.header(reqwest::header::CONTENT_TYPE, content_type);
+        }
+        status_and_json(request.send().await.unwrap()).await
+    }
+
+    async fn order(&self, order_id: &str) -> Value {
+        let (status, body) = self.get(&format!("/orders/{order_id}")).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        body
+    }
+
+    /// Publishes `kind` with `body` onto the events exchange, as another
+    /// service would, and waits until the order API's consumer applied it.
+    async fn publish_applied(&self, kind: &str, body: Value) {
+        let event = Event::from_object(kind, body.as_object().unwrap().clone()).unwrap();
+        let message = Outgoing::event(&event, None);
+        self.env.broker.publisher().publish(&message).await.unwrap();
+        let message_id = message.envelope.message_id;
+        eventually(
+            Duration::from_secs(15),
+            &format!("order-api applied {kind} {message_id}"),
+            || async {
+                sqlx::query_scalar::<_, bool>(
+                    "SELECT EXISTS (SELECT 1 FROM inbox \
+                     WHERE consumer = 'order-api' AND message_id = $1)",
+                )
+                .bind(&message_id)
+                .fetch_one(self.orders.pool())
+                .await
+                .unwrap()
+            },
+        )
+        .await;
+    }
+
+    /// Outbox rows of `routing_key` (sent or not).
+    async fn outbox_count(&self, routing_key: &str) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM outbox WHERE routing_key = $1")
+            .bind(routing_key)
+            .fetch_one(self.orders.pool())
+            .await
+            .unwrap()
+    }
+
+    async fn order_count(&self) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM orders")
+            .fetch_one(self.orders.pool())
+            .await
+            .unwrap()
+    }
+
+    /// Waits until `queue` holds `n` messages, then takes them all.
+    async fn take(&self, service: &str, n: u32) -> Vec<BasicGetMessage> {
+        let queue = self.env.queue(service);
+        eventually(
+            Duration::from_secs(15),
+            &format!("{n} messages in {queue}"),
+            || async { self.env.message_count(&queue).await >= n },
+        )
+        .await;
+        self.env.drain(&queue).await
+    }
+
+    async fn metrics(&self) -> String {
+        let response = self.http.get(self.url("/metrics")).send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let content_type = response.headers()[reqwest::header::CONTENT_TYPE]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        assert!(
+            content_type.starts_with("application/openmetrics-text"),
+            "{content_type}"
+        );
+        response.text().await.unwrap()
+    }
+}
+
+async fn get_json(http: &reqwest::Client, url: &str) -> (StatusCode, Value) {
+    status_and_json(http.get(url).send().await.unwrap()).await
+}
+
+/// Every answer of the API is JSON, errors included.
+async fn status_and_json(response: reqwest::Response) -> (StatusCode, Value) {
+    let status = response.status();
+    let text = response.text().await.unwrap();
+    let body = serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("{status}: body is not JSON ({e}): {text:?}"));
+    (status, body)
+}
+
+/// An error answer: `{"error": "<non-empty message>"}`, nothing else.
+fn error_message(body: &Value) -> &str {
+    let object = body.as_object().unwrap();
+    assert_eq!(object.len(), 1, "{body}");
+    let message = object["error"].as_str().unwrap();
+    assert!(!message.is_empty());
+    message
+}
+
+fn short(value: Option<&ShortString>) -> Option<&str> {
+    value.map(ShortString::as_str)
+}
+
+/// The one message of `routing_key` among `messages`, with its body.
+fn only<'a>(messages: &'a [BasicGetMessage], routing_key: &str) -> (&'a BasicGetMessage, Value) {
+    let matching: Vec<_> = messages
+        .iter()
+        .filter(|m| m.delivery.routing_key.as_str() == routing_key)
+        .collect();
+    assert_eq!(matching.len(), 1, "one {routing_key} message");
+    let body = serde_json::from_slice(&matching[0].delivery.data).unwrap();
+    (matching[0], body)
+}
+
+fn hotpot_order() -> Value {
+    json!({
+        "supplier": "haidilao",
+        "products": [{"sku": "hotpot-set", "quantity": 2}, {"sku": "tea", "quantity": 1}],
+        "address": "1 Harbour Road",
+    })
+}
+
+#[tokio::test]
+async fn a_new_order_is_accepted_and_started_without_the_client_price() {
+    let api = Api::start().await;
+    let body = json!({
+        "supplier": "haidilao",
+        "products": [
+            {"sku": "hotpot-set", "quantity": 2, "price_cents": 1},
+            {"sku": "tea", "quantity": 1, "price": 0.01},
+        ],
+        "address": "1 Harbour Road",
+        "amount_cents": 1,
+    });
+    let (status, answer) = api.post("/orders", &body).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
+    let order_id = answer["order_id"].as_str().unwrap().to_owned();
+    assert_eq!(answer, json!({"order_id": order_id, "status": "started"}));
+    assert_eq!(
+        uuid::Uuid::parse_str(&order_id).unwrap().get_version_num(),
+        7,
+        "the default order id is a UUID v7"
+    );
+
+    let messages = api.take("generate-info", 1).await;
+    assert_eq!(messages.len(), 1);
+    let (message, started) = only(&messages, "order.started");
+    assert_eq!(
+        started,
+        json!({
+            "order_id": order_id,
+            "supplier": "haidilao",
+            "products": [{"sku": "hotpot-set", "quantity": 2}, {"sku": "tea", "quantity": 1}],
+            "address": "1 Harbour Road",
+        }),
+        "exactly the order, no client price"
+    );
+    let properties = &message.delivery.properties;
+    assert_eq!(short(properties.kind().as_ref()), Some("order.started"));
+    assert_eq!(
+        short(properties.correlation_id().as_ref()),
+        Some(order_id.as_str())
+    );
+    assert_eq!(
+        short(properties.content_type().as_ref()),
+        Some("application/json")
+    );
+    assert_eq!(properties.delivery_mode(), &Some(2));
+    let message_id = short(properties.message_id().as_ref()).unwrap();
+    assert_eq!(
+        uuid::Uuid::parse_str(message_id).unwrap().get_version_num(),
+        7
+    );
+
+    let order = api.order(&order_id).await;
+    assert_eq!(order["status"], "started");
+    assert_eq!(order["supplier"], "haidilao");
+    assert_eq!(order["address"], "1 Harbour Road");
+    assert_eq!(order["products"], started["products"]);
+    assert_eq!(order["payment_token"], Value::Null);
+    assert_eq!(order["amount_cents"], Value::Null);
+    assert!(order["created_at"].is_string() && order["updated_at"].is_string());
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn the_same_request_again_gets_the_same_answer_and_another_body_a_conflict() {
+    let api = Api::start().await;
+    let mut body = hotpot_order();
+    body["order_id"] = json!("order-same-1");
+    let (status, first) = api.post("/orders", &body).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{first}");
+    assert_eq!(
+        first,
+        json!({"order_id": "order-same-1", "status": "started"})
+    );
+
+    // The same request, fields in another order and a price that is ignored.
+    let again = json!({
+        "address": "1 Harbour Road",
+        "products": [{"quantity": 2, "sku": "hotpot-set", "price": 5}, {"quantity": 1, "sku": "tea"}],
+        "supplier": "haidilao",
+        "order_id": "order-same-1",
+    });
+    let (status, second) = api.post("/orders", &again).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{second}");
+    assert_eq!(second, first);
+    assert_eq!(api.outbox_count("order.started").await, 1);
+    assert_eq!(api.order_count().await, 1);
+
+    // Same id, other body: a conflict, and still one order.started.
+    let mut other = body.clone();
+    other["products"][0]["quantity"] = json!(3);
+    let (status, conflict) = api.post("/orders", &other).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{conflict}");
+    assert!(
+        error_message(&conflict).contains("order-same-1"),
+        "{conflict}"
+    );
+    assert_eq!(api.outbox_count("order.started").await, 1);
+    let messages = api.take("generate-info", 1).await;
+    assert_eq!(messages.len(), 1, "one order.started was published");
+
+    // Asked again once the saga moved on, the answer shows where it is now.
+    api.publish_applied(
+        "payment.awaiting",
+        json!({
+            "order_id": "order-same-1", "token": "tok", "payment_methods": ["zhifubao"],
+            "amount_cents": 26_500, "expires_at": "2100-01-01T00:00:00Z",
+        }),
+    )
+    .await;
+    let (status, third) = api.post("/orders", &body).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{third}");
+    assert_eq!(
+        third,
+        json!({"order_id": "order-same-1", "status": "awaiting_payment"})
+    );
+
+    // An order that arrived as an event has no request to compare with.
+    let mut from_event = hotpot_order();
+    from_event["order_id"] = json!("order-from-event");
+    api.publish_applied("order.started", from_event.clone())
+        .await;
+    let (status, conflict) = api.post("/orders", &from_event).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{conflict}");
+    error_message(&conflict);
+    assert_eq!(api.outbox_count("order.started").await, 1);
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn bad_input_is_a_json_error_and_starts_nothing() {
+    let api = Api::start().await;
+    let with = |field: &str, value: Value| {
+        let mut body = hotpot_order();
+        body[field] = value;
+        body
+    };
+    let without = |field: &str| {
+        let mut body = hotpot_order();
+        body.as_object_mut().unwrap().remove(field);
+        body
+    };
+    let cases: Vec<(&str, Value, StatusCode)> = vec![
+        (
+            "missing address",
+            without("address"),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "missing products",
+            without("products"),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "quantity as text",
+            with("products", json!([{"sku": "tea", "quantity": "two"}])),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "quantity 0",
+            with("products", json!([{"sku": "tea", "quantity": 0}])),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "negative quantity",
+            with("products", json!([{"sku": "tea", "quantity": -2}])),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "quantity over 10000",
+            with("products", json!([{"sku": "tea", "quantity": 10_001}])),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "no products",
+            with("products", json!([])),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "empty supplier",
+            with("supplier", json!("")),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "long supplier",
+            with("supplier", json!("s".repeat(101))),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "long address",
+            with("address", json!("a".repeat(501))),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "order id with a space",
+            with("order_id", json!("order 1")),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "order id with a slash",
+            with("order_id", json!("a/b")),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "long order id",
+            with("order_id", json!("o".repeat(101))),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "numeric order id",
+            with("order_id", json!(7)),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "oversized body",
+            with("address", json!("a".repeat(70 * 1024))),
+            StatusCode::PAYLOAD_TOO_LARGE,
+        ),
+    ];
+    for (what, body, expected) in cases {
+        let (status, answer) = api.post("/orders", &body).await;
+        assert_eq!(status, expected, "{what}: {answer}");
+        error_message(&answer);
+    }
+
+    let (status, answer) = api
+        .post(
+            "/orders",
+            &with("products", json!([{"sku": "caviar", "quantity": 1}])),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{answer}");
+    assert_eq!(error_message(&answer), "unknown sku `caviar`");
+
+    let (status, answer) = api
+        .post_raw(
+            "/orders",
+            Some("application/json"),
+            br#"{"supplier": "haidilao", "products": ["#.to_vec(),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "malformed JSON: {answer}");
+    error_message(&answer);
+
+    let (status, answer) = api
+        .post_raw("/orders", None, hotpot_order().to_string().into_bytes())
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "no content type: {answer}"
+    );
+    error_message(&answer);
+
+    assert_eq!(api.order_count().await, 0, "no order was created");
+    assert_eq!(api.outbox_count("order.started").await, 0);
+
+    // Reading: unknown order, unknown route, unknown status to wait for.
+    let (status, answer) = api.get("/orders/no-such-order").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(answer, json!({"error": "order no-such-order not found"}));
+    let (status, answer) = api.get("/no/such/route").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    error_message(&answer);
+    let (status, answer) = api.get("/orders/x?wait_for=shipped").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(error_message(&answer).contains("shipped"), "{answer}");
+    let (status, answer) = api
+        .get("/orders/x?wait_for=completed&timeout_ms=soon")
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    error_message(&answer);
+    let response = api.http.delete(api.url("/orders")).send().await.unwrap();
+    let (status, answer) = status_and_json(response).await;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+    error_message(&answer);
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn the_read_model_follows_events_in_any_order_and_keeps_the_first_terminal_status() {
+    let api = Api::start().await;
+    let id = "order-scrambled";
+
+    // The payment step opens before the order itself is known.
+    api.publish_applied(
+        "payment.awaiting",
+        json!({
+            "order_id": id, "token": "tok-1", "payment_methods": ["zhifubao", "weixin"],
+            "amount_cents": 26_500, "expires_at": "2100-01-01T00:00:00Z",
+        }),
+    )
+    .await;
+    let order = api.order(id).await;
+    assert_eq!(order["status"], "awaiting_payment");
+    assert_eq!(order["payment_token"], "tok-1");
+    assert_eq!(order["amount_cents"], 26_500);
+    assert_eq!(order["supplier"], Value::Null);
+
+    let mut started = hotpot_order();
+    started["order_id"] = json!(id);
+    api.publish_applied("order.started", started).await;
+    api.publish_applied(
+        "order.info-generated",
+        json!({"order_id": id, "supplier": "haidilao", "payment_methods": ["zhifubao", "weixin"], "amount_cents": 26_500}),
+    )
+    .await;
+    let order = api.order(id).await;
+    assert_eq!(order["status"], "awaiting_payment", "never back to started");
+    assert_eq!(order["supplier"], "haidilao");
+    assert_eq!(order["address"], "1 Harbour Road");
+    assert_eq!(order["payment_methods"], json!(["zhifubao", "weixin"]));
+
+    // An older token arriving late does not replace the newer one.
+    api.publish_applied(
+        "payment.awaiting",
+        json!({
+            "order_id": id, "token": "tok-0", "payment_methods": ["zhifubao", "weixin"],
+            "amount_cents": 26_500, "expires_at": "2099-01-01T00:00:00Z",
+        }),
+    )
+    .await;
+    assert_eq!(api.order(id).await["payment_token"], "tok-1");
+
+    api.publish_applied(
+        "payment.submission-rejected",
+        json!({"order_id": id, "reason": "token expired"}),
+    )
+    .await;
+    assert_eq!(api.order(id).await["last_rejection"], "token expired");
+
+    api.publish_applied(
+        "payment.selected.zhifubao",
+        json!({"order_id": id, "method": "zhifubao", "amount_cents": 26_500}),
+    )
+    .await;
+    let order = api.order(id).await;
+    assert_eq!(order["status"], "paying");
+    assert_eq!(order["method"], "zhifubao");
+    assert_eq!(
+        order["payment_token"],
+        Value::Null,
+        "the token only shows while awaiting"
+    );
+
+    api.publish_applied(
+        "order.completed",
+        json!({"order_id": id, "method": "zhifubao", "charged_cents": 21_200}),
+    )
+    .await;
+    api.publish_applied(
+        "payment.captured",
+        json!({"order_id": id, "provider": "zhifubao", "charged_cents": 21_200, "capture_id": "cap-1"}),
+    )
+    .await;
+    // Late and stray messages leave a completed order completed.
+    api.publish_applied(
+        "payment.selected.weixin",
+        json!({"order_id": id, "method": "weixin", "amount_cents": 26_500}),
+    )
+    .await;
+    api.publish_applied(
+        "payment.awaiting",
+        json!({
+            "order_id": id, "token": "tok-2", "payment_methods": ["zhifubao"],
+            "amount_cents": 26_500, "expires_at": "2101-01-01T00:00:00Z",
+        }),
+    )
+    .await;
+    api.publish_applied(
+        "order.cancelled",
+        json!({"order_id": id, "reason": "too late"}),
+    )
+    .await;
+    api.publish_applied("saga.timed-out", json!({"order_id": id, "step": "flow"}))
+        .await;
+    let order = api.order(id).await;
+    assert_eq!(order["status"], "completed", "{order}");
+    assert_eq!(order["method"], "zhifubao");
+    assert_eq!(order["charged_cents"], 21_200);
+    assert_eq!(order["capture_id"], "cap-1");
+    assert_eq!(order["cancel_reason"], Value::Null);
+    assert_eq!(order["payment_token"], Value::Null);
+
+    // The other way round: cancelled first, and a completion cannot undo it.
+    let other = "order-cancelled-first";
+    api.publish_applied(
+        "order.cancelled",
+        json!({"order_id": other, "reason": "payment timed out"}),
+    )
+    .await;
+    api.publish_applied(
+        "order.completed",
+        json!({"order_id": other, "method": "weixin", "charged_cents": 100}),
+    )
+    .await;
+    let mut started = hotpot_order();
+    started["order_id"] = json!(other);
+    api.publish_applied("order.started", started).await;
+    api.publish_applied(
+        "payment.rejected",
+        json!({"order_id": other, "method": "unionpay", "reason": "method not allowed"}),
+    )
+    .await;
+    api.publish_applied(
+        "payment.refunded",
+        json!({"order_id": other, "provider": "weixin", "refunded_cents": 100}),
+    )
+    .await;
+    let order = api.order(other).await;
+    assert_eq!(order["status"], "cancelled", "{order}");
+    assert_eq!(order["cancel_reason"], "payment timed out");
+    assert_eq!(order["charged_cents"], Value::Null);
+    assert_eq!(order["supplier"], "haidilao");
+    assert_eq!(order["last_rejection"], "method not allowed");
+    assert_eq!(order["refunded_cents"], 100);
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn a_long_poll_answers_when_the_status_arrives_or_when_its_time_is_up() {
+    let api = Api::start().await;
+    let mut body = hotpot_order();
+    body["order_id"] = json!("order-wait");
+    assert_eq!(api.post("/orders", &body).await.0, StatusCode::ACCEPTED);
+
+    // Waiting for an order that will complete.
+    let waiter = {
+        let http = api.http.clone();
+        let url = api.url("/orders/order-wait?wait_for=completed&timeout_ms=30000");
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let answer = get_json(&http, &url).await;
+            (answer, started.elapsed())
+        })
+    };
+    eventually(Duration::from_secs(10), "one long-poll waiter", || async {
+        api.metrics()
+            .await
+            .contains("orderflow_long_poll_waiters 1\n")
+    })
+    .await;
+    assert!(!waiter.is_finished(), "a started order is not completed");
+    api.publish_applied(
+        "order.completed",
+        json!({"order_id": "order-wait", "method": "weixin", "charged_cents": 13_250}),
+    )
+    .await;
+    let ((status, order), elapsed) = tokio::time::timeout(Duration::from_secs(10), waiter)
+        .await
+        .expect("the long poll answers once the order completed")
+        .unwrap();
+    assert_eq!(status, StatusCode::OK, "{order}");
+    assert_eq!(order["status"], "completed");
+    assert_eq!(order["charged_cents"], 13_250);
+    assert!(elapsed < Duration::from_secs(20), "{elapsed:?}");
+    assert!(
+        api.metrics()
+            .await
+            .contains("orderflow_long_poll_waiters 0\n")
+    );
+
+    // A status already passed answers at once.
+    let started = Instant::now();
+    let (status, order) = api
+        .get("/orders/order-wait?wait_for=awaiting_payment&timeout_ms=30000")
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(order["status"], "completed");
+    assert!(started.elapsed() < Duration::from_secs(10));
+
+    // An order that never changes: its current state once the time is up.
+    let mut body = hotpot_order();
+    body["order_id"] = json!("order-idle");
+    assert_eq!(api.post("/orders", &body).await.0, StatusCode::ACCEPTED);
+    let started = Instant::now();
+    let (status, order) = api
+        .get("/orders/order-idle?wait_for=completed&timeout_ms=400")
+        .await;
+    assert_eq!(status, StatusCode::OK, "{order}");
+    assert_eq!(order["status"], "started");
+    assert!(started.elapsed() >= Duration::from_millis(400));
+
+    // An order that does not exist yet is waited for too…
+    let waiter = {
+        let http = api.http.clone();
+        let url = api.url("/orders/order-later?wait_for=started&timeout_ms=30000");
+        tokio::spawn(async move { get_json(&http, &url).await })
+    };
+    eventually(Duration::from_secs(10), "one long-poll waiter", || async {
+        api.metrics()
+            .await
+            .contains("orderflow_long_poll_waiters 1\n")
+    })
+    .await;
+    let mut later = hotpot_order();
+    later["order_id"] = json!("order-later");
+    api.publish_applied("order.started", later).await;
+    let (status, order) = tokio::time::timeout(Duration::from_secs(10), waiter)
+        .await
+        .expect("the long poll answers once the order exists")
+        .unwrap();
+    assert_eq!(status, StatusCode::OK, "{order}");
+    assert_eq!(order["order_id"], "order-later");
+
+    // …and is a 404 only when the time is up.
+    let started = Instant::now();
+    let (status, answer) = api
+        .get("/orders/order-never?wait_for=started&timeout_ms=300")
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{answer}");
+    assert!(started.elapsed() >= Duration::from_millis(300));
+
+    // Shutting down answers the waiters at once instead of holding the
+    // server up for their timeouts.
+    let waiter = {
+        let http = api.http.clone();
+        let url = api.url("/orders/order-idle?wait_for=completed&timeout_ms=60000");
+        tokio::spawn(async move { get_json(&http, &url).await })
+    };
+    eventually(Duration::from_secs(10), "one long-poll waiter", || async {
+        api.metrics()
+            .await
+            .contains("orderflow_long_poll_waiters 1\n")
+    })
+    .await;
+    api.shutdown.cancel();
+    let (status, order) = tokio::time::timeout(Duration::from_secs(10), waiter)
+        .await
+        .expect("a long poll ends with the server")
+        .unwrap();
+    assert_eq!(status, StatusCode::OK, "{order}");
+    assert_eq!(order["status"], "started");
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn a_payment_submission_reaches_the_coordinator() {
+    let api = Api::start().await;
+    let mut body = hotpot_order();
+    body["order_id"] = json!("order-pay");
+    assert_eq!(api.post("/orders", &body).await.0, StatusCode::ACCEPTED);
+    // The coordinator reads every event: order.started first.
+    let messages = api.take("saga-coordinator", 1).await;
+    only(&messages, "order.started");
+
+    let token = "v1.claims.mac";
+    let (status, answer) = api
+        .post(
+            "/orders/order-pay/payment",
+            &json!({"token": token, "method": "weixin"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
+    assert_eq!(
+        answer,
+        json!({"order_id": "order-pay", "status": "payment_submitted"})
+    );
+    let messages = api.take("saga-coordinator", 1).await;
+    let (message, submitted) = only(&messages, "payment.submitted");
+    assert_eq!(
+        submitted,
+        json!({"order_id": "order-pay", "token": token, "method": "weixin"})
+    );
+    assert_eq!(
+        short(message.delivery.properties.correlation_id().as_ref()),
+        Some("order-pay")
+    );
+
+    let bad: Vec<(&str, Value, StatusCode)> = vec![
+        (
+            "/orders/order-pay/payment",
+            json!({"token": "", "method": "weixin"}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "/orders/order-pay/payment",
+            json!({"token": token, "method": ""}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "/orders/order-pay/payment",
+            json!({"token": "t".repeat(4097), "method": "weixin"}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "/orders/order-pay/payment",
+            json!({"token": token, "method": "m".repeat(51)}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "/orders/order-pay/payment",
+            json!({"method": "weixin"}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "/orders/no-such-order/payment",
+            json!({"token": token, "method": "weixin"}),
+            StatusCode::NOT_FOUND,
+        ),
+    ];
+    for (path, body, expected) in bad {
+        let (status, answer) = api.post(path, &body).await;
+        assert_eq!(status, expected, "{path} {body}: {answer}");
+        error_message(&answer);
+    }
+
+    // A finished order takes no more payments.
+    api.publish_applied(
+        "order.completed",
+        json!({"order_id": "order-pay", "method": "weixin", "charged_cents": 13_250}),
+    )
+    .await;
+    let (status, answer) = api
+        .post(
+            "/orders/order-pay/payment",
+            &json!({"token": token, "method": "weixin"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{answer}");
+    assert!(error_message(&answer).contains("completed"), "{answer}");
+    assert_eq!(api.outbox_count("payment.submitted").await, 1);
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn merchants_health_and_metrics() {
+    let api = Api::start().await;
+    let (status, haidilao) = api.get("/merchants/haidilao/payment-methods").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        haidilao,
+        json!({
+            "supplier": "haidilao",
+            "payment_methods": [
+                {"method": "zhifubao", "display_name": "Zhifubao (Alipay)", "discount_percent": 80},
+                {"method": "weixin", "display_name": "Weixin Pay", "discount_percent": 50},
+            ],
+        })
+    );
+    let (status, other) = api.get("/merchants/noodle-bar/payment-methods").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(other["supplier"], "noodle-bar");
+    let methods: Vec<&str> = other["payment_methods"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["method"].as_str().unwrap())
+        .collect();
+    assert_eq!(methods, ["zhifubao", "weixin", "unionpay"]);
+
+    let (status, health) = api.get("/healthz").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(health, json!({"status": "ok"}));
+
+    assert_eq!(
+        api.post("/orders", &hotpot_order()).await.0,
+        StatusCode::ACCEPTED
+    );
+    assert_eq!(api.get("/orders/nope").await.0, StatusCode::NOT_FOUND);
+    assert_eq!(api.get("/nope").await.0, StatusCode::NOT_FOUND);
+    let text = api.metrics().await;
+    for expected in [
+        "orderflow_http_requests_total{method=\"POST\",route=\"/orders\",status=\"202\"} 1\n",
+        "orderflow_http_requests_total{method=\"GET\",route=\"/orders/{id}\",status=\"404\"} 1\n",
+        "orderflow_http_requests_total{method=\"GET\",route=\"unmatched\",status=\"404\"} 1\n",
+        "orderflow_http_requests_total{method=\"GET\",route=\"/merchants/{supplier}/payment-methods\",status=\"200\"} 2\n",
+        "orderflow_orders_created_total 1\n",
+        "orderflow_long_poll_waiters 0\n",
+    ] {
+        assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
+    }
+    api.stop().await;
+}
