@@ -78,6 +78,48 @@ fn parse<T: serde::de::DeserializeOwned>(text: &str, name: &str) -> anyhow::Resu
     toml::from_str(text).with_context(|| format!("invalid {name}"))
 }
 
+/// The `[providers.<method>]` entries of a providers.toml text, in file
+/// order, validated (method names become part of routing keys).
+fn parse_providers(text: &str) -> anyhow::Result<Vec<(String, Provider)>> {
+    let file: ProvidersFile = parse(text, "providers.toml")?;
+    let mut providers = Vec::new();
+    for (method, entry) in file.providers {
+        ensure!(
+            is_valid_method(&method),
+            "providers.toml: method `{method}` must use lowercase letters, digits, `-`, `_` \
+             (it becomes part of a routing key)"
+        );
+        let provider: Provider = entry
+            .try_into()
+            .with_context(|| format!("providers.toml: [providers.{method}]"))?;
+        ensure!(
+            (1..=100).contains(&provider.discount_percent),
+            "providers.toml: discount_percent of `{method}` must be 1..=100"
+        );
+        providers.push((method, provider));
+    }
+    ensure!(
+        !providers.is_empty(),
+        "providers.toml: no payment provider configured"
+    );
+    Ok(providers)
+}
+
+fn is_valid_method(method: &str) -> bool {
+    !method.is_empty()
+        && method
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+}
+
+/// The payment methods of a providers.toml text, in file order.
+pub fn payment_methods(providers_toml: &str) -> anyhow::Result<Vec<String>> {
+    Ok(parse_providers(providers_toml)?
+        .into_iter()
+        .map(|(method, _)| method)
+        .collect())
+}
+
 impl Metadata {
     /// The repository's `config/` files, compiled in.
     pub fn embedded() -> anyhow::Result<Self> {
@@ -110,31 +152,7 @@ impl Metadata {
     pub fn from_texts(merchants: &str, catalogue: &str, providers: &str) -> anyhow::Result<Self> {
         let merchants: MerchantsFile = parse(merchants, "merchants.toml")?;
         let catalogue: CatalogueFile = parse(catalogue, "catalogue.toml")?;
-        let providers_file: ProvidersFile = parse(providers, "providers.toml")?;
-        let mut providers = Vec::new();
-        for (method, entry) in providers_file.providers {
-            ensure!(
-                !method.is_empty()
-                    && method.bytes().all(|b| b.is_ascii_lowercase()
-                        || b.is_ascii_digit()
-                        || b == b'-'
-                        || b == b'_'),
-                "providers.toml: method `{method}` must use lowercase letters, digits, `-`, `_` \
-                 (it becomes part of a routing key)"
-            );
-            let provider: Provider = entry
-                .try_into()
-                .with_context(|| format!("providers.toml: [providers.{method}]"))?;
-            ensure!(
-                (1..=100).contains(&provider.discount_percent),
-                "providers.toml: discount_percent of `{method}` must be 1..=100"
-            );
-            providers.push((method, provider));
-        }
-        ensure!(
-            !providers.is_empty(),
-            "providers.toml: no payment provider configured"
-        );
+        let providers = parse_providers(providers)?;
         for (product, entry) in &catalogue.products {
             ensure!(
                 entry.price_cents > 0,

@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use anyhow::{Context, bail, ensure};
+use anyhow::Context;
 
 /// Where the payment providers are configured, relative to the repository root.
 pub const DEFAULT_PROVIDERS_PATH: &str = "config/providers.toml";
@@ -28,40 +28,11 @@ pub fn load_payment_methods(path: &Path) -> anyhow::Result<Vec<String>> {
         .with_context(|| format!("invalid payment providers file {}", path.display()))
 }
 
-/// [`load_payment_methods`] on text already read.
+/// [`load_payment_methods`] on text already read: the same parser the
+/// services use (orderflow_shared::metadata), so the CLI and the workers
+/// cannot disagree on which methods exist.
 fn parse_payment_methods(text: &str) -> anyhow::Result<Vec<String>> {
-    // With toml's `preserve_order` feature a `Table` iterates in document order.
-    let document: toml::Table = toml::from_str(text)?;
-    let Some(providers) = document.get("providers") else {
-        bail!("no [providers] table: expected one [providers.<method>] table per payment method");
-    };
-    let Some(providers) = providers.as_table() else {
-        bail!("`providers` must be a table of [providers.<method>] tables");
-    };
-    let mut methods = Vec::with_capacity(providers.len());
-    for (method, entry) in providers {
-        ensure!(
-            entry.is_table(),
-            "`providers.{method}` must be a table ([providers.{method}])"
-        );
-        ensure!(
-            is_valid_method(method),
-            "payment method {method:?} is not a valid name: use lowercase ASCII letters, digits, `-` and `_`"
-        );
-        methods.push(method.clone());
-    }
-    ensure!(
-        !methods.is_empty(),
-        "no payment method configured: add a [providers.<method>] table"
-    );
-    Ok(methods)
-}
-
-fn is_valid_method(method: &str) -> bool {
-    !method.is_empty()
-        && method
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+    orderflow_shared::metadata::payment_methods(text)
 }
 
 #[cfg(test)]
@@ -104,11 +75,11 @@ mod tests {
             "order",
             Some(
                 "# comment\n\
-                 [providers.zhifubao]\ndisplay_name = \"Z\"\n\n\
-                 [providers.weixin]\ndisplay_name = \"W\"\n\n\
+                 [providers.zhifubao]\ndisplay_name = \"Z\"\ndiscount_percent = 90\n\n\
+                 [providers.weixin]\ndisplay_name = \"W\"\ndiscount_percent = 90\n\n\
                  [other]\nkey = 1\n\n\
-                 [providers.alpha]\ndisplay_name = \"A\"\n\n\
-                 [providers.unionpay]\ndisplay_name = \"U\"\n",
+                 [providers.alpha]\ndisplay_name = \"A\"\ndiscount_percent = 90\n\n\
+                 [providers.unionpay]\ndisplay_name = \"U\"\ndiscount_percent = 90\n",
             ),
         );
         let methods = load_payment_methods(&file.path).expect("valid file");
@@ -130,7 +101,7 @@ mod tests {
             ("not-a-table", Some("[providers]\nzhifubao = \"yes\"\n")),
             (
                 "bad-name",
-                Some("[providers.\"pay.pal\"]\ndisplay_name = \"x\"\n"),
+                Some("[providers.\"pay.pal\"]\ndisplay_name = \"x\"\ndiscount_percent = 90\n"),
             ),
             ("empty", Some("[providers]\n")),
             ("missing", None),
