@@ -95,6 +95,20 @@ impl Envelope {
         envelope
     }
 
+    /// When the message was created, in milliseconds since the epoch: from its
+    /// UUID v7 `message_id` when it has one (millisecond precision), else its
+    /// `timestamp` (seconds).
+    pub fn time_millis(&self) -> u64 {
+        Uuid::parse_str(&self.message_id)
+            .ok()
+            .filter(|id| id.get_version_num() == 7)
+            .and_then(|id| id.get_timestamp())
+            .map_or(self.timestamp.saturating_mul(1000), |ts| {
+                let (secs, nanos) = ts.to_unix();
+                secs * 1000 + u64::from(nanos / 1_000_000)
+            })
+    }
+
     /// AMQP properties carrying this envelope, persistent, JSON, plus `extra` headers.
     pub fn to_properties(&self, extra: FieldTable) -> BasicProperties {
         let mut headers = extra;
@@ -166,13 +180,7 @@ impl Envelope {
 /// `cause`: the cause's time (from its v7 id, else its timestamp) and 74 bits
 /// of a hash of the cause's id and the routing key.
 pub fn derive_caused_message_id(cause: &Envelope, routing_key: &str) -> String {
-    let millis = Uuid::parse_str(&cause.message_id)
-        .ok()
-        .and_then(|id| id.get_timestamp())
-        .map_or(cause.timestamp.saturating_mul(1000), |ts| {
-            let (secs, nanos) = ts.to_unix();
-            secs * 1000 + u64::from(nanos / 1_000_000)
-        });
+    let millis = cause.time_millis();
     let mut hasher = Sha256::new();
     hasher.update(cause.message_id.as_bytes());
     hasher.update([0]);

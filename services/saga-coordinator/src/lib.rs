@@ -1,22 +1,35 @@
-//! saga-coordinator: what choreography cannot do alone. It keeps each saga's
-//! state (running, completed, cancelled) from the events it sees and the
-//! task-token ledger, and decides a customer's payment submission: a valid,
-//! unused token for a running saga with an allowed method becomes
-//! `payment.selected.<method>`; a method the merchant does not allow becomes
-//! `payment.rejected` (the demo's default branch, which cancels the order);
-//! anything else becomes `payment.submission-rejected` with the reason and
-//! changes nothing.
+//! saga-coordinator: what choreography cannot do alone.
+//!
+//! - **Saga state**: running / completed / cancelled and the step each saga
+//!   waits on, from the events it sees (it consumes every event).
+//! - **Durable timers** ([`timers`]): generate-info and flow armed on
+//!   `order.started`, payment armed on `payment.awaiting` (at the token's
+//!   expiry); a fired timer becomes `saga.timed-out`.
+//! - **The payment decision**: a submitted token that is genuine, unexpired,
+//!   for this order and step, unused, while the step is open and the saga
+//!   running, becomes `payment.selected.<method>` (or `payment.rejected` when
+//!   the merchant does not accept the method); anything else becomes
+//!   `payment.submission-rejected` with the reason and changes nothing.
+//! - **Execution history** ([`history`]) of every order.
+
+pub mod history;
+pub mod timers;
 
 use std::sync::Arc;
+use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use orderflow_shared::Shutdown;
 use orderflow_shared::app::{Ctx, run_worker};
 use orderflow_shared::bus::{HandleError, Handler, Message, Outgoing};
 use orderflow_shared::events::{
-    Event, PaymentRejected, PaymentSelected, PaymentSubmitted, SubmissionRejected,
+    Event, PaymentRejected, PaymentSelected, PaymentSubmitted, Step, SubmissionRejected,
 };
 use orderflow_shared::store::{Context, Db, UnitOfWork};
 use orderflow_shared::token::{self, TokenKeys};
+use tokio::sync::Notify;
+
+use crate::timers::{Settled, TimerLoop};
 
 pub const SERVICE: &str = "saga-coordinator";
 
@@ -26,43 +39,72 @@ const PAYMENT_STEP: &str = "payment";
 /// The reason of `payment.rejected` when the merchant does not accept the method.
 pub const METHOD_NOT_ALLOWED: &str = "method not allowed";
 
+/// The saga timeouts (DESIGN.md §3), configurable.
+#[derive(Clone, Copy, Debug)]
+pub struct Timeouts {
+    pub generate_info: Duration,
+    pub flow: Duration,
+}
+
 pub struct Coordinator {
     db: Db,
     keys: TokenKeys,
+    timeouts: Timeouts,
+    /// Wakes the timer loop when a timer is armed.
+    wake: Arc<Notify>,
+}
+
+/// Not yet decidable: the step this submission is for was not opened yet
+/// (the coordinator has not seen `payment.awaiting`); retried later.
+#[derive(Debug, thiserror::Error)]
+#[error("payment step of order {0} is not open yet; retrying until payment.awaiting arrives")]
+struct StepNotOpenYet(String);
+
+fn at_millis(envelope_millis: u64, after: Duration) -> DateTime<Utc> {
+    let millis = i64::try_from(envelope_millis).unwrap_or(i64::MAX);
+    DateTime::<Utc>::from_timestamp_millis(millis).unwrap_or_else(Utc::now)
+        + chrono::Duration::from_std(after).unwrap_or(chrono::Duration::MAX)
 }
 
 impl Coordinator {
-    pub fn new(db: Db, keys: TokenKeys) -> Self {
-        Self { db, keys }
+    pub fn new(db: Db, keys: TokenKeys, timeouts: Timeouts, wake: Arc<Notify>) -> Self {
+        Self {
+            db,
+            keys,
+            timeouts,
+            wake,
+        }
     }
 
-    /// Records the saga's status; a terminal status is never left.
-    async fn set_status(
+    /// The saga's status before this message, locking its row; creates a
+    /// running saga for an order seen for the first time.
+    async fn lock_saga(
         unit: &mut UnitOfWork,
         order_id: &str,
-        status: &str,
-    ) -> Result<(), sqlx::Error> {
-        sqlx::query(
-            "INSERT INTO sagas (order_id, status) VALUES ($1, $2) \
-             ON CONFLICT (order_id) DO UPDATE SET status = EXCLUDED.status, updated_at = now() \
-             WHERE sagas.status = 'running'",
-        )
-        .bind(order_id)
-        .bind(status)
-        .execute(unit.conn())
-        .await?;
-        Ok(())
+    ) -> Result<Option<String>, sqlx::Error> {
+        let status: Option<String> =
+            sqlx::query_scalar("SELECT status FROM sagas WHERE order_id = $1 FOR UPDATE")
+                .bind(order_id)
+                .fetch_optional(unit.conn())
+                .await?;
+        if status.is_none() {
+            sqlx::query("INSERT INTO sagas (order_id) VALUES ($1) ON CONFLICT DO NOTHING")
+                .bind(order_id)
+                .execute(unit.conn())
+                .await?;
+        }
+        Ok(status)
     }
 
-    async fn set_step(
+    /// Records progress: the step waited on next (if given) and the time.
+    async fn progress(
         unit: &mut UnitOfWork,
         order_id: &str,
-        step: &str,
+        step: Option<&str>,
     ) -> Result<(), sqlx::Error> {
         sqlx::query(
-            "INSERT INTO sagas (order_id, step) VALUES ($1, $2) \
-             ON CONFLICT (order_id) DO UPDATE SET step = EXCLUDED.step, updated_at = now() \
-             WHERE sagas.status = 'running'",
+            "UPDATE sagas SET step = COALESCE($2, step), updated_at = now() \
+             WHERE order_id = $1 AND status = 'running'",
         )
         .bind(order_id)
         .bind(step)
@@ -71,56 +113,83 @@ impl Coordinator {
         Ok(())
     }
 
-    /// The decision on a submission, within `unit` (which consumes the token
-    /// when it is accepted).
+    async fn end(unit: &mut UnitOfWork, order_id: &str, status: &str) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "UPDATE sagas SET status = $2, step = NULL, updated_at = now() \
+             WHERE order_id = $1 AND status = 'running'",
+        )
+        .bind(order_id)
+        .bind(status)
+        .execute(unit.conn())
+        .await?;
+        timers::settle_all(unit.conn(), order_id).await
+    }
+
+    /// The decision on a submission, within `unit`, which closes the payment
+    /// step and records the token when it is accepted.
     async fn decide(
         &self,
         unit: &mut UnitOfWork,
         submitted: &PaymentSubmitted,
-    ) -> Result<Event, sqlx::Error> {
-        let order_id = submitted.order_id.clone();
+        status: Option<&str>,
+    ) -> Result<Event, HandleError> {
         let reject = |reason: String| {
-            Event::SubmissionRejected(SubmissionRejected {
-                order_id: order_id.clone(),
+            Ok(Event::SubmissionRejected(SubmissionRejected {
+                order_id: submitted.order_id.clone(),
                 reason,
-            })
+            }))
         };
-        let now = chrono::Utc::now().timestamp();
+        let now = Utc::now().timestamp();
         let claims = match self.keys.verify(&submitted.token, now) {
             Ok(claims) => claims,
-            Err(error) => return Ok(reject(error.to_string())),
+            Err(error) => return reject(error.to_string()),
         };
         if claims.order_id != submitted.order_id {
-            return Ok(reject("token belongs to another order".to_owned()));
+            return reject("token belongs to another order".to_owned());
         }
         if claims.step != PAYMENT_STEP {
-            return Ok(reject(format!(
+            return reject(format!(
                 "token is for step `{}`, not `{PAYMENT_STEP}`",
                 claims.step
-            )));
+            ));
         }
-        let status: Option<String> =
-            sqlx::query_scalar("SELECT status FROM sagas WHERE order_id = $1 FOR UPDATE")
-                .bind(&submitted.order_id)
-                .fetch_optional(unit.conn())
+        if let Some(status @ ("completed" | "cancelled")) = status {
+            return reject(format!("order is already {status}"));
+        }
+        let digest = token::digest(&submitted.token);
+        let used: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM used_tokens WHERE token_digest = $1)")
+                .bind(&digest)
+                .fetch_one(unit.conn())
                 .await?;
-        if let Some(status) = status.filter(|s| s != "running") {
-            return Ok(reject(format!("order is already {status}")));
+        if used {
+            return reject("token already used".to_owned());
         }
-        let fresh = sqlx::query(
-            "INSERT INTO used_tokens (token_digest, order_id, method) VALUES ($1, $2, $3) \
-             ON CONFLICT DO NOTHING",
-        )
-        .bind(token::digest(&submitted.token))
-        .bind(&submitted.order_id)
-        .bind(&submitted.method)
-        .execute(unit.conn())
-        .await?
-        .rows_affected()
-            == 1;
-        if !fresh {
-            return Ok(reject("token already used".to_owned()));
+        match timers::settle(unit.conn(), &submitted.order_id, Step::Payment).await? {
+            Settled::Won => {}
+            Settled::TimedOut => return reject("payment step timed out".to_owned()),
+            Settled::NotOpen => {
+                let opened: bool = sqlx::query_scalar(
+                    "SELECT EXISTS (SELECT 1 FROM timers WHERE order_id = $1 AND step = 'payment')",
+                )
+                .bind(&submitted.order_id)
+                .fetch_one(unit.conn())
+                .await?;
+                if opened {
+                    return reject("payment step is not open".to_owned());
+                }
+                // A genuine token whose payment.awaiting we have not seen yet.
+                return Err(HandleError::transient(StepNotOpenYet(
+                    submitted.order_id.clone(),
+                )));
+            }
         }
+        sqlx::query("INSERT INTO used_tokens (token_digest, order_id, method) VALUES ($1, $2, $3)")
+            .bind(&digest)
+            .bind(&submitted.order_id)
+            .bind(&submitted.method)
+            .execute(unit.conn())
+            .await?;
         Ok(if claims.methods.contains(&submitted.method) {
             Event::PaymentSelected(PaymentSelected {
                 order_id: submitted.order_id.clone(),
@@ -135,25 +204,51 @@ impl Coordinator {
             })
         })
     }
-}
 
-impl Handler for Coordinator {
-    async fn handle(&self, message: &Message) -> Result<(), HandleError> {
-        let Some(mut unit) = self.db.begin_unit(SERVICE, &message.envelope).await? else {
-            return Ok(());
-        };
+    /// Applies one event to its saga within `unit`; `true` when a timer was armed.
+    async fn apply(&self, unit: &mut UnitOfWork, message: &Message) -> Result<bool, HandleError> {
         let order_id = message.order_id();
+        let status = Self::lock_saga(unit, order_id).await?;
+        let kind = history::classify(&message.event, status.as_deref());
+        history::append(unit.conn(), &message.envelope, &message.event, kind).await?;
+        let running = status.as_deref().is_none_or(|s| s == "running");
+        let started = message.envelope.time_millis();
+        let mut armed = false;
         match &message.event {
-            Event::OrderStarted(_) => Self::set_status(&mut unit, order_id, "running").await?,
-            Event::InfoGenerated(_) => Self::set_step(&mut unit, order_id, "payment-wait").await?,
-            Event::PaymentAwaiting(_) => Self::set_step(&mut unit, order_id, "payment").await?,
-            Event::OrderCompleted(_) => Self::set_status(&mut unit, order_id, "completed").await?,
-            Event::OrderCancelled(_) => Self::set_status(&mut unit, order_id, "cancelled").await?,
+            Event::OrderStarted(_) if running => {
+                let conn = unit.conn();
+                timers::arm(
+                    conn,
+                    order_id,
+                    Step::GenerateInfo,
+                    at_millis(started, self.timeouts.generate_info),
+                )
+                .await?;
+                timers::arm(
+                    conn,
+                    order_id,
+                    Step::Flow,
+                    at_millis(started, self.timeouts.flow),
+                )
+                .await?;
+                Self::progress(unit, order_id, Some("generate-info")).await?;
+                armed = true;
+            }
+            Event::InfoGenerated(_) | Event::InfoRejected(_) => {
+                timers::settle(unit.conn(), order_id, Step::GenerateInfo).await?;
+                Self::progress(unit, order_id, Some("payment-wait")).await?;
+            }
+            Event::PaymentAwaiting(awaiting) if running => {
+                timers::arm(unit.conn(), order_id, Step::Payment, awaiting.expires_at).await?;
+                Self::progress(unit, order_id, Some("payment")).await?;
+                armed = true;
+            }
             Event::PaymentSubmitted(submitted) => {
-                let decision = self.decide(&mut unit, submitted).await?;
+                let decision = self.decide(unit, submitted, status.as_deref()).await?;
                 match &decision {
                     Event::PaymentSelected(s) => {
                         tracing::info!(%order_id, method = %s.method, "payment accepted");
+                        Self::progress(unit, order_id, Some("paying")).await?;
                     }
                     Event::PaymentRejected(r) => {
                         tracing::info!(%order_id, method = %r.method, reason = %r.reason, "payment method rejected");
@@ -163,24 +258,46 @@ impl Handler for Coordinator {
                     }
                     _ => {}
                 }
-                if matches!(decision, Event::PaymentSelected(_)) {
-                    Self::set_step(&mut unit, order_id, "paying").await?;
-                }
                 unit.emit(Outgoing::event(&decision, Some(&message.envelope)));
             }
-            _ => {}
+            Event::OrderCompleted(_) => Self::end(unit, order_id, "completed").await?,
+            Event::OrderCancelled(_) => Self::end(unit, order_id, "cancelled").await?,
+            _ => Self::progress(unit, order_id, None).await?,
         }
+        Ok(armed)
+    }
+}
+
+impl Handler for Coordinator {
+    async fn handle(&self, message: &Message) -> Result<(), HandleError> {
+        let Some(mut unit) = self.db.begin_unit(SERVICE, &message.envelope).await? else {
+            return Ok(());
+        };
+        let armed = self.apply(&mut unit, message).await?;
         unit.commit().await?;
+        if armed {
+            self.wake.notify_one();
+        }
         Ok(())
     }
 }
 
-/// Runs the coordinator until `shutdown`.
+/// Runs the coordinator (consumer, timer loop, outbox relay) until `shutdown`.
 pub async fn run(ctx: Ctx, shutdown: Shutdown) -> anyhow::Result<()> {
     let db = ctx.db(Context::Coordinator).await?;
+    let wake = Arc::new(Notify::new());
+    let timeouts = Timeouts {
+        generate_info: Duration::from_secs(ctx.settings.generate_info_timeout_secs),
+        flow: Duration::from_secs(ctx.settings.flow_timeout_secs),
+    };
     let handler = Arc::new(Coordinator::new(
         db.clone(),
         ctx.require_token_keys()?.clone(),
+        timeouts,
+        wake.clone(),
     ));
-    run_worker(&ctx, SERVICE, handler, Some(db), shutdown).await
+    let timer_loop = tokio::spawn(TimerLoop::new(db.clone(), wake).run(shutdown.clone()));
+    run_worker(&ctx, SERVICE, handler, Some(db), shutdown).await?;
+    timer_loop.await?;
+    Ok(())
 }

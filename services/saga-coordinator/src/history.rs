@@ -1,0 +1,103 @@
+//! The execution history of each order: every event the coordinator sees
+//! (its own decisions and timers included, since it consumes everything),
+//! classified, in the order it saw them, with message and causation ids.
+//! Read by `GET /orders/{id}/history` and `orderflow saga history`.
+
+use chrono::{DateTime, Utc};
+use orderflow_shared::envelope::Envelope;
+use orderflow_shared::events::Event;
+use serde::Serialize;
+use sqlx::{PgConnection, PgPool};
+
+/// One line of an order's history.
+#[derive(Clone, Debug, PartialEq, Serialize, sqlx::FromRow)]
+pub struct Entry {
+    pub id: i64,
+    pub recorded_at: DateTime<Utc>,
+    /// `event`, `rejection` (a submission or method turned down), `timer`
+    /// (a deadline passed), `compensation` (a refund), `late` (arrived after
+    /// the saga ended).
+    pub kind: String,
+    /// The event name (routing key).
+    pub name: String,
+    pub message_id: String,
+    pub causation_id: Option<String>,
+    /// The event's body.
+    pub detail: serde_json::Value,
+}
+
+/// How `event` is classified, given the saga's status before it.
+pub fn classify(event: &Event, status_before: Option<&str>) -> &'static str {
+    let ended = matches!(status_before, Some("completed" | "cancelled"));
+    match event {
+        Event::PaymentRefunded(_) => "compensation",
+        Event::SubmissionRejected(_) | Event::PaymentRejected(_) | Event::InfoRejected(_) => {
+            "rejection"
+        }
+        Event::SagaTimedOut(_) => "timer",
+        Event::OrderCompleted(_) | Event::OrderCancelled(_) if !ended => "event",
+        _ if ended => "late",
+        _ => "event",
+    }
+}
+
+/// Appends `event` to its order's history (once per message).
+pub async fn append(
+    conn: &mut PgConnection,
+    envelope: &Envelope,
+    event: &Event,
+    kind: &str,
+) -> Result<(), sqlx::Error> {
+    let detail: serde_json::Value =
+        serde_json::from_slice(&event.to_json()).unwrap_or(serde_json::Value::Null);
+    sqlx::query(
+        "INSERT INTO history (order_id, kind, name, message_id, causation_id, detail) \
+         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (order_id, message_id) DO NOTHING",
+    )
+    .bind(event.order_id())
+    .bind(kind)
+    .bind(event.routing_key())
+    .bind(&envelope.message_id)
+    .bind(&envelope.causation_id)
+    .bind(detail)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// The history of `order_id`, oldest first (empty for an unknown order).
+pub async fn read(pool: &PgPool, order_id: &str) -> Result<Vec<Entry>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT id, recorded_at, kind, name, message_id, causation_id, detail \
+         FROM history WHERE order_id = $1 ORDER BY id",
+    )
+    .bind(order_id)
+    .fetch_all(pool)
+    .await
+}
+
+/// A running saga that has not progressed for a while.
+#[derive(Clone, Debug, PartialEq, Serialize, sqlx::FromRow)]
+pub struct Stuck {
+    pub order_id: String,
+    /// The step it waits on (`generate-info`, `payment-wait`, `payment`, `paying`).
+    pub step: Option<String>,
+    pub updated_at: DateTime<Utc>,
+    pub created_at: DateTime<Utc>,
+}
+
+/// Running sagas with no progress since `before`, oldest first.
+pub async fn stuck(
+    pool: &PgPool,
+    before: DateTime<Utc>,
+    limit: i64,
+) -> Result<Vec<Stuck>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT order_id, step, updated_at, created_at FROM sagas \
+         WHERE status = 'running' AND updated_at < $1 ORDER BY updated_at LIMIT $2",
+    )
+    .bind(before)
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+}

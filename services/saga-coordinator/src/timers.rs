@@ -1,0 +1,230 @@
+//! Durable timers in PostgreSQL: armed by events, settled (disarmed) when
+//! their step completes, fired by a loop that claims due rows with
+//! `FOR UPDATE SKIP LOCKED` and publishes `saga.timed-out` through the outbox
+//! in the same transaction. A timer and its step's completion are conditional
+//! updates of the same row, so exactly one of them wins. Deadlines survive
+//! restarts of everything; one missed while the coordinator was down fires
+//! when it comes back. Any number of coordinators may run the loop.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use orderflow_shared::Shutdown;
+use orderflow_shared::bus::Outgoing;
+use orderflow_shared::events::{Event, SagaTimedOut, Step};
+use orderflow_shared::store::{Db, UnitOfWork};
+use sqlx::PgConnection;
+use tokio::sync::Notify;
+
+/// The name of a step in the timers table (the spelling of `saga.timed-out`).
+pub fn step_name(step: Step) -> &'static str {
+    match step {
+        Step::GenerateInfo => "generate-info",
+        Step::Payment => "payment",
+        Step::Flow => "flow",
+    }
+}
+
+fn parse_step(name: &str) -> Option<Step> {
+    match name {
+        "generate-info" => Some(Step::GenerateInfo),
+        "payment" => Some(Step::Payment),
+        "flow" => Some(Step::Flow),
+        _ => None,
+    }
+}
+
+/// Arms `step`'s timer for `order_id` at `due_at`, unless it was armed before
+/// (a redelivered or replayed event does not move a deadline).
+pub async fn arm(
+    conn: &mut PgConnection,
+    order_id: &str,
+    step: Step,
+    due_at: DateTime<Utc>,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO timers (order_id, step, due_at) VALUES ($1, $2, $3) \
+         ON CONFLICT (order_id, step) DO NOTHING",
+    )
+    .bind(order_id)
+    .bind(step_name(step))
+    .bind(due_at)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// How settling a step's timer went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Settled {
+    /// The step was open; it is now complete and its timer will not fire.
+    Won,
+    /// The timer fired first: the step timed out.
+    TimedOut,
+    /// The step was already completed, or never opened.
+    NotOpen,
+}
+
+/// Completes `step` for `order_id`: disarms its timer if still armed.
+pub async fn settle(
+    conn: &mut PgConnection,
+    order_id: &str,
+    step: Step,
+) -> Result<Settled, sqlx::Error> {
+    let won = sqlx::query(
+        "UPDATE timers SET state = 'disarmed', settled_at = now() \
+         WHERE order_id = $1 AND step = $2 AND state = 'armed'",
+    )
+    .bind(order_id)
+    .bind(step_name(step))
+    .execute(&mut *conn)
+    .await?
+    .rows_affected()
+        == 1;
+    if won {
+        return Ok(Settled::Won);
+    }
+    let state: Option<String> =
+        sqlx::query_scalar("SELECT state FROM timers WHERE order_id = $1 AND step = $2")
+            .bind(order_id)
+            .bind(step_name(step))
+            .fetch_optional(conn)
+            .await?;
+    Ok(match state.as_deref() {
+        Some("fired") => Settled::TimedOut,
+        _ => Settled::NotOpen,
+    })
+}
+
+/// Disarms every armed timer of an order that ended.
+pub async fn settle_all(conn: &mut PgConnection, order_id: &str) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE timers SET state = 'disarmed', settled_at = now() \
+         WHERE order_id = $1 AND state = 'armed'",
+    )
+    .bind(order_id)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// The loop that fires due timers.
+#[derive(Clone, Debug)]
+pub struct TimerLoop {
+    db: Db,
+    wake: Arc<Notify>,
+    batch: i64,
+    max_sleep: Duration,
+}
+
+impl TimerLoop {
+    pub fn new(db: Db, wake: Arc<Notify>) -> Self {
+        Self {
+            db,
+            wake,
+            batch: 500,
+            max_sleep: Duration::from_secs(1),
+        }
+    }
+
+    /// Fires up to one batch of due timers, each in its own unit of work;
+    /// returns how many fired.
+    pub async fn fire_due(&self) -> Result<usize, sqlx::Error> {
+        let mut unit = self.db.begin_unit_without_inbox().await?;
+        let due: Vec<(String, String)> = sqlx::query_as(
+            "SELECT order_id, step FROM timers WHERE state = 'armed' AND due_at <= now() \
+             ORDER BY due_at LIMIT $1 FOR UPDATE SKIP LOCKED",
+        )
+        .bind(self.batch)
+        .fetch_all(unit.conn())
+        .await?;
+        let mut fired = 0;
+        for (order_id, step_name) in &due {
+            if fire(&mut unit, order_id, step_name).await? {
+                fired += 1;
+            }
+        }
+        unit.commit().await?;
+        Ok(fired)
+    }
+
+    /// How long until the next armed timer is due (capped).
+    async fn until_next(&self) -> Duration {
+        let next: Result<Option<DateTime<Utc>>, _> =
+            sqlx::query_scalar("SELECT min(due_at) FROM timers WHERE state = 'armed'")
+                .fetch_one(self.db.pool())
+                .await;
+        match next {
+            Ok(Some(due)) => (due - Utc::now())
+                .to_std()
+                .unwrap_or(Duration::ZERO)
+                .min(self.max_sleep),
+            _ => self.max_sleep,
+        }
+    }
+
+    /// Fires timers as they fall due until `shutdown`.
+    pub async fn run(self, shutdown: Shutdown) {
+        loop {
+            match self.fire_due().await {
+                Ok(n) if n as i64 >= self.batch => continue,
+                Ok(_) => {}
+                Err(error) => {
+                    tracing::warn!(%error, "firing due timers failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+            let sleep = self.until_next().await;
+            if sleep.is_zero() {
+                continue;
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                () = self.wake.notified() => {}
+                () = tokio::time::sleep(sleep) => {}
+            }
+        }
+        tracing::info!("timer loop stopped");
+    }
+}
+
+/// Fires one claimed timer: marks it fired and, if its saga is still
+/// running, emits `saga.timed-out`. `false` if there was nothing to fire.
+async fn fire(unit: &mut UnitOfWork, order_id: &str, step_name: &str) -> Result<bool, sqlx::Error> {
+    let Some(step) = parse_step(step_name) else {
+        return Ok(false);
+    };
+    // No lock on the saga here: handlers lock the saga first and the timer
+    // second, so taking them the other way round could deadlock. The timer
+    // row, locked by the claim, is what decides between firing and completing.
+    let status: Option<String> =
+        sqlx::query_scalar("SELECT status FROM sagas WHERE order_id = $1")
+            .bind(order_id)
+            .fetch_optional(unit.conn())
+            .await?;
+    let running = status.as_deref().is_none_or(|s| s == "running");
+    let new_state = if running { "fired" } else { "disarmed" };
+    sqlx::query(
+        "UPDATE timers SET state = $3, settled_at = now() WHERE order_id = $1 AND step = $2 AND state = 'armed'",
+    )
+    .bind(order_id)
+    .bind(step_name)
+    .bind(new_state)
+    .execute(unit.conn())
+    .await?;
+    if !running {
+        return Ok(false);
+    }
+    // The saga is ending: its other deadlines no longer matter.
+    settle_all(unit.conn(), order_id).await?;
+    unit.emit(Outgoing::event(
+        &Event::SagaTimedOut(SagaTimedOut {
+            order_id: order_id.to_owned(),
+            step,
+        }),
+        None,
+    ));
+    tracing::warn!(%order_id, step = step_name, "deadline passed; saga timed out");
+    Ok(true)
+}
