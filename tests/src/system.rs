@@ -16,12 +16,16 @@ use crate::TestEnv;
 #[derive(Clone, Debug)]
 pub struct Workers {
     pub generate_info: bool,
+    /// Leave it out to start (and stop) coordinators yourself with
+    /// [`System::start_coordinator`].
+    pub coordinator: bool,
 }
 
 impl Default for Workers {
     fn default() -> Self {
         Self {
             generate_info: true,
+            coordinator: true,
         }
     }
 }
@@ -59,7 +63,9 @@ impl System {
             tasks.spawn(generate_info::run(ctx.clone(), shutdown.clone()));
         }
         tasks.spawn(payment_wait::run(ctx.clone(), shutdown.clone()));
-        tasks.spawn(saga_coordinator::run(ctx.clone(), shutdown.clone()));
+        if workers.coordinator {
+            tasks.spawn(saga_coordinator::run(ctx.clone(), shutdown.clone()));
+        }
         tasks.spawn(order_completed::run(ctx.clone(), shutdown.clone()));
         tasks.spawn(order_cancelled::run(ctx.clone(), shutdown.clone()));
         for method in ctx.metadata.methods() {
@@ -90,6 +96,25 @@ impl System {
             },
         )
         .await;
+    }
+
+    /// Starts one more coordinator instance; stop it with the returned token.
+    pub fn start_coordinator(&self) -> (Shutdown, tokio::task::JoinHandle<anyhow::Result<()>>) {
+        let shutdown = Shutdown::new();
+        let task = tokio::spawn(saga_coordinator::run(self.ctx.clone(), shutdown.clone()));
+        (shutdown, task)
+    }
+
+    /// The names of the history entries of `order_id` with `kind`, in order.
+    pub async fn history(&self, order_id: &str) -> Vec<(String, String)> {
+        let db = self.db("coordinator").await;
+        let rows = sqlx::query_as("SELECT kind, name FROM history WHERE order_id = $1 ORDER BY id")
+            .bind(order_id)
+            .fetch_all(db.pool())
+            .await
+            .expect("history");
+        db.close().await;
+        rows
     }
 
     /// POST /orders; (status, body).

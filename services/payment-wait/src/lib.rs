@@ -33,9 +33,19 @@ impl PaymentWait {
         })
     }
 
-    /// The `payment.awaiting` for `info`, triggered at `at` (seconds since the epoch).
-    pub fn open_step(&self, info: &InfoGenerated, at: i64) -> Result<PaymentAwaiting, HandleError> {
-        let expires_at = at.saturating_add(self.timeout_secs);
+    /// The `payment.awaiting` for `info`, triggered at `at_millis`
+    /// (milliseconds since the epoch). The deadline is a whole second (token
+    /// claims carry seconds), rounded up so the step is open at least the
+    /// whole timeout.
+    pub fn open_step(
+        &self,
+        info: &InfoGenerated,
+        at_millis: i64,
+    ) -> Result<PaymentAwaiting, HandleError> {
+        let expires_at = at_millis
+            .saturating_add(999)
+            .div_euclid(1000)
+            .saturating_add(self.timeout_secs);
         let claims = Claims {
             order_id: info.order_id.clone(),
             step: PAYMENT_STEP.to_owned(),
@@ -64,7 +74,7 @@ impl Handler for PaymentWait {
         let Event::InfoGenerated(info) = &message.event else {
             return Ok(());
         };
-        let at = i64::try_from(message.envelope.timestamp).unwrap_or(i64::MAX);
+        let at = i64::try_from(message.envelope.time_millis()).unwrap_or(i64::MAX);
         let awaiting = self.open_step(info, at)?;
         tracing::info!(
             order_id = %info.order_id,

@@ -153,9 +153,6 @@ impl Coordinator {
                 claims.step
             ));
         }
-        if let Some(status @ ("completed" | "cancelled")) = status {
-            return reject(format!("order is already {status}"));
-        }
         let digest = token::digest(&submitted.token);
         let used: bool =
             sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM used_tokens WHERE token_digest = $1)")
@@ -164,6 +161,9 @@ impl Coordinator {
                 .await?;
         if used {
             return reject("token already used".to_owned());
+        }
+        if let Some(status @ ("completed" | "cancelled")) = status {
+            return reject(format!("order is already {status}"));
         }
         match timers::settle(unit.conn(), &submitted.order_id, Step::Payment).await? {
             Settled::Won => {}

@@ -198,11 +198,10 @@ async fn fire(unit: &mut UnitOfWork, order_id: &str, step_name: &str) -> Result<
     // No lock on the saga here: handlers lock the saga first and the timer
     // second, so taking them the other way round could deadlock. The timer
     // row, locked by the claim, is what decides between firing and completing.
-    let status: Option<String> =
-        sqlx::query_scalar("SELECT status FROM sagas WHERE order_id = $1")
-            .bind(order_id)
-            .fetch_optional(unit.conn())
-            .await?;
+    let status: Option<String> = sqlx::query_scalar("SELECT status FROM sagas WHERE order_id = $1")
+        .bind(order_id)
+        .fetch_optional(unit.conn())
+        .await?;
     let running = status.as_deref().is_none_or(|s| s == "running");
     let new_state = if running { "fired" } else { "disarmed" };
     sqlx::query(
