@@ -80,8 +80,9 @@ impl Ctx {
         Ok(ctx)
     }
 
-    /// `context`'s schema, migrated.
+    /// `context`'s schema, migrated (the database is created if missing).
     pub async fn db(&self, context: Context) -> anyhow::Result<Db> {
+        crate::store::ensure_database(&self.settings.database_url).await?;
         Db::for_context(&self.settings.database_url, context, 16)
             .await
             .with_context(|| format!("opening the `{}` schema", context.schema()))

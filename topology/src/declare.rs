@@ -12,14 +12,13 @@ use crate::model::{ArgValue, Arguments};
 #[derive(Debug, thiserror::Error)]
 pub enum DeclareError {
     #[error(
-        "declaring {what} `{name}` failed: {source}; if it exists with other arguments \
+        "declaring {what} `{name}` failed: {cause}; if it exists with other arguments \
          (an older orderflow version), delete it or use another namespace"
     )]
     Declare {
         what: &'static str,
         name: String,
-        #[source]
-        source: lapin::Error,
+        cause: lapin::Error,
     },
 }
 
@@ -52,7 +51,7 @@ pub async fn declare(channel: &Channel, topology: &Topology) -> Result<(), Decla
             .map_err(|source| DeclareError::Declare {
                 what: "exchange",
                 name: exchange.name.clone(),
-                source,
+                cause: source,
             })?;
     }
     for queue in &topology.queues {
@@ -66,7 +65,7 @@ pub async fn declare(channel: &Channel, topology: &Topology) -> Result<(), Decla
             .map_err(|source| DeclareError::Declare {
                 what: "queue",
                 name: queue.name.clone(),
-                source,
+                cause: source,
             })?;
     }
     for binding in &topology.bindings {
@@ -82,7 +81,7 @@ pub async fn declare(channel: &Channel, topology: &Topology) -> Result<(), Decla
             .map_err(|source| DeclareError::Declare {
                 what: "binding",
                 name: format!("{} -> {}", binding.routing_key, binding.queue),
-                source,
+                cause: source,
             })?;
     }
     tracing::debug!(

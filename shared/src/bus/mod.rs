@@ -31,7 +31,7 @@ pub enum BusError {
     )]
     Connect { url: String, detail: String },
     #[error("RabbitMQ refused to open a channel: {0}")]
-    Channel(#[source] lapin::Error),
+    Channel(lapin::Error),
     #[error(transparent)]
     Declare(#[from] topology::DeclareError),
     #[error("service `{0}` has no queue in the topology; is it listed in orderflow_services()?")]

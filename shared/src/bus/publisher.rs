@@ -38,19 +38,14 @@ pub enum PublishError {
         message_id: String,
         timeout: Duration,
     },
-    #[error("publishing message {message_id} ({routing_key}) failed: {source}")]
+    #[error("publishing message {message_id} ({routing_key}) failed: {cause}")]
     Broker {
         routing_key: String,
         message_id: String,
-        #[source]
-        source: lapin::Error,
+        cause: lapin::Error,
     },
-    #[error("publishing message {message_id}: {source}")]
-    Connection {
-        message_id: String,
-        #[source]
-        source: BusError,
-    },
+    #[error("publishing message {message_id}: {cause}")]
+    Connection { message_id: String, cause: BusError },
 }
 
 impl PublishError {
@@ -160,7 +155,7 @@ impl Publisher {
                 .await
                 .map_err(|source| PublishError::Connection {
                     message_id: message_id.clone(),
-                    source,
+                    cause: source,
                 })?;
             let confirm = async {
                 channel
@@ -185,7 +180,7 @@ impl Publisher {
                     Err(PublishError::Broker {
                         routing_key: routing_key.to_owned(),
                         message_id: message_id.clone(),
-                        source,
+                        cause: source,
                     })
                 }
             }

@@ -27,25 +27,16 @@ use crate::config::redact_url;
 pub enum StoreError {
     #[error("`{0}` is not a valid schema or database name (lowercase letters, digits, `_`)")]
     BadName(String),
-    #[error("database URL `{url}` is invalid: {source}")]
-    BadUrl {
-        url: String,
-        #[source]
-        source: sqlx::Error,
-    },
+    #[error("database URL `{url}` is invalid: {cause}")]
+    BadUrl { url: String, cause: sqlx::Error },
     #[error(
-        "cannot reach PostgreSQL at {url}: {source}; is it running and ORDERFLOW_DATABASE_URL right?"
+        "cannot reach PostgreSQL at {url}: {cause}; is it running and ORDERFLOW_DATABASE_URL right?"
     )]
-    Connect {
-        url: String,
-        #[source]
-        source: sqlx::Error,
-    },
-    #[error("migrating schema `{schema}` failed: {source}")]
+    Connect { url: String, cause: sqlx::Error },
+    #[error("migrating schema `{schema}` failed: {cause}")]
     Migrate {
         schema: String,
-        #[source]
-        source: sqlx::migrate::MigrateError,
+        cause: sqlx::migrate::MigrateError,
     },
     #[error(transparent)]
     Sql(#[from] sqlx::Error),
@@ -84,7 +75,7 @@ fn tolerate<T>(result: Result<T, sqlx::Error>, codes: &[&str]) -> Result<(), Sto
 fn parse_url(url: &SecretString) -> Result<PgConnectOptions, StoreError> {
     PgConnectOptions::from_str(url.expose_secret()).map_err(|source| StoreError::BadUrl {
         url: redact_url(url.expose_secret()),
-        source,
+        cause: source,
     })
 }
 
@@ -99,7 +90,7 @@ async fn connect_one(
         .await
         .map_err(|source| StoreError::Connect {
             url: redact_url(url.expose_secret()),
-            source,
+            cause: source,
         })
 }
 
@@ -107,22 +98,34 @@ async fn connect_one(
 /// the `postgres` maintenance database to do so).
 pub async fn ensure_database(url: &SecretString) -> Result<(), StoreError> {
     let options = parse_url(url)?;
+    // Usually it exists: then the maintenance database is not needed at all
+    // (a deployment's user may not be allowed into it).
+    match options.connect().await {
+        Ok(connection) => {
+            connection.close().await?;
+            return Ok(());
+        }
+        Err(error)
+            if error
+                .as_database_error()
+                .and_then(sqlx::error::DatabaseError::code)
+                .is_some_and(|code| code == "3D000") => {}
+        Err(cause) => {
+            return Err(StoreError::Connect {
+                url: redact_url(url.expose_secret()),
+                cause,
+            });
+        }
+    }
     let name = options.get_database().unwrap_or("postgres").to_owned();
     check_name(&name)?;
     let mut admin = connect_one(&options.clone().database("postgres"), url).await?;
-    let exists: bool =
-        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
-            .bind(&name)
-            .fetch_one(&mut admin)
-            .await?;
-    if !exists {
-        let created = sqlx::query(AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
-            .execute(&mut admin)
-            .await;
-        // Another process may have created it meanwhile (42P04 duplicate_database).
-        tolerate(created, &["42P04"])?;
-        tracing::info!(database = %name, "created database");
-    }
+    let created = sqlx::query(AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
+        .execute(&mut admin)
+        .await;
+    // Another process may have created it meanwhile (42P04 duplicate_database).
+    tolerate(created, &["42P04"])?;
+    tracing::info!(database = %name, "created database");
     admin.close().await?;
     Ok(())
 }
@@ -162,7 +165,7 @@ impl Db {
             .await
             .map_err(|source| StoreError::Connect {
                 url: redact_url(url.expose_secret()),
-                source,
+                cause: source,
             })?;
         Ok(Self {
             pool,
@@ -197,7 +200,7 @@ impl Db {
     ) -> Result<(), StoreError> {
         let failed = |source| StoreError::Migrate {
             schema: self.schema.clone(),
-            source,
+            cause: source,
         };
         // The runtime's own tables (inbox, outbox), applied to every context schema.
         let mut runtime = sqlx::migrate!("./migrations/runtime");

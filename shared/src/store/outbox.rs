@@ -20,12 +20,8 @@ use crate::envelope::Envelope;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
-    #[error("outbox of schema `{schema}`: {source}")]
-    Sql {
-        schema: String,
-        #[source]
-        source: sqlx::Error,
-    },
+    #[error("outbox of schema `{schema}`: {cause}")]
+    Sql { schema: String, cause: sqlx::Error },
     #[error(
         "outbox of schema `{schema}`: {failed} of {claimed} messages not published, first: {first}"
     )]
@@ -33,7 +29,6 @@ pub enum RelayError {
         schema: String,
         claimed: usize,
         failed: usize,
-        #[source]
         first: PublishError,
     },
 }
@@ -60,7 +55,7 @@ impl Relay {
     fn sql_error(&self, source: sqlx::Error) -> RelayError {
         RelayError::Sql {
             schema: self.db.schema().to_owned(),
-            source,
+            cause: source,
         }
     }
 
