@@ -1,5 +1,6 @@
 //! The HTTP routes of DESIGN.md §6 (axum): start an order, read it (also by
-//! long poll), submit a payment, merchant payment methods, health and metrics.
+//! long poll), submit a payment, the saga's execution history, merchant
+//! payment methods, health and metrics.
 //! Every error is JSON `{"error": "..."}`; no input makes a handler panic.
 
 use std::sync::Arc;
@@ -15,6 +16,7 @@ use orderflow_shared::Shutdown;
 use orderflow_shared::events::PaymentSubmitted;
 use orderflow_shared::metadata::Metadata;
 use orderflow_shared::store::Db;
+use saga_coordinator::history;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -39,6 +41,8 @@ pub const DEFAULT_WAIT: Duration = Duration::from_secs(30);
 pub struct AppState {
     pub metadata: Arc<Metadata>,
     pub db: Db,
+    /// The coordinator's schema, read only: the execution history.
+    pub coordinator: Db,
     pub watcher: Watcher,
     pub metrics: Arc<Metrics>,
     /// Long polls answer at once when the server shuts down.
@@ -50,6 +54,7 @@ pub fn router(state: AppState) -> Router {
         .route("/orders", post(create_order))
         .route("/orders/{id}", get(get_order))
         .route("/orders/{id}/payment", post(submit_payment))
+        .route("/orders/{id}/history", get(get_history))
         .route(
             "/merchants/{supplier}/payment-methods",
             get(merchant_payment_methods),
@@ -196,6 +201,30 @@ async fn submit_payment(
             "order {order_id} is already {status}"
         ))),
     }
+}
+
+#[derive(Debug, Serialize)]
+struct HistoryView {
+    order_id: String,
+    entries: Vec<history::Entry>,
+}
+
+/// `GET /orders/{id}/history`: the saga's execution history as the
+/// coordinator recorded it (every event, rejection, timer, compensation and
+/// late message, oldest first); 404 when the coordinator has seen nothing of
+/// the order (yet).
+async fn get_history(
+    State(state): State<AppState>,
+    id: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let Path(order_id) = id?;
+    let entries = history::read(state.coordinator.pool(), &order_id).await?;
+    if entries.is_empty() {
+        return Err(ApiError::not_found(format!(
+            "no history for order {order_id}"
+        )));
+    }
+    Ok(Json(HistoryView { order_id, entries }).into_response())
 }
 
 #[derive(Debug, Serialize)]

@@ -6,6 +6,11 @@
 //! any order of arrival), the outbox relay of the `orders` schema (which
 //! publishes the `order.started` and `payment.submitted` events the API
 //! commits) and the axum server.
+//!
+//! `GET /orders/{id}/history` shows the saga coordinator's execution history:
+//! the coordinator owns that data; the API only reads it, through the
+//! coordinator crate's own read function, on a pool of the `coordinator`
+//! schema.
 
 mod error;
 mod http;
@@ -47,6 +52,8 @@ pub async fn run(ctx: Ctx, shutdown: Shutdown) -> anyhow::Result<()> {
 /// If one of them fails, the others are stopped and the error returned.
 pub async fn serve(ctx: Ctx, listener: TcpListener, shutdown: Shutdown) -> anyhow::Result<()> {
     let db = ctx.db(Context::Orders).await?;
+    // Read-only use: the execution history the coordinator writes.
+    let coordinator = ctx.db(Context::Coordinator).await?;
     // Stops everything on shutdown, or when one part ends by itself.
     let stop = shutdown.child_token();
     let metrics = Arc::new(metrics::Metrics::new());
@@ -70,6 +77,7 @@ pub async fn serve(ctx: Ctx, listener: TcpListener, shutdown: Shutdown) -> anyho
     let app = http::router(http::AppState {
         metadata: ctx.metadata.clone(),
         db: db.clone(),
+        coordinator: coordinator.clone(),
         watcher,
         metrics,
         shutdown: stop.clone(),
@@ -88,6 +96,7 @@ pub async fn serve(ctx: Ctx, listener: TcpListener, shutdown: Shutdown) -> anyho
         .await
         .map_err(|error| anyhow::anyhow!("the long-poll listener task panicked: {error}"));
     db.close().await;
+    coordinator.close().await;
     consumer
         .context("the read-model consumer failed")
         .and(relay)

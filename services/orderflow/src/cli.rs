@@ -2,6 +2,7 @@
 //! their help texts (clap derive). No behaviour lives here.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
@@ -59,6 +60,65 @@ pub enum Command {
     /// Place, pay and inspect orders through the order API
     #[command(subcommand)]
     Order(OrderCommand),
+
+    /// Inspect sagas in the coordinator's database: an order's history, stuck sagas
+    #[command(
+        subcommand,
+        long_about = "Inspect sagas in the saga coordinator's database.\n\n\
+            Reads the `coordinator` schema of ORDERFLOW_DATABASE_URL directly (no API or \
+            broker needed) and only reads: it never runs migrations. Use it when an \
+            order is not where you expect it: `saga history` shows everything the \
+            coordinator saw of one order, `saga stuck` finds running sagas that stopped \
+            moving."
+    )]
+    Saga(SagaCommand),
+
+    /// Inspect and replay the services' dead-letter queues
+    #[command(
+        subcommand,
+        long_about = "Inspect and replay the services' dead-letter queues.\n\n\
+            A message a service cannot handle (bad JSON, invalid data, a failure that \
+            outlasted every retry, a message that kept crashing its consumer) ends in \
+            `orderflow.<service>.dead` with the reason in its headers. `dlq list` shows what \
+            is there and why; once the cause is fixed, `dlq replay` puts messages back on \
+            the service's own queue (not on the exchange, so no other service sees them \
+            twice). Uses ORDERFLOW_AMQP_URL and ORDERFLOW_NAMESPACE."
+    )]
+    Dlq(DlqCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DlqCommand {
+    /// Count every service's dead letters and show the first few with their reasons
+    List(DlqListArgs),
+    /// Move dead letters of one service back onto its queue
+    Replay(DlqReplayArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DlqListArgs {
+    /// Only this service (e.g. generate-info, payment-provider-zhifubao)
+    #[arg(long)]
+    pub service: Option<String>,
+    /// Show at most this many messages per service
+    #[arg(long, default_value_t = 10)]
+    pub limit: usize,
+    /// Print the messages as JSON
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct DlqReplayArgs {
+    /// The service whose dead letters to replay
+    #[arg(long)]
+    pub service: String,
+    /// Replay only the message with this message id
+    #[arg(long)]
+    pub message_id: Option<String>,
+    /// Replay at most this many messages
+    #[arg(long, default_value_t = usize::MAX, hide_default_value = true)]
+    pub limit: usize,
 }
 
 #[derive(Debug, Args)]
@@ -135,6 +195,73 @@ pub struct ShowArgs {
     pub order_id: String,
     #[command(flatten)]
     pub api: ApiArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SagaCommand {
+    /// Show an order's execution history: every event, rejection, timer and refund, in order
+    #[command(
+        long_about = "Show an order's execution history, as the saga coordinator recorded it.\n\n\
+        One line per message the coordinator saw for the order, oldest first: `#` (its position), \
+        the time it was recorded (UTC), its kind, the event name, a short detail from the event \
+        (supplier, method, amounts, reason, step), the message id and the id of the message that \
+        caused it (`-` for none). Ids are shortened to their last 8 characters (the start of a \
+        UUID v7 is its timestamp, alike for one order's messages); search logs or --json output \
+        for the full ones.\n\n\
+        Kinds: `event` (a step of the saga), `rejection` (a payment method or submission turned \
+        down, an order that could not be priced), `timer` (a deadline passed: saga.timed-out), \
+        `compensation` (a refund), `late` (arrived after the saga had ended).\n\n\
+        Exit status: 0 when shown, 2 when the order has no history or the database cannot be read."
+    )]
+    History(HistoryArgs),
+
+    /// List running sagas that have not progressed for longer than a duration
+    #[command(
+        long_about = "List running sagas that have not progressed for longer than a duration.\n\n\
+        A saga progresses each time the coordinator sees an event of its order. One that has \
+        not moved for a while waits on a step: `generate-info` (pricing), `payment-wait` (the \
+        payment token), `payment` (the customer has not paid yet) or `paying` (the payment \
+        provider has not answered). Its durable timers cancel it eventually (300 s per step, \
+        3600 s in all by default); a saga stuck long after those deadlines points at a \
+        worker or the coordinator not running. Oldest first, with the step, the last progress \
+        and when the saga started.\n\n\
+        Exit status: 0 (also when there are none), 2 when the database cannot be read."
+    )]
+    Stuck(StuckArgs),
+}
+
+/// Where the coordinator's database is.
+#[derive(Debug, Args)]
+pub struct DatabaseArgs {
+    /// A TOML file with settings such as database_url (ORDERFLOW_DATABASE_URL overrides it)
+    #[arg(long, env = "ORDERFLOW_CONFIG")]
+    pub config: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct HistoryArgs {
+    /// The order id
+    pub order_id: String,
+    /// Print the entries as a JSON array (full ids, the events' whole bodies)
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct StuckArgs {
+    /// Only sagas with no progress for longer than this, e.g. 30s, 5m, 1h, 1h30m
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub older_than: Duration,
+    /// Print the sagas as a JSON array
+    #[arg(long)]
+    pub json: bool,
+    /// At most this many sagas, the longest stuck first
+    #[arg(long, value_name = "N", default_value_t = 100, value_parser = clap::value_parser!(i64).range(1..))]
+    pub limit: i64,
+    #[command(flatten)]
+    pub database: DatabaseArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -248,6 +375,42 @@ mod tests {
         assert_eq!(args.out, PathBuf::from(DEFAULT_DEFINITIONS_PATH));
         assert_eq!(args.model.providers, PathBuf::from(DEFAULT_PROVIDERS_PATH));
         assert_eq!(args.model.namespace, "");
+    }
+
+    #[test]
+    fn stuck_takes_a_human_duration() {
+        let cli = Cli::try_parse_from(["orderflow", "saga", "stuck", "--older-than", "1h30m"])
+            .expect("parses");
+        let Command::Saga(SagaCommand::Stuck(args)) = cli.command else {
+            panic!("expected saga stuck");
+        };
+        assert_eq!(args.older_than, Duration::from_mins(90));
+        assert_eq!(args.limit, 100);
+        for duration in ["0s", "30s", "5m"] {
+            assert!(
+                Cli::try_parse_from(["orderflow", "saga", "stuck", "--older-than", duration])
+                    .is_ok(),
+                "{duration}"
+            );
+        }
+        for bad in ["5", "soon", "-1s"] {
+            assert!(
+                Cli::try_parse_from(["orderflow", "saga", "stuck", "--older-than", bad]).is_err(),
+                "{bad}"
+            );
+        }
+        assert!(
+            Cli::try_parse_from([
+                "orderflow",
+                "saga",
+                "stuck",
+                "--older-than",
+                "1m",
+                "--limit",
+                "0"
+            ])
+            .is_err()
+        );
     }
 
     #[test]

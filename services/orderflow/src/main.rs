@@ -2,8 +2,10 @@
 //! the arguments, run the command, report errors.
 
 mod cli;
+mod dlq;
 mod order;
 mod providers;
+mod saga;
 mod topology;
 mod up;
 
@@ -40,6 +42,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Topology(command) => topology::run(command),
         Command::Up(args) => up::run(&args),
         Command::Order(command) => order::run(command),
+        Command::Saga(command) => saga::run(command),
+        Command::Dlq(command) => dlq::run(command),
     }
 }
 

@@ -3,6 +3,8 @@
 //! classified, in the order it saw them, with message and causation ids.
 //! Read by `GET /orders/{id}/history` and `orderflow saga history`.
 
+use std::collections::HashSet;
+
 use chrono::{DateTime, Utc};
 use orderflow_shared::envelope::Envelope;
 use orderflow_shared::events::Event;
@@ -65,15 +67,44 @@ pub async fn append(
     Ok(())
 }
 
-/// The history of `order_id`, oldest first (empty for an unknown order).
+/// The history of `order_id` (empty for an unknown order), in causal order:
+/// an entry never comes before the entry that caused it; otherwise in the
+/// order the coordinator recorded them. (Messages of different steps can be
+/// handled in either order when they arrive together; their causation ids
+/// say which came first.)
 pub async fn read(pool: &PgPool, order_id: &str) -> Result<Vec<Entry>, sqlx::Error> {
-    sqlx::query_as(
+    let recorded: Vec<Entry> = sqlx::query_as(
         "SELECT id, recorded_at, kind, name, message_id, causation_id, detail \
          FROM history WHERE order_id = $1 ORDER BY id",
     )
     .bind(order_id)
     .fetch_all(pool)
-    .await
+    .await?;
+    Ok(causal_order(recorded))
+}
+
+/// `entries` (in recorded order) reordered so that each comes after its cause.
+fn causal_order(mut remaining: Vec<Entry>) -> Vec<Entry> {
+    let present: HashSet<String> = remaining.iter().map(|e| e.message_id.clone()).collect();
+    let mut placed = HashSet::with_capacity(remaining.len());
+    let mut ordered = Vec::with_capacity(remaining.len());
+    while !remaining.is_empty() {
+        let ready = remaining
+            .iter()
+            .position(|entry| {
+                entry
+                    .causation_id
+                    .as_ref()
+                    .is_none_or(|cause| !present.contains(cause) || placed.contains(cause))
+            })
+            // A cycle cannot happen (a message cannot cause its cause); if
+            // the data says otherwise, fall back to recorded order.
+            .unwrap_or(0);
+        let entry = remaining.remove(ready);
+        placed.insert(entry.message_id.clone());
+        ordered.push(entry);
+    }
+    ordered
 }
 
 /// A running saga that has not progressed for a while.
@@ -100,4 +131,41 @@ pub async fn stuck(
     .bind(limit)
     .fetch_all(pool)
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(id: i64, message_id: &str, cause: Option<&str>) -> Entry {
+        Entry {
+            id,
+            recorded_at: Utc::now(),
+            kind: "event".into(),
+            name: message_id.into(),
+            message_id: message_id.into(),
+            causation_id: cause.map(str::to_owned),
+            detail: serde_json::Value::Null,
+        }
+    }
+
+    #[test]
+    fn effects_never_come_before_their_causes() {
+        // Recorded as: awaiting, started, info (handled out of order).
+        let recorded = vec![
+            entry(1, "awaiting", Some("info")),
+            entry(2, "started", None),
+            entry(3, "info", Some("started")),
+            entry(4, "submitted", None),
+            entry(5, "refund", Some("not-in-this-history")),
+        ];
+        let names: Vec<String> = causal_order(recorded)
+            .into_iter()
+            .map(|e| e.message_id)
+            .collect();
+        assert_eq!(
+            names,
+            ["started", "info", "awaiting", "submitted", "refund"]
+        );
+    }
 }

@@ -36,6 +36,9 @@ pub const SERVICE: &str = "saga-coordinator";
 /// The step a payment token must be for.
 const PAYMENT_STEP: &str = "payment";
 
+/// The steps a saga waits on, in the order it passes them.
+const STEPS: &[&str] = &["generate-info", "payment-wait", "payment", "paying"];
+
 /// The reason of `payment.rejected` when the merchant does not accept the method.
 pub const METHOD_NOT_ALLOWED: &str = "method not allowed";
 
@@ -76,38 +79,38 @@ impl Coordinator {
         }
     }
 
-    /// The saga's status before this message, locking its row; creates a
-    /// running saga for an order seen for the first time.
-    async fn lock_saga(
-        unit: &mut UnitOfWork,
-        order_id: &str,
-    ) -> Result<Option<String>, sqlx::Error> {
-        let status: Option<String> =
-            sqlx::query_scalar("SELECT status FROM sagas WHERE order_id = $1 FOR UPDATE")
-                .bind(order_id)
-                .fetch_optional(unit.conn())
-                .await?;
-        if status.is_none() {
-            sqlx::query("INSERT INTO sagas (order_id) VALUES ($1) ON CONFLICT DO NOTHING")
-                .bind(order_id)
-                .execute(unit.conn())
-                .await?;
-        }
-        Ok(status)
+    /// The saga's status, with its row locked for the rest of the unit of
+    /// work (created, running, for an order seen for the first time). Every
+    /// message of one order therefore applies one at a time.
+    async fn lock_saga(unit: &mut UnitOfWork, order_id: &str) -> Result<String, sqlx::Error> {
+        // DO UPDATE (a no-op) rather than DO NOTHING: it locks an existing row too.
+        sqlx::query_scalar(
+            "INSERT INTO sagas (order_id) VALUES ($1) \
+             ON CONFLICT (order_id) DO UPDATE SET order_id = EXCLUDED.order_id \
+             RETURNING status",
+        )
+        .bind(order_id)
+        .fetch_one(unit.conn())
+        .await
     }
 
-    /// Records progress: the step waited on next (if given) and the time.
+    /// Records progress: the time, and the step now waited on when it is
+    /// further along than the recorded one (events of one order may be
+    /// handled out of order; the step never moves back).
     async fn progress(
         unit: &mut UnitOfWork,
         order_id: &str,
         step: Option<&str>,
     ) -> Result<(), sqlx::Error> {
         sqlx::query(
-            "UPDATE sagas SET step = COALESCE($2, step), updated_at = now() \
+            "UPDATE sagas SET updated_at = now(), step = CASE \
+               WHEN $2::text IS NOT NULL AND coalesce(array_position($3::text[], step), 0) \
+                    < array_position($3::text[], $2::text) THEN $2 ELSE step END \
              WHERE order_id = $1 AND status = 'running'",
         )
         .bind(order_id)
         .bind(step)
+        .bind(STEPS)
         .execute(unit.conn())
         .await?;
         Ok(())
@@ -131,7 +134,7 @@ impl Coordinator {
         &self,
         unit: &mut UnitOfWork,
         submitted: &PaymentSubmitted,
-        status: Option<&str>,
+        status: &str,
     ) -> Result<Event, HandleError> {
         let reject = |reason: String| {
             Ok(Event::SubmissionRejected(SubmissionRejected {
@@ -162,7 +165,7 @@ impl Coordinator {
         if used {
             return reject("token already used".to_owned());
         }
-        if let Some(status @ ("completed" | "cancelled")) = status {
+        if status != "running" {
             return reject(format!("order is already {status}"));
         }
         match timers::settle(unit.conn(), &submitted.order_id, Step::Payment).await? {
@@ -209,9 +212,9 @@ impl Coordinator {
     async fn apply(&self, unit: &mut UnitOfWork, message: &Message) -> Result<bool, HandleError> {
         let order_id = message.order_id();
         let status = Self::lock_saga(unit, order_id).await?;
-        let kind = history::classify(&message.event, status.as_deref());
+        let kind = history::classify(&message.event, Some(&status));
         history::append(unit.conn(), &message.envelope, &message.event, kind).await?;
-        let running = status.as_deref().is_none_or(|s| s == "running");
+        let running = status == "running";
         let started = message.envelope.time_millis();
         let mut armed = false;
         match &message.event {
@@ -235,7 +238,7 @@ impl Coordinator {
                 armed = true;
             }
             Event::InfoGenerated(_) | Event::InfoRejected(_) => {
-                timers::settle(unit.conn(), order_id, Step::GenerateInfo).await?;
+                timers::complete(unit.conn(), order_id, Step::GenerateInfo).await?;
                 Self::progress(unit, order_id, Some("payment-wait")).await?;
             }
             Event::PaymentAwaiting(awaiting) if running => {
@@ -244,7 +247,7 @@ impl Coordinator {
                 armed = true;
             }
             Event::PaymentSubmitted(submitted) => {
-                let decision = self.decide(unit, submitted, status.as_deref()).await?;
+                let decision = self.decide(unit, submitted, &status).await?;
                 match &decision {
                     Event::PaymentSelected(s) => {
                         tracing::info!(%order_id, method = %s.method, "payment accepted");

@@ -97,6 +97,27 @@ pub async fn settle(
     })
 }
 
+/// Completes `step` whether or not its timer was armed yet: when the step's
+/// answer is handled before the event that arms it, a settled row is left
+/// so the late arming does nothing.
+pub async fn complete(
+    conn: &mut PgConnection,
+    order_id: &str,
+    step: Step,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO timers (order_id, step, due_at, state, settled_at) \
+         VALUES ($1, $2, now(), 'disarmed', now()) \
+         ON CONFLICT (order_id, step) DO UPDATE SET state = 'disarmed', settled_at = now() \
+         WHERE timers.state = 'armed'",
+    )
+    .bind(order_id)
+    .bind(step_name(step))
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
 /// Disarms every armed timer of an order that ended.
 pub async fn settle_all(conn: &mut PgConnection, order_id: &str) -> Result<(), sqlx::Error> {
     sqlx::query(

@@ -1,0 +1,177 @@
+//! `GET /orders/{id}/history`: the coordinator's execution history of an
+//! order through the API, with every worker running: a completed order's
+//! whole saga in order with its causes, a cancelled order's rejection, and
+//! 404 for an order the coordinator never saw.
+
+#![allow(
+    clippy::unwrap_used,
+    reason = "a test fails loudly on the first surprise"
+)]
+
+use std::time::Duration;
+
+use orderflow_tests::eventually;
+use orderflow_tests::system::System;
+use serde_json::Value;
+
+/// GET /orders/{id}/history; (status, body).
+async fn history(system: &System, order_id: &str) -> (u16, Value) {
+    let response = system
+        .client
+        .get(format!("{}/orders/{order_id}/history", system.api))
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap())
+}
+
+/// The history's entries once it has one named `last` (the coordinator sees
+/// the terminal event a moment after the order shows it).
+async fn history_until(system: &System, order_id: &str, last: &str) -> Vec<Value> {
+    eventually(
+        Duration::from_secs(20),
+        &format!("{last} in the history of {order_id}"),
+        || async {
+            let (status, body) = history(system, order_id).await;
+            status == 200
+                && body["entries"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|e| e["name"] == last)
+        },
+    )
+    .await;
+    let (status, body) = history(system, order_id).await;
+    assert_eq!(status, 200, "{body:#}");
+    assert_eq!(body["order_id"], order_id);
+    body["entries"].as_array().unwrap().clone()
+}
+
+/// The entry named `name`.
+fn named<'a>(entries: &'a [Value], name: &str) -> &'a Value {
+    entries
+        .iter()
+        .find(|e| e["name"] == name)
+        .unwrap_or_else(|| panic!("no {name} in {entries:#?}"))
+}
+
+/// Asserts that `effect` was caused by `cause` (its causation id is the
+/// cause's message id).
+fn caused_by(entries: &[Value], effect: &str, cause: &str) {
+    assert_eq!(
+        named(entries, effect)["causation_id"],
+        named(entries, cause)["message_id"],
+        "{effect} should be caused by {cause}: {entries:#?}"
+    );
+}
+
+/// Every entry has the fields of the API, with distinct ids in ascending order.
+fn well_formed(entries: &[Value]) {
+    let mut last_id = 0;
+    for entry in entries {
+        for field in ["recorded_at", "kind", "name", "message_id", "detail"] {
+            assert!(!entry[field].is_null(), "{field} missing: {entry:#}");
+        }
+        assert!(entry.get("causation_id").is_some(), "{entry:#}");
+        let id = entry["id"].as_i64().unwrap();
+        assert!(id > last_id, "entries oldest first: {entries:#?}");
+        last_id = id;
+    }
+}
+
+#[tokio::test]
+async fn a_completed_order_has_its_whole_saga_in_order_with_causes() {
+    let system = System::start().await;
+    let order_id = system.place("sichuan-kitchen", &[("hotpot-set", 1)]).await;
+    let order = system.pay(&order_id, "weixin").await;
+    assert_eq!(order["status"], "completed", "{order:#}");
+
+    let entries = history_until(&system, &order_id, "order.completed").await;
+    well_formed(&entries);
+    let events: Vec<&str> = entries
+        .iter()
+        .filter(|e| e["kind"] == "event")
+        .map(|e| e["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        events,
+        [
+            "order.started",
+            "order.info-generated",
+            "payment.awaiting",
+            "payment.submitted",
+            "payment.selected.weixin",
+            "payment.captured",
+            "order.completed",
+        ],
+        "{entries:#?}"
+    );
+    // The customer's actions (placing, paying) have no causing message;
+    // everything else names the message it came from.
+    assert!(named(&entries, "order.started")["causation_id"].is_null());
+    assert!(named(&entries, "payment.submitted")["causation_id"].is_null());
+    for entry in &entries {
+        if entry["name"] != "order.started" && entry["name"] != "payment.submitted" {
+            assert!(entry["causation_id"].is_string(), "{entry:#}");
+        }
+    }
+    caused_by(&entries, "order.info-generated", "order.started");
+    caused_by(&entries, "payment.awaiting", "order.info-generated");
+    caused_by(&entries, "payment.selected.weixin", "payment.submitted");
+    caused_by(&entries, "payment.captured", "payment.selected.weixin");
+    caused_by(&entries, "order.completed", "payment.captured");
+
+    // The details are the events' bodies.
+    let selected = named(&entries, "payment.selected.weixin");
+    assert_eq!(selected["detail"]["method"], "weixin");
+    assert_eq!(selected["detail"]["amount_cents"], 12_800);
+    assert_eq!(
+        named(&entries, "order.completed")["detail"]["charged_cents"],
+        12_800 / 2
+    );
+    system.stop().await;
+}
+
+#[tokio::test]
+async fn a_cancelled_order_shows_the_rejection_that_ended_it() {
+    let system = System::start().await;
+    let order_id = system.place("haidilao", &[("hotpot-set", 1)]).await;
+    let order = system.pay(&order_id, "unionpay").await;
+    assert_eq!(order["status"], "cancelled", "{order:#}");
+
+    let entries = history_until(&system, &order_id, "order.cancelled").await;
+    well_formed(&entries);
+    let seen: Vec<(&str, &str)> = entries
+        .iter()
+        .map(|e| (e["kind"].as_str().unwrap(), e["name"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("event", "order.started"),
+            ("event", "order.info-generated"),
+            ("event", "payment.awaiting"),
+            ("event", "payment.submitted"),
+            ("rejection", "payment.rejected"),
+            ("event", "order.cancelled"),
+        ],
+        "{entries:#?}"
+    );
+    let rejected = named(&entries, "payment.rejected");
+    assert_eq!(rejected["detail"]["method"], "unionpay");
+    assert_eq!(rejected["detail"]["reason"], "method not allowed");
+    caused_by(&entries, "payment.rejected", "payment.submitted");
+    caused_by(&entries, "order.cancelled", "payment.rejected");
+    system.stop().await;
+}
+
+#[tokio::test]
+async fn an_unknown_order_has_no_history() {
+    let system = System::start().await;
+    let (status, body) = history(&system, "no-such-order").await;
+    assert_eq!(status, 404, "{body:#}");
+    assert_eq!(body["error"], "no history for order no-such-order");
+    system.stop().await;
+}
