@@ -37,7 +37,7 @@ pub fn run(command: SagaCommand) -> anyhow::Result<ExitCode> {
 async fn connect(args: &DatabaseArgs) -> anyhow::Result<(Db, String)> {
     let settings = Settings::load(args.config.as_deref())?;
     let url = settings.database_url_redacted();
-    let db = Db::connect(&settings.database_url, Context::Coordinator.schema(), 2)
+    let db = Db::open(&settings.database_url, Context::Coordinator.schema(), 2)
         .await
         .context("opening the coordinator's schema")?;
     Ok((db, url))

@@ -158,14 +158,26 @@ impl Db {
         // Two processes creating the schema at once: the loser sees 23505/42P06.
         tolerate(created, &["23505", "42P06"])?;
         admin.close().await?;
+        Self::open(url, schema, max_connections).await
+    }
+
+    /// Connects to an existing `schema` without creating or changing
+    /// anything: for operator commands, which may run with a read-only role.
+    pub async fn open(
+        url: &SecretString,
+        schema: &str,
+        max_connections: u32,
+    ) -> Result<Self, StoreError> {
+        check_name(schema)?;
+        let options = parse_url(url)?.options([("search_path", schema)]);
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(10))
             .connect_with(options)
             .await
-            .map_err(|source| StoreError::Connect {
+            .map_err(|cause| StoreError::Connect {
                 url: redact_url(url.expose_secret()),
-                cause: source,
+                cause,
             })?;
         Ok(Self {
             pool,
