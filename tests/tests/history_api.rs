@@ -89,6 +89,12 @@ async fn a_completed_order_has_its_whole_saga_in_order_with_causes() {
     assert_eq!(order["status"], "completed", "{order:#}");
 
     let entries = history_until(&system, &order_id, "order.completed").await;
+    let text = serde_json::to_string(&entries).unwrap();
+    assert!(
+        !text.contains("\"v1."),
+        "tokens are kept as digests only: {text}"
+    );
+    assert!(text.contains("sha256:"), "{text}");
     well_formed(&entries);
     let events: Vec<&str> = entries
         .iter()

@@ -50,8 +50,13 @@ pub async fn append(
     event: &Event,
     kind: &str,
 ) -> Result<(), sqlx::Error> {
-    let detail: serde_json::Value =
+    let mut detail: serde_json::Value =
         serde_json::from_slice(&event.to_json()).unwrap_or(serde_json::Value::Null);
+    // A task token is a bearer credential: the history keeps its digest only.
+    if let Some(token) = detail.get_mut("token") {
+        let digest = orderflow_shared::token::digest(token.as_str().unwrap_or_default());
+        *token = serde_json::Value::String(format!("sha256:{}", &digest[..16]));
+    }
     sqlx::query(
         "INSERT INTO history (order_id, kind, name, message_id, causation_id, detail) \
          VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (order_id, message_id) DO NOTHING",
