@@ -79,6 +79,12 @@ fn parse_url(url: &SecretString) -> Result<PgConnectOptions, StoreError> {
     })
 }
 
+/// Connection options for `url` with the `search_path` set to `schema`.
+fn schema_options(url: &SecretString, schema: &str) -> Result<PgConnectOptions, StoreError> {
+    check_name(schema)?;
+    Ok(parse_url(url)?.options([("search_path", schema)]))
+}
+
 /// One connection (for administrative statements), with an error that names
 /// the server.
 async fn connect_one(
@@ -147,8 +153,7 @@ impl Db {
         schema: &str,
         max_connections: u32,
     ) -> Result<Self, StoreError> {
-        check_name(schema)?;
-        let options = parse_url(url)?.options([("search_path", schema)]);
+        let options = schema_options(url, schema)?;
         let mut admin = connect_one(&options, url).await?;
         let created = sqlx::query(AssertSqlSafe(format!(
             "CREATE SCHEMA IF NOT EXISTS \"{schema}\""
@@ -168,8 +173,7 @@ impl Db {
         schema: &str,
         max_connections: u32,
     ) -> Result<Self, StoreError> {
-        check_name(schema)?;
-        let options = parse_url(url)?.options([("search_path", schema)]);
+        let options = schema_options(url, schema)?;
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(10))
