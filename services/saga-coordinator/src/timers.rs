@@ -225,15 +225,19 @@ async fn fire(unit: &mut UnitOfWork, order_id: &str, step_name: &str) -> Result<
         .await?;
     let running = status.as_deref().is_none_or(|s| s == "running");
     let new_state = if running { "fired" } else { "disarmed" };
-    sqlx::query(
+    let settled = sqlx::query(
         "UPDATE timers SET state = $3, settled_at = now() WHERE order_id = $1 AND step = $2 AND state = 'armed'",
     )
     .bind(order_id)
     .bind(step_name)
     .bind(new_state)
     .execute(unit.conn())
-    .await?;
-    if !running {
+    .await?
+    .rows_affected()
+        == 1;
+    // Not armed any more: another timer of the same order, claimed in this
+    // batch, fired first and settled it.
+    if !settled || !running {
         return Ok(false);
     }
     // The saga is ending: its other deadlines no longer matter.
