@@ -13,7 +13,7 @@ use chrono::{DateTime, Utc};
 use orderflow_shared::Shutdown;
 use orderflow_shared::bus::Outgoing;
 use orderflow_shared::events::{Event, SagaTimedOut, Step};
-use orderflow_shared::store::{Db, UnitOfWork};
+use orderflow_shared::store::Db;
 use sqlx::PgConnection;
 use tokio::sync::Notify;
 
@@ -130,6 +130,36 @@ pub async fn settle_all(conn: &mut PgConnection, order_id: &str) -> Result<(), s
     Ok(())
 }
 
+/// Claims up to `$1` due timers (`SKIP LOCKED`: several coordinators share
+/// the work) and settles them in one statement: per order, the earliest due
+/// timer fires if its saga still runs; the order's other claimed timers, and
+/// all its other armed ones, are disarmed (the saga is ending). No lock is
+/// taken on the saga: handlers lock the saga first and the timer second, so
+/// the other order could deadlock; the timer row, locked by the claim, is
+/// what decides between firing and completing. Returns the claimed timers
+/// with their new state.
+const FIRE_DUE: &str = "\
+WITH claimed AS (
+    SELECT order_id, step, due_at FROM timers WHERE state = 'armed' AND due_at <= now()
+    ORDER BY due_at LIMIT $1 FOR UPDATE SKIP LOCKED
+), decided AS (
+    SELECT c.order_id, c.step,
+           (s.status IS NULL OR s.status = 'running')
+           AND row_number() OVER (PARTITION BY c.order_id ORDER BY c.due_at, c.step) = 1 AS fire
+    FROM claimed c LEFT JOIN sagas s ON s.order_id = c.order_id
+), settled AS (
+    UPDATE timers t SET state = CASE WHEN d.fire THEN 'fired' ELSE 'disarmed' END,
+                        settled_at = now()
+    FROM decided d WHERE t.order_id = d.order_id AND t.step = d.step AND t.state = 'armed'
+    RETURNING t.order_id, t.step, t.state
+), others AS (
+    UPDATE timers t SET state = 'disarmed', settled_at = now()
+    FROM (SELECT DISTINCT order_id FROM decided WHERE fire) f
+    WHERE t.order_id = f.order_id AND t.state = 'armed'
+      AND NOT EXISTS (SELECT 1 FROM claimed c WHERE c.order_id = t.order_id AND c.step = t.step)
+)
+SELECT order_id, step, state FROM settled";
+
 /// The loop that fires due timers.
 #[derive(Clone, Debug)]
 pub struct TimerLoop {
@@ -153,18 +183,24 @@ impl TimerLoop {
     /// returns how many fired.
     pub async fn fire_due(&self) -> Result<usize, sqlx::Error> {
         let mut unit = self.db.begin_unit_without_inbox().await?;
-        let due: Vec<(String, String)> = sqlx::query_as(
-            "SELECT order_id, step FROM timers WHERE state = 'armed' AND due_at <= now() \
-             ORDER BY due_at LIMIT $1 FOR UPDATE SKIP LOCKED",
-        )
-        .bind(self.batch)
-        .fetch_all(unit.conn())
-        .await?;
+        let settled: Vec<(String, String, String)> = sqlx::query_as(FIRE_DUE)
+            .bind(self.batch)
+            .fetch_all(unit.conn())
+            .await?;
         let mut fired = 0;
-        for (order_id, step_name) in &due {
-            if fire(&mut unit, order_id, step_name).await? {
-                fired += 1;
-            }
+        for (order_id, step_name, state) in &settled {
+            let Some(step) = parse_step(step_name).filter(|_| state == "fired") else {
+                continue;
+            };
+            unit.emit(Outgoing::event(
+                &Event::SagaTimedOut(SagaTimedOut {
+                    order_id: order_id.clone(),
+                    step,
+                }),
+                None,
+            ));
+            tracing::warn!(%order_id, step = %step_name, "deadline passed; saga timed out");
+            fired += 1;
         }
         unit.commit().await?;
         Ok(fired)
@@ -208,47 +244,4 @@ impl TimerLoop {
         }
         tracing::info!("timer loop stopped");
     }
-}
-
-/// Fires one claimed timer: marks it fired and, if its saga is still
-/// running, emits `saga.timed-out`. `false` if there was nothing to fire.
-async fn fire(unit: &mut UnitOfWork, order_id: &str, step_name: &str) -> Result<bool, sqlx::Error> {
-    let Some(step) = parse_step(step_name) else {
-        return Ok(false);
-    };
-    // No lock on the saga here: handlers lock the saga first and the timer
-    // second, so taking them the other way round could deadlock. The timer
-    // row, locked by the claim, is what decides between firing and completing.
-    let status: Option<String> = sqlx::query_scalar("SELECT status FROM sagas WHERE order_id = $1")
-        .bind(order_id)
-        .fetch_optional(unit.conn())
-        .await?;
-    let running = status.as_deref().is_none_or(|s| s == "running");
-    let new_state = if running { "fired" } else { "disarmed" };
-    let settled = sqlx::query(
-        "UPDATE timers SET state = $3, settled_at = now() WHERE order_id = $1 AND step = $2 AND state = 'armed'",
-    )
-    .bind(order_id)
-    .bind(step_name)
-    .bind(new_state)
-    .execute(unit.conn())
-    .await?
-    .rows_affected()
-        == 1;
-    // Not armed any more: another timer of the same order, claimed in this
-    // batch, fired first and settled it.
-    if !settled || !running {
-        return Ok(false);
-    }
-    // The saga is ending: its other deadlines no longer matter.
-    settle_all(unit.conn(), order_id).await?;
-    unit.emit(Outgoing::event(
-        &Event::SagaTimedOut(SagaTimedOut {
-            order_id: order_id.to_owned(),
-            step,
-        }),
-        None,
-    ));
-    tracing::warn!(%order_id, step = step_name, "deadline passed; saga timed out");
-    Ok(true)
 }
