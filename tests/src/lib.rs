@@ -465,3 +465,14 @@ pub fn sample_event(order_id: &str) -> orderflow_shared::events::Event {
         reason: "test".to_owned(),
     })
 }
+
+/// Runs a command to its end: (exit code, stdout, stderr), for tests of
+/// command-line programs.
+pub async fn run_to_end(command: &mut tokio::process::Command) -> (i32, String, String) {
+    let output = command.output().await.expect("the command starts");
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}

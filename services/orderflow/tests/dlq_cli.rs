@@ -13,26 +13,21 @@ use lapin::types::{AMQPValue, FieldTable};
 use orderflow_shared::bus::Outgoing;
 use orderflow_shared::envelope::headers;
 use orderflow_shared::events::{Event, OrderStarted, ProductLine};
-use orderflow_tests::eventually;
 use orderflow_tests::system::System;
+use orderflow_tests::{eventually, run_to_end};
 use secrecy::ExposeSecret;
 use serde_json::Value;
 use tokio::process::Command;
 
 async fn dlq(system: &System, args: &[&str]) -> (i32, String, String) {
-    let output = Command::new(env!("CARGO_BIN_EXE_orderflow"))
-        .arg("dlq")
-        .args(args)
-        .env("ORDERFLOW_AMQP_URL", system.env.amqp_url.expose_secret())
-        .env("ORDERFLOW_NAMESPACE", &system.env.namespace)
-        .output()
-        .await
-        .unwrap();
-    (
-        output.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
+    run_to_end(
+        Command::new(env!("CARGO_BIN_EXE_orderflow"))
+            .arg("dlq")
+            .args(args)
+            .env("ORDERFLOW_AMQP_URL", system.env.amqp_url.expose_secret())
+            .env("ORDERFLOW_NAMESPACE", &system.env.namespace),
     )
+    .await
 }
 
 #[tokio::test]

@@ -11,7 +11,7 @@
 use std::time::Duration;
 
 use orderflow_tests::system::System;
-use orderflow_tests::{TestEnv, eventually};
+use orderflow_tests::{TestEnv, eventually, run_to_end};
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::Value;
 use tokio::process::Command;
@@ -20,18 +20,13 @@ const BIN: &str = env!("CARGO_BIN_EXE_orderflow");
 
 /// Runs `orderflow <args>` on `database_url`; (exit code, stdout, stderr).
 async fn cli(database_url: &SecretString, args: &[&str]) -> (i32, String, String) {
-    let output = Command::new(BIN)
-        .args(args)
-        .env("ORDERFLOW_DATABASE_URL", database_url.expose_secret())
-        .env_remove("ORDERFLOW_CONFIG")
-        .output()
-        .await
-        .unwrap();
-    (
-        output.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
+    run_to_end(
+        Command::new(BIN)
+            .args(args)
+            .env("ORDERFLOW_DATABASE_URL", database_url.expose_secret())
+            .env_remove("ORDERFLOW_CONFIG"),
     )
+    .await
 }
 
 /// The API's history entries of `order_id` once one is named `name`.

@@ -10,7 +10,7 @@
 use std::process::Stdio;
 use std::time::Duration;
 
-use orderflow_tests::{TEST_TOKEN_KEYS, TestEnv};
+use orderflow_tests::{TEST_TOKEN_KEYS, TestEnv, run_to_end};
 use secrecy::ExposeSecret;
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -52,12 +52,7 @@ async fn up(env: &TestEnv) -> (Child, String) {
 
 /// Runs `orderflow <args>`; (exit code, stdout, stderr).
 async fn cli(args: &[&str]) -> (i32, String, String) {
-    let output = Command::new(BIN).args(args).output().await.unwrap();
-    (
-        output.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
+    run_to_end(Command::new(BIN).args(args)).await
 }
 
 #[tokio::test]

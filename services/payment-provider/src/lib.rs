@@ -14,6 +14,7 @@
 pub mod gateway;
 pub mod providers;
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,7 +30,7 @@ use orderflow_shared::events::{
 use orderflow_shared::metadata::Metadata;
 use orderflow_shared::store::{Context, Db, UnitOfWork};
 
-use crate::gateway::{GatewayError, SimulatedGateway};
+use crate::gateway::{GatewayError, Receipt, SimulatedGateway};
 use crate::providers::PaymentProvider;
 
 /// The service (and queue) name of the provider for `method`.
@@ -76,12 +77,26 @@ impl ProviderWorker {
         })
     }
 
-    fn gateway_backoff(&self) -> ExponentialBuilder {
-        ExponentialBuilder::default()
+    /// Calls the gateway, retrying while it is unavailable (backoff from
+    /// 50 ms, `ORDERFLOW_GATEWAY_RETRIES` times), as a provider integration
+    /// retries a flaky gateway before giving up.
+    async fn at_gateway<F, Fut>(&self, order_id: &str, call: F) -> Result<Receipt, GatewayError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<Receipt, GatewayError>>,
+    {
+        let backoff = ExponentialBuilder::default()
             .with_min_delay(Duration::from_millis(50))
             .with_max_delay(Duration::from_secs(1))
             .with_max_times(self.retries)
-            .with_jitter()
+            .with_jitter();
+        call.retry(backoff)
+            .sleep(tokio::time::sleep)
+            .when(|e| matches!(e, GatewayError::Unavailable(_)))
+            .notify(|error, delay| {
+                tracing::warn!(%order_id, %error, ?delay, "gateway call failed, retrying");
+            })
+            .await
     }
 
     /// The state of `order_id`'s capture, locked for this transaction.
@@ -133,11 +148,8 @@ impl ProviderWorker {
             return Ok(());
         }
         let key = format!("charge:{order_id}");
-        let result = (|| self.provider.charge(&key, order_id, expected))
-            .retry(self.gateway_backoff())
-            .sleep(tokio::time::sleep)
-            .when(|e| matches!(e, GatewayError::Unavailable(_)))
-            .notify(|error, delay| tracing::warn!(%order_id, %error, ?delay, "gateway call failed, retrying"))
+        let result = self
+            .at_gateway(order_id, || self.provider.charge(&key, order_id, expected))
             .await;
         let failure = match result {
             Ok(receipt) if receipt.amount_cents == expected => {
@@ -213,10 +225,8 @@ impl ProviderWorker {
         }
         let charged = charged.unwrap_or_default();
         let key = format!("refund:{order_id}");
-        let receipt = (|| self.provider.refund(&key, order_id, charged))
-            .retry(self.gateway_backoff())
-            .sleep(tokio::time::sleep)
-            .when(|e| matches!(e, GatewayError::Unavailable(_)))
+        let receipt = self
+            .at_gateway(order_id, || self.provider.refund(&key, order_id, charged))
             .await
             .map_err(|error| match error {
                 GatewayError::Unavailable(_) => HandleError::transient(error),
