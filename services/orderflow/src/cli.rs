@@ -85,6 +85,33 @@ pub enum Command {
             twice). Uses ORDERFLOW_AMQP_URL and ORDERFLOW_NAMESPACE."
     )]
     Dlq(DlqCommand),
+
+    /// Drive a running orderflow like its clients do and report throughput and latency
+    #[command(
+        long_about = "Drive a running orderflow like its clients do and report throughput and latency.\n\n\
+        Each order: POST /orders, wait (long poll) until it awaits payment, pay with the \
+        methods round-robin (every 20th with a method no provider has, haidilao never \
+        accepting unionpay), wait until it is completed or cancelled. An outcome other \
+        than the expected one, or a charge other than the discounted server amount, \
+        counts as a failure. Prints one JSON line: orders, concurrency, completed, \
+        cancelled, failures, orders_per_s, p50_ms, p95_ms, p99_ms, wall_s (latency is \
+        per order, from the start call to the terminal state the client saw). \
+        Exits 1 when any order failed. Start the system first (`orderflow up`)."
+    )]
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// How many orders to run
+    #[arg(long, default_value_t = 200)]
+    pub orders: usize,
+    /// How many orders are in flight at once
+    #[arg(long, default_value_t = 10)]
+    pub concurrency: usize,
+    /// Base URL of the order API [default: http://127.0.0.1:8080]
+    #[arg(long, env = "ORDERFLOW_API_URL")]
+    pub api: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]

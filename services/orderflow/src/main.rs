@@ -1,6 +1,7 @@
 //! `orderflow`: the operator command line of orderflow. Thin entry point: parse
 //! the arguments, run the command, report errors.
 
+mod bench;
 mod cli;
 mod dlq;
 mod order;
@@ -44,6 +45,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Order(command) => order::run(command),
         Command::Saga(command) => saga::run(command),
         Command::Dlq(command) => dlq::run(command),
+        Command::Bench(args) => bench::run(&args),
     }
 }
 
