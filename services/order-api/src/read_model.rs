@@ -11,6 +11,7 @@ use orderflow_shared::events::{
     PaymentCaptured, PaymentRefunded, PaymentSelected,
 };
 use orderflow_shared::store::Db;
+use orderflow_shared::store::orders::{Terminal, finish};
 use sqlx::PgConnection;
 
 use crate::SERVICE;
@@ -200,37 +201,22 @@ async fn payment_refunded(conn: &mut PgConnection, e: &PaymentRefunded) -> Resul
     Ok(())
 }
 
-/// Terminal: applies unless the order was cancelled first (a row already
-/// completed by order-completed gets the same values again).
+/// Terminal: the same conditional transition the owner (order-completed)
+/// makes; a no-op when it made it already or the order was cancelled first.
 async fn order_completed(conn: &mut PgConnection, e: &OrderCompleted) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO orders (order_id, status, method, charged_cents) \
-         VALUES ($1, 'completed', $2, $3) \
-         ON CONFLICT (order_id) DO UPDATE SET status = 'completed', \
-           method = EXCLUDED.method, charged_cents = EXCLUDED.charged_cents, updated_at = now() \
-         WHERE orders.status <> 'cancelled'",
-    )
-    .bind(&e.order_id)
-    .bind(&e.method)
-    .bind(e.charged_cents)
-    .execute(conn)
-    .await?;
-    Ok(())
+    let outcome = Terminal::Completed {
+        method: e.method.clone(),
+        charged_cents: e.charged_cents,
+        capture_id: None,
+    };
+    finish(conn, &e.order_id, &outcome).await.map(drop)
 }
 
-/// Terminal: applies unless the order was completed first; the first reason
-/// given stays.
+/// Terminal: the same conditional transition the owner (order-cancelled)
+/// makes; a no-op when it made it already or the order was completed first.
 async fn order_cancelled(conn: &mut PgConnection, e: &OrderCancelled) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO orders (order_id, status, cancel_reason) VALUES ($1, 'cancelled', $2) \
-         ON CONFLICT (order_id) DO UPDATE SET status = 'cancelled', \
-           cancel_reason = COALESCE(orders.cancel_reason, EXCLUDED.cancel_reason), \
-           updated_at = now() \
-         WHERE orders.status <> 'completed'",
-    )
-    .bind(&e.order_id)
-    .bind(&e.reason)
-    .execute(conn)
-    .await?;
-    Ok(())
+    let outcome = Terminal::Cancelled {
+        reason: e.reason.clone(),
+    };
+    finish(conn, &e.order_id, &outcome).await.map(drop)
 }

@@ -30,7 +30,7 @@ impl Handler for OrderCompletedHandler {
         let outcome = Terminal::Completed {
             method: captured.provider.clone(),
             charged_cents: captured.charged_cents,
-            capture_id: captured.capture_id.clone(),
+            capture_id: Some(captured.capture_id.clone()),
         };
         if finish(unit.conn(), &captured.order_id, &outcome).await? {
             unit.emit(Outgoing::event(

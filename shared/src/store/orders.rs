@@ -10,7 +10,9 @@ pub enum Terminal {
     Completed {
         method: String,
         charged_cents: i64,
-        capture_id: String,
+        /// Known to order-completed (from the capture), not to readers of
+        /// `order.completed`; a known one is never erased.
+        capture_id: Option<String>,
     },
     Cancelled {
         reason: String,
@@ -20,7 +22,9 @@ pub enum Terminal {
 /// Moves the order to `outcome` unless it is already completed or cancelled
 /// (creating the row if no event about the order reached the read model yet).
 /// `true` when this call made the transition: only then may the caller
-/// announce it. The loser publishes nothing.
+/// announce it. The loser publishes nothing. The order API's read model
+/// mirrors `order.completed` / `order.cancelled` through this same function,
+/// which is a no-op when the owner already made the transition.
 pub async fn finish(
     conn: &mut PgConnection,
     order_id: &str,
@@ -38,7 +42,7 @@ pub async fn finish(
                  VALUES ($1, 'completed', $2, $3, $4) \
                  ON CONFLICT (order_id) DO UPDATE SET status = 'completed', \
                    method = EXCLUDED.method, charged_cents = EXCLUDED.charged_cents, \
-                   capture_id = EXCLUDED.capture_id, updated_at = now() \
+                   capture_id = COALESCE(EXCLUDED.capture_id, orders.capture_id), updated_at = now() \
                  WHERE orders.status NOT IN ('completed', 'cancelled')",
                 )
                 .bind(order_id)
