@@ -96,11 +96,14 @@ impl UnitOfWork {
                 occurred_at.push(i64::try_from(envelope.timestamp).unwrap_or(i64::MAX));
                 bodies.push(message.body);
             }
+            // One round trip: the rows, and the NOTIFY that wakes relays in
+            // other processes when this transaction commits.
             sqlx::query(
-                "INSERT INTO outbox (message_id, routing_key, correlation_id, causation_id, \
-                 traceparent, occurred_at, body) \
+                "WITH written AS (INSERT INTO outbox (message_id, routing_key, correlation_id, \
+                 causation_id, traceparent, occurred_at, body) \
                  SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], \
-                 $5::text[], $6::int8[], $7::bytea[])",
+                 $5::text[], $6::int8[], $7::bytea[]) RETURNING 1) \
+                 SELECT pg_notify($8, '') FROM (SELECT 1) once WHERE EXISTS (SELECT 1 FROM written)",
             )
             .bind(&message_ids)
             .bind(&routing_keys)
@@ -109,13 +112,9 @@ impl UnitOfWork {
             .bind(&traceparents)
             .bind(&occurred_at)
             .bind(&bodies)
+            .bind(self.db.outbox_channel())
             .execute(&mut *self.tx)
             .await?;
-            // Delivered at commit to relays in other processes.
-            sqlx::query("SELECT pg_notify($1, '')")
-                .bind(self.db.outbox_channel())
-                .execute(&mut *self.tx)
-                .await?;
         }
         self.tx.commit().await?;
         if has_outgoing {
