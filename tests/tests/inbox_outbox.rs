@@ -1,7 +1,8 @@
 //! Inbox and outbox: a message delivered twice has one effect; a relay that
 //! crashes between publishing and marking sent publishes again, and the
 //! downstream inbox keeps it to one effect; several relays never publish a
-//! row twice.
+//! row twice; committed rows reach the broker by hand-over without any sweep,
+//! and what the hand-over could not publish is swept later.
 
 #![allow(
     clippy::unwrap_used,
@@ -51,7 +52,7 @@ async fn a_crash_between_publish_and_mark_sent_publishes_again_with_one_effect()
     unit.emit(Outgoing::event(&sample_event("order-9"), None));
     unit.commit().await.unwrap();
 
-    let relay = Relay::new(upstream.clone(), env.broker.publisher());
+    let relay = Relay::new(upstream.clone(), env.broker.publisher()).with_grace(Duration::ZERO);
     assert_eq!(relay.relay_batch().await.unwrap(), 1);
     assert_eq!(
         relay.relay_batch().await.unwrap(),
@@ -94,7 +95,7 @@ async fn several_relays_publish_each_row_once() {
         unit.commit().await.unwrap();
     }
     let relays: Vec<Relay> = (0..3)
-        .map(|_| Relay::new(upstream.clone(), env.broker.publisher()))
+        .map(|_| Relay::new(upstream.clone(), env.broker.publisher()).with_grace(Duration::ZERO))
         .collect();
     let published = futures::future::join_all(relays.iter().map(|relay| async move {
         let mut total = 0;
@@ -128,12 +129,17 @@ async fn several_relays_publish_each_row_once() {
 async fn a_running_relay_publishes_what_another_process_commits() {
     let env = TestEnv::new(&[ServiceSpec::new("downstream", &["order.cancelled"])]).await;
     let relay_side = env.db("upstream").await;
-    // A second handle on the same schema stands for another process: its
-    // commits reach the relay only through the database.
+    // A second handle on the same schema stands for another process (or one
+    // that died after committing): no relay runs on it, so its rows reach
+    // the running relay only through the database, by a sweep.
     let writer_side = env.db("upstream").await;
     let shutdown = orderflow_shared::Shutdown::new();
-    let relay =
-        tokio::spawn(Relay::new(relay_side.clone(), env.broker.publisher()).run(shutdown.clone()));
+    let relay = tokio::spawn(
+        Relay::new(relay_side.clone(), env.broker.publisher())
+            .with_grace(Duration::from_millis(300))
+            .with_poll_interval(Duration::from_millis(100))
+            .run(shutdown.clone()),
+    );
     for i in 0..5 {
         let mut unit = writer_side.begin_unit_without_inbox().await.unwrap();
         unit.emit(Outgoing::event(&sample_event(&format!("order-{i}")), None));
@@ -151,5 +157,94 @@ async fn a_running_relay_publishes_what_another_process_commits() {
         .await
         .unwrap();
     assert_eq!(unsent, 0);
+    env.cleanup().await;
+}
+
+/// Sent rows of the outbox, and all of them.
+async fn outbox_counts(db: &orderflow_shared::store::Db) -> (i64, i64) {
+    sqlx::query_as("SELECT count(sent_at), count(*) FROM outbox")
+        .fetch_one(db.pool())
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn committed_rows_are_handed_to_the_running_relay_without_a_sweep() {
+    let env = TestEnv::new(&[ServiceSpec::new("downstream", &["order.cancelled"])]).await;
+    let upstream = env.db("upstream").await;
+    let shutdown = orderflow_shared::Shutdown::new();
+    // Sweeps never find anything young enough: only the hand-over can publish.
+    let relay = tokio::spawn(
+        Relay::new(upstream.clone(), env.broker.publisher())
+            .with_grace(Duration::from_hours(1))
+            .run(shutdown.clone()),
+    );
+    let queue = env.queue("downstream");
+    for i in 0..20 {
+        let mut unit = upstream.begin_unit_without_inbox().await.unwrap();
+        unit.emit(Outgoing::event(&sample_event(&format!("order-{i}")), None));
+        unit.commit().await.unwrap();
+    }
+    eventually(
+        Duration::from_secs(10),
+        "20 messages handed over",
+        || async { env.message_count(&queue).await == 20 },
+    )
+    .await;
+    eventually(Duration::from_secs(10), "all rows marked sent", || async {
+        outbox_counts(&upstream).await == (20, 20)
+    })
+    .await;
+    shutdown.cancel();
+    relay.await.unwrap();
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_message_the_broker_refused_stays_in_the_outbox_until_a_sweep_publishes_it() {
+    let env = TestEnv::new(&[ServiceSpec::new("downstream", &["order.cancelled"])]).await;
+    let upstream = env.db("upstream").await;
+    let shutdown = orderflow_shared::Shutdown::new();
+    let relay = tokio::spawn(
+        Relay::new(upstream.clone(), env.broker.publisher())
+            .with_grace(Duration::from_millis(200))
+            .with_poll_interval(Duration::from_millis(100))
+            .run(shutdown.clone()),
+    );
+    // Nothing is bound to this key yet: the mandatory publish comes back.
+    let mut message = Outgoing::event(&sample_event("order-late"), None);
+    message.routing_key = "order.cancelled.late".to_owned();
+    let mut unit = upstream.begin_unit_without_inbox().await.unwrap();
+    unit.emit(message);
+    unit.commit().await.unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        outbox_counts(&upstream).await,
+        (0, 1),
+        "an unpublished row is neither lost nor marked sent"
+    );
+    // The route appears: the next sweep publishes the row.
+    let (_connection, channel) = env.raw_channel().await;
+    channel
+        .queue_bind(
+            env.queue("downstream").as_str().into(),
+            env.broker.names().events_exchange().as_str().into(),
+            "order.cancelled.late".into(),
+            lapin::options::QueueBindOptions::default(),
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let queue = env.queue("downstream");
+    eventually(Duration::from_secs(10), "the swept message", || async {
+        env.message_count(&queue).await == 1
+    })
+    .await;
+    eventually(Duration::from_secs(10), "the row marked sent", || async {
+        outbox_counts(&upstream).await == (1, 1)
+    })
+    .await;
+    shutdown.cancel();
+    relay.await.unwrap();
     env.cleanup().await;
 }

@@ -156,7 +156,7 @@ async fn wait_for(
     let _waiting = state.metrics.waiting();
     let deadline = tokio::time::Instant::now() + timeout;
     // Subscribed before the first read: no change can slip in between.
-    let mut changes = state.watcher.subscribe();
+    let mut changes = state.watcher.subscribe(order_id);
     loop {
         let view = orders::fetch(&state.db, order_id).await?;
         let done = view
@@ -167,7 +167,7 @@ async fn wait_for(
             return Ok(view);
         }
         tokio::select! {
-            () = changes.changed(order_id) => {}
+            () = changes.changed() => {}
             () = tokio::time::sleep_until(deadline) => return Ok(view),
             () = state.shutdown.cancelled() => return Ok(view),
         }

@@ -1,21 +1,25 @@
 //! Wake-ups for long-polling readers (`GET /orders/{id}?wait_for=`): one
 //! PostgreSQL `LISTEN orderflow_orders` per server (the orders table's trigger
 //! notifies the order id on every insert and update, from any process),
-//! fanned out to the waiters through a broadcast channel.
+//! routed to the waiters of that order only.
 //!
 //! A waiter subscribes before it reads the row, so a change between its read
 //! and its wait still wakes it. When the listener is down (or notifications
 //! may have been missed while it reconnected) every waiter is woken to read
 //! again, and waiters fall back to reading every 500 ms until it is back.
+//!
+//! Waiters are kept per order id: a notification wakes only the readers of
+//! its order, so N waiting clients cost O(1) per change, not O(N).
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use orderflow_shared::Shutdown;
 use sqlx::PgPool;
 use sqlx::postgres::PgListener;
-use tokio::sync::broadcast;
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 /// The NOTIFY channel of `shared/migrations/orders/0001_orders.sql`.
@@ -24,58 +28,101 @@ pub const CHANNEL: &str = "orderflow_orders";
 /// How often waiters read the row themselves while the listener is down.
 pub const FALLBACK_POLL: Duration = Duration::from_millis(500);
 
-/// Broadcast buffer; a waiter that falls further behind re-reads its order.
-const BUFFER: usize = 1024;
+/// The waiters of one order: a change counter and how many subscriptions
+/// watch it (the entry goes when the last one does).
+#[derive(Debug)]
+struct Waiters {
+    changes: watch::Sender<u64>,
+    subscriptions: usize,
+}
 
-#[derive(Clone, Debug)]
-enum Wake {
-    /// This order changed.
-    Order(Arc<str>),
-    /// Anything may have changed (notifications may have been lost).
-    Everyone,
+#[derive(Debug)]
+struct Shared {
+    orders: Mutex<HashMap<Arc<str>, Waiters>>,
+    /// Bumped when anything may have changed (notifications may be lost).
+    everyone: watch::Sender<u64>,
+    listening: AtomicBool,
+}
+
+impl Shared {
+    fn orders(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Waiters>> {
+        // The map stays consistent even if a holder panicked: every critical
+        // section is a single insert, update or remove.
+        self.orders.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn wake_order(&self, order_id: &str) {
+        if let Some(waiters) = self.orders().get(order_id) {
+            waiters.changes.send_modify(|n| *n = n.wrapping_add(1));
+        }
+    }
+
+    fn wake_everyone(&self) {
+        self.everyone.send_modify(|n| *n = n.wrapping_add(1));
+    }
 }
 
 /// The shared listener's handle; cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Watcher {
-    wakes: broadcast::Sender<Wake>,
-    listening: Arc<AtomicBool>,
+    shared: Arc<Shared>,
 }
 
-/// One waiter's view of the wake-ups, created before it reads the row.
+/// One waiter's view of one order's changes, created before it reads the row.
 #[derive(Debug)]
 pub struct Subscription {
-    wakes: broadcast::Receiver<Wake>,
-    listening: Arc<AtomicBool>,
-    closed: bool,
+    shared: Arc<Shared>,
+    order_id: Arc<str>,
+    changes: watch::Receiver<u64>,
+    everyone: watch::Receiver<u64>,
 }
 
 impl Watcher {
     /// Starts the listener task on `pool`; it ends with `shutdown`.
     pub fn spawn(pool: PgPool, shutdown: Shutdown) -> (Self, JoinHandle<()>) {
-        let (wakes, _) = broadcast::channel(BUFFER);
         let watcher = Self {
-            wakes,
-            listening: Arc::new(AtomicBool::new(false)),
+            shared: Arc::new(Shared {
+                orders: Mutex::new(HashMap::new()),
+                everyone: watch::channel(0).0,
+                listening: AtomicBool::new(false),
+            }),
         };
         let task = tokio::spawn(watcher.clone().listen(pool, shutdown));
         (watcher, task)
     }
 
-    pub fn subscribe(&self) -> Subscription {
+    /// Watches `order_id` from now on.
+    pub fn subscribe(&self, order_id: &str) -> Subscription {
+        let everyone = self.shared.everyone.subscribe();
+        let order_id: Arc<str> = order_id.into();
+        let mut orders = self.shared.orders();
+        let waiters = orders.entry(order_id.clone()).or_insert_with(|| Waiters {
+            changes: watch::channel(0).0,
+            subscriptions: 0,
+        });
+        waiters.subscriptions += 1;
+        let changes = waiters.changes.subscribe();
+        drop(orders);
         Subscription {
-            wakes: self.wakes.subscribe(),
-            listening: self.listening.clone(),
-            closed: false,
+            shared: self.shared.clone(),
+            order_id,
+            changes,
+            everyone,
         }
     }
 
+    /// How many orders have waiters right now.
+    #[cfg(test)]
+    fn watched_orders(&self) -> usize {
+        self.shared.orders().len()
+    }
+
     fn set_listening(&self, listening: bool) {
-        let was = self.listening.swap(listening, Ordering::SeqCst);
+        let was = self.shared.listening.swap(listening, Ordering::SeqCst);
         if was != listening {
             // Up: changes before LISTEN took effect were missed. Down: waiters
             // switch to polling. Either way, everyone reads again.
-            let _ = self.wakes.send(Wake::Everyone);
+            self.shared.wake_everyone();
         }
     }
 
@@ -101,13 +148,13 @@ impl Watcher {
                         };
                         match received {
                             Ok(Some(notification)) => {
-                                let _ = self.wakes.send(Wake::Order(notification.payload().into()));
+                                self.shared.wake_order(notification.payload());
                             }
                             // The connection was lost and is back (sqlx reconnects
                             // eagerly): what was notified meanwhile is gone.
                             Ok(None) => {
                                 tracing::warn!("LISTEN connection lost and re-established");
-                                let _ = self.wakes.send(Wake::Everyone);
+                                self.shared.wake_everyone();
                             }
                             Err(error) => break Some(error),
                         }
@@ -126,41 +173,103 @@ impl Watcher {
             }
         }
         self.set_listening(false);
+        // Nobody will be notified any more: let every waiter read once and
+        // then poll.
+        self.shared.wake_everyone();
     }
 }
 
 impl Subscription {
-    /// Waits until `order_id` may have changed: it was notified, notifications
+    /// Waits until the order may have changed: it was notified, notifications
     /// may have been missed, or (listener down) the fallback interval passed.
-    pub async fn changed(&mut self, order_id: &str) {
-        loop {
-            if self.closed || !self.listening.load(Ordering::SeqCst) {
-                // Still take wake-ups meanwhile: the listener coming back says so.
-                tokio::select! {
-                    () = tokio::time::sleep(FALLBACK_POLL) => return,
-                    woke = self.wakes.recv(), if !self.closed => {
-                        if self.is_for(woke, order_id) {
-                            return;
-                        }
-                    }
-                }
-            } else {
-                let woke = self.wakes.recv().await;
-                if self.is_for(woke, order_id) {
-                    return;
-                }
+    pub async fn changed(&mut self) {
+        let polling = !self.shared.listening.load(Ordering::SeqCst);
+        // The senders live as long as this subscription (in `shared`), so
+        // `changed` only returns when a value was sent.
+        tokio::select! {
+            _ = self.changes.changed() => {}
+            _ = self.everyone.changed() => {}
+            () = tokio::time::sleep(FALLBACK_POLL), if polling => {}
+        }
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        let mut orders = self.shared.orders();
+        if let Some(waiters) = orders.get_mut(&*self.order_id) {
+            waiters.subscriptions -= 1;
+            if waiters.subscriptions == 0 {
+                orders.remove(&*self.order_id);
             }
         }
     }
+}
 
-    fn is_for(&mut self, woke: Result<Wake, broadcast::error::RecvError>, order_id: &str) -> bool {
-        match woke {
-            Ok(Wake::Order(id)) => *id == *order_id,
-            Ok(Wake::Everyone) | Err(broadcast::error::RecvError::Lagged(_)) => true,
-            Err(broadcast::error::RecvError::Closed) => {
-                self.closed = true;
-                true
-            }
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn watcher() -> Watcher {
+        Watcher {
+            shared: Arc::new(Shared {
+                orders: Mutex::new(HashMap::new()),
+                everyone: watch::channel(0).0,
+                listening: AtomicBool::new(true),
+            }),
         }
+    }
+
+    async fn woke(subscription: &mut Subscription) -> bool {
+        tokio::time::timeout(Duration::from_millis(50), subscription.changed())
+            .await
+            .is_ok()
+    }
+
+    #[tokio::test]
+    async fn a_change_wakes_only_the_waiters_of_its_order() {
+        let watcher = watcher();
+        let mut a1 = watcher.subscribe("a");
+        let mut a2 = watcher.subscribe("a");
+        let mut b = watcher.subscribe("b");
+        watcher.shared.wake_order("a");
+        assert!(woke(&mut a1).await);
+        assert!(woke(&mut a2).await);
+        assert!(!woke(&mut b).await, "b was not notified");
+        // Seen once: no second wake-up without a second change.
+        assert!(!woke(&mut a1).await);
+    }
+
+    #[tokio::test]
+    async fn a_change_before_the_wait_is_not_lost() {
+        let watcher = watcher();
+        let mut a = watcher.subscribe("a");
+        watcher.shared.wake_order("a");
+        tokio::task::yield_now().await;
+        assert!(woke(&mut a).await);
+    }
+
+    #[tokio::test]
+    async fn everyone_is_woken_when_notifications_may_be_lost() {
+        let watcher = watcher();
+        let mut a = watcher.subscribe("a");
+        let mut b = watcher.subscribe("b");
+        watcher.set_listening(false);
+        assert!(woke(&mut a).await);
+        assert!(woke(&mut b).await);
+    }
+
+    #[tokio::test]
+    async fn the_last_subscription_removes_its_order() {
+        let watcher = watcher();
+        let a1 = watcher.subscribe("a");
+        let a2 = watcher.subscribe("a");
+        assert_eq!(watcher.watched_orders(), 1);
+        drop(a1);
+        assert_eq!(watcher.watched_orders(), 1);
+        drop(a2);
+        assert_eq!(watcher.watched_orders(), 0);
+        // A change for an order nobody watches is a no-op.
+        watcher.shared.wake_order("a");
     }
 }

@@ -15,9 +15,9 @@ use std::time::Duration;
 use secrecy::{ExposeSecret, SecretString};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{AssertSqlSafe, ConnectOptions, Connection, PgPool};
-use tokio::sync::Notify;
 
 pub use context::Context;
+use outbox::HandOver;
 pub use outbox::{Relay, RelayError};
 pub use unit::UnitOfWork;
 
@@ -136,13 +136,14 @@ pub async fn ensure_database(url: &SecretString) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// A pool scoped to one context's schema, plus the in-process signal that
-/// wakes the outbox relay.
+/// A pool scoped to one context's schema, plus the in-process hand-over of
+/// committed outbox rows to the relay running on it.
 #[derive(Clone, Debug)]
 pub struct Db {
     pool: PgPool,
     schema: String,
-    outbox_signal: Arc<Notify>,
+    options: PgConnectOptions,
+    hand_over: Arc<HandOver>,
 }
 
 impl Db {
@@ -177,7 +178,7 @@ impl Db {
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(10))
-            .connect_with(options)
+            .connect_with(options.clone())
             .await
             .map_err(|cause| StoreError::Connect {
                 url: redact_url(url.expose_secret()),
@@ -186,7 +187,8 @@ impl Db {
         Ok(Self {
             pool,
             schema: schema.to_owned(),
-            outbox_signal: Arc::new(Notify::new()),
+            options,
+            hand_over: Arc::new(HandOver::default()),
         })
     }
 
@@ -198,14 +200,13 @@ impl Db {
         &self.schema
     }
 
-    /// The NOTIFY channel on which commits that wrote to the outbox wake relays
-    /// in other processes.
-    pub fn outbox_channel(&self) -> String {
-        format!("orderflow_outbox_{}", self.schema)
+    /// The options the pool's connections are made with (schema included).
+    pub(crate) fn connect_options(&self) -> &PgConnectOptions {
+        &self.options
     }
 
-    pub(crate) fn outbox_signal(&self) -> &Arc<Notify> {
-        &self.outbox_signal
+    pub(crate) fn hand_over(&self) -> &Arc<HandOver> {
+        &self.hand_over
     }
 
     /// Applies the runtime migrations (inbox, outbox) and then the context's

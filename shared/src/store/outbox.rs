@@ -1,17 +1,27 @@
 //! The outbox relay: publishes committed outbox rows with publisher confirms
-//! and marks them sent. Rows are claimed with `FOR UPDATE SKIP LOCKED`, so any
-//! number of relays can run; a relay that dies between publish and mark-sent
-//! leaves the row unsent and it is published again, with the same
-//! `message_id`, which consumers' inboxes recognise.
+//! and marks them sent. Two paths lead a row to the broker:
 //!
-//! The relay wakes on an in-process signal (same process), on `NOTIFY`
-//! (other processes) and, as a safety net, on a slow poll.
+//! - **Hand-over** (the fast path): a unit of work that commits in a process
+//!   whose relay runs hands its rows over in memory. The relay publishes them
+//!   at once, many confirms in flight, and marks the confirmed ones sent in
+//!   batches. No query finds them, no notification wakes anyone.
+//! - **Sweep** (the safety net): rows nobody handed over — the process died
+//!   between commit and publish, a publish failed, another process has no
+//!   relay — are claimed with `FOR UPDATE SKIP LOCKED` once they are older
+//!   than a grace period and not in this relay's hands, published again with
+//!   the same `message_id` (consumers' inboxes drop the duplicate) and marked
+//!   sent. Any number of relays can sweep one outbox.
 
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use futures::future::join_all;
-use sqlx::Row;
-use sqlx::postgres::PgListener;
+use sqlx::postgres::PgPoolOptions;
+use sqlx::{PgPool, Row};
+use tokio::sync::{Notify, Semaphore, mpsc};
+use tokio::task::JoinSet;
 
 use super::Db;
 use crate::Shutdown;
@@ -33,6 +43,72 @@ pub enum RelayError {
     },
 }
 
+/// Rows handed over by committed units of work, and the ids the relay holds
+/// (handed over or being swept, not yet marked sent), which sweeps skip.
+#[derive(Debug, Default)]
+pub(crate) struct HandOver {
+    /// Set while a relay runs on this `Db`; otherwise units hand nothing over
+    /// and their rows wait for a sweep.
+    attached: AtomicBool,
+    pending: Mutex<Vec<(i64, Outgoing)>>,
+    held: Mutex<HashSet<i64>>,
+    wake: Notify,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Every critical section here is a single push, drain or set update: the
+    // data is consistent even if a holder panicked.
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl HandOver {
+    /// Gives committed rows to the running relay; `false` (rows left for a
+    /// sweep) when no relay runs on this `Db`.
+    pub(crate) fn hand_over(&self, rows: Vec<(i64, Outgoing)>) -> bool {
+        if !self.attached.load(Ordering::Acquire) || rows.is_empty() {
+            return false;
+        }
+        {
+            let mut held = lock(&self.held);
+            held.extend(rows.iter().map(|(id, _)| *id));
+        }
+        lock(&self.pending).extend(rows);
+        self.wake.notify_one();
+        true
+    }
+
+    fn take(&self) -> Vec<(i64, Outgoing)> {
+        std::mem::take(&mut *lock(&self.pending))
+    }
+
+    fn held_ids(&self) -> Vec<i64> {
+        lock(&self.held).iter().copied().collect()
+    }
+
+    fn release(&self, ids: &[i64]) {
+        let mut held = lock(&self.held);
+        for id in ids {
+            held.remove(id);
+        }
+    }
+}
+
+/// When sweeping may start again after failures.
+#[derive(Debug)]
+struct SweepBackoff {
+    failures: u32,
+    not_before: tokio::time::Instant,
+}
+
+impl Default for SweepBackoff {
+    fn default() -> Self {
+        Self {
+            failures: 0,
+            not_before: tokio::time::Instant::now(),
+        }
+    }
+}
+
 /// Publishes one schema's outbox.
 #[derive(Clone, Debug)]
 pub struct Relay {
@@ -40,6 +116,26 @@ pub struct Relay {
     publisher: Publisher,
     batch_size: i64,
     poll_interval: Duration,
+    grace: Duration,
+    /// Most messages of hand-over batches waiting for their confirm at once.
+    in_flight: Arc<Semaphore>,
+}
+
+/// Publishes `messages` with all confirms in flight at once; the results in order.
+async fn publish_all<'a>(
+    publisher: &Publisher,
+    messages: impl Iterator<Item = &'a Outgoing>,
+) -> Vec<Result<(), PublishError>> {
+    join_all(messages.map(|message| publisher.publish(message))).await
+}
+
+fn log_unpublished(message: &Outgoing, error: &PublishError) {
+    tracing::warn!(
+        order_id = %message.envelope.correlation_id,
+        message_id = %message.envelope.message_id,
+        %error,
+        "outbox message not published; it stays in the outbox for the next sweep"
+    );
 }
 
 impl Relay {
@@ -49,7 +145,24 @@ impl Relay {
             publisher,
             batch_size: 256,
             poll_interval: Duration::from_secs(1),
+            grace: Duration::from_secs(2),
+            in_flight: Arc::new(Semaphore::new(4096)),
         }
+    }
+
+    /// How old an unsent row must be before a sweep takes it: younger rows
+    /// are normally being published by the process that committed them.
+    #[must_use]
+    pub fn with_grace(mut self, grace: Duration) -> Self {
+        self.grace = grace;
+        self
+    }
+
+    /// How often the relay sweeps.
+    #[must_use]
+    pub fn with_poll_interval(mut self, poll_interval: Duration) -> Self {
+        self.poll_interval = poll_interval;
+        self
     }
 
     fn sql_error(&self, source: sqlx::Error) -> RelayError {
@@ -59,10 +172,12 @@ impl Relay {
         }
     }
 
-    /// Claims up to one batch of unsent rows, publishes them (all confirms in
+    /// One sweep: claims up to one batch of unsent rows older than the grace
+    /// period that this relay does not hold, publishes them (all confirms in
     /// flight at once) and marks the confirmed ones sent. Returns how many
     /// were published.
     pub async fn relay_batch(&self) -> Result<usize, RelayError> {
+        let hand_over = self.db.hand_over();
         let mut tx = self
             .db
             .pool()
@@ -71,10 +186,13 @@ impl Relay {
             .map_err(|e| self.sql_error(e))?;
         let rows = sqlx::query(
             "SELECT id, message_id, routing_key, correlation_id, causation_id, traceparent, \
-             occurred_at, body FROM outbox WHERE sent_at IS NULL ORDER BY id LIMIT $1 \
-             FOR UPDATE SKIP LOCKED",
+             occurred_at, body FROM outbox \
+             WHERE sent_at IS NULL AND created_at <= now() - make_interval(secs => $2) \
+             AND id <> ALL($3) ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
         )
         .bind(self.batch_size)
+        .bind(self.grace.as_secs_f64())
+        .bind(hand_over.held_ids())
         .fetch_all(&mut *tx)
         .await
         .map_err(|e| self.sql_error(e))?;
@@ -83,47 +201,16 @@ impl Relay {
         }
         let mut claimed = Vec::with_capacity(rows.len());
         for row in rows {
-            let id: i64 = row.try_get("id").map_err(|e| self.sql_error(e))?;
-            let routing_key: String = row.try_get("routing_key").map_err(|e| self.sql_error(e))?;
-            let occurred_at: i64 = row.try_get("occurred_at").map_err(|e| self.sql_error(e))?;
-            let envelope = Envelope {
-                message_id: row.try_get("message_id").map_err(|e| self.sql_error(e))?,
-                correlation_id: row
-                    .try_get("correlation_id")
-                    .map_err(|e| self.sql_error(e))?,
-                kind: routing_key.clone(),
-                timestamp: u64::try_from(occurred_at).unwrap_or_default(),
-                causation_id: row.try_get("causation_id").map_err(|e| self.sql_error(e))?,
-                traceparent: row.try_get("traceparent").map_err(|e| self.sql_error(e))?,
-            };
-            let body: Vec<u8> = row.try_get("body").map_err(|e| self.sql_error(e))?;
-            claimed.push((
-                id,
-                Outgoing {
-                    routing_key,
-                    envelope,
-                    body,
-                },
-            ));
+            claimed.push(decode_row(&row).map_err(|e| self.sql_error(e))?);
         }
-        let results = join_all(
-            claimed
-                .iter()
-                .map(|(_, message)| self.publisher.publish(message)),
-        )
-        .await;
+        let results = publish_all(&self.publisher, claimed.iter().map(|(_, m)| m)).await;
         let mut sent = Vec::with_capacity(claimed.len());
         let mut failures = Vec::new();
         for ((id, message), result) in claimed.iter().zip(results) {
             match result {
                 Ok(()) => sent.push(*id),
                 Err(error) => {
-                    tracing::warn!(
-                        order_id = %message.envelope.correlation_id,
-                        message_id = %message.envelope.message_id,
-                        %error,
-                        "outbox message not published; it stays in the outbox for the next try"
-                    );
+                    log_unpublished(message, &error);
                     failures.push(error);
                 }
             }
@@ -146,20 +233,25 @@ impl Relay {
         }
     }
 
-    /// Publishes until the outbox is empty, backing off on failure.
-    async fn drain(&self, failures: &mut u32) {
+    /// Sweeps until nothing old enough is left. After a failure the next
+    /// sweeps are skipped for a while (doubling); the loop itself never
+    /// sleeps, so hand-overs keep flowing meanwhile.
+    async fn sweep(&self, backoff: &mut SweepBackoff) {
+        if tokio::time::Instant::now() < backoff.not_before {
+            return;
+        }
         loop {
             match self.relay_batch().await {
                 Ok(n) if n as i64 == self.batch_size => {}
                 Ok(_) => {
-                    *failures = 0;
+                    backoff.failures = 0;
                     return;
                 }
                 Err(error) => {
-                    *failures = failures.saturating_add(1);
-                    let delay = Duration::from_millis(100 * 2u64.pow((*failures).min(6)));
-                    tracing::warn!(%error, ?delay, "outbox relay failed, retrying");
-                    tokio::time::sleep(delay).await;
+                    backoff.failures = backoff.failures.saturating_add(1);
+                    let delay = Duration::from_millis(100 * 2u64.pow(backoff.failures.min(6)));
+                    backoff.not_before = tokio::time::Instant::now() + delay;
+                    tracing::warn!(%error, ?delay, "outbox sweep failed; sweeping again after the delay");
                     return;
                 }
             }
@@ -178,47 +270,167 @@ impl Relay {
         }
     }
 
-    /// Runs until `shutdown`, publishing whatever is committed to the outbox.
-    pub async fn run(self, shutdown: Shutdown) {
-        let signal = self.db.outbox_signal().clone();
-        let mut listener = match PgListener::connect_with(self.db.pool()).await {
-            Ok(mut listener) => match listener.listen(&self.db.outbox_channel()).await {
-                Ok(()) => Some(listener),
+    /// Publishes one hand-over batch and passes the confirmed ids to the marker.
+    async fn publish_handed_over(
+        &self,
+        batch: Vec<(i64, Outgoing)>,
+        marker: &mpsc::UnboundedSender<Vec<i64>>,
+    ) {
+        let results = publish_all(&self.publisher, batch.iter().map(|(_, m)| m)).await;
+        let mut sent = Vec::with_capacity(batch.len());
+        let mut failed = Vec::new();
+        for ((id, message), result) in batch.iter().zip(results) {
+            match result {
+                Ok(()) => sent.push(*id),
                 Err(error) => {
-                    tracing::warn!(%error, "LISTEN failed; relying on polling");
-                    None
+                    log_unpublished(message, &error);
+                    failed.push(*id);
                 }
-            },
+            }
+        }
+        // Failed rows are let go: the next sweep after the grace period tries again.
+        self.db.hand_over().release(&failed);
+        if !sent.is_empty() && marker.send(sent.clone()).is_err() {
+            self.db.hand_over().release(&sent);
+        }
+    }
+
+    /// Runs until `shutdown`: publishes what units of work hand over, and
+    /// sweeps every poll interval for what nobody did. Units committing on
+    /// this `Db` hand their rows over from the moment this is called (not
+    /// only once the future is first polled).
+    pub fn run(self, shutdown: Shutdown) -> impl std::future::Future<Output = ()> + Send {
+        let hand_over = self.db.hand_over().clone();
+        hand_over.attached.store(true, Ordering::Release);
+        self.serve(hand_over, shutdown)
+    }
+
+    async fn serve(self, hand_over: Arc<HandOver>, shutdown: Shutdown) {
+        let (marker_tx, marker_rx) = mpsc::unbounded_channel();
+        let marker = match Marker::start(&self.db).await {
+            Ok(marker) => Some(tokio::spawn(marker.run(marker_rx))),
             Err(error) => {
-                tracing::warn!(%error, "LISTEN connection failed; relying on polling");
+                tracing::warn!(%error, schema = %self.db.schema(), "cannot open the outbox marker connection; handed-over rows are marked by sweeps");
                 None
             }
         };
-        let mut failures = 0;
+        let mut publishing = JoinSet::new();
+        let mut failures = SweepBackoff::default();
+        let mut sweep = tokio::time::interval(self.poll_interval);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut prune = tokio::time::interval(Duration::from_mins(5));
+        prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            self.drain(&mut failures).await;
-            let notified = async {
-                match listener.as_mut() {
-                    Some(listener) => {
-                        if let Err(error) = listener.recv().await {
-                            tracing::debug!(%error, "outbox LISTEN interrupted");
-                            tokio::time::sleep(self.poll_interval).await;
-                        }
-                    }
-                    None => std::future::pending().await,
-                }
-            };
+            while publishing.try_join_next().is_some() {}
             tokio::select! {
                 () = shutdown.cancelled() => break,
-                () = signal.notified() => {}
-                () = notified => {}
-                () = tokio::time::sleep(self.poll_interval) => {}
+                () = hand_over.wake.notified() => {
+                    self.spawn_batch(hand_over.take(), &marker_tx, &mut publishing).await;
+                }
+                _ = sweep.tick() => self.sweep(&mut failures).await,
                 _ = prune.tick() => self.prune().await,
             }
         }
-        // Last pass so that nothing committed before shutdown waits for the next start.
-        self.drain(&mut failures).await;
+        // Units still committing hand nothing over from now on; what was
+        // handed over is published, and a last sweep takes anything else.
+        hand_over.attached.store(false, Ordering::Release);
+        self.spawn_batch(hand_over.take(), &marker_tx, &mut publishing)
+            .await;
+        while publishing.join_next().await.is_some() {}
+        drop(marker_tx);
+        if let Some(marker) = marker {
+            let _ = marker.await;
+        }
+        failures.not_before = tokio::time::Instant::now();
+        self.sweep(&mut failures).await;
         tracing::info!(schema = %self.db.schema(), "outbox relay stopped");
+    }
+
+    async fn spawn_batch(
+        &self,
+        batch: Vec<(i64, Outgoing)>,
+        marker: &mpsc::UnboundedSender<Vec<i64>>,
+        publishing: &mut JoinSet<()>,
+    ) {
+        if batch.is_empty() {
+            return;
+        }
+        let size = u32::try_from(batch.len()).unwrap_or(u32::MAX).min(4096);
+        // Waits while too many confirms are outstanding: backpressure on the
+        // relay, not on the units (their rows are safe in the table).
+        let permit = self.in_flight.clone().acquire_many_owned(size).await;
+        let relay = self.clone();
+        let marker = marker.clone();
+        publishing.spawn(async move {
+            relay.publish_handed_over(batch, &marker).await;
+            drop(permit);
+        });
+    }
+}
+
+fn decode_row(row: &sqlx::postgres::PgRow) -> Result<(i64, Outgoing), sqlx::Error> {
+    let id: i64 = row.try_get("id")?;
+    let routing_key: String = row.try_get("routing_key")?;
+    let occurred_at: i64 = row.try_get("occurred_at")?;
+    let envelope = Envelope {
+        message_id: row.try_get("message_id")?,
+        correlation_id: row.try_get("correlation_id")?,
+        kind: routing_key.clone(),
+        timestamp: u64::try_from(occurred_at).unwrap_or_default(),
+        causation_id: row.try_get("causation_id")?,
+        traceparent: row.try_get("traceparent")?,
+    };
+    let body: Vec<u8> = row.try_get("body")?;
+    Ok((
+        id,
+        Outgoing {
+            routing_key,
+            envelope,
+            body,
+        },
+    ))
+}
+
+/// Marks handed-over rows sent, many per statement, on its own connection
+/// with `synchronous_commit = off`: a mark lost in a crash only means the row
+/// is published again, and the inbox drops the duplicate.
+struct Marker {
+    db: Db,
+    pool: PgPool,
+}
+
+impl Marker {
+    async fn start(db: &Db) -> Result<Self, sqlx::Error> {
+        let options = db
+            .connect_options()
+            .clone()
+            .options([("synchronous_commit", "off")]);
+        let pool = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(options)
+            .await?;
+        Ok(Self {
+            db: db.clone(),
+            pool,
+        })
+    }
+
+    async fn run(self, mut confirmed: mpsc::UnboundedReceiver<Vec<i64>>) {
+        while let Some(first) = confirmed.recv().await {
+            let mut ids = first;
+            while let Ok(more) = confirmed.try_recv() {
+                ids.extend(more);
+            }
+            let marked = sqlx::query("UPDATE outbox SET sent_at = now() WHERE id = ANY($1)")
+                .bind(&ids)
+                .execute(&self.pool)
+                .await;
+            if let Err(error) = marked {
+                tracing::warn!(%error, schema = %self.db.schema(), rows = ids.len(), "marking outbox rows sent failed; a sweep will publish them again (the inbox drops the duplicates)");
+            }
+            self.db.hand_over().release(&ids);
+        }
+        self.pool.close().await;
     }
 }

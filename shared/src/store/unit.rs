@@ -1,6 +1,7 @@
 //! A unit of work: the inbox row of the message being handled, the handler's
 //! state change and the events it emits (outbox rows), in one transaction.
 //! A duplicate delivery finds its inbox row and gets no unit of work at all.
+//! After the commit the outbox rows go straight to the relay (in memory).
 
 use sqlx::{PgConnection, Postgres, Transaction};
 
@@ -75,51 +76,64 @@ impl UnitOfWork {
         self.outgoing.push(message);
     }
 
-    /// Writes the outbox rows, commits, and wakes the relay.
+    /// Writes the outbox rows, commits, and hands the rows to the relay.
     pub async fn commit(mut self) -> Result<(), sqlx::Error> {
-        let has_outgoing = !self.outgoing.is_empty();
-        if has_outgoing {
-            let mut message_ids = Vec::with_capacity(self.outgoing.len());
-            let mut routing_keys = Vec::with_capacity(self.outgoing.len());
-            let mut correlation_ids = Vec::with_capacity(self.outgoing.len());
-            let mut causation_ids = Vec::with_capacity(self.outgoing.len());
-            let mut traceparents = Vec::with_capacity(self.outgoing.len());
-            let mut occurred_at = Vec::with_capacity(self.outgoing.len());
-            let mut bodies = Vec::with_capacity(self.outgoing.len());
-            for message in self.outgoing.drain(..) {
-                let envelope = message.envelope;
-                message_ids.push(envelope.message_id);
-                routing_keys.push(message.routing_key);
-                correlation_ids.push(envelope.correlation_id);
-                causation_ids.push(envelope.causation_id);
-                traceparents.push(envelope.traceparent);
-                occurred_at.push(i64::try_from(envelope.timestamp).unwrap_or(i64::MAX));
-                bodies.push(message.body);
-            }
-            // One round trip: the rows, and the NOTIFY that wakes relays in
-            // other processes when this transaction commits.
-            sqlx::query(
-                "WITH written AS (INSERT INTO outbox (message_id, routing_key, correlation_id, \
-                 causation_id, traceparent, occurred_at, body) \
-                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], \
-                 $5::text[], $6::int8[], $7::bytea[]) RETURNING 1) \
-                 SELECT pg_notify($8, '') FROM (SELECT 1) once WHERE EXISTS (SELECT 1 FROM written)",
-            )
-            .bind(&message_ids)
-            .bind(&routing_keys)
-            .bind(&correlation_ids)
-            .bind(&causation_ids)
-            .bind(&traceparents)
-            .bind(&occurred_at)
-            .bind(&bodies)
-            .bind(self.db.outbox_channel())
-            .execute(&mut *self.tx)
-            .await?;
+        if self.outgoing.is_empty() {
+            self.tx.commit().await?;
+            return Ok(());
         }
+        let count = self.outgoing.len();
+        let mut message_ids = Vec::with_capacity(count);
+        let mut routing_keys = Vec::with_capacity(count);
+        let mut correlation_ids = Vec::with_capacity(count);
+        let mut causation_ids = Vec::with_capacity(count);
+        let mut traceparents = Vec::with_capacity(count);
+        let mut occurred_at = Vec::with_capacity(count);
+        let mut bodies = Vec::with_capacity(count);
+        for message in &self.outgoing {
+            let envelope = &message.envelope;
+            message_ids.push(envelope.message_id.as_str());
+            routing_keys.push(message.routing_key.as_str());
+            correlation_ids.push(envelope.correlation_id.as_str());
+            causation_ids.push(envelope.causation_id.as_deref());
+            traceparents.push(envelope.traceparent.as_str());
+            occurred_at.push(i64::try_from(envelope.timestamp).unwrap_or(i64::MAX));
+            bodies.push(message.body.as_slice());
+        }
+        let written: Vec<(i64, String)> = sqlx::query_as(
+            "INSERT INTO outbox (message_id, routing_key, correlation_id, causation_id, \
+             traceparent, occurred_at, body) \
+             SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], \
+             $5::text[], $6::int8[], $7::bytea[]) RETURNING id, message_id",
+        )
+        .bind(&message_ids)
+        .bind(&routing_keys)
+        .bind(&correlation_ids)
+        .bind(&causation_ids)
+        .bind(&traceparents)
+        .bind(&occurred_at)
+        .bind(&bodies)
+        .fetch_all(&mut *self.tx)
+        .await?;
+        drop((
+            message_ids,
+            routing_keys,
+            correlation_ids,
+            causation_ids,
+            traceparents,
+            bodies,
+        ));
         self.tx.commit().await?;
-        if has_outgoing {
-            self.db.outbox_signal().notify_one();
+        let mut rows = Vec::with_capacity(count);
+        for message in self.outgoing {
+            if let Some((id, _)) = written
+                .iter()
+                .find(|(_, message_id)| *message_id == message.envelope.message_id)
+            {
+                rows.push((*id, message));
+            }
         }
+        self.db.hand_over().hand_over(rows);
         Ok(())
     }
 }
