@@ -49,7 +49,11 @@ pub struct ProviderWorker {
 
 impl ProviderWorker {
     /// The worker for `method`: it must be configured (discount) and registered.
-    pub fn new(ctx: &Ctx, method: &str, db: Db) -> anyhow::Result<Self> {
+    /// `gateway_db` is the simulated gateway's own pool: a handler holds a
+    /// connection of `db` (its unit of work) while it calls the gateway, so
+    /// the gateway must not wait for one of the same pool (all of them could
+    /// be held by handlers waiting for the gateway).
+    pub fn new(ctx: &Ctx, method: &str, db: Db, gateway_db: Db) -> anyhow::Result<Self> {
         ctx.metadata.provider(method).with_context(|| {
             format!(
                 "payment method `{method}` is not in config/providers.toml (configured: {})",
@@ -57,7 +61,7 @@ impl ProviderWorker {
             )
         })?;
         let gateway = SimulatedGateway::new(
-            db.clone(),
+            gateway_db,
             Duration::from_millis(ctx.settings.gateway_latency_ms),
             ctx.settings.gateway_failure_rate,
         );
@@ -272,10 +276,20 @@ impl Handler for ProviderWorker {
     }
 }
 
+/// Connections of the simulated gateway's ledger (one statement per call).
+const GATEWAY_CONNECTIONS: u32 = 4;
+
 /// Runs the provider for `method` until `shutdown`.
 pub async fn run(ctx: Ctx, method: String, shutdown: Shutdown) -> anyhow::Result<()> {
     let db = ctx.db(Context::Payments).await?;
-    let worker = Arc::new(ProviderWorker::new(&ctx, &method, db.clone())?);
+    let gateway_db = Db::open(
+        &ctx.settings.database_url,
+        Context::Payments.schema(),
+        GATEWAY_CONNECTIONS,
+    )
+    .await
+    .context("connecting the simulated gateway to its ledger")?;
+    let worker = Arc::new(ProviderWorker::new(&ctx, &method, db.clone(), gateway_db)?);
     let service = worker.service.clone();
     run_worker(&ctx, &service, worker, Some(db), shutdown).await
 }
