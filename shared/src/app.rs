@@ -83,9 +83,13 @@ impl Ctx {
     /// `context`'s schema, migrated (the database is created if missing).
     pub async fn db(&self, context: Context) -> anyhow::Result<Db> {
         crate::store::ensure_database(&self.settings.database_url).await?;
-        Db::for_context(&self.settings.database_url, context, 16)
-            .await
-            .with_context(|| format!("opening the `{}` schema", context.schema()))
+        Db::for_context(
+            &self.settings.database_url,
+            context,
+            self.settings.db_pool_size.max(1),
+        )
+        .await
+        .with_context(|| format!("opening the `{}` schema", context.schema()))
     }
 
     /// Consumer options for `service` from the settings.

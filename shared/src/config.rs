@@ -43,6 +43,10 @@ pub struct Settings {
     pub prefetch: u16,
     /// `ORDERFLOW_CONCURRENCY`: handler invocations in flight per consumer.
     pub concurrency: usize,
+    /// `ORDERFLOW_DB_POOL_SIZE`: database connections per service (per schema
+    /// pool). `orderflow up` runs ten such pools in one process: keep their
+    /// sum under the server's `max_connections` (100 by default).
+    pub db_pool_size: u32,
     /// `ORDERFLOW_PUBLISH_TIMEOUT_MS`: how long one publish may wait for its confirm.
     pub publish_timeout_ms: u64,
     /// `ORDERFLOW_GATEWAY_LATENCY_MS`: the simulated payment gateway's latency.
@@ -88,6 +92,7 @@ impl Settings {
             .set_default("log_format", "text")?
             .set_default("prefetch", 64)?
             .set_default("concurrency", 16)?
+            .set_default("db_pool_size", 6)?
             .set_default("publish_timeout_ms", 10_000)?
             .set_default("gateway_latency_ms", 20)?
             .set_default("gateway_failure_rate", 0.0)?

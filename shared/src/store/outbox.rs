@@ -18,8 +18,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use futures::future::join_all;
-use sqlx::postgres::PgPoolOptions;
-use sqlx::{PgPool, Row};
+use sqlx::Row;
 use tokio::sync::{Notify, Semaphore, mpsc};
 use tokio::task::JoinSet;
 
@@ -307,13 +306,12 @@ impl Relay {
 
     async fn serve(self, hand_over: Arc<HandOver>, shutdown: Shutdown) {
         let (marker_tx, marker_rx) = mpsc::unbounded_channel();
-        let marker = match Marker::start(&self.db).await {
-            Ok(marker) => Some(tokio::spawn(marker.run(marker_rx))),
-            Err(error) => {
-                tracing::warn!(%error, schema = %self.db.schema(), "cannot open the outbox marker connection; handed-over rows are marked by sweeps");
-                None
+        let marker = tokio::spawn(
+            Marker {
+                db: self.db.clone(),
             }
-        };
+            .run(marker_rx),
+        );
         let mut publishing = JoinSet::new();
         let mut failures = SweepBackoff::default();
         let mut sweep = tokio::time::interval(self.poll_interval);
@@ -338,9 +336,7 @@ impl Relay {
             .await;
         while publishing.join_next().await.is_some() {}
         drop(marker_tx);
-        if let Some(marker) = marker {
-            let _ = marker.await;
-        }
+        let _ = marker.await;
         failures.not_before = tokio::time::Instant::now();
         self.sweep(&mut failures).await;
         tracing::info!(schema = %self.db.schema(), "outbox relay stopped");
@@ -391,46 +387,33 @@ fn decode_row(row: &sqlx::postgres::PgRow) -> Result<(i64, Outgoing), sqlx::Erro
     ))
 }
 
-/// Marks handed-over rows sent, many per statement, on its own connection
-/// with `synchronous_commit = off`: a mark lost in a crash only means the row
-/// is published again, and the inbox drops the duplicate.
+/// Marks handed-over rows sent, many per statement, with `synchronous_commit`
+/// off for that statement only: a mark lost in a crash only means the row is
+/// published again, and the inbox drops the duplicate.
 struct Marker {
     db: Db,
-    pool: PgPool,
 }
 
-impl Marker {
-    async fn start(db: &Db) -> Result<Self, sqlx::Error> {
-        let options = db
-            .connect_options()
-            .clone()
-            .options([("synchronous_commit", "off")]);
-        let pool = PgPoolOptions::new()
-            .max_connections(1)
-            .acquire_timeout(Duration::from_secs(10))
-            .connect_with(options)
-            .await?;
-        Ok(Self {
-            db: db.clone(),
-            pool,
-        })
-    }
+/// One statement, one implicit transaction: `set_config(..., true)` applies
+/// to that transaction, and its commit does not wait for the WAL flush.
+const MARK_SENT: &str = "WITH relaxed AS (SELECT set_config('synchronous_commit', 'off', true)) \
+     UPDATE outbox SET sent_at = now() FROM relaxed WHERE id = ANY($1)";
 
+impl Marker {
     async fn run(self, mut confirmed: mpsc::UnboundedReceiver<Vec<i64>>) {
         while let Some(first) = confirmed.recv().await {
             let mut ids = first;
             while let Ok(more) = confirmed.try_recv() {
                 ids.extend(more);
             }
-            let marked = sqlx::query("UPDATE outbox SET sent_at = now() WHERE id = ANY($1)")
+            let marked = sqlx::query(MARK_SENT)
                 .bind(&ids)
-                .execute(&self.pool)
+                .execute(self.db.pool())
                 .await;
             if let Err(error) = marked {
                 tracing::warn!(%error, schema = %self.db.schema(), rows = ids.len(), "marking outbox rows sent failed; a sweep will publish them again (the inbox drops the duplicates)");
             }
             self.db.hand_over().release(&ids);
         }
-        self.pool.close().await;
     }
 }
