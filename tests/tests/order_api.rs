@@ -764,6 +764,49 @@ async fn a_long_poll_answers_when_the_status_arrives_or_when_its_time_is_up() {
 }
 
 #[tokio::test]
+async fn a_change_made_through_one_api_instance_wakes_long_polls_on_another() {
+    let api = Api::start().await;
+    // A second instance of the API on the same database and broker.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let other_base = format!("http://{}", listener.local_addr().unwrap());
+    let other_shutdown = Shutdown::new();
+    let other = tokio::spawn(order_api::serve(
+        api.env.ctx("order-api-2"),
+        listener,
+        other_shutdown.clone(),
+    ));
+    let (status, _) = get_json(&api.http, &format!("{other_base}/healthz")).await;
+    assert_eq!(status, StatusCode::OK);
+
+    let waiter = {
+        let http = api.http.clone();
+        let url = format!("{other_base}/orders/order-elsewhere?wait_for=started&timeout_ms=30000");
+        tokio::spawn(async move {
+            let started = Instant::now();
+            (get_json(&http, &url).await, started.elapsed())
+        })
+    };
+    // Give the waiter time to subscribe on the other instance.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut body = hotpot_order();
+    body["order_id"] = json!("order-elsewhere");
+    assert_eq!(api.post("/orders", &body).await.0, StatusCode::ACCEPTED);
+    let ((status, order), elapsed) = tokio::time::timeout(Duration::from_secs(20), waiter)
+        .await
+        .expect("the other instance answers")
+        .unwrap();
+    assert_eq!(status, StatusCode::OK, "{order}");
+    assert_eq!(order["order_id"], "order-elsewhere");
+    assert!(
+        elapsed < Duration::from_secs(10),
+        "woken by the notification, not by its 30 s timeout: {elapsed:?}"
+    );
+    other_shutdown.cancel();
+    other.await.unwrap().unwrap();
+    api.stop().await;
+}
+
+#[tokio::test]
 async fn a_payment_submission_reaches_the_coordinator() {
     let api = Api::start().await;
     let mut body = hotpot_order();

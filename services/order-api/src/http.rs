@@ -99,6 +99,7 @@ async fn create_order(
     let order_id = order.started.order_id.clone();
     match orders::create(&state.db, &order).await? {
         Creation::Created => {
+            state.watcher.changed(&order_id);
             state.metrics.orders_created.inc();
             tracing::info!(order_id = %order_id, supplier = %order.started.supplier, "order created");
             Ok(accepted(order_id, Status::Started.as_str()))

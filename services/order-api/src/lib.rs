@@ -65,7 +65,7 @@ pub async fn serve(ctx: Ctx, listener: TcpListener, shutdown: Shutdown) -> anyho
         orderflow_shared::bus::run_consumer(
             ctx.broker.clone(),
             ctx.consumer(SERVICE),
-            Arc::new(ReadModel::new(db.clone())),
+            Arc::new(ReadModel::new(db.clone(), watcher.clone())),
             stop.clone(),
         ),
     );

@@ -16,16 +16,19 @@ use sqlx::PgConnection;
 
 use crate::SERVICE;
 use crate::status::Status;
+use crate::watch::Watcher;
 
 /// The consumer of the order API's queue.
 #[derive(Clone, Debug)]
 pub struct ReadModel {
     db: Db,
+    watcher: Watcher,
 }
 
 impl ReadModel {
-    pub fn new(db: Db) -> Self {
-        Self { db }
+    /// `watcher` hears of every committed change (long polls).
+    pub fn new(db: Db, watcher: Watcher) -> Self {
+        Self { db, watcher }
     }
 }
 
@@ -36,6 +39,7 @@ impl Handler for ReadModel {
         };
         apply(unit.conn(), &message.event).await?;
         unit.commit().await?;
+        self.watcher.changed(message.event.order_id());
         Ok(())
     }
 }

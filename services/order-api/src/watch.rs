@@ -1,7 +1,12 @@
-//! Wake-ups for long-polling readers (`GET /orders/{id}?wait_for=`): one
-//! PostgreSQL `LISTEN orderflow_orders` per server (the orders table's trigger
-//! notifies the order id on every insert and update, from any process),
-//! routed to the waiters of that order only.
+//! Wake-ups for long-polling readers (`GET /orders/{id}?wait_for=`), routed
+//! to the waiters of the changed order only. Every change to `orders` is made
+//! by an order API (its HTTP handlers or its read-model consumer), which
+//! calls [`Watcher::changed`] after the commit: that wakes this server's
+//! waiters at once and queues the order id for one batched
+//! `NOTIFY orderflow_orders` that reaches the other API instances through
+//! their `LISTEN` (one notifying transaction per batch, not per change: each
+//! NOTIFY holds PostgreSQL's database-wide notification lock until its commit
+//! is flushed).
 //!
 //! A waiter subscribes before it reads the row, so a change between its read
 //! and its wait still wakes it. When the listener is down (or notifications
@@ -19,7 +24,7 @@ use std::time::Duration;
 use orderflow_shared::Shutdown;
 use sqlx::PgPool;
 use sqlx::postgres::PgListener;
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 
 /// The NOTIFY channel of `shared/migrations/orders/0001_orders.sql`.
@@ -42,9 +47,22 @@ struct Shared {
     /// Bumped when anything may have changed (notifications may be lost).
     everyone: watch::Sender<u64>,
     listening: AtomicBool,
+    /// Changed orders not yet announced to the other instances.
+    outgoing: Mutex<Vec<String>>,
+    announce: Notify,
 }
 
 impl Shared {
+    fn new(listening: bool) -> Self {
+        Self {
+            orders: Mutex::new(HashMap::new()),
+            everyone: watch::channel(0).0,
+            listening: AtomicBool::new(listening),
+            outgoing: Mutex::new(Vec::new()),
+            announce: Notify::new(),
+        }
+    }
+
     fn orders(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Waiters>> {
         // The map stays consistent even if a holder panicked: every critical
         // section is a single insert, update or remove.
@@ -81,14 +99,58 @@ impl Watcher {
     /// Starts the listener task on `pool`; it ends with `shutdown`.
     pub fn spawn(pool: PgPool, shutdown: Shutdown) -> (Self, JoinHandle<()>) {
         let watcher = Self {
-            shared: Arc::new(Shared {
-                orders: Mutex::new(HashMap::new()),
-                everyone: watch::channel(0).0,
-                listening: AtomicBool::new(false),
-            }),
+            shared: Arc::new(Shared::new(false)),
         };
-        let task = tokio::spawn(watcher.clone().listen(pool, shutdown));
+        let announcer = tokio::spawn(watcher.clone().announce(pool.clone(), shutdown.clone()));
+        let listener = watcher.clone().listen(pool, shutdown);
+        let task = tokio::spawn(async move {
+            listener.await;
+            let _ = announcer.await;
+        });
         (watcher, task)
+    }
+
+    /// `order_id` changed (committed): wakes its waiters here and, through
+    /// the next batched NOTIFY, in the other API instances.
+    pub fn changed(&self, order_id: &str) {
+        self.shared.wake_order(order_id);
+        self.shared
+            .outgoing
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(order_id.to_owned());
+        self.shared.announce.notify_one();
+    }
+
+    /// Sends the queued order ids as notifications, many per statement,
+    /// until `shutdown` (then once more).
+    async fn announce(self, pool: PgPool, shutdown: Shutdown) {
+        loop {
+            let stopping = tokio::select! {
+                () = self.shared.announce.notified() => false,
+                () = shutdown.cancelled() => true,
+            };
+            let ids = std::mem::take(
+                &mut *self
+                    .shared
+                    .outgoing
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner),
+            );
+            if !ids.is_empty() {
+                let sent = sqlx::query("SELECT pg_notify($1, id) FROM unnest($2::text[]) AS id")
+                    .bind(CHANNEL)
+                    .bind(&ids)
+                    .execute(&pool)
+                    .await;
+                if let Err(error) = sent {
+                    tracing::warn!(%error, orders = ids.len(), "cannot notify other API instances of changed orders; their long polls answer at their timeout or next change");
+                }
+            }
+            if stopping {
+                break;
+            }
+        }
     }
 
     /// Watches `order_id` from now on.
@@ -212,11 +274,7 @@ mod tests {
 
     fn watcher() -> Watcher {
         Watcher {
-            shared: Arc::new(Shared {
-                orders: Mutex::new(HashMap::new()),
-                everyone: watch::channel(0).0,
-                listening: AtomicBool::new(true),
-            }),
+            shared: Arc::new(Shared::new(true)),
         }
     }
 
@@ -238,6 +296,18 @@ mod tests {
         assert!(!woke(&mut b).await, "b was not notified");
         // Seen once: no second wake-up without a second change.
         assert!(!woke(&mut a1).await);
+    }
+
+    #[tokio::test]
+    async fn a_local_change_wakes_at_once_and_is_queued_for_the_others() {
+        let watcher = watcher();
+        let mut a = watcher.subscribe("a");
+        watcher.changed("a");
+        assert!(woke(&mut a).await);
+        assert_eq!(
+            *watcher.shared.outgoing.lock().unwrap(),
+            vec!["a".to_owned()]
+        );
     }
 
     #[tokio::test]
