@@ -1,8 +1,12 @@
 //! Declares the topology on a live broker, idempotently: the same model declared
 //! twice is a no-op, and a queue that exists with other arguments is reported
-//! with the queue's name instead of being silently left as it is.
+//! with the queue's name instead of being silently left as it is. Also
+//! deletes a whole topology (throwaway namespaces: benchmarks, tests).
 
-use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::options::{
+    ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
+};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, ExchangeKind};
 
@@ -18,8 +22,50 @@ pub enum DeclareError {
     Declare {
         what: &'static str,
         name: String,
-        cause: lapin::Error,
+        cause: Box<lapin::Error>,
     },
+    #[error("deleting {what} `{name}` failed: {cause}")]
+    Delete {
+        what: &'static str,
+        name: String,
+        cause: Box<lapin::Error>,
+    },
+}
+
+/// Deletes every queue and exchange of `topology` (with their messages and
+/// bindings). Missing ones are fine; the first failure is returned after
+/// trying all of them. Only for throwaway namespaces: never point it at a
+/// deployment's topology.
+pub async fn delete(channel: &Channel, topology: &Topology) -> Result<(), DeclareError> {
+    let mut first_error = None;
+    for queue in &topology.queues {
+        if let Err(cause) = channel
+            .queue_delete(queue.name.as_str().into(), QueueDeleteOptions::default())
+            .await
+        {
+            first_error.get_or_insert(DeclareError::Delete {
+                what: "queue",
+                name: queue.name.clone(),
+                cause: Box::new(cause),
+            });
+        }
+    }
+    for exchange in &topology.exchanges {
+        if let Err(cause) = channel
+            .exchange_delete(
+                exchange.name.as_str().into(),
+                ExchangeDeleteOptions::default(),
+            )
+            .await
+        {
+            first_error.get_or_insert(DeclareError::Delete {
+                what: "exchange",
+                name: exchange.name.clone(),
+                cause: Box::new(cause),
+            });
+        }
+    }
+    first_error.map_or(Ok(()), Err)
 }
 
 pub(crate) fn field_table(arguments: &Arguments) -> FieldTable {
@@ -51,7 +97,7 @@ pub async fn declare(channel: &Channel, topology: &Topology) -> Result<(), Decla
             .map_err(|source| DeclareError::Declare {
                 what: "exchange",
                 name: exchange.name.clone(),
-                cause: source,
+                cause: Box::new(source),
             })?;
     }
     for queue in &topology.queues {
@@ -65,7 +111,7 @@ pub async fn declare(channel: &Channel, topology: &Topology) -> Result<(), Decla
             .map_err(|source| DeclareError::Declare {
                 what: "queue",
                 name: queue.name.clone(),
-                cause: source,
+                cause: Box::new(source),
             })?;
     }
     for binding in &topology.bindings {
@@ -81,7 +127,7 @@ pub async fn declare(channel: &Channel, topology: &Topology) -> Result<(), Decla
             .map_err(|source| DeclareError::Declare {
                 what: "binding",
                 name: format!("{} -> {}", binding.routing_key, binding.queue),
-                cause: source,
+                cause: Box::new(source),
             })?;
     }
     tracing::debug!(

@@ -180,6 +180,15 @@ impl Broker {
         Publisher::new(self.clone())
     }
 
+    /// Deletes every queue and exchange of this broker's topology. Only for
+    /// throwaway namespaces (benchmarks): never for a deployment.
+    pub async fn delete_topology(&self) -> Result<(), BusError> {
+        let channel = self.channel().await?;
+        crate::topology::delete(&channel, self.topology()).await?;
+        let _ = channel.close(200, "topology deleted".into()).await;
+        Ok(())
+    }
+
     /// Closes the pool; open channels end with their connections.
     pub fn close(&self) {
         self.inner.pool.close();

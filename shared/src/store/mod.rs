@@ -136,13 +136,52 @@ pub async fn ensure_database(url: &SecretString) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Drops the database named in `url` (connecting to the `postgres`
+/// maintenance database), closing its connections first. For throwaway
+/// databases (benchmarks); a missing one is fine.
+pub async fn drop_database(url: &SecretString) -> Result<(), StoreError> {
+    let options = parse_url(url)?;
+    let name = options.get_database().unwrap_or("postgres").to_owned();
+    check_name(&name)?;
+    let mut admin = connect_one(&options.clone().database("postgres"), url).await?;
+    sqlx::query(AssertSqlSafe(format!(
+        "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
+    )))
+    .execute(&mut admin)
+    .await?;
+    admin.close().await?;
+    Ok(())
+}
+
+/// `url` with its database replaced by `name`: same server, user, password
+/// and parameters.
+pub fn url_with_database(url: &SecretString, name: &str) -> Result<SecretString, StoreError> {
+    check_name(name)?;
+    let url = url.expose_secret();
+    let bad = || StoreError::BadUrl {
+        url: redact_url(url),
+        cause: sqlx::Error::Configuration(
+            "expected postgres://[user@]host[:port][/database]".into(),
+        ),
+    };
+    let authority = url.find("://").ok_or_else(bad)? + 3;
+    let path = url[authority..].find('/').map(|i| authority + i);
+    let query = url[authority..].find('?').map(|i| authority + i);
+    let (head, tail) = match (path, query) {
+        (Some(path), Some(query)) if path < query => (&url[..path], &url[query..]),
+        (Some(path), None) => (&url[..path], ""),
+        (_, Some(query)) => (&url[..query], &url[query..]),
+        (None, None) => (url, ""),
+    };
+    Ok(SecretString::from(format!("{head}/{name}{tail}")))
+}
+
 /// A pool scoped to one context's schema, plus the in-process hand-over of
 /// committed outbox rows to the relay running on it.
 #[derive(Clone, Debug)]
 pub struct Db {
     pool: PgPool,
     schema: String,
-    options: PgConnectOptions,
     hand_over: Arc<HandOver>,
 }
 
@@ -178,7 +217,7 @@ impl Db {
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(10))
-            .connect_with(options.clone())
+            .connect_with(options)
             .await
             .map_err(|cause| StoreError::Connect {
                 url: redact_url(url.expose_secret()),
@@ -187,7 +226,6 @@ impl Db {
         Ok(Self {
             pool,
             schema: schema.to_owned(),
-            options,
             hand_over: Arc::new(HandOver::default()),
         })
     }
@@ -198,11 +236,6 @@ impl Db {
 
     pub fn schema(&self) -> &str {
         &self.schema
-    }
-
-    /// The options the pool's connections are made with (schema included).
-    pub(crate) fn connect_options(&self) -> &PgConnectOptions {
-        &self.options
     }
 
     pub(crate) fn hand_over(&self) -> &Arc<HandOver> {
@@ -247,7 +280,31 @@ impl Db {
 
 #[cfg(test)]
 mod tests {
+    use secrecy::{ExposeSecret, SecretString};
+
     use super::check_name;
+
+    #[test]
+    fn the_database_of_a_url_is_replaced_and_nothing_else() {
+        let with = |url: &str| {
+            super::url_with_database(&SecretString::from(url.to_owned()), "other")
+                .map(|url| url.expose_secret().to_owned())
+        };
+        assert_eq!(
+            with("postgres://u:p@h:5432/orderflow").unwrap(),
+            "postgres://u:p@h:5432/other"
+        );
+        assert_eq!(
+            with("postgres://h/orderflow?sslmode=require").unwrap(),
+            "postgres://h/other?sslmode=require"
+        );
+        assert_eq!(with("postgres://h").unwrap(), "postgres://h/other");
+        assert_eq!(with("postgres://h?x=1").unwrap(), "postgres://h/other?x=1");
+        assert!(with("not a url").is_err());
+        assert!(
+            super::url_with_database(&SecretString::from("postgres://h/x"), "Bad-Name").is_err()
+        );
+    }
 
     #[test]
     fn schema_names_are_checked_before_they_reach_sql() {
