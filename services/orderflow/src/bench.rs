@@ -1,7 +1,10 @@
-//! `orderflow bench`: drives a running orderflow the way clients do — start
-//! an order, wait until it awaits payment, pay (methods round-robin, about 5 %
-//! invalid ones), wait for the end — and prints one JSON line with the
-//! throughput and the per-order latency (start call → terminal state seen).
+//! `orderflow bench`: drives orderflow the way clients do — start an order,
+//! wait until it awaits payment, pay (methods round-robin, about 5 % invalid
+//! ones), wait for the end — and prints one JSON line with the throughput and
+//! the per-order latency (start call → terminal state seen). Against a
+//! running system (`--api`) or one it starts in-process in a throwaway
+//! namespace and database, removed afterwards; with `--baseline` also the
+//! infrastructure's ceiling (see `baseline.rs`).
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -10,9 +13,22 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
+use orderflow_shared::Shutdown;
+use orderflow_shared::app::Ctx;
+use orderflow_shared::config::Settings;
+use orderflow_shared::metadata::Metadata;
+use orderflow_shared::store;
+use orderflow_shared::token::DEV_KEYS;
+use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Value, json};
 
+use crate::baseline::{self, BaselineSpec};
 use crate::cli::BenchArgs;
+use crate::up;
+
+/// Events a completed order publishes: started, info-generated, awaiting,
+/// submitted, selected, captured, completed. The baseline chain has as many hops.
+const MESSAGES_PER_ORDER: usize = 7;
 
 /// Suppliers the orders rotate through: haidilao refuses unionpay, the
 /// others accept every method.
@@ -23,8 +39,225 @@ const INVALID_METHOD: &str = "bitcoin";
 
 pub fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-    runtime.block_on(bench(args))
+    runtime.block_on(main(args))
 }
+
+/// A whole orderflow inside this process, in its own namespace and database.
+struct InProcess {
+    base: String,
+    ctx: Ctx,
+    shutdown: Shutdown,
+    system: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl InProcess {
+    async fn start(settings: Settings) -> anyhow::Result<Self> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .context("binding a local port for the order API")?;
+        let base = format!("http://{}", listener.local_addr()?);
+        let ctx = Ctx::start(settings, Metadata::from_env()?, "orderflow-bench").await?;
+        let shutdown = Shutdown::new();
+        let tasks = up::system(&ctx, listener, &shutdown);
+        let system = tokio::spawn({
+            let shutdown = shutdown.clone();
+            async move { up::run_all(tasks, &shutdown).await }
+        });
+        let system = Self {
+            base,
+            ctx,
+            shutdown,
+            system,
+        };
+        let http = reqwest::Client::new();
+        let ready = async {
+            loop {
+                let healthy = http
+                    .get(format!("{}/healthz", system.base))
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status().is_success());
+                if healthy {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        };
+        if tokio::time::timeout(Duration::from_mins(1), ready)
+            .await
+            .is_err()
+        {
+            bail!("the in-process orderflow did not become healthy within 60 s");
+        }
+        Ok(system)
+    }
+
+    /// Stops every worker (in-flight work finishes first).
+    async fn stop(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        let stopped = self.system.await;
+        self.ctx.broker.close();
+        stopped.context("the in-process orderflow panicked")??;
+        Ok(())
+    }
+}
+
+/// The throwaway namespace and database of an in-process run.
+struct Scratch {
+    settings: Settings,
+}
+
+impl Scratch {
+    fn new(args: &BenchArgs) -> anyhow::Result<Self> {
+        let mut settings = Settings::load(
+            std::env::var_os("ORDERFLOW_CONFIG")
+                .as_deref()
+                .map(std::path::Path::new),
+        )?;
+        let id = uuid::Uuid::now_v7().simple().to_string();
+        let tag = &id[id.len() - 10..];
+        settings.namespace = format!("bench-{tag}");
+        settings.database_url =
+            store::url_with_database(&settings.database_url, &format!("orderflow_bench_{tag}"))?;
+        settings.gateway_latency_ms = args.gateway_latency_ms;
+        if settings.token_keys.is_none() {
+            settings.token_keys = Some(SecretString::from(DEV_KEYS.to_owned()));
+        }
+        Ok(Self { settings })
+    }
+
+    /// Deletes the namespace's queues and exchanges and drops the database.
+    async fn remove(&self) -> anyhow::Result<()> {
+        let ctx = Ctx::new(
+            self.settings.clone(),
+            Metadata::from_env()?,
+            orderflow_shared::app::topology_for(&self.settings, &Metadata::from_env()?),
+            "orderflow-bench-cleanup",
+        )?;
+        let topology = ctx.broker.delete_topology().await;
+        ctx.broker.close();
+        let database = store::drop_database(&self.settings.database_url).await;
+        topology.with_context(|| {
+            format!(
+                "deleting the benchmark's broker namespace `{}`",
+                self.settings.namespace
+            )
+        })?;
+        database.with_context(|| {
+            format!(
+                "dropping the benchmark's database {}",
+                self.settings.database_url_redacted()
+            )
+        })?;
+        Ok(())
+    }
+}
+
+/// The server's next transaction id: the difference between two readings
+/// is how many transactions wrote something meanwhile (read-only ones get no
+/// id). Server-wide, so it counts other databases' writes too: bench on a
+/// quiet server.
+async fn next_xid(settings: &Settings) -> anyhow::Result<i64> {
+    let db = store::Db::open(&settings.database_url, "public", 1).await?;
+    let next: String = sqlx::query_scalar("SELECT pg_snapshot_xmax(pg_current_snapshot())::text")
+        .fetch_one(db.pool())
+        .await?;
+    db.close().await;
+    next.parse()
+        .with_context(|| format!("PostgreSQL returned a transaction id `{next}`"))
+}
+
+async fn main(args: &BenchArgs) -> anyhow::Result<ExitCode> {
+    let settings = match &args.api {
+        Some(_) => Settings::load(
+            std::env::var_os("ORDERFLOW_CONFIG")
+                .as_deref()
+                .map(std::path::Path::new),
+        )?,
+        None => Scratch::new(args)?.settings,
+    };
+    if std::env::var_os("ORDERFLOW_LOG").is_some() {
+        orderflow_shared::telemetry::init(&settings.log, settings.log_format)?;
+    } else {
+        orderflow_shared::telemetry::init("warn", settings.log_format)?;
+    }
+    let scratch = args.api.is_none().then(|| Scratch {
+        settings: settings.clone(),
+    });
+    let work = async {
+        let mut report = if let Some(api) = &args.api {
+            let mut report = bench(args, api).await?;
+            report["mode"] = json!("external");
+            report
+        } else {
+            store::ensure_database(&settings.database_url).await?;
+            let system = InProcess::start(settings.clone()).await?;
+            let before = next_xid(&settings).await?;
+            let report = bench(args, &system.base.clone()).await;
+            system.stop().await?;
+            let mut report = report?;
+            let after = next_xid(&settings).await?;
+            report["mode"] = json!("in-process");
+            report["gateway_latency_ms"] = json!(args.gateway_latency_ms);
+            report["db_write_transactions_per_order"] =
+                json!((after - before) as f64 / args.orders.max(1) as f64);
+            report
+        };
+        if args.baseline {
+            let transactions = report["db_write_transactions_per_order"]
+                .as_f64()
+                .map_or(DEFAULT_TRANSACTIONS, |n| n.round() as usize)
+                .max(1);
+            let measured = baseline::measure(
+                settings.amqp_url.expose_secret(),
+                settings.database_url.expose_secret(),
+                &BaselineSpec {
+                    orders: args.orders,
+                    concurrency: args.concurrency.max(1),
+                    hops: MESSAGES_PER_ORDER,
+                    transactions,
+                    prefetch: settings.prefetch,
+                    db_connections: DB_CONNECTIONS,
+                },
+            )
+            .await
+            .context("measuring the baseline")?;
+            let orders_per_s = report["orders_per_s"].as_f64().unwrap_or_default();
+            report["fraction_of_ceiling"] =
+                json!(orders_per_s / measured.ceiling_orders_per_s.max(f64::MIN_POSITIVE));
+            report["baseline"] = serde_json::to_value(&measured)?;
+            report["baseline"]["hops"] = json!(MESSAGES_PER_ORDER);
+            report["baseline"]["transactions"] = json!(transactions);
+        }
+        anyhow::Ok(report)
+    };
+    let outcome = tokio::select! {
+        outcome = work => Some(outcome),
+        _ = tokio::signal::ctrl_c() => None,
+    };
+    if let Some(scratch) = &scratch
+        && let Err(error) = scratch.remove().await
+    {
+        eprintln!("warning: {error:#}");
+    }
+    let Some(report) = outcome else {
+        eprintln!("interrupted; the benchmark's namespace and database were removed");
+        return Ok(ExitCode::from(130));
+    };
+    let report = report?;
+    println!("{report}");
+    Ok(if report["failures"].as_u64() == Some(0) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// Transactions per order for the baseline when they cannot be counted (a
+/// system outside this process): what an in-process run counts.
+const DEFAULT_TRANSACTIONS: usize = 20;
+/// Connections of the baseline's commit-rate part.
+const DB_CONNECTIONS: u32 = 32;
 
 /// What the server says each method charges a supplier (percent), by method.
 type Discounts = std::collections::HashMap<(String, String), i64>;
@@ -129,11 +362,9 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
     sorted[rank.clamp(1, sorted.len()) - 1].as_secs_f64() * 1000.0
 }
 
-async fn bench(args: &BenchArgs) -> anyhow::Result<ExitCode> {
-    let base = args
-        .api
-        .clone()
-        .unwrap_or_else(|| "http://127.0.0.1:8080".to_owned());
+/// Runs the orders against the API at `base`; the report without the mode.
+async fn bench(args: &BenchArgs, base: &str) -> anyhow::Result<Value> {
+    let base = base.trim_end_matches('/').to_owned();
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(args.concurrency)
         .timeout(Duration::from_secs(90))
@@ -219,12 +450,7 @@ async fn bench(args: &BenchArgs) -> anyhow::Result<ExitCode> {
         "p99_ms": percentile(&latencies, 99.0),
         "wall_s": wall.as_secs_f64(),
     });
-    println!("{report}");
-    Ok(if failures == 0 {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    Ok(report)
 }
 
 #[cfg(test)]

@@ -86,9 +86,9 @@ pub enum Command {
     )]
     Dlq(DlqCommand),
 
-    /// Drive a running orderflow like its clients do and report throughput and latency
+    /// Drive orderflow like its clients do and report throughput and latency
     #[command(
-        long_about = "Drive a running orderflow like its clients do and report throughput and latency.\n\n\
+        long_about = "Drive orderflow like its clients do and report throughput and latency.\n\n\
         Each order: POST /orders, wait (long poll) until it awaits payment, pay with the \
         methods round-robin (every 20th with a method no provider has, haidilao never \
         accepting unionpay), wait until it is completed or cancelled. An outcome other \
@@ -96,7 +96,15 @@ pub enum Command {
         counts as a failure. Prints one JSON line: orders, concurrency, completed, \
         cancelled, failures, orders_per_s, p50_ms, p95_ms, p99_ms, wall_s (latency is \
         per order, from the start call to the terminal state the client saw). \
-        Exits 1 when any order failed. Start the system first (`orderflow up`)."
+        Exits 1 when any order failed.\n\n\
+        Without --api the bench starts the whole system in this process (namespace \
+        `bench-<id>`, database `orderflow_bench_<id>` on ORDERFLOW_AMQP_URL / \
+        ORDERFLOW_DATABASE_URL's server, both removed at the end, also on Ctrl-C) and \
+        adds mode, gateway_latency_ms and db_write_transactions_per_order (server-wide: bench \
+        on a quiet server) to the report. With \
+        --baseline it then measures the ceiling on the same broker and database and \
+        adds baseline {broker_orders_per_s, db_orders_per_s, ceiling_orders_per_s, ...} \
+        and fraction_of_ceiling."
     )]
     Bench(BenchArgs),
 }
@@ -109,9 +117,22 @@ pub struct BenchArgs {
     /// How many orders are in flight at once
     #[arg(long, default_value_t = 10)]
     pub concurrency: usize,
-    /// Base URL of the order API [default: http://127.0.0.1:8080]
-    #[arg(long, env = "ORDERFLOW_API_URL")]
+    /// Bench a running orderflow at this base URL (e.g. http://127.0.0.1:8080).
+    /// Without it, the bench starts every worker and the API in this process,
+    /// in a throwaway namespace and database that it removes afterwards.
+    #[arg(long)]
     pub api: Option<String>,
+    /// Latency of the simulated payment gateway in the in-process system
+    /// (the gateway's time, not orderflow's; `--api` uses the server's setting)
+    #[arg(long, default_value_t = 0)]
+    pub gateway_latency_ms: u64,
+    /// Also measure the ceiling on the same broker and database: a chain of
+    /// persistent, confirmed hops through a topic exchange (as many messages
+    /// per order as a completed order publishes) and the commit rate for as
+    /// many transactions per order as the system used; prints orders/s as a
+    /// fraction of it
+    #[arg(long)]
+    pub baseline: bool,
 }
 
 #[derive(Debug, Subcommand)]

@@ -1,6 +1,7 @@
 //! `orderflow`: the operator command line of orderflow. Thin entry point: parse
 //! the arguments, run the command, report errors.
 
+mod baseline;
 mod bench;
 mod cli;
 mod dlq;

@@ -55,6 +55,22 @@ async fn up(args: &UpArgs) -> anyhow::Result<()> {
     let address = listener.local_addr()?;
     let ctx = Ctx::start(settings, metadata, "orderflow-up").await?;
     let shutdown = shutdown_on_signal();
+    let tasks = system(&ctx, listener, &shutdown);
+    println!(
+        "orderflow is up: API on http://{address} (namespace `{}`); Ctrl-C to stop",
+        ctx.settings.namespace
+    );
+    run_all(tasks, &shutdown).await?;
+    println!("orderflow stopped");
+    Ok(())
+}
+
+/// Every worker and the order API (on `listener`), as tasks of this process.
+pub(crate) fn system(
+    ctx: &Ctx,
+    listener: tokio::net::TcpListener,
+    shutdown: &Shutdown,
+) -> Vec<(String, Task)> {
     let mut tasks: Vec<(String, Task)> = vec![
         (
             "order-api".into(),
@@ -87,15 +103,11 @@ async fn up(args: &UpArgs) -> anyhow::Result<()> {
             Box::pin(payment_provider::run(ctx.clone(), method, shutdown.clone())),
         ));
     }
-    println!(
-        "orderflow is up: API on http://{address} (namespace `{}`); Ctrl-C to stop",
-        ctx.settings.namespace
-    );
-    run_all(tasks, &shutdown).await
+    tasks
 }
 
 /// Runs every task; the first that fails stops the others, and its error is returned.
-async fn run_all(tasks: Vec<(String, Task)>, shutdown: &Shutdown) -> anyhow::Result<()> {
+pub(crate) async fn run_all(tasks: Vec<(String, Task)>, shutdown: &Shutdown) -> anyhow::Result<()> {
     let mut set = tokio::task::JoinSet::new();
     for (name, task) in tasks {
         let shutdown = shutdown.clone();
@@ -118,6 +130,5 @@ async fn run_all(tasks: Vec<(String, Task)>, shutdown: &Shutdown) -> anyhow::Res
     if let Some(error) = first_error {
         return Err(error);
     }
-    println!("orderflow stopped");
     Ok(())
 }
