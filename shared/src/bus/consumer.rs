@@ -65,9 +65,34 @@ impl From<sqlx::Error> for HandleError {
     }
 }
 
-/// What a worker implements: handle one decoded message.
+/// What a worker implements: handle one decoded message; optionally, several
+/// at once with one effect (one transaction).
 pub trait Handler: Send + Sync + 'static {
     fn handle(&self, message: &Message) -> impl Future<Output = Result<(), HandleError>> + Send;
+
+    /// Most deliveries the runtime hands to [`handle_batch`](Handler::handle_batch)
+    /// at once: whatever is already waiting in the prefetch buffer, never
+    /// waiting for more. 1 (the default) never batches.
+    fn batch_size(&self) -> usize {
+        1
+    }
+
+    /// Handles `messages` all or nothing (one transaction). On any error the
+    /// runtime forgets the batch and handles each message on its own
+    /// ([`handle`](Handler::handle), with the usual retries and dead
+    /// letters), so an implementation must leave no effect when it fails.
+    /// Only called when [`batch_size`](Handler::batch_size) is above 1.
+    fn handle_batch(
+        &self,
+        messages: &[Message],
+    ) -> impl Future<Output = Result<(), HandleError>> + Send {
+        async move {
+            let _ = messages;
+            Err(HandleError::Permanent(anyhow::anyhow!(
+                "this handler does not handle batches"
+            )))
+        }
+    }
 }
 
 /// How a service consumes its queue.
@@ -221,11 +246,35 @@ async fn session<H: Handler>(
                 None => return Err(SessionError::Cancelled),
             },
         };
+        // Whatever else is already waiting joins the batch (never waits).
+        let mut batch = vec![delivery];
+        let mut ended = None;
+        while batch.len() < context.handler.batch_size() {
+            match consumer.next().now_or_never() {
+                Some(Some(Ok(delivery))) => batch.push(delivery),
+                Some(Some(Err(error))) => {
+                    ended = Some(error.into());
+                    break;
+                }
+                Some(None) => {
+                    ended = Some(SessionError::Cancelled);
+                    break;
+                }
+                None => break,
+            }
+        }
         let context = context.clone();
         tasks.spawn(async move {
-            process(&context, delivery).await;
+            if batch.len() == 1 {
+                process(&context, batch.swap_remove(0)).await;
+            } else {
+                process_batch(&context, batch).await;
+            }
             drop(permit);
         });
+        if let Some(error) = ended {
+            return Err(error);
+        }
     }
     // Graceful stop: take nothing more, finish what is in flight, then close.
     let _ = channel
@@ -256,6 +305,66 @@ async fn call_handler<H: Handler>(handler: &H, message: &Message) -> Result<(), 
             Err(HandleError::Permanent(anyhow::anyhow!(
                 "handler panicked: {what}"
             )))
+        }
+    }
+}
+
+/// Several deliveries through [`Handler::handle_batch`]; acked together when
+/// it succeeds, else each one goes through [`process`] on its own.
+async fn process_batch<H: Handler>(context: &Context<H>, deliveries: Vec<Delivery>) {
+    let mut messages = Vec::with_capacity(deliveries.len());
+    let mut decoded = Vec::with_capacity(deliveries.len());
+    for delivery in deliveries {
+        match Message::decode(&delivery) {
+            Ok(message) => {
+                messages.push(message);
+                decoded.push(delivery);
+            }
+            Err(undecodable) => {
+                let reason = format!("undecodable message: {}", undecodable.error);
+                dead_letter(context, &delivery, &undecodable.envelope, 0, &reason).await;
+            }
+        }
+    }
+    if messages.is_empty() {
+        return;
+    }
+    let handled = AssertUnwindSafe(context.handler.handle_batch(&messages))
+        .catch_unwind()
+        .await;
+    match handled {
+        Ok(Ok(())) => {
+            for (delivery, message) in decoded.iter().zip(&messages) {
+                tracing::debug!(
+                    service = %context.options.service,
+                    order_id = %message.envelope.correlation_id,
+                    message_id = %message.envelope.message_id,
+                    kind = %message.envelope.kind,
+                    batch = messages.len(),
+                    "handled"
+                );
+                ack(delivery, &message.envelope).await;
+            }
+        }
+        failed => {
+            let error = match failed {
+                Ok(Err(error)) => format!("{error}"),
+                _ => "handler panicked".to_owned(),
+            };
+            tracing::debug!(
+                service = %context.options.service,
+                messages = messages.len(),
+                %error,
+                "batch failed as a whole; handling its messages one by one"
+            );
+            // Concurrently: one message may wait (a retry) for another of
+            // the same batch to be applied first.
+            futures::future::join_all(
+                decoded
+                    .into_iter()
+                    .map(|delivery| process(context, delivery)),
+            )
+            .await;
         }
     }
 }

@@ -28,17 +28,8 @@ impl Db {
         consumer: &str,
         message: &Envelope,
     ) -> Result<Option<UnitOfWork>, sqlx::Error> {
-        let mut tx = self.pool().begin().await?;
-        let fresh = sqlx::query(
-            "INSERT INTO inbox (consumer, message_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-        )
-        .bind(consumer)
-        .bind(&message.message_id)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected()
-            == 1;
-        if !fresh {
+        let mut unit = self.begin_unit_without_inbox().await?;
+        if !unit.admit(consumer, message).await? {
             tracing::debug!(
                 consumer,
                 message_id = %message.message_id,
@@ -47,11 +38,7 @@ impl Db {
             );
             return Ok(None);
         }
-        Ok(Some(UnitOfWork {
-            db: self.clone(),
-            tx,
-            outgoing: Vec::new(),
-        }))
+        Ok(Some(unit))
     }
 
     /// A unit of work that is not tied to an incoming message (an API call,
@@ -66,6 +53,21 @@ impl Db {
 }
 
 impl UnitOfWork {
+    /// Records in this unit's transaction that `consumer` applies `message`
+    /// (its inbox row). `false` when it already did: skip the message. A
+    /// batch handler admits each message of the batch into one unit.
+    pub async fn admit(&mut self, consumer: &str, message: &Envelope) -> Result<bool, sqlx::Error> {
+        Ok(sqlx::query(
+            "INSERT INTO inbox (consumer, message_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+        )
+        .bind(consumer)
+        .bind(&message.message_id)
+        .execute(&mut *self.tx)
+        .await?
+        .rows_affected()
+            == 1)
+    }
+
     /// The transaction's connection, for the handler's own queries.
     pub fn conn(&mut self) -> &mut PgConnection {
         &mut self.tx
