@@ -11,7 +11,11 @@
 //!
 //! Database part: `transactions` durable commits per order (an inbox row and
 //! an outbox row each, in a private schema with the runtime's own migrations),
-//! `concurrency` orders at once over `db_connections` connections.
+//! `concurrency` orders at once, but never fewer than `db_connections`, over
+//! `db_connections` connections: the server's commit capacity for this
+//! transaction mix, which the system's consumers use concurrently (several
+//! services work on one order at the same time) even when few orders are in
+//! flight.
 //!
 //! Everything is named `orderflow-baseline-<id>` / `orderflow_baseline_<id>`
 //! and removed at the end, also when a step fails.
@@ -745,7 +749,7 @@ async fn run_db(url: &str, schema: &str, spec: &BaselineSpec) -> anyhow::Result<
         let started = Instant::now();
         let mut running = futures::stream::iter(0..orders as u64)
             .map(|order| db_order(&db, order, spec.transactions))
-            .buffer_unordered(spec.concurrency);
+            .buffer_unordered(spec.concurrency.max(spec.db_connections as usize));
         let mut done = 0_usize;
         loop {
             match tokio::time::timeout(STALL_TIMEOUT, running.next()).await {
