@@ -1063,35 +1063,4 @@ mod tests {
             .unwrap_err();
         assert!(error.to_string().contains("at least one order"), "{error}");
     }
-
-    /// The figures at the bench's scale:
-    /// `cargo nextest run -p orderflow baseline_at_bench_scale --run-ignored only --no-capture`.
-    #[tokio::test(flavor = "multi_thread")]
-    #[ignore = "takes a minute; run by hand for the figures"]
-    async fn baseline_at_bench_scale() {
-        let spec = BaselineSpec {
-            orders: 2000,
-            concurrency: 200,
-            hops: 7,
-            transactions: 12,
-            prefetch: 64,
-            db_connections: 32,
-        };
-        let id = test_id();
-        let started = Instant::now();
-        let baseline = measure_as(
-            &orderflow_tests::amqp_url(),
-            &orderflow_tests::admin_database_url(),
-            &spec,
-            &id,
-        )
-        .await
-        .unwrap();
-        println!(
-            "{} (in {:?})",
-            serde_json::to_string(&baseline).unwrap(),
-            started.elapsed()
-        );
-        assert_nothing_left(&id, spec.hops).await;
-    }
 }
