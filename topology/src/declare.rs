@@ -68,7 +68,8 @@ pub async fn delete(channel: &Channel, topology: &Topology) -> Result<(), Declar
     first_error.map_or(Ok(()), Err)
 }
 
-pub(crate) fn field_table(arguments: &Arguments) -> FieldTable {
+/// Queue or exchange arguments of the model as an AMQP field table.
+pub fn field_table(arguments: &Arguments) -> FieldTable {
     let mut table = FieldTable::default();
     for (key, value) in arguments {
         let value = match value {

@@ -8,7 +8,7 @@ mod definitions;
 mod model;
 mod names;
 
-pub use declare::{DeclareError, declare, delete};
+pub use declare::{DeclareError, declare, delete, field_table};
 pub use definitions::to_definitions;
 pub use model::{
     ArgValue, Arguments, Binding, DEFAULT_DELIVERY_LIMIT, DEFAULT_RETRY_TIERS, Exchange, Queue,

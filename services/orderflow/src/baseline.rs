@@ -36,7 +36,7 @@ use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Consumer};
 use orderflow_shared::config::redact_url;
 use orderflow_shared::store::Db;
-use orderflow_shared::topology::{ArgValue, Arguments, Names, QueueRole, ServiceSpec, Topology};
+use orderflow_shared::topology::{ArgValue, Names, QueueRole, ServiceSpec, Topology, field_table};
 use secrecy::SecretString;
 use sqlx::postgres::PgConnectOptions;
 use sqlx::types::Uuid;
@@ -246,18 +246,6 @@ fn queue_arguments(dead_queue: &str) -> anyhow::Result<(FieldTable, FieldTable)>
         field_table(&service_arguments),
         field_table(&dead_arguments),
     ))
-}
-
-fn field_table(arguments: &Arguments) -> FieldTable {
-    let mut table = FieldTable::default();
-    for (key, value) in arguments {
-        let value = match value {
-            ArgValue::Str(v) => AMQPValue::LongString(v.as_str().into()),
-            ArgValue::Int(v) => AMQPValue::LongLongInt(*v),
-        };
-        table.insert(key.as_str().into(), value);
-    }
-    table
 }
 
 async fn connect_broker(url: &str, name: &str) -> anyhow::Result<Connection> {
