@@ -430,11 +430,16 @@ impl BrokerRun {
         Ok(&self.connections[self.connections.len() - 1])
     }
 
+    /// Stops the relays and closes the connections; bounded, so that a
+    /// stuck broker cannot keep the queues from being deleted afterwards.
     async fn close(mut self) {
-        self.relays.shutdown().await;
-        for connection in self.connections {
-            let _ = connection.close(200, "baseline done".into()).await;
-        }
+        let closing = async {
+            self.relays.shutdown().await;
+            for connection in self.connections {
+                let _ = connection.close(200, "baseline done".into()).await;
+            }
+        };
+        let _ = tokio::time::timeout(SETUP_TIMEOUT, closing).await;
     }
 }
 
@@ -468,7 +473,7 @@ async fn measure_broker(url: &str, id: &str, spec: &BaselineSpec) -> anyhow::Res
                 names.prefix
             )
         });
-    let _ = admin.close(200, "baseline done".into()).await;
+    let _ = tokio::time::timeout(SETUP_TIMEOUT, admin.close(200, "baseline done".into())).await;
     with_cleanup(result, cleanup)
 }
 
@@ -578,45 +583,51 @@ async fn drive(
 ) -> anyhow::Result<BrokerFigures> {
     let waiting: Waiting = Arc::new(Mutex::new(HashMap::new()));
     let exchange: Arc<str> = names.exchange().into();
-    for hop in 0..spec.hops {
-        let connection = run
-            .connect(url, &format!("{}-hop-{hop}", names.prefix))
+    let setup = async {
+        for hop in 0..spec.hops {
+            let connection = run
+                .connect(url, &format!("{}-hop-{hop}", names.prefix))
+                .await?;
+            let consuming = connection
+                .create_channel()
+                .await
+                .context("RabbitMQ refused to open a channel")?;
+            consuming
+                .basic_qos(spec.prefetch, BasicQosOptions::default())
+                .await
+                .context("setting the consumer prefetch")?;
+            let next = if hop + 1 < spec.hops {
+                Some((confirm_channel(connection).await?, exchange.clone()))
+            } else {
+                None
+            };
+            let queue = names.queue(hop);
+            let consumer = consuming
+                .basic_consume(
+                    queue.as_str().into(),
+                    format!("{}-hop-{hop}", names.prefix).as_str().into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .with_context(|| format!("consuming `{queue}`"))?;
+            let relay = Relay {
+                hop,
+                next,
+                waiting: waiting.clone(),
+            };
+            run.relays.spawn(relay.run(consumer));
+        }
+        let driver = run
+            .connect(url, &format!("{}-driver", names.prefix))
             .await?;
-        let consuming = connection
-            .create_channel()
-            .await
-            .context("RabbitMQ refused to open a channel")?;
-        consuming
-            .basic_qos(spec.prefetch, BasicQosOptions::default())
-            .await
-            .context("setting the consumer prefetch")?;
-        let next = if hop + 1 < spec.hops {
-            Some((confirm_channel(connection).await?, exchange.clone()))
-        } else {
-            None
-        };
-        let queue = names.queue(hop);
-        let consumer = consuming
-            .basic_consume(
-                queue.as_str().into(),
-                format!("{}-hop-{hop}", names.prefix).as_str().into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .with_context(|| format!("consuming `{queue}`"))?;
-        let relay = Relay {
-            hop,
-            next,
-            waiting: waiting.clone(),
-        };
-        run.relays.spawn(relay.run(consumer));
-    }
-
-    let driver = run
-        .connect(url, &format!("{}-driver", names.prefix))
-        .await?;
-    let channel = confirm_channel(driver).await?;
+        confirm_channel(driver).await
+    };
+    let channel = tokio::time::timeout(SETUP_TIMEOUT, setup)
+        .await
+        .map_err(|_| {
+            anyhow!("setting up the baseline's consumers took over {SETUP_TIMEOUT:?}")
+        })??;
     let first_key = routing_key(0);
     let one_order = |order: u64| {
         let (channel, waiting, exchange, first_key) = (&channel, &waiting, &exchange, &first_key);
