@@ -90,8 +90,8 @@ impl Settings {
             .set_default("flow_timeout_secs", 3600)?
             .set_default("log", "info")?
             .set_default("log_format", "text")?
-            .set_default("prefetch", 64)?
-            .set_default("concurrency", 16)?
+            .set_default("prefetch", 256)?
+            .set_default("concurrency", 32)?
             .set_default("db_pool_size", 6)?
             .set_default("publish_timeout_ms", 10_000)?
             .set_default("gateway_latency_ms", 20)?
