@@ -147,7 +147,8 @@ async fn get_order(
 }
 
 /// Reads the order until it satisfies `wanted`, `timeout` passes or the
-/// server shuts down; woken by the orders table's notifications.
+/// server shuts down; woken by the watcher when the order changes (here or,
+/// through its batched NOTIFY, in another API instance).
 async fn wait_for(
     state: &AppState,
     order_id: &str,

@@ -5,7 +5,8 @@
 //! event bound to `orderflow.order-api`, applied once through the inbox, in
 //! any order of arrival), the outbox relay of the `orders` schema (which
 //! publishes the `order.started` and `payment.submitted` events the API
-//! commits) and the axum server.
+//! commits) and the axum server; plus the long-poll watcher (`watch.rs`),
+//! which every committed change to an order goes through.
 //!
 //! `GET /orders/{id}/history` shows the saga coordinator's execution history:
 //! the coordinator owns that data; the API only reads it, through the
