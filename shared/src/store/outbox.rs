@@ -120,12 +120,26 @@ pub struct Relay {
     in_flight: Arc<Semaphore>,
 }
 
-/// Publishes `messages` with all confirms in flight at once; the results in order.
-async fn publish_all<'a>(
+/// Publishes `rows` with all confirms in flight at once: the ids the broker
+/// confirmed, and the ids that failed with their errors (each one logged;
+/// its row stays unsent for the next sweep).
+async fn publish_rows(
     publisher: &Publisher,
-    messages: impl Iterator<Item = &'a Outgoing>,
-) -> Vec<Result<(), PublishError>> {
-    join_all(messages.map(|message| publisher.publish(message))).await
+    rows: &[(i64, Outgoing)],
+) -> (Vec<i64>, Vec<(i64, PublishError)>) {
+    let results = join_all(rows.iter().map(|(_, message)| publisher.publish(message))).await;
+    let mut sent = Vec::with_capacity(rows.len());
+    let mut failed = Vec::new();
+    for ((id, message), result) in rows.iter().zip(results) {
+        match result {
+            Ok(()) => sent.push(*id),
+            Err(error) => {
+                log_unpublished(message, &error);
+                failed.push((*id, error));
+            }
+        }
+    }
+    (sent, failed)
 }
 
 fn log_unpublished(message: &Outgoing, error: &PublishError) {
@@ -202,18 +216,7 @@ impl Relay {
         for row in rows {
             claimed.push(decode_row(&row).map_err(|e| self.sql_error(e))?);
         }
-        let results = publish_all(&self.publisher, claimed.iter().map(|(_, m)| m)).await;
-        let mut sent = Vec::with_capacity(claimed.len());
-        let mut failures = Vec::new();
-        for ((id, message), result) in claimed.iter().zip(results) {
-            match result {
-                Ok(()) => sent.push(*id),
-                Err(error) => {
-                    log_unpublished(message, &error);
-                    failures.push(error);
-                }
-            }
-        }
+        let (sent, mut failures) = publish_rows(&self.publisher, &claimed).await;
         sqlx::query("UPDATE outbox SET sent_at = now() WHERE id = ANY($1)")
             .bind(&sent)
             .execute(&mut *tx)
@@ -227,7 +230,7 @@ impl Relay {
                 schema: self.db.schema().to_owned(),
                 claimed: claimed_count,
                 failed,
-                first: failures.swap_remove(0),
+                first: failures.swap_remove(0).1,
             }),
         }
     }
@@ -275,22 +278,14 @@ impl Relay {
         batch: Vec<(i64, Outgoing)>,
         marker: &mpsc::UnboundedSender<Vec<i64>>,
     ) {
-        let results = publish_all(&self.publisher, batch.iter().map(|(_, m)| m)).await;
-        let mut sent = Vec::with_capacity(batch.len());
-        let mut failed = Vec::new();
-        for ((id, message), result) in batch.iter().zip(results) {
-            match result {
-                Ok(()) => sent.push(*id),
-                Err(error) => {
-                    log_unpublished(message, &error);
-                    failed.push(*id);
-                }
-            }
-        }
+        let (sent, failed) = publish_rows(&self.publisher, &batch).await;
         // Failed rows are let go: the next sweep after the grace period tries again.
+        let failed: Vec<i64> = failed.into_iter().map(|(id, _)| id).collect();
         self.db.hand_over().release(&failed);
-        if !sent.is_empty() && marker.send(sent.clone()).is_err() {
-            self.db.hand_over().release(&sent);
+        if !sent.is_empty()
+            && let Err(unmarked) = marker.send(sent)
+        {
+            self.db.hand_over().release(&unmarked.0);
         }
     }
 
