@@ -142,7 +142,7 @@ where
     Fut: Future<Output = anyhow::Result<()>>,
 {
     let result = async {
-        let settings = Settings::load(std::env::var_os("ORDERFLOW_CONFIG").as_deref().map(std::path::Path::new))?;
+        let settings = Settings::from_env()?;
         crate::telemetry::init(&settings.log, settings.log_format)?;
         let metadata = Metadata::from_env()?;
         tracing::info!(service, amqp = %settings.amqp_url_redacted(), database = %settings.database_url_redacted(), "starting");

@@ -67,6 +67,15 @@ impl Settings {
         Self::load_from(file, config::Environment::with_prefix("ORDERFLOW"))
     }
 
+    /// [`load`](Self::load) with the file named by `ORDERFLOW_CONFIG`, if set.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::load(
+            std::env::var_os("ORDERFLOW_CONFIG")
+                .as_deref()
+                .map(Path::new),
+        )
+    }
+
     /// The defaults alone (no file, no environment): a base for tests.
     pub fn defaults() -> Result<Self, ConfigError> {
         Self::load_from(

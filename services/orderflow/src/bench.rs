@@ -109,11 +109,7 @@ struct Scratch {
 
 impl Scratch {
     fn new(args: &BenchArgs) -> anyhow::Result<Self> {
-        let mut settings = Settings::load(
-            std::env::var_os("ORDERFLOW_CONFIG")
-                .as_deref()
-                .map(std::path::Path::new),
-        )?;
+        let mut settings = Settings::from_env()?;
         let id = uuid::Uuid::now_v7().simple().to_string();
         let tag = &id[id.len() - 10..];
         settings.namespace = format!("bench-{tag}");
@@ -128,16 +124,18 @@ impl Scratch {
 
     /// Deletes the namespace's queues and exchanges and drops the database.
     async fn remove(&self) -> anyhow::Result<()> {
+        let metadata = Metadata::from_env()?;
+        let topology = orderflow_shared::app::topology_for(&self.settings, &metadata);
         let ctx = Ctx::new(
             self.settings.clone(),
-            Metadata::from_env()?,
-            orderflow_shared::app::topology_for(&self.settings, &Metadata::from_env()?),
+            metadata,
+            topology,
             "orderflow-bench-cleanup",
         )?;
-        let topology = ctx.broker.delete_topology().await;
+        let deleted = ctx.broker.delete_topology().await;
         ctx.broker.close();
         let database = store::drop_database(&self.settings.database_url).await;
-        topology.with_context(|| {
+        deleted.with_context(|| {
             format!(
                 "deleting the benchmark's broker namespace `{}`",
                 self.settings.namespace
@@ -168,22 +166,19 @@ async fn next_xid(settings: &Settings) -> anyhow::Result<i64> {
 }
 
 async fn main(args: &BenchArgs) -> anyhow::Result<ExitCode> {
-    let settings = match &args.api {
-        Some(_) => Settings::load(
-            std::env::var_os("ORDERFLOW_CONFIG")
-                .as_deref()
-                .map(std::path::Path::new),
-        )?,
-        None => Scratch::new(args)?.settings,
+    let scratch = match &args.api {
+        Some(_) => None,
+        None => Some(Scratch::new(args)?),
+    };
+    let settings = match &scratch {
+        Some(scratch) => scratch.settings.clone(),
+        None => Settings::from_env()?,
     };
     if std::env::var_os("ORDERFLOW_LOG").is_some() {
         orderflow_shared::telemetry::init(&settings.log, settings.log_format)?;
     } else {
         orderflow_shared::telemetry::init("warn", settings.log_format)?;
     }
-    let scratch = args.api.is_none().then(|| Scratch {
-        settings: settings.clone(),
-    });
     let work = async {
         let mut report = if let Some(api) = &args.api {
             let mut report = bench(args, api).await?;
