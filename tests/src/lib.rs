@@ -10,7 +10,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use lapin::options::{BasicGetOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::options::{BasicGetOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use orderflow_shared::app::Ctx;
@@ -307,19 +307,7 @@ async fn cleanup(topology: &Topology, amqp_url: &SecretString, database: &str) {
         Connection::connect(amqp_url.expose_secret(), ConnectionProperties::default()).await
         && let Ok(channel) = connection.create_channel().await
     {
-        for queue in &topology.queues {
-            let _ = channel
-                .queue_delete(queue.name.as_str().into(), QueueDeleteOptions::default())
-                .await;
-        }
-        for exchange in &topology.exchanges {
-            let _ = channel
-                .exchange_delete(
-                    exchange.name.as_str().into(),
-                    lapin::options::ExchangeDeleteOptions::default(),
-                )
-                .await;
-        }
+        let _ = orderflow_shared::topology::delete(&channel, topology).await;
         let _ = connection.close(200, "cleanup".into()).await;
     }
     if let Ok(mut admin) = PgConnection::connect(&admin_database_url()).await {
