@@ -64,9 +64,29 @@ impl Ctx {
         })
     }
 
-    /// The deployment's context: the full topology, declared on the broker
-    /// (waiting up to a minute for it to come up).
+    /// A worker's context: the deployment's topology, whose part `service`
+    /// uses is checked (passively) to exist on the broker, waiting up to a
+    /// minute for the broker and the topology to be there. Workers never
+    /// declare: that is the operator's step (`orderflow topology declare`,
+    /// `orderflow up`, or definitions loaded by the broker at boot).
     pub async fn start(
+        settings: Settings,
+        metadata: Metadata,
+        service: &str,
+    ) -> anyhow::Result<Self> {
+        let topology = topology_for(&settings, &metadata);
+        let ctx = Self::new(settings, metadata, topology, service)?;
+        ctx.broker
+            .check_topology(service, Duration::from_mins(1))
+            .await
+            .with_context(|| format!("checking the RabbitMQ topology of `{service}`"))?;
+        Ok(ctx)
+    }
+
+    /// The operator's context (`orderflow up`, benchmarks): the deployment's
+    /// whole topology, declared on the broker (waiting up to a minute for it
+    /// to come up). Needs the right to configure every orderflow name.
+    pub async fn declare(
         settings: Settings,
         metadata: Metadata,
         connection_name: &str,

@@ -18,10 +18,8 @@ use uuid::Uuid;
 pub mod headers {
     pub const CAUSATION_ID: &str = "causation_id";
     pub const TRACEPARENT: &str = "traceparent";
-    /// The routing key a message was first published with (kept when it goes
-    /// through a delay or dead-letter queue, whose routing key is the queue).
-    pub const ROUTING_KEY: &str = "x-orderflow-routing-key";
-    /// How many delay tiers the message has been through.
+    /// How many delay tiers the message has been through (trusted only on
+    /// messages that come back through the service's redeliver exchange).
     pub const RETRIES: &str = "x-orderflow-retries";
     /// Why a message was dead-lettered.
     pub const REASON: &str = "x-orderflow-reason";

@@ -63,6 +63,50 @@ async fn declaring_the_topology_twice_is_a_no_op() {
 }
 
 #[tokio::test]
+async fn a_worker_checks_its_part_of_the_topology_and_says_how_to_declare_a_missing_one() {
+    let env = TestEnv::new(&[ServiceSpec::new("svc", &["order.cancelled"])]).await;
+    env.broker
+        .check_topology("svc", Duration::from_secs(5))
+        .await
+        .unwrap();
+    // The same service in a namespace nobody declared: the worker does not
+    // declare it (it may not), it says what to do.
+    let undeclared = Broker::new(
+        &env.amqp_url,
+        &env.namespace,
+        Topology::build(
+            Names::new(format!("{}-undeclared", env.namespace)),
+            &[ServiceSpec::new("svc", &["order.cancelled"])],
+            &orderflow_tests::TEST_RETRY_TIERS,
+        ),
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    let error = undeclared
+        .check_topology("svc", Duration::from_millis(300))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("orderflow topology declare"), "{error}");
+    assert!(error.contains("-undeclared.orderflow.svc"), "{error}");
+    assert!(error.contains("NOT_FOUND"), "{error}");
+    // Nothing was created by checking.
+    let error = undeclared
+        .check_topology("svc", Duration::from_millis(300))
+        .await
+        .unwrap_err();
+    assert!(error.to_string().contains("NOT_FOUND"), "{error}");
+    let unknown = env
+        .broker
+        .check_topology("no-such-service", Duration::from_secs(1))
+        .await
+        .unwrap_err();
+    assert!(matches!(unknown, BusError::UnknownService(_)), "{unknown}");
+    undeclared.close();
+    env.cleanup().await;
+}
+
+#[tokio::test]
 async fn a_queue_declared_with_other_arguments_is_a_clear_error() {
     let env = TestEnv::new(&[ServiceSpec::new("svc", &["order.cancelled"])]).await;
     // The same topology, but the service queue now asks for another delivery

@@ -199,7 +199,8 @@ async fn poison_messages_are_dead_lettered_once_with_their_reason_and_the_worker
         .map(|m| {
             let h = m.delivery.properties.headers().clone().unwrap();
             (
-                header_str(&h, headers::ROUTING_KEY).unwrap(),
+                // Dead-lettering keeps the routing key the message came with.
+                m.delivery.routing_key.as_str().to_owned(),
                 header_str(&h, headers::REASON).unwrap(),
                 header_str(&h, headers::SERVICE).unwrap(),
             )

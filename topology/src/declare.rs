@@ -1,7 +1,10 @@
 //! Declares the topology on a live broker, idempotently: the same model declared
 //! twice is a no-op, and a queue that exists with other arguments is reported
-//! with the queue's name instead of being silently left as it is. Also
-//! deletes a whole topology (throwaway namespaces: benchmarks, tests).
+//! with the queue's name instead of being silently left as it is. Declaring is
+//! an operator's step (`orderflow topology declare`, `orderflow up`, or the
+//! definitions the broker loads at boot); a worker only [`check`]s, passively,
+//! that what it uses exists. Also deletes a whole topology (throwaway
+//! namespaces: benchmarks, tests).
 
 use lapin::options::{
     ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
@@ -11,7 +14,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, ExchangeKind};
 
 use crate::Topology;
-use crate::model::{ArgValue, Arguments};
+use crate::model::{ArgValue, Arguments, QueueRole};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeclareError {
@@ -24,6 +27,18 @@ pub enum DeclareError {
         name: String,
         cause: Box<lapin::Error>,
     },
+    #[error(
+        "{what} `{name}` does not exist on the broker ({cause}); declare the topology first: \
+         `orderflow topology declare` (or load topology/definitions.json into the broker), \
+         with the same ORDERFLOW_NAMESPACE"
+    )]
+    Missing {
+        what: &'static str,
+        name: String,
+        cause: Box<lapin::Error>,
+    },
+    #[error("service `{0}` is not part of the topology; is it listed in orderflow_services()?")]
+    UnknownService(String),
     #[error("deleting {what} `{name}` failed: {cause}")]
     Delete {
         what: &'static str,
@@ -87,7 +102,11 @@ pub async fn declare(channel: &Channel, topology: &Topology) -> Result<(), Decla
         channel
             .exchange_declare(
                 exchange.name.as_str().into(),
-                ExchangeKind::Topic,
+                if exchange.kind == "fanout" {
+                    ExchangeKind::Fanout
+                } else {
+                    ExchangeKind::Topic
+                },
                 ExchangeDeclareOptions {
                     durable: true,
                     ..ExchangeDeclareOptions::default()
@@ -136,5 +155,57 @@ pub async fn declare(channel: &Channel, topology: &Topology) -> Result<(), Decla
         queues = topology.queues.len(),
         "topology declared"
     );
+    Ok(())
+}
+
+/// Checks, without changing anything (passive declarations, which need no
+/// permission), that what `service` uses exists: the events exchange, its
+/// queue, and its delay and dead-letter exchanges. Each passive declaration
+/// that fails closes the channel, so this takes a channel it may spend.
+pub async fn check(
+    channel: &Channel,
+    topology: &Topology,
+    service: &str,
+) -> Result<(), DeclareError> {
+    let queue = topology
+        .queue(service, &QueueRole::Service)
+        .ok_or_else(|| DeclareError::UnknownService(service.to_owned()))?;
+    channel
+        .queue_declare(
+            queue.name.as_str().into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|cause| DeclareError::Missing {
+            what: "queue",
+            name: queue.name.clone(),
+            cause: Box::new(cause),
+        })?;
+    let used = topology
+        .exchanges
+        .iter()
+        .filter(|e| e.service.is_none() || e.service.as_deref() == Some(service));
+    for exchange in used {
+        channel
+            .exchange_declare(
+                exchange.name.as_str().into(),
+                ExchangeKind::Topic,
+                ExchangeDeclareOptions {
+                    passive: true,
+                    ..ExchangeDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|cause| DeclareError::Missing {
+                what: "exchange",
+                name: exchange.name.clone(),
+                cause: Box::new(cause),
+            })?;
+    }
     Ok(())
 }

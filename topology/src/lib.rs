@@ -7,11 +7,13 @@ mod declare;
 mod definitions;
 mod model;
 mod names;
+mod permissions;
 
-pub use declare::{DeclareError, declare, delete, field_table};
+pub use declare::{DeclareError, check, declare, delete, field_table};
 pub use definitions::to_definitions;
 pub use model::{
-    ArgValue, Arguments, Binding, DEFAULT_DELIVERY_LIMIT, DEFAULT_RETRY_TIERS, Exchange, Queue,
-    QueueRole, ServiceSpec, Topology, orderflow_services,
+    ArgValue, Arguments, Binding, DEFAULT_DELIVERY_LIMIT, DEFAULT_RETRY_TIERS, Exchange,
+    ExchangeRole, Queue, QueueRole, ServiceSpec, Topology, orderflow_services,
 };
 pub use names::Names;
+pub use permissions::{Permissions, escape, service_permissions};

@@ -1,6 +1,23 @@
-//! The topology model: which exchanges, queues (service, dead-letter, delay) and
-//! bindings exist, with their exact arguments. Pure data, built from the list of
-//! consuming services.
+//! The topology model: which exchanges, queues (service, dead-letter, delay)
+//! and bindings exist, with their exact arguments, and which routing keys each
+//! service consumes and publishes. Pure data, built from the list of services.
+//!
+//! Per consuming service `<svc>`:
+//!
+//! - queue `orderflow.<svc>` (quorum), bound to the events it reads on the
+//!   topic exchange `orderflow.events`; the broker dead-letters a message
+//!   delivered too often to the fanout exchange `orderflow.<svc>.dead`;
+//! - queue `orderflow.<svc>.dead` behind the fanout exchange of that name,
+//!   where the service (or the broker) parks what cannot be handled;
+//! - per delay tier, queue `orderflow.<svc>.retry.<tier>` behind the fanout
+//!   exchange of that name, whose messages expire into the fanout exchange
+//!   `orderflow.<svc>.redeliver`, bound to the service queue.
+//!
+//! Every hop keeps the routing key the message was first published with (no
+//! `x-dead-letter-routing-key` anywhere), so a consumer reads the event type
+//! from the delivery itself, never from a header a publisher controls. A
+//! service publishes only to the events exchange and to its own delay and
+//! dead-letter exchanges; nothing goes through `amq.default`.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -19,26 +36,64 @@ pub const DEFAULT_RETRY_TIERS: [Duration; 3] = [
 /// dead-letters it by itself (a message that crashes its consumer every time).
 pub const DEFAULT_DELIVERY_LIMIT: i64 = 20;
 
-/// A consuming service: its name (queue `orderflow.<name>`) and the routing keys
-/// (topic patterns) it subscribes to on the events exchange.
+/// A service: its name (queue `orderflow.<name>`), the routing keys (topic
+/// patterns) it subscribes to on the events exchange, and the routing keys it
+/// may publish there (exact keys; the broker users' topic permissions).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServiceSpec {
     pub name: String,
     pub routing_keys: Vec<String>,
+    pub publishes: Vec<String>,
 }
 
 impl ServiceSpec {
+    /// A service that consumes `routing_keys` and publishes nothing.
     pub fn new(name: impl Into<String>, routing_keys: &[&str]) -> Self {
         Self {
             name: name.into(),
             routing_keys: routing_keys.iter().map(|&k| k.to_owned()).collect(),
+            publishes: Vec::new(),
         }
+    }
+
+    /// The same service, publishing `keys`.
+    #[must_use]
+    pub fn publishing<S: AsRef<str>>(mut self, keys: &[S]) -> Self {
+        self.publishes = keys.iter().map(|k| k.as_ref().to_owned()).collect();
+        self
     }
 }
 
-/// The consuming services of orderflow and the events each one reads (DESIGN.md §2).
-/// One payment-provider service exists per configured payment method.
+/// What the `orders` context publishes: its services share one outbox, and
+/// any of their relays may publish any row of it.
+const ORDERS_CONTEXT_PUBLISHES: &[&str] = &[
+    "order.started",
+    "payment.submitted",
+    "order.completed",
+    "order.cancelled",
+];
+
+/// What the `payments` context publishes (every provider shares its outbox).
+const PAYMENTS_CONTEXT_PUBLISHES: &[&str] =
+    &["payment.captured", "payment.failed", "payment.refunded"];
+
+/// The services of orderflow, the events each one reads and the events it
+/// publishes. One payment-provider service exists per configured payment
+/// method.
 pub fn orderflow_services<S: AsRef<str>>(payment_methods: &[S]) -> Vec<ServiceSpec> {
+    let selected: Vec<String> = payment_methods
+        .iter()
+        .map(|m| format!("payment.selected.{}", m.as_ref()))
+        .collect();
+    let mut coordinator_publishes = selected.clone();
+    coordinator_publishes.extend(
+        [
+            "payment.rejected",
+            "payment.submission-rejected",
+            "saga.timed-out",
+        ]
+        .map(str::to_owned),
+    );
     let mut services = vec![
         ServiceSpec::new(
             "order-api",
@@ -56,12 +111,16 @@ pub fn orderflow_services<S: AsRef<str>>(payment_methods: &[S]) -> Vec<ServiceSp
                 "order.completed",
                 "order.cancelled",
             ],
-        ),
-        ServiceSpec::new("generate-info", &["order.started"]),
-        ServiceSpec::new("payment-wait", &["order.info-generated"]),
+        )
+        .publishing(ORDERS_CONTEXT_PUBLISHES),
+        ServiceSpec::new("generate-info", &["order.started"])
+            .publishing(&["order.info-generated", "order.info-rejected"]),
+        ServiceSpec::new("payment-wait", &["order.info-generated"])
+            .publishing(&["payment.awaiting"]),
         // The coordinator keeps every order's execution history, so it reads everything.
-        ServiceSpec::new("saga-coordinator", &["#"]),
-        ServiceSpec::new("order-completed", &["payment.captured"]),
+        ServiceSpec::new("saga-coordinator", &["#"]).publishing(&coordinator_publishes),
+        ServiceSpec::new("order-completed", &["payment.captured"])
+            .publishing(ORDERS_CONTEXT_PUBLISHES),
         ServiceSpec::new(
             "order-cancelled",
             &[
@@ -70,17 +129,17 @@ pub fn orderflow_services<S: AsRef<str>>(payment_methods: &[S]) -> Vec<ServiceSp
                 "payment.failed",
                 "saga.timed-out",
             ],
-        ),
+        )
+        .publishing(ORDERS_CONTEXT_PUBLISHES),
     ];
-    for method in payment_methods {
-        let method = method.as_ref();
-        services.push(ServiceSpec {
-            name: format!("payment-provider-{method}"),
-            routing_keys: vec![
-                format!("payment.selected.{method}"),
-                "order.cancelled".to_owned(),
-            ],
-        });
+    for (method, selected) in payment_methods.iter().zip(&selected) {
+        services.push(
+            ServiceSpec::new(format!("payment-provider-{}", method.as_ref()), &[])
+                .publishing(PAYMENTS_CONTEXT_PUBLISHES),
+        );
+        if let Some(provider) = services.last_mut() {
+            provider.routing_keys = vec![selected.clone(), "order.cancelled".to_owned()];
+        }
     }
     services
 }
@@ -94,10 +153,27 @@ pub enum ArgValue {
 
 pub type Arguments = BTreeMap<String, ArgValue>;
 
+/// What an exchange is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExchangeRole {
+    /// The topic exchange every event is published to.
+    Events,
+    /// Leads back into a service's queue (expired delays, replayed dead letters).
+    Redeliver,
+    /// Leads into a service's dead-letter queue.
+    DeadLetter,
+    /// Leads into one of a service's delay queues.
+    Delay(Duration),
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Exchange {
     pub name: String,
+    /// `topic` or `fanout`.
     pub kind: &'static str,
+    pub role: ExchangeRole,
+    /// The service a per-service exchange belongs to (`None` for the events exchange).
+    pub service: Option<String>,
 }
 
 /// What a queue is for; the consumer runtime and the `dlq` commands look queues
@@ -121,6 +197,7 @@ pub struct Queue {
 pub struct Binding {
     pub exchange: String,
     pub queue: String,
+    /// A topic pattern on the events exchange; empty on a fanout exchange.
     pub routing_key: String,
 }
 
@@ -132,19 +209,42 @@ pub struct Topology {
     pub queues: Vec<Queue>,
     pub bindings: Vec<Binding>,
     pub retry_tiers: Vec<Duration>,
+    /// The services, as given to [`build`](Self::build).
+    pub services: Vec<ServiceSpec>,
+}
+
+/// A fanout exchange of `service` with its binding to `queue`.
+fn fanout(
+    exchanges: &mut Vec<Exchange>,
+    bindings: &mut Vec<Binding>,
+    name: &str,
+    role: ExchangeRole,
+    service: &str,
+    queue: &str,
+) {
+    exchanges.push(Exchange {
+        name: name.to_owned(),
+        kind: "fanout",
+        role,
+        service: Some(service.to_owned()),
+    });
+    bindings.push(Binding {
+        exchange: name.to_owned(),
+        queue: queue.to_owned(),
+        routing_key: String::new(),
+    });
 }
 
 fn s(value: impl Into<String>) -> ArgValue {
     ArgValue::Str(value.into())
 }
 
-/// Quorum queue whose dead letters go, at least once, to `target` through the
-/// default exchange.
+/// Quorum queue whose dead letters go, at least once and with their routing
+/// key unchanged, to the exchange `target`.
 fn quorum_dead_lettering_to(target: &str) -> Arguments {
     Arguments::from([
         ("x-queue-type".to_owned(), s("quorum")),
-        ("x-dead-letter-exchange".to_owned(), s("")),
-        ("x-dead-letter-routing-key".to_owned(), s(target)),
+        ("x-dead-letter-exchange".to_owned(), s(target)),
         ("x-dead-letter-strategy".to_owned(), s("at-least-once")),
         // at-least-once dead-lettering requires reject-publish overflow.
         ("x-overflow".to_owned(), s("reject-publish")),
@@ -154,12 +254,20 @@ fn quorum_dead_lettering_to(target: &str) -> Arguments {
 impl Topology {
     /// The topology for `services`, with `retry_tiers` delay queues per service.
     pub fn build(names: Names, services: &[ServiceSpec], retry_tiers: &[Duration]) -> Self {
-        let exchange = names.events_exchange();
+        let events = names.events_exchange();
+        let mut exchanges = vec![Exchange {
+            name: events.clone(),
+            kind: "topic",
+            role: ExchangeRole::Events,
+            service: None,
+        }];
         let mut queues = Vec::new();
         let mut bindings = Vec::new();
         for service in services {
-            let queue = names.service_queue(&service.name);
-            let dead = names.dead_letter_queue(&service.name);
+            let name = service.name.as_str();
+            let queue = names.service_queue(name);
+            let dead = names.dead_letter_queue(name);
+            let redeliver = names.redeliver_exchange(name);
             let mut arguments = quorum_dead_lettering_to(&dead);
             arguments.insert(
                 "x-delivery-limit".to_owned(),
@@ -167,46 +275,69 @@ impl Topology {
             );
             queues.push(Queue {
                 name: queue.clone(),
-                service: service.name.clone(),
+                service: name.to_owned(),
                 role: QueueRole::Service,
                 arguments,
             });
             queues.push(Queue {
-                name: dead,
-                service: service.name.clone(),
+                name: dead.clone(),
+                service: name.to_owned(),
                 role: QueueRole::DeadLetter,
                 arguments: Arguments::from([("x-queue-type".to_owned(), s("quorum"))]),
             });
+            fanout(
+                &mut exchanges,
+                &mut bindings,
+                &dead,
+                ExchangeRole::DeadLetter,
+                name,
+                &dead,
+            );
+            fanout(
+                &mut exchanges,
+                &mut bindings,
+                &redeliver,
+                ExchangeRole::Redeliver,
+                name,
+                &queue,
+            );
             for &delay in retry_tiers {
-                let mut arguments = quorum_dead_lettering_to(&queue);
+                let delay_queue = names.delay_queue(name, delay);
+                let mut arguments = quorum_dead_lettering_to(&redeliver);
                 arguments.insert(
                     "x-message-ttl".to_owned(),
                     ArgValue::Int(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX)),
                 );
                 queues.push(Queue {
-                    name: names.delay_queue(&service.name, delay),
-                    service: service.name.clone(),
+                    name: delay_queue.clone(),
+                    service: name.to_owned(),
                     role: QueueRole::Delay(delay),
                     arguments,
                 });
+                fanout(
+                    &mut exchanges,
+                    &mut bindings,
+                    &delay_queue,
+                    ExchangeRole::Delay(delay),
+                    name,
+                    &delay_queue,
+                );
             }
             for routing_key in &service.routing_keys {
                 bindings.push(Binding {
-                    exchange: exchange.clone(),
+                    exchange: events.clone(),
                     queue: queue.clone(),
                     routing_key: routing_key.clone(),
                 });
             }
         }
         Self {
-            exchanges: vec![Exchange {
-                name: exchange,
-                kind: "topic",
-            }],
+            exchanges,
             names,
             queues,
             bindings,
             retry_tiers: retry_tiers.to_vec(),
+            services: services.to_vec(),
         }
     }
 
@@ -218,6 +349,15 @@ impl Topology {
             .find(|q| q.service == service && &q.role == role)
     }
 
+    /// The exchange of `service` with the given role (`service` is ignored
+    /// for the events exchange).
+    pub fn exchange(&self, service: &str, role: ExchangeRole) -> Option<&Exchange> {
+        self.exchanges.iter().find(|e| {
+            e.role == role
+                && (role == ExchangeRole::Events || e.service.as_deref() == Some(service))
+        })
+    }
+
     /// Names of the consuming services, in declaration order.
     pub fn services(&self) -> Vec<&str> {
         self.queues
@@ -226,29 +366,55 @@ impl Topology {
             .map(|q| q.service.as_str())
             .collect()
     }
+
+    /// The bindings of `service`'s queue on the events exchange.
+    pub fn event_bindings(&self, service: &str) -> impl Iterator<Item = &Binding> {
+        let queue = self.names.service_queue(service);
+        let events = self.names.events_exchange();
+        self.bindings
+            .iter()
+            .filter(move |b| b.queue == queue && b.exchange == events)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn every_service_gets_a_queue_a_dead_letter_queue_and_its_delay_tiers() {
-        let topology = Topology::build(
+    fn topology() -> Topology {
+        Topology::build(
             Names::new("ns"),
             &orderflow_services(&["zhifubao"]),
             &DEFAULT_RETRY_TIERS,
-        );
+        )
+    }
+
+    #[test]
+    fn every_service_gets_a_queue_a_dead_letter_queue_and_its_delay_tiers() {
+        let topology = topology();
         let services = topology.services();
         assert!(services.contains(&"payment-provider-zhifubao"));
         for service in services {
             assert!(topology.queue(service, &QueueRole::DeadLetter).is_some());
+            let redeliver = topology.exchange(service, ExchangeRole::Redeliver).unwrap();
+            assert!(
+                topology
+                    .bindings
+                    .iter()
+                    .any(|b| b.exchange == redeliver.name
+                        && b.queue == format!("ns.orderflow.{service}"))
+            );
             for tier in DEFAULT_RETRY_TIERS {
                 let delay = topology.queue(service, &QueueRole::Delay(tier)).unwrap();
                 assert_eq!(
-                    delay.arguments["x-dead-letter-routing-key"],
-                    ArgValue::Str(format!("ns.orderflow.{service}"))
+                    delay.arguments["x-dead-letter-exchange"],
+                    ArgValue::Str(format!("ns.orderflow.{service}.redeliver"))
                 );
+                let into_delay = topology
+                    .exchange(service, ExchangeRole::Delay(tier))
+                    .unwrap();
+                assert_eq!(into_delay.name, delay.name);
+                assert_eq!(into_delay.kind, "fanout");
             }
         }
         assert!(
@@ -257,6 +423,43 @@ mod tests {
                 .iter()
                 .any(|b| b.queue == "ns.orderflow.payment-provider-zhifubao"
                     && b.routing_key == "payment.selected.zhifubao")
+        );
+    }
+
+    #[test]
+    fn no_hop_rewrites_the_routing_key_or_goes_through_the_default_exchange() {
+        let topology = topology();
+        for queue in &topology.queues {
+            assert!(
+                !queue.arguments.contains_key("x-dead-letter-routing-key"),
+                "{}",
+                queue.name
+            );
+            if let Some(ArgValue::Str(target)) = queue.arguments.get("x-dead-letter-exchange") {
+                assert!(
+                    topology.exchanges.iter().any(|e| &e.name == target),
+                    "{} dead-letters to {target}, which is not declared",
+                    queue.name
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn each_routing_key_is_published_by_the_services_that_own_it() {
+        let services = orderflow_services(&["weixin"]);
+        let publishers = |key: &str| -> Vec<&str> {
+            services
+                .iter()
+                .filter(|s| s.publishes.iter().any(|k| k == key))
+                .map(|s| s.name.as_str())
+                .collect()
+        };
+        assert_eq!(publishers("payment.selected.weixin"), ["saga-coordinator"]);
+        assert_eq!(publishers("payment.captured"), ["payment-provider-weixin"]);
+        assert_eq!(
+            publishers("order.completed"),
+            ["order-api", "order-completed", "order-cancelled"]
         );
     }
 }

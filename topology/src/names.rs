@@ -40,13 +40,21 @@ impl Names {
         self.prefixed(&format!("orderflow.{service}"))
     }
 
-    /// Where a service's messages go when they cannot be handled.
+    /// Where a service's messages go when they cannot be handled. The
+    /// fanout exchange that leads there has the same name.
     pub fn dead_letter_queue(&self, service: &str) -> String {
         self.prefixed(&format!("orderflow.{service}.dead"))
     }
 
+    /// The fanout exchange that leads back into a service's queue: the
+    /// broker dead-letters expired delay-queue messages to it, and operators
+    /// replay dead letters through it. No service may publish to it.
+    pub fn redeliver_exchange(&self, service: &str) -> String {
+        self.prefixed(&format!("orderflow.{service}.redeliver"))
+    }
+
     /// A delay queue: messages wait `delay` there, then dead-letter back to the
-    /// service queue.
+    /// service queue. The fanout exchange that leads there has the same name.
     pub fn delay_queue(&self, service: &str, delay: Duration) -> String {
         self.prefixed(&format!(
             "orderflow.{service}.retry.{}",

@@ -235,12 +235,17 @@ fn queue_arguments(dead_queue: &str) -> anyhow::Result<(FieldTable, FieldTable)>
             .with_context(|| format!("the topology model has no {role:?} queue"))
     };
     let mut service_arguments = arguments_of(QueueRole::Service)?;
-    if service_arguments.contains_key("x-dead-letter-routing-key") {
-        service_arguments.insert(
-            "x-dead-letter-routing-key".to_owned(),
-            ArgValue::Str(dead_queue.to_owned()),
-        );
-    }
+    // The system dead-letters through a per-service fanout exchange; the
+    // baseline declares no exchanges of its own, so it dead-letters straight
+    // to its queue (the same work for the broker).
+    service_arguments.insert(
+        "x-dead-letter-exchange".to_owned(),
+        ArgValue::Str(String::new()),
+    );
+    service_arguments.insert(
+        "x-dead-letter-routing-key".to_owned(),
+        ArgValue::Str(dead_queue.to_owned()),
+    );
     let dead_arguments = arguments_of(QueueRole::DeadLetter)?;
     Ok((
         field_table(&service_arguments),

@@ -56,7 +56,7 @@ impl InProcess {
             .await
             .context("binding a local port for the order API")?;
         let base = format!("http://{}", listener.local_addr()?);
-        let ctx = Ctx::start(settings, Metadata::from_env()?, "orderflow-bench").await?;
+        let ctx = Ctx::declare(settings, Metadata::from_env()?, "orderflow-bench").await?;
         let shutdown = Shutdown::new();
         let tasks = up::system(&ctx, listener, &shutdown);
         let system = tokio::spawn({

@@ -38,10 +38,13 @@ pub enum Command {
             exchange `orderflow.events`, and per consuming service a quorum queue \
             `orderflow.<service>` bound to the events it reads, a dead-letter queue \
             `orderflow.<service>.dead` and delay queues `orderflow.<service>.retry.<delay>` \
-            for retries. There is one payment-provider service per payment method of \
-            config/providers.toml. Services declare this topology when they start; the \
-            same model is exported to topology/definitions.json, which the broker of \
-            docker-compose loads at boot."
+            for retries, each behind a fanout exchange of the same name, and \
+            `orderflow.<service>.redeliver` leading back into the service queue. There \
+            is one payment-provider service per payment method of config/providers.toml. \
+            Declaring the topology is the operator's step (`topology declare`, or the \
+            definitions the broker loads at boot, exported to topology/definitions.json); \
+            workers only check that their part exists. `topology users` writes the \
+            broker users with least-privilege permissions."
     )]
     Topology(TopologyCommand),
 
@@ -344,6 +347,34 @@ pub enum TopologyCommand {
         the output into a ```mermaid block of a Markdown file or into mermaid.live."
     )]
     Diagram(DiagramArgs),
+
+    /// Declare the topology on the broker (an operator's step; idempotent)
+    #[command(
+        long_about = "Declare the topology on the broker of ORDERFLOW_AMQP_URL.\n\n\
+        Creates every exchange, queue and binding of the model in ORDERFLOW_NAMESPACE \
+        (or --namespace), idempotently: declaring twice changes nothing, and a queue \
+        that exists with other arguments is reported by name. Needs a broker user that \
+        may configure every orderflow name (an operator, not a service: services may \
+        only check that their part exists). `orderflow up` does this by itself; \
+        docker-compose's broker loads topology/definitions.json at boot instead."
+    )]
+    Declare(DeclareArgs),
+
+    /// Write the broker users (least privilege per service) as a definitions file
+    #[command(
+        long_about = "Write the broker users of a deployment as a RabbitMQ definitions file.\n\n\
+        One user per service, with the permissions the topology model derives: configure \
+        nothing; read its own queue; write only the events exchange and its own delay \
+        and dead-letter exchanges (never amq.default); on the events exchange publish \
+        only the routing keys it owns (topic permissions). Plus an administrator for \
+        operators (the management UI, `orderflow dlq replay`, `topology declare`).\n\n\
+        Passwords come from ORDERFLOW_BROKER_PASSWORD_<USER> (the service name \
+        upper-cased, `-` as `_`: ORDERFLOW_BROKER_PASSWORD_GENERATE_INFO, \
+        ORDERFLOW_BROKER_PASSWORD_ADMIN); every one must be set, there are no defaults. \
+        The file holds salted SHA-256 hashes only. Load it with `rabbitmqctl \
+        import_definitions FILE` or the broker's load_definitions directory."
+    )]
+    Users(UsersArgs),
 }
 
 /// What the topology model is built from.
@@ -384,6 +415,39 @@ pub struct LintArgs {
 
 #[derive(Debug, Args)]
 pub struct DiagramArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct DeclareArgs {
+    /// Prefix of every name; defaults to ORDERFLOW_NAMESPACE (empty: none).
+    #[arg(long, value_name = "NS", env = "ORDERFLOW_NAMESPACE", default_value = "", value_parser = parse_namespace)]
+    pub namespace: String,
+
+    /// The payment providers file (one payment-provider queue per method).
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_PROVIDERS_PATH)]
+    pub providers: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct UsersArgs {
+    /// Where to write the users file; `-` writes to stdout.
+    #[arg(long, value_name = "PATH", default_value = "-")]
+    pub out: PathBuf,
+
+    /// The vhost the permissions are for.
+    #[arg(long, value_name = "VHOST", default_value = "/")]
+    pub vhost: String,
+
+    /// Prefix of every user name (several deployments, or tests, on one broker).
+    #[arg(long, value_name = "PREFIX", default_value = "")]
+    pub user_prefix: String,
+
+    /// The operators' user (tagged administrator, every permission).
+    #[arg(long, value_name = "NAME", default_value = "admin")]
+    pub admin: String,
+
     #[command(flatten)]
     pub model: ModelArgs,
 }

@@ -6,9 +6,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
+use lapin::Channel;
 use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions};
-use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Channel};
+use lapin::types::FieldTable;
 use orderflow_shared::app::topology_for;
 use orderflow_shared::bus::Broker;
 use orderflow_shared::config::Settings;
@@ -71,26 +71,28 @@ async fn count(channel: &Channel, queue: &str) -> anyhow::Result<u32> {
     Ok(declared.message_count())
 }
 
-/// The routing key a dead letter was first published with: our header, or
-/// the broker's `x-death` record for messages it dead-lettered itself.
-fn original_routing_key(properties: &BasicProperties, fallback: &str) -> String {
-    let Some(table) = properties.headers().as_ref() else {
-        return fallback.to_owned();
-    };
-    if let Some(key) = header_str(table, headers::ROUTING_KEY) {
-        return key;
+/// The header in which orderflow versions before the per-service exchanges
+/// kept a dead letter's routing key (their dead letters went through
+/// `amq.default`, which replaced it with the queue name).
+const LEGACY_ROUTING_KEY: &str = "x-orderflow-routing-key";
+
+/// The routing key a dead letter was first published with: the delivery's own
+/// (every hop keeps it), or, for a dead letter left by an older version (whose
+/// routing key is the dead-letter queue's name), its legacy header.
+fn original_routing_key(delivery: &lapin::message::Delivery, dead_queue: &str) -> String {
+    let key = delivery.routing_key.as_str();
+    if key != dead_queue {
+        return key.to_owned();
     }
-    if let Some(AMQPValue::FieldArray(deaths)) = table.inner().get("x-death")
-        && let Some(AMQPValue::FieldTable(death)) = deaths.as_slice().first()
-        && let Some(AMQPValue::FieldArray(keys)) = death.inner().get("routing-keys")
-        && let Some(AMQPValue::LongString(key)) = keys.as_slice().first()
-    {
-        return String::from_utf8_lossy(key.as_bytes()).into_owned();
-    }
-    fallback.to_owned()
+    delivery
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|table| header_str(table, LEGACY_ROUTING_KEY))
+        .unwrap_or_else(|| key.to_owned())
 }
 
-fn describe(service: &str, delivery: &lapin::message::Delivery) -> Value {
+fn describe(service: &str, dead_queue: &str, delivery: &lapin::message::Delivery) -> Value {
     let properties = &delivery.properties;
     let table = properties.headers().clone().unwrap_or_default();
     let text =
@@ -104,7 +106,7 @@ fn describe(service: &str, delivery: &lapin::message::Delivery) -> Value {
     });
     json!({
         "service": service,
-        "routing_key": original_routing_key(properties, delivery.routing_key.as_str()),
+        "routing_key": original_routing_key(delivery, dead_queue),
         "order_id": text(properties.correlation_id()),
         "message_id": text(properties.message_id()),
         "reason": reason,
@@ -135,7 +137,7 @@ async fn list(args: &DlqListArgs) -> anyhow::Result<ExitCode> {
                 break;
             };
             taken += 1;
-            let entry = describe(&service, &message.delivery);
+            let entry = describe(&service, &queue, &message.delivery);
             if !args.json {
                 println!(
                     "    {}  {}  order {}  message {}\n      reason: {}",
@@ -170,7 +172,9 @@ async fn replay(args: &DlqReplayArgs) -> anyhow::Result<ExitCode> {
     let service = args.service.as_str();
     services(&broker, Some(service))?;
     let dead = dead_queue(&broker, service)?;
-    let target = broker.names().service_queue(service);
+    // Back into the service's queue through its redeliver exchange, with the
+    // routing key it was first published with.
+    let target = broker.names().redeliver_exchange(service);
     let channel = broker.channel().await?;
     let publisher = broker.publisher();
     let waiting = count(&channel, &dead).await? as usize;
@@ -194,7 +198,7 @@ async fn replay(args: &DlqReplayArgs) -> anyhow::Result<ExitCode> {
         if args.message_id.is_some() && args.message_id != message_id {
             continue; // left unacked: back in the queue when the channel closes
         }
-        let routing_key = original_routing_key(&delivery.properties, delivery.routing_key.as_str());
+        let routing_key = original_routing_key(&delivery, &dead);
         let mut table = FieldTable::default();
         for (key, value) in delivery
             .properties
@@ -208,20 +212,21 @@ async fn replay(args: &DlqReplayArgs) -> anyhow::Result<ExitCode> {
                 headers::SERVICE,
                 headers::FAILED_AT,
                 headers::RETRIES,
+                LEGACY_ROUTING_KEY,
                 "x-death",
+                "x-first-death-exchange",
+                "x-first-death-queue",
+                "x-first-death-reason",
+                "x-delivery-count",
             ]
             .contains(&key.as_str())
             {
                 table.insert(key.clone(), value.clone());
             }
         }
-        table.insert(
-            headers::ROUTING_KEY.into(),
-            AMQPValue::LongString(routing_key.as_str().into()),
-        );
         let properties = delivery.properties.clone().with_headers(table);
         publisher
-            .publish_raw("", &target, &delivery.data, properties)
+            .publish_raw(&target, &routing_key, &delivery.data, properties)
             .await
             .with_context(|| {
                 format!(

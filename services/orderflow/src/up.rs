@@ -53,7 +53,7 @@ async fn up(args: &UpArgs) -> anyhow::Result<()> {
             )
         })?;
     let address = listener.local_addr()?;
-    let ctx = Ctx::start(settings, metadata, "orderflow-up").await?;
+    let ctx = Ctx::declare(settings, metadata, "orderflow-up").await?;
     let shutdown = shutdown_on_signal();
     let tasks = system(&ctx, listener, &shutdown);
     println!(

@@ -40,44 +40,64 @@ async fn dead_letters_are_listed_with_their_reason_and_replayed_to_their_service
         .publish_bare("order.started", b"{broken", BasicProperties::default())
         .await;
     // A good order that failed earlier (say the catalogue was missing), as
-    // the runtime leaves it in the dead-letter queue.
-    let order = Outgoing::event(
-        &Event::OrderStarted(OrderStarted {
-            order_id: "replay-me".into(),
-            supplier: "haidilao".into(),
-            products: vec![ProductLine {
-                sku: "tea".into(),
-                quantity: 1,
-            }],
-            address: "6 Dock".into(),
-        }),
-        None,
-    );
-    let mut extra = FieldTable::default();
-    extra.insert(
-        headers::REASON.into(),
-        AMQPValue::LongString("catalogue unavailable".into()),
-    );
-    extra.insert(
-        headers::ROUTING_KEY.into(),
-        AMQPValue::LongString("order.started".into()),
-    );
-    system
-        .ctx
-        .broker
-        .publisher()
-        .publish_raw("", &dead, &order.body, order.envelope.to_properties(extra))
+    // the runtime leaves it: through the service's dead-letter exchange,
+    // with the routing key it came with.
+    let order = |order_id: &str| {
+        Outgoing::event(
+            &Event::OrderStarted(OrderStarted {
+                order_id: order_id.into(),
+                supplier: "haidilao".into(),
+                products: vec![ProductLine {
+                    sku: "tea".into(),
+                    quantity: 1,
+                }],
+                address: "6 Dock".into(),
+            }),
+            None,
+        )
+    };
+    let reason = |text: &str| {
+        let mut extra = FieldTable::default();
+        extra.insert(headers::REASON.into(), AMQPValue::LongString(text.into()));
+        extra
+    };
+    let publisher = system.ctx.broker.publisher();
+    let good = order("replay-me");
+    publisher
+        .publish_raw(
+            &dead,
+            "order.started",
+            &good.body,
+            good.envelope.to_properties(reason("catalogue unavailable")),
+        )
         .await
         .unwrap();
-    eventually(Duration::from_secs(10), "two dead letters", || async {
-        system.env.message_count(&dead).await == 2
+    // One left by an older version: straight into the queue, its routing key
+    // in a header.
+    let legacy = order("replay-legacy");
+    let mut extra = reason("left by an older orderflow");
+    extra.insert(
+        "x-orderflow-routing-key".into(),
+        AMQPValue::LongString("order.started".into()),
+    );
+    publisher
+        .publish_raw(
+            "",
+            &dead,
+            &legacy.body,
+            legacy.envelope.to_properties(extra),
+        )
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(10), "three dead letters", || async {
+        system.env.message_count(&dead).await == 3
     })
     .await;
 
     let (code, out, err) = dlq(&system, &["list", "--service", "generate-info", "--json"]).await;
     assert_eq!(code, 0, "{err}");
     let listed: Vec<Value> = serde_json::from_str(&out).unwrap();
-    assert_eq!(listed.len(), 2, "{out}");
+    assert_eq!(listed.len(), 3, "{out}");
     assert!(
         listed
             .iter()
@@ -89,9 +109,14 @@ async fn dead_letters_are_listed_with_their_reason_and_replayed_to_their_service
         .unwrap();
     assert_eq!(good["reason"], "catalogue unavailable");
     assert_eq!(good["routing_key"], "order.started");
+    let legacy = listed
+        .iter()
+        .find(|m| m["order_id"] == "replay-legacy")
+        .unwrap();
+    assert_eq!(legacy["routing_key"], "order.started", "{legacy}");
     assert_eq!(
         system.env.message_count(&dead).await,
-        2,
+        3,
         "listing takes nothing away"
     );
 
@@ -118,6 +143,21 @@ async fn dead_letters_are_listed_with_their_reason_and_replayed_to_their_service
     assert!(out.contains("1 message(s) replayed"), "{out}");
     let order = system.wait_for("replay-me", "awaiting_payment").await;
     assert_eq!(order["amount_cents"], 900);
+    assert_eq!(system.env.message_count(&dead).await, 2, "the others stay");
+    let legacy_id = legacy["message_id"].as_str().unwrap();
+    let (code, _, err) = dlq(
+        &system,
+        &[
+            "replay",
+            "--service",
+            "generate-info",
+            "--message-id",
+            legacy_id,
+        ],
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    system.wait_for("replay-legacy", "awaiting_payment").await;
     assert_eq!(
         system.env.message_count(&dead).await,
         1,

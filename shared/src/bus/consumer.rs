@@ -4,9 +4,14 @@
 //!
 //! 1. a transient error is retried in-process with exponential backoff (backon);
 //! 2. then the message goes through the delay tiers (`orderflow.<svc>.retry.*`,
-//!    TTL queues that dead-letter back to the service queue);
+//!    TTL queues that dead-letter back to the service queue through
+//!    `orderflow.<svc>.redeliver`);
 //! 3. then, or at once for a permanent error, it goes to `orderflow.<svc>.dead`
-//!    with the reason, the original routing key and the service in headers.
+//!    with the reason and the service in headers.
+//!
+//! Delays and dead letters are published to the service's own fanout
+//! exchanges with the routing key the message came with, never through
+//! `amq.default`: the event type is always the delivery's routing key.
 //!
 //! A message is acked only after the handler returned (its effects committed)
 //! or after its copy in a delay/dead-letter queue is confirmed. Nothing is
@@ -27,11 +32,11 @@ use lapin::types::{AMQPValue, FieldTable};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
-use super::message::{Message, original_routing_key};
+use super::message::Message;
 use super::{Broker, BusError, Publisher, reconnect_backoff};
 use crate::Shutdown;
 use crate::envelope::{Envelope, headers};
-use crate::topology::QueueRole;
+use crate::topology::{ExchangeRole, QueueRole};
 
 /// How handling a message failed.
 #[derive(Debug, thiserror::Error)]
@@ -130,9 +135,13 @@ struct Context<H> {
     handler: Arc<H>,
     publisher: Publisher,
     queue: String,
-    dead_queue: String,
-    /// Delay queue names, in tier order.
-    delay_queues: Vec<String>,
+    /// Where undeliverable messages are parked (fanout to the dead-letter queue).
+    dead_exchange: String,
+    /// Where parked messages come back from (only the broker and operators
+    /// publish there).
+    redeliver_exchange: String,
+    /// The delay exchanges (fanout to the delay queues), in tier order.
+    delay_exchanges: Vec<String>,
 }
 
 /// Consumes the service queue until `shutdown`, coming back by itself when the
@@ -151,12 +160,19 @@ pub async fn run_consumer<H: Handler>(
             .map(|q| q.name.clone())
             .ok_or_else(|| BusError::UnknownService(service.clone()))
     };
+    let exchange_of = |role: ExchangeRole| {
+        topology
+            .exchange(&service, role)
+            .map(|e| e.name.clone())
+            .ok_or_else(|| BusError::UnknownService(service.clone()))
+    };
     let queue = queue_of(&QueueRole::Service)?;
-    let dead_queue = queue_of(&QueueRole::DeadLetter)?;
-    let delay_queues = topology
+    let dead_exchange = exchange_of(ExchangeRole::DeadLetter)?;
+    let redeliver_exchange = exchange_of(ExchangeRole::Redeliver)?;
+    let delay_exchanges = topology
         .retry_tiers
         .iter()
-        .map(|tier| queue_of(&QueueRole::Delay(*tier)))
+        .map(|tier| exchange_of(ExchangeRole::Delay(*tier)))
         .collect::<Result<Vec<_>, _>>()?;
     let permits = Arc::new(Semaphore::new(options.concurrency.max(1)));
     let context = Arc::new(Context {
@@ -165,8 +181,9 @@ pub async fn run_consumer<H: Handler>(
         options,
         handler,
         queue,
-        dead_queue,
-        delay_queues,
+        dead_exchange,
+        redeliver_exchange,
+        delay_exchanges,
     });
     let mut tasks = JoinSet::new();
     let mut delays = reconnect_backoff();
@@ -315,7 +332,7 @@ async fn process_batch<H: Handler>(context: &Context<H>, deliveries: Vec<Deliver
     let mut messages = Vec::with_capacity(deliveries.len());
     let mut decoded = Vec::with_capacity(deliveries.len());
     for delivery in deliveries {
-        match Message::decode(&delivery) {
+        match Message::decode(&delivery, &context.redeliver_exchange) {
             Ok(message) => {
                 messages.push(message);
                 decoded.push(delivery);
@@ -371,7 +388,7 @@ async fn process_batch<H: Handler>(context: &Context<H>, deliveries: Vec<Deliver
 
 async fn process<H: Handler>(context: &Context<H>, delivery: Delivery) {
     let service = &context.options.service;
-    let message = match Message::decode(&delivery) {
+    let message = match Message::decode(&delivery, &context.redeliver_exchange) {
         Ok(message) => message,
         Err(undecodable) => {
             let reason = format!("undecodable message: {}", undecodable.error);
@@ -415,13 +432,13 @@ async fn process<H: Handler>(context: &Context<H>, delivery: Delivery) {
         }
         Err(HandleError::Permanent(error)) => format!("permanent failure: {error:#}"),
         Err(HandleError::Transient(error)) => {
-            if let Some(delay_queue) = context.delay_queues.get(message.retries as usize) {
-                delay(context, &delivery, &message, delay_queue, &error).await;
+            if let Some(delay_exchange) = context.delay_exchanges.get(message.retries as usize) {
+                delay(context, &delivery, &message, delay_exchange, &error).await;
                 return;
             }
             format!(
                 "gave up after {} delayed retries: {error:#}",
-                context.delay_queues.len()
+                context.delay_exchanges.len()
             )
         }
     };
@@ -452,12 +469,8 @@ async fn requeue(delivery: &Delivery) {
         .await;
 }
 
-fn runtime_headers(routing_key: &str, retries: u32) -> FieldTable {
+fn runtime_headers(retries: u32) -> FieldTable {
     let mut table = FieldTable::default();
-    table.insert(
-        headers::ROUTING_KEY.into(),
-        AMQPValue::LongString(routing_key.into()),
-    );
     table.insert(
         headers::RETRIES.into(),
         AMQPValue::LongLongInt(i64::from(retries)),
@@ -469,16 +482,20 @@ async fn delay<H: Handler>(
     context: &Context<H>,
     delivery: &Delivery,
     message: &Message,
-    delay_queue: &str,
+    delay_exchange: &str,
     error: &anyhow::Error,
 ) {
-    let routing_key = original_routing_key(delivery);
     let properties = message
         .envelope
-        .to_properties(runtime_headers(&routing_key, message.retries + 1));
+        .to_properties(runtime_headers(message.retries + 1));
     match context
         .publisher
-        .publish_raw("", delay_queue, &delivery.data, properties)
+        .publish_raw(
+            delay_exchange,
+            delivery.routing_key.as_str(),
+            &delivery.data,
+            properties,
+        )
         .await
     {
         Ok(()) => {
@@ -486,7 +503,7 @@ async fn delay<H: Handler>(
                 service = %context.options.service,
                 order_id = %message.envelope.correlation_id,
                 message_id = %message.envelope.message_id,
-                %delay_queue,
+                delay_queue = %delay_exchange,
                 error = %format!("{error:#}"),
                 "transient failure persists; message parked in a delay queue"
             );
@@ -511,8 +528,8 @@ async fn dead_letter<H: Handler>(
     retries: u32,
     reason: &str,
 ) {
-    let routing_key = original_routing_key(delivery);
-    let mut extra = runtime_headers(&routing_key, retries);
+    let routing_key = delivery.routing_key.as_str();
+    let mut extra = runtime_headers(retries);
     extra.insert(headers::REASON.into(), AMQPValue::LongString(reason.into()));
     extra.insert(
         headers::SERVICE.into(),
@@ -525,8 +542,8 @@ async fn dead_letter<H: Handler>(
     match context
         .publisher
         .publish_raw(
-            "",
-            &context.dead_queue,
+            &context.dead_exchange,
+            routing_key,
             &delivery.data,
             envelope.to_properties(extra),
         )
@@ -539,7 +556,7 @@ async fn dead_letter<H: Handler>(
                 message_id = %envelope.message_id,
                 routing_key,
                 reason,
-                dead_letter_queue = %context.dead_queue,
+                dead_letter_queue = %context.dead_exchange,
                 "message dead-lettered; inspect with `orderflow dlq list`, replay with `orderflow dlq replay`"
             );
             ack(delivery, envelope).await;

@@ -3,7 +3,7 @@
 
 use lapin::message::Delivery;
 
-use crate::envelope::{Envelope, header_int, header_str, headers};
+use crate::envelope::{Envelope, header_int, headers};
 use crate::events::{DecodeError, Event, parse_object};
 
 /// A received message, decoded.
@@ -24,28 +24,33 @@ pub(crate) struct Undecodable {
     pub error: DecodeError,
 }
 
-/// The routing key a delivery was originally published with (a delay queue
-/// hands it back with the queue name as routing key).
-pub(crate) fn original_routing_key(delivery: &Delivery) -> String {
-    delivery
-        .properties
-        .headers()
-        .as_ref()
-        .and_then(|h| header_str(h, headers::ROUTING_KEY))
-        .unwrap_or_else(|| delivery.routing_key.as_str().to_owned())
-}
-
 impl Message {
-    pub(crate) fn decode(delivery: &Delivery) -> Result<Self, Box<Undecodable>> {
-        let routing_key = original_routing_key(delivery);
+    /// Decodes a delivery of the queue whose redeliver exchange is
+    /// `redeliver_exchange`. The event type is the delivery's routing key:
+    /// every hop of the topology (delay queues, redelivery, dead letters)
+    /// keeps the key the message was first published with, and no header a
+    /// publisher sets can change it. The retry count (a header the runtime
+    /// itself writes when it parks a message in a delay queue) counts only
+    /// on deliveries that came back through `redeliver_exchange`, which only
+    /// the broker (expired delays) and operators (replays) can publish to;
+    /// on anything published to the events exchange it is 0.
+    pub(crate) fn decode(
+        delivery: &Delivery,
+        redeliver_exchange: &str,
+    ) -> Result<Self, Box<Undecodable>> {
+        let routing_key = delivery.routing_key.as_str().to_owned();
         let body = &delivery.data;
         let properties = &delivery.properties;
-        let retries = properties
-            .headers()
-            .as_ref()
-            .and_then(|h| header_int(h, headers::RETRIES))
-            .and_then(|r| u32::try_from(r).ok())
-            .unwrap_or(0);
+        let retries = if delivery.exchange.as_str() == redeliver_exchange {
+            properties
+                .headers()
+                .as_ref()
+                .and_then(|h| header_int(h, headers::RETRIES))
+                .and_then(|r| u32::try_from(r).ok())
+                .unwrap_or(0)
+        } else {
+            0
+        };
         let fail = |envelope, error| Err(Box::new(Undecodable { envelope, error }));
         let mut object = match parse_object(body) {
             Ok(object) => object,

@@ -175,6 +175,39 @@ impl Broker {
         }
     }
 
+    /// Checks, passively, that the part of the topology `service` uses exists
+    /// (see [`topology::check`]). Waits with backoff up to `patience` for the
+    /// broker to answer and the topology to appear (an operator may be
+    /// declaring it), then gives up with the last error.
+    pub async fn check_topology(&self, service: &str, patience: Duration) -> Result<(), BusError> {
+        let deadline = tokio::time::Instant::now() + patience;
+        let mut delays = reconnect_backoff();
+        loop {
+            let result = async {
+                // A failed passive declaration closes its channel: one per try.
+                let channel = self.channel().await?;
+                topology::check(&channel, self.topology(), service).await?;
+                let _ = channel.close(200, "topology checked".into()).await;
+                Ok::<(), BusError>(())
+            }
+            .await;
+            match result {
+                Ok(()) => return Ok(()),
+                Err(BusError::Declare(topology::DeclareError::UnknownService(service))) => {
+                    return Err(BusError::UnknownService(service));
+                }
+                Err(e) => {
+                    let delay = delays.next().unwrap_or(Duration::from_secs(5));
+                    if tokio::time::Instant::now() + delay > deadline {
+                        return Err(e);
+                    }
+                    tracing::warn!(service, error = %e, ?delay, "topology not usable yet, checking again");
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+    }
+
     /// A publisher on its own confirm channel (created on first use).
     pub fn publisher(&self) -> Publisher {
         Publisher::new(self.clone())

@@ -5,7 +5,7 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use orderflow_topology::{QueueRole, Topology};
+use orderflow_topology::{ExchangeRole, QueueRole, Topology};
 
 /// The Mermaid source of `topology` (a `flowchart LR`), ending with a newline.
 ///
@@ -26,7 +26,14 @@ pub fn mermaid(topology: &Topology) -> String {
         }
     );
     let mut edges = Vec::new();
-    for (e, exchange) in topology.exchanges.iter().enumerate() {
+    // The per-service fanout exchanges in front of the dead-letter and delay
+    // queues are drawn as the edges they stand for.
+    let events: Vec<_> = topology
+        .exchanges
+        .iter()
+        .filter(|e| e.role == ExchangeRole::Events)
+        .collect();
+    for (e, exchange) in events.iter().enumerate() {
         let _ = writeln!(
             out,
             "    x{e}{{{{\"{}<br/>{} exchange\"}}}}",
@@ -38,7 +45,7 @@ pub fn mermaid(topology: &Topology) -> String {
         let _ = writeln!(out, "    subgraph s{s} [\"{}\"]", escape(service));
         if let Some(queue) = topology.queue(service, &QueueRole::Service) {
             let _ = writeln!(out, "        s{s}q[\"{}\"]", escape(&queue.name));
-            for (e, exchange) in topology.exchanges.iter().enumerate() {
+            for (e, exchange) in events.iter().enumerate() {
                 let keys: Vec<String> = topology
                     .bindings
                     .iter()

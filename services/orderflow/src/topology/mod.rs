@@ -1,9 +1,11 @@
-//! `orderflow topology export|lint|diagram`: builds the topology model from the
-//! payment methods and turns it into a definitions file, a check of the committed
-//! file, or a Mermaid diagram.
+//! `orderflow topology export|lint|diagram|declare|users`: builds the topology
+//! model from the payment methods and turns it into a definitions file, a check
+//! of the committed file, a Mermaid diagram, the topology on a live broker, or
+//! the deployment's broker users.
 
 mod diagram;
 mod lint;
+mod users;
 
 use std::io::Write;
 use std::path::Path;
@@ -13,7 +15,7 @@ use anyhow::Context;
 use orderflow_topology::{DEFAULT_RETRY_TIERS, Names, Topology, orderflow_services};
 use serde_json::Value;
 
-use crate::cli::{DiagramArgs, ExportArgs, LintArgs, ModelArgs, TopologyCommand};
+use crate::cli::{DeclareArgs, DiagramArgs, ExportArgs, LintArgs, ModelArgs, TopologyCommand};
 use crate::providers::load_payment_methods;
 
 /// The vhost the exported definitions declare everything on.
@@ -24,11 +26,13 @@ pub fn run(command: TopologyCommand) -> anyhow::Result<ExitCode> {
         TopologyCommand::Export(args) => export(&args),
         TopologyCommand::Lint(args) => lint(&args),
         TopologyCommand::Diagram(args) => diagram(&args),
+        TopologyCommand::Declare(args) => declare(&args),
+        TopologyCommand::Users(args) => users::run(&args),
     }
 }
 
 /// The topology of orderflow for the configured payment methods.
-fn build_model(args: &ModelArgs) -> anyhow::Result<Topology> {
+pub(crate) fn build_model(args: &ModelArgs) -> anyhow::Result<Topology> {
     let methods = load_payment_methods(&args.providers)?;
     Ok(Topology::build(
         Names::new(args.namespace.as_str()),
@@ -39,7 +43,7 @@ fn build_model(args: &ModelArgs) -> anyhow::Result<Topology> {
 
 /// The definitions document exactly as `export` writes it: pretty JSON with a
 /// trailing newline.
-fn render_definitions(definitions: &Value) -> anyhow::Result<String> {
+pub(crate) fn render_definitions(definitions: &Value) -> anyhow::Result<String> {
     let mut text =
         serde_json::to_string_pretty(definitions).context("cannot serialise the definitions")?;
     text.push('\n');
@@ -90,6 +94,43 @@ fn diagram(args: &DiagramArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+fn declare(args: &DeclareArgs) -> anyhow::Result<ExitCode> {
+    let topology = build_model(&ModelArgs {
+        namespace: args.namespace.clone(),
+        providers: args.providers.clone(),
+    })?;
+    let settings = orderflow_shared::config::Settings::from_env()?;
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    runtime.block_on(async {
+        let broker = orderflow_shared::bus::Broker::new(
+            &settings.amqp_url,
+            "orderflow-topology-declare",
+            topology.clone(),
+            std::time::Duration::from_millis(settings.publish_timeout_ms),
+        )?;
+        let declared = broker
+            .declare_topology(std::time::Duration::from_secs(30))
+            .await;
+        broker.close();
+        declared.with_context(|| {
+            format!(
+                "declaring the topology on {} (the broker user must be allowed to configure \
+                 every orderflow name)",
+                settings.amqp_url_redacted()
+            )
+        })
+    })?;
+    write_stdout(&format!(
+        "declared on {}: {}, {}, {} (namespace `{}`)\n",
+        settings.amqp_url_redacted(),
+        count(topology.exchanges.len(), "exchange"),
+        count(topology.queues.len(), "queue"),
+        count(topology.bindings.len(), "binding"),
+        args.namespace,
+    ))?;
+    Ok(ExitCode::SUCCESS)
+}
+
 /// `1 queue`, `45 queues`.
 fn count(n: usize, noun: &str) -> String {
     if n == 1 {
@@ -99,7 +140,7 @@ fn count(n: usize, noun: &str) -> String {
     }
 }
 
-fn write_stdout(text: &str) -> anyhow::Result<()> {
+pub(crate) fn write_stdout(text: &str) -> anyhow::Result<()> {
     let mut stdout = std::io::stdout().lock();
     stdout
         .write_all(text.as_bytes())
@@ -109,7 +150,7 @@ fn write_stdout(text: &str) -> anyhow::Result<()> {
 
 /// Replaces `path` with `text` through a temporary file in the same directory,
 /// so that an interrupted export never leaves a half-written file behind.
-fn write_file(path: &Path, text: &str) -> anyhow::Result<()> {
+pub(crate) fn write_file(path: &Path, text: &str) -> anyhow::Result<()> {
     let file_name = path
         .file_name()
         .with_context(|| format!("{} is not a file path", path.display()))?;
