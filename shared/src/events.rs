@@ -20,6 +20,16 @@ pub struct OrderStarted {
     pub address: String,
 }
 
+impl OrderStarted {
+    /// A digest of what the order is (supplier, products, address), not of
+    /// how it was sent: the same order published twice has the same digest,
+    /// and an order is priced from one content only.
+    pub fn content_digest(&self) -> String {
+        let content = serde_json::json!([self.supplier, self.products, self.address]);
+        crate::token::hex_sha256(content.to_string().as_bytes())
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InfoGenerated {
     pub order_id: String,

@@ -152,15 +152,19 @@ impl TokenKeys {
 /// A digest of a token for the used-token ledger (the token itself is a
 /// bearer credential and is not stored).
 pub fn digest(token: &str) -> String {
+    hex_sha256(token.trim().as_bytes())
+}
+
+/// SHA-256 of `bytes`, as lowercase hex.
+pub fn hex_sha256(bytes: &[u8]) -> String {
     use sha2::Digest as _;
-    Sha256::digest(token.trim().as_bytes()).iter().fold(
-        String::with_capacity(64),
-        |mut hex, byte| {
+    Sha256::digest(bytes)
+        .iter()
+        .fold(String::with_capacity(64), |mut hex, byte| {
             use std::fmt::Write as _;
             let _ = write!(hex, "{byte:02x}");
             hex
-        },
-    )
+        })
 }
 
 #[cfg(test)]

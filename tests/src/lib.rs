@@ -207,6 +207,16 @@ impl TestEnv {
 
     /// Number of ready messages in `queue`.
     pub async fn message_count(&self, queue: &str) -> u32 {
+        self.queue_counts(queue).await.0
+    }
+
+    /// Number of consumers of `queue`.
+    pub async fn consumer_count(&self, queue: &str) -> u32 {
+        self.queue_counts(queue).await.1
+    }
+
+    /// (ready messages, consumers) of `queue`.
+    async fn queue_counts(&self, queue: &str) -> (u32, u32) {
         let (connection, channel) = self.raw_channel().await;
         let declared = channel
             .queue_declare(
@@ -220,7 +230,7 @@ impl TestEnv {
             .await
             .expect("queue exists");
         let _ = connection.close(200, "done".into()).await;
-        declared.message_count()
+        (declared.message_count(), declared.consumer_count())
     }
 
     /// Takes every message currently in `queue` (acking them).

@@ -19,6 +19,13 @@ pub struct Workers {
     /// Leave it out to start (and stop) coordinators yourself with
     /// [`System::start_coordinator`].
     pub coordinator: bool,
+    /// Payment methods whose provider does not run in-process (a test runs
+    /// it itself, e.g. as a separate process).
+    pub without_providers: Vec<&'static str>,
+    /// The deployment's delay tiers (1 s, 10 s, 1 min) instead of the tests'
+    /// short ones: for workers run as separate processes, which build the
+    /// deployment's topology.
+    pub deployment_tiers: bool,
 }
 
 impl Default for Workers {
@@ -26,6 +33,8 @@ impl Default for Workers {
         Self {
             generate_info: true,
             coordinator: true,
+            without_providers: Vec::new(),
+            deployment_tiers: false,
         }
     }
 }
@@ -47,7 +56,11 @@ impl System {
 
     /// Every worker in `workers` and the API, with `adjust`ed settings.
     pub async fn start_with(adjust: impl FnOnce(&mut Settings), workers: Workers) -> Self {
-        let env = TestEnv::orderflow().await;
+        let env = if workers.deployment_tiers {
+            TestEnv::deployment().await
+        } else {
+            TestEnv::orderflow().await
+        };
         let mut settings = env.settings();
         settings.gateway_latency_ms = 1;
         adjust(&mut settings);
@@ -69,7 +82,9 @@ impl System {
         tasks.spawn(order_completed::run(ctx.clone(), shutdown.clone()));
         tasks.spawn(order_cancelled::run(ctx.clone(), shutdown.clone()));
         for method in ctx.metadata.methods() {
-            tasks.spawn(payment_provider::run(ctx.clone(), method, shutdown.clone()));
+            if !workers.without_providers.contains(&method.as_str()) {
+                tasks.spawn(payment_provider::run(ctx.clone(), method, shutdown.clone()));
+            }
         }
         let system = Self {
             env,

@@ -9,12 +9,16 @@
     reason = "a test fails loudly on the first surprise"
 )]
 
+use std::time::Duration;
+
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable};
-use orderflow_tests::eventually;
+use orderflow_shared::envelope::{header_str, headers};
+use orderflow_shared::token::TokenKeys;
 use orderflow_tests::system::System;
+use orderflow_tests::{TEST_TOKEN_KEYS, eventually};
+use secrecy::SecretString;
 use serde_json::json;
-use std::time::Duration;
 
 /// 1 × hotpot-set from config/catalogue.toml.
 const HOTPOT: i64 = 12_800;
@@ -54,6 +58,171 @@ async fn a_header_cannot_turn_a_message_into_another_event() {
     let order = system.pay(&order_id, "zhifubao").await;
     assert_eq!(order["status"], "completed");
     assert_eq!(order["charged_cents"], HOTPOT * 80 / 100);
+    assert_eq!(system.gateway(&order_id).await, (1, 0));
+    system.stop().await;
+}
+
+#[tokio::test]
+async fn a_token_re_signed_for_another_amount_is_not_the_steps_token() {
+    let system = System::start().await;
+    let order_id = system.place("haidilao", &[("hotpot-set", 10)]).await;
+    let order = system.wait_for(&order_id, "awaiting_payment").await;
+    let token = order["payment_token"].as_str().unwrap();
+    // Someone holding a signing key (the public development key of a demo
+    // deployment, a leaked one) changes the amount and signs again.
+    let keys = TokenKeys::parse(&SecretString::from(TEST_TOKEN_KEYS.to_owned())).unwrap();
+    let mut claims = keys.verify(token, 0).unwrap();
+    assert_eq!(claims.amount_cents, 10 * HOTPOT);
+    claims.amount_cents = 1;
+    let forged = keys.mint(&claims).unwrap();
+    assert_eq!(system.submit(&order_id, &forged, "zhifubao").await, 202);
+    eventually(
+        Duration::from_secs(10),
+        "the forgery is rejected",
+        || async {
+            system.get_order(&order_id, None).await["last_rejection"]
+                == "token is not the one issued for this order's payment step"
+        },
+    )
+    .await;
+    let order = system.get_order(&order_id, None).await;
+    assert_eq!(order["status"], "awaiting_payment", "{order:#}");
+    assert_eq!(system.gateway(&order_id).await, (0, 0), "nothing charged");
+    // The genuine token still pays the real amount.
+    let order = system.pay(&order_id, "zhifubao").await;
+    assert_eq!(order["status"], "completed");
+    assert_eq!(order["charged_cents"], 10 * HOTPOT * 80 / 100);
+    assert_eq!(system.gateway(&order_id).await, (1, 0));
+    system.stop().await;
+}
+
+#[tokio::test]
+async fn an_order_started_again_with_cheaper_content_is_not_priced_again() {
+    let system = System::start().await;
+    let order_id = system.place("haidilao", &[("hotpot-set", 10)]).await;
+    let order = system.wait_for(&order_id, "awaiting_payment").await;
+    let token = order["payment_token"].as_str().unwrap().to_owned();
+    assert_eq!(order["amount_cents"], 10 * HOTPOT);
+    // As anyone with the RabbitMQ UI can: the same order id, one tea.
+    let cheaper = json!({
+        "order_id": order_id, "supplier": "haidilao",
+        "products": [{"sku": "tea", "quantity": 1}], "address": "1 Road",
+    });
+    system
+        .env
+        .publish_bare(
+            "order.started",
+            cheaper.to_string().as_bytes(),
+            BasicProperties::default(),
+        )
+        .await;
+    let dead = system.env.dead_letter_queue("generate-info");
+    eventually(
+        Duration::from_secs(10),
+        "the re-pricing is refused",
+        || async { system.env.message_count(&dead).await == 1 },
+    )
+    .await;
+    let refused = system.env.drain(&dead).await;
+    let reason = header_str(
+        refused[0].delivery.properties.headers().as_ref().unwrap(),
+        headers::REASON,
+    )
+    .unwrap();
+    assert!(reason.contains("an order is priced once"), "{reason}");
+    eventually(
+        Duration::from_secs(10),
+        "the coordinator records the rejection",
+        || async {
+            system
+                .history(&order_id)
+                .await
+                .iter()
+                .any(|(kind, name)| kind == "rejection" && name == "order.started")
+        },
+    )
+    .await;
+    let order = system.get_order(&order_id, None).await;
+    assert_eq!(order["amount_cents"], 10 * HOTPOT);
+    assert_eq!(order["payment_token"], token.as_str(), "no new token");
+    // The same content again (a client retrying) is a duplicate, not a refusal.
+    let same = json!({
+        "order_id": order_id, "supplier": "haidilao",
+        "products": [{"sku": "hotpot-set", "quantity": 10}], "address": "1 Road",
+    });
+    system
+        .env
+        .publish_bare(
+            "order.started",
+            same.to_string().as_bytes(),
+            BasicProperties::default(),
+        )
+        .await;
+    let order = system.pay(&order_id, "weixin").await;
+    assert_eq!(order["status"], "completed");
+    assert_eq!(order["charged_cents"], 10 * HOTPOT / 2);
+    assert_eq!(system.gateway(&order_id).await, (1, 0));
+    assert_eq!(system.env.message_count(&dead).await, 0);
+    system.stop().await;
+}
+
+#[tokio::test]
+async fn a_payment_decision_the_coordinator_did_not_make_charges_nothing() {
+    let system = System::start().await;
+    let order_id = system.place("noodle-bar", &[("noodles", 2)]).await;
+    let order = system.wait_for(&order_id, "awaiting_payment").await;
+    let token = order["payment_token"].as_str().unwrap().to_owned();
+    for amount in [1, 0, -5] {
+        let forged = json!({"order_id": order_id, "method": "zhifubao", "amount_cents": amount});
+        system
+            .env
+            .publish_bare(
+                "payment.selected.zhifubao",
+                forged.to_string().as_bytes(),
+                BasicProperties::default(),
+            )
+            .await;
+    }
+    let dead = system.env.dead_letter_queue("payment-provider-zhifubao");
+    eventually(Duration::from_secs(10), "every forgery refused", || async {
+        system.env.message_count(&dead).await == 3
+    })
+    .await;
+    for refused in system.env.drain(&dead).await {
+        let reason = header_str(
+            refused.delivery.properties.headers().as_ref().unwrap(),
+            headers::REASON,
+        )
+        .unwrap();
+        assert!(
+            reason.contains("accepted no zhifubao payment for this order"),
+            "{reason}"
+        );
+    }
+    assert_eq!(system.gateway(&order_id).await, (0, 0), "nothing charged");
+    // (The order API's read model shows `paying` after a forged decision:
+    // its status is a view; who may publish decisions is the broker's
+    // permissions' business.) Once the coordinator accepted a payment, a
+    // second decision with another amount is refused too.
+    assert_eq!(system.submit(&order_id, &token, "zhifubao").await, 202);
+    let order = system.ended(&order_id).await;
+    assert_eq!(order["status"], "completed");
+    let amount = order["amount_cents"].as_i64().unwrap();
+    let forged = json!({"order_id": order_id, "method": "zhifubao", "amount_cents": amount / 2});
+    system
+        .env
+        .publish_bare(
+            "payment.selected.zhifubao",
+            forged.to_string().as_bytes(),
+            BasicProperties::default(),
+        )
+        .await;
+    eventually(
+        Duration::from_secs(10),
+        "the second forgery refused",
+        || async { system.env.message_count(&dead).await == 1 },
+    )
+    .await;
     assert_eq!(system.gateway(&order_id).await, (1, 0));
     system.stop().await;
 }

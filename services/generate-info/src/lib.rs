@@ -4,8 +4,18 @@
 //! cannot be priced (unknown sku, no products) gets `order.info-rejected`, so
 //! it is cancelled with the reason instead of waiting for a timeout.
 //!
-//! Stateless: it publishes directly (with confirms, before the ack), with a
-//! message id derived from the trigger, so a redelivery is a duplicate downstream.
+//! **An order is priced once.** The first `order.started` of an order id is
+//! recorded (`pricing.priced_orders`: a digest of its content and its message
+//! id) before anything is published. The same message again (a redelivery)
+//! publishes the same outcome again, with the same message id, so downstream
+//! inboxes drop it; the same content in another message is a duplicate and
+//! publishes nothing; other content for a known order is refused: it is
+//! dead-lettered with the reason, and never priced again (anyone who can
+//! publish `order.started` could otherwise re-price an order that awaits
+//! payment).
+//!
+//! It publishes directly (with confirms, before the ack), with a message id
+//! derived from the trigger.
 
 use std::sync::Arc;
 
@@ -14,6 +24,7 @@ use orderflow_shared::app::{Ctx, run_worker};
 use orderflow_shared::bus::{HandleError, Handler, Message, Outgoing, Publisher};
 use orderflow_shared::events::{Event, InfoGenerated, InfoRejected, OrderStarted};
 use orderflow_shared::metadata::Metadata;
+use orderflow_shared::store::{Context, Db};
 
 pub const SERVICE: &str = "generate-info";
 
@@ -21,13 +32,26 @@ pub const SERVICE: &str = "generate-info";
 pub struct GenerateInfo {
     metadata: Arc<Metadata>,
     publisher: Publisher,
+    db: Db,
+}
+
+/// What the record of priced orders says about an `order.started`.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Pricing {
+    /// The first (or the same message again): publish its outcome.
+    Price,
+    /// The same content in another message: already priced, publish nothing.
+    Duplicate,
+    /// Other content for a priced order: refuse.
+    Conflict { first_message_id: String },
 }
 
 impl GenerateInfo {
-    pub fn new(ctx: &Ctx) -> Self {
+    pub fn new(ctx: &Ctx, db: Db) -> Self {
         Self {
             metadata: ctx.metadata.clone(),
             publisher: ctx.broker.publisher(),
+            db,
         }
     }
 
@@ -38,17 +62,49 @@ impl GenerateInfo {
             .iter()
             .map(|line| (line.sku.as_str(), i64::from(line.quantity)));
         match self.metadata.price(lines) {
-            Ok(amount_cents) => Event::InfoGenerated(InfoGenerated {
+            Ok(amount_cents) if amount_cents > 0 => Event::InfoGenerated(InfoGenerated {
                 order_id: order.order_id.clone(),
                 supplier: order.supplier.clone(),
                 payment_methods: self.metadata.payment_methods_for(&order.supplier).to_vec(),
                 amount_cents,
+            }),
+            Ok(amount_cents) => Event::InfoRejected(InfoRejected {
+                order_id: order.order_id.clone(),
+                reason: format!("cannot price the order: its total {amount_cents} is not positive"),
             }),
             Err(error) => Event::InfoRejected(InfoRejected {
                 order_id: order.order_id.clone(),
                 reason: format!("cannot price the order: {error}"),
             }),
         }
+    }
+
+    /// Records that `message` prices `order`, unless the order was priced
+    /// before; what to do about it.
+    pub async fn record(
+        &self,
+        order: &OrderStarted,
+        message_id: &str,
+    ) -> Result<Pricing, sqlx::Error> {
+        let digest = order.content_digest();
+        // DO UPDATE (a no-op) so that RETURNING gives the existing row too.
+        let (first_digest, first_message_id): (String, String) = sqlx::query_as(
+            "INSERT INTO priced_orders (order_id, content_digest, message_id) VALUES ($1, $2, $3) \
+             ON CONFLICT (order_id) DO UPDATE SET order_id = EXCLUDED.order_id \
+             RETURNING content_digest, message_id",
+        )
+        .bind(&order.order_id)
+        .bind(&digest)
+        .bind(message_id)
+        .fetch_one(self.db.pool())
+        .await?;
+        Ok(if first_digest != digest {
+            Pricing::Conflict { first_message_id }
+        } else if first_message_id == message_id {
+            Pricing::Price
+        } else {
+            Pricing::Duplicate
+        })
     }
 }
 
@@ -57,6 +113,22 @@ impl Handler for GenerateInfo {
         let Event::OrderStarted(order) = &message.event else {
             return Ok(());
         };
+        let message_id = &message.envelope.message_id;
+        match self.record(order, message_id).await? {
+            Pricing::Price => {}
+            Pricing::Duplicate => {
+                tracing::info!(order_id = %order.order_id, %message_id, "order.started again with the same content; already priced");
+                return Ok(());
+            }
+            Pricing::Conflict { first_message_id } => {
+                return Err(HandleError::permanent(anyhow::anyhow!(
+                    "order {} was already priced from another order.started (message \
+                     {first_message_id}) with other content; an order is priced once, so this \
+                     one is refused",
+                    order.order_id
+                )));
+            }
+        }
         let outcome = self.decide(order);
         match &outcome {
             Event::InfoGenerated(info) => tracing::info!(
@@ -82,6 +154,7 @@ impl Handler for GenerateInfo {
 
 /// Runs generate-info until `shutdown`.
 pub async fn run(ctx: Ctx, shutdown: Shutdown) -> anyhow::Result<()> {
-    let handler = Arc::new(GenerateInfo::new(&ctx));
+    let db = ctx.db(Context::Pricing).await?;
+    let handler = Arc::new(GenerateInfo::new(&ctx, db));
     run_worker(&ctx, SERVICE, handler, None, shutdown).await
 }

@@ -121,14 +121,17 @@ async fn order_started(conn: &mut PgConnection, e: &OrderStarted) -> Result<(), 
     Ok(())
 }
 
+/// The order's price. An order is priced once: the first price known stays
+/// (generate-info never prices an order twice; a stray second price would
+/// not change what the customer sees, nor what the coordinator accepts).
 async fn info_generated(conn: &mut PgConnection, e: &InfoGenerated) -> Result<(), sqlx::Error> {
     sqlx::query(
         "INSERT INTO orders (order_id, supplier, payment_methods, amount_cents) \
          VALUES ($1, $2, $3, $4) \
          ON CONFLICT (order_id) DO UPDATE SET \
            supplier = COALESCE(orders.supplier, EXCLUDED.supplier), \
-           payment_methods = EXCLUDED.payment_methods, \
-           amount_cents = EXCLUDED.amount_cents, \
+           payment_methods = COALESCE(orders.payment_methods, EXCLUDED.payment_methods), \
+           amount_cents = COALESCE(orders.amount_cents, EXCLUDED.amount_cents), \
            updated_at = now()",
     )
     .bind(&e.order_id)
@@ -140,8 +143,9 @@ async fn info_generated(conn: &mut PgConnection, e: &InfoGenerated) -> Result<()
     Ok(())
 }
 
-/// The payment step is open. Of several tokens (a step opened again), the one
-/// that expires last is kept, whatever order they arrive in.
+/// The payment step is open. Its first token stays: the coordinator accepts
+/// only the token of the first payment step it saw, so a later one would only
+/// mislead the customer.
 async fn payment_awaiting(conn: &mut PgConnection, e: &PaymentAwaiting) -> Result<(), sqlx::Error> {
     let next = Status::AwaitingPayment;
     sqlx::query(concat!(
@@ -149,12 +153,10 @@ async fn payment_awaiting(conn: &mut PgConnection, e: &PaymentAwaiting) -> Resul
            amount_cents) VALUES ($1, $3, $4, $5, $6, $7) \
          ON CONFLICT (order_id) DO UPDATE SET ",
         forward_status!(),
-        ", payment_token = CASE WHEN orders.token_expires_at IS NULL \
-             OR orders.token_expires_at <= EXCLUDED.token_expires_at \
-             THEN EXCLUDED.payment_token ELSE orders.payment_token END, \
-           token_expires_at = GREATEST(orders.token_expires_at, EXCLUDED.token_expires_at), \
-           payment_methods = EXCLUDED.payment_methods, \
-           amount_cents = EXCLUDED.amount_cents, \
+        ", payment_token = COALESCE(orders.payment_token, EXCLUDED.payment_token), \
+           token_expires_at = COALESCE(orders.token_expires_at, EXCLUDED.token_expires_at), \
+           payment_methods = COALESCE(orders.payment_methods, EXCLUDED.payment_methods), \
+           amount_cents = COALESCE(orders.amount_cents, EXCLUDED.amount_cents), \
            updated_at = now()",
     ))
     .bind(&e.order_id)

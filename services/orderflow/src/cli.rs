@@ -60,6 +60,17 @@ pub enum Command {
         stops it gracefully: in-flight messages finish, nothing is lost.")]
     Up(UpArgs),
 
+    /// Run one worker by name, as its own binary would (for one process per service)
+    #[command(long_about = "Run one worker by name, as its own binary would.\n\n\
+        NAME is one of order-api, generate-info, payment-wait, saga-coordinator, \
+        order-completed, order-cancelled, or payment-provider-<method> for a method of \
+        config/providers.toml. Configured like the worker binaries (the ORDERFLOW_* \
+        environment; payment-wait and saga-coordinator need ORDERFLOW_TOKEN_KEYS, there \
+        is no development key here). The worker checks that its part of the topology \
+        exists and never declares it (`orderflow topology declare` does). Ctrl-C or \
+        SIGTERM stops it gracefully.")]
+    Worker(WorkerArgs),
+
     /// Place, pay and inspect orders through the order API
     #[command(subcommand)]
     Order(OrderCommand),
@@ -177,6 +188,13 @@ pub struct UpArgs {
     /// A TOML file with settings (the ORDERFLOW_* environment overrides it)
     #[arg(long, env = "ORDERFLOW_CONFIG")]
     pub config: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    /// The worker (service) to run, e.g. generate-info or payment-provider-zhifubao
+    #[arg(value_name = "NAME")]
+    pub name: String,
 }
 
 #[derive(Debug, Args)]

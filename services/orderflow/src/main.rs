@@ -43,6 +43,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Topology(command) => topology::run(command),
         Command::Up(args) => up::run(&args),
+        Command::Worker(args) => up::run_one(&args),
         Command::Order(command) => order::run(command),
         Command::Saga(command) => saga::run(command),
         Command::Dlq(command) => dlq::run(command),

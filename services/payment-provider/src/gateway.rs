@@ -1,8 +1,11 @@
 //! The simulated payment gateway: the one part of orderflow that stands in for
-//! the outside world. It has a latency, fails transiently at a configured
-//! rate, and keeps its own ledger (table `gateway_ledger`) keyed by
-//! idempotency key, like a real gateway: the same key charges once, and
-//! reusing a key for another amount is refused.
+//! the outside world. It fails transiently at a configured rate, answers after
+//! a latency (the charge is made, then the answer travels back: a provider
+//! that dies meanwhile has charged without knowing it), and keeps its own
+//! ledger (table `gateway_ledger`) keyed by idempotency key, like a real
+//! gateway: the same key charges once, reusing a key for another amount is
+//! refused, and a key can be closed ("voided") before it is charged, after
+//! which a charge with it is declined, as real gateways close an unpaid trade.
 
 use std::time::Duration;
 
@@ -16,12 +19,21 @@ pub struct Receipt {
     pub amount_cents: i64,
 }
 
+/// What closing a charge's idempotency key found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Voided {
+    /// Nothing was charged with the key; from now on nothing will be.
+    NothingCharged,
+    /// The key had been charged: this is the charge (refund it).
+    Charged(Receipt),
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
     /// Try again later.
     #[error("gateway unavailable: {0}")]
     Unavailable(String),
-    /// Will not succeed (a key reused with another amount).
+    /// Will not succeed (a key reused with another amount, a closed key).
     #[error("gateway declined: {0}")]
     Declined(String),
 }
@@ -58,6 +70,46 @@ impl SimulatedGateway {
         }
     }
 
+    fn outage(&self) -> Result<(), GatewayError> {
+        if self.failure_rate > 0.0 && fastrand::f64() < self.failure_rate {
+            return Err(GatewayError::Unavailable(
+                "simulated outage (ORDERFLOW_GATEWAY_FAILURE_RATE)".to_owned(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Writes `(key, kind, amount)` unless the key exists, and returns the
+    /// key's entry as the ledger holds it: (kind, amount, reference).
+    async fn record(
+        &self,
+        kind: &str,
+        provider: &str,
+        reference_prefix: &str,
+        idempotency_key: &str,
+        order_id: &str,
+        amount_cents: i64,
+    ) -> Result<(String, i64, String), GatewayError> {
+        let reference = format!("{reference_prefix}-{}", uuid::Uuid::now_v7().simple());
+        // One statement: a concurrent call with the same key either inserts
+        // or finds the winner's row.
+        sqlx::query_as(
+            "INSERT INTO gateway_ledger (idempotency_key, provider, order_id, kind, amount_cents, reference) \
+             VALUES ($1, $2, $3, $4, $5, $6) \
+             ON CONFLICT (idempotency_key) DO UPDATE SET idempotency_key = EXCLUDED.idempotency_key \
+             RETURNING kind, amount_cents, reference",
+        )
+        .bind(idempotency_key)
+        .bind(provider)
+        .bind(order_id)
+        .bind(kind)
+        .bind(amount_cents)
+        .bind(&reference)
+        .fetch_one(self.db.pool())
+        .await
+        .map_err(|e| GatewayError::Unavailable(e.to_string()))
+    }
+
     /// Charges or refunds `amount_cents` once per `idempotency_key`.
     pub async fn execute(
         &self,
@@ -68,42 +120,61 @@ impl SimulatedGateway {
         order_id: &str,
         amount_cents: i64,
     ) -> Result<Receipt, GatewayError> {
-        tokio::time::sleep(self.latency).await;
-        if self.failure_rate > 0.0 && fastrand::f64() < self.failure_rate {
-            return Err(GatewayError::Unavailable(
-                "simulated outage (ORDERFLOW_GATEWAY_FAILURE_RATE)".to_owned(),
-            ));
-        }
-        let reference = format!("{reference_prefix}-{}", uuid::Uuid::now_v7().simple());
-        let unavailable = |e: sqlx::Error| GatewayError::Unavailable(e.to_string());
-        sqlx::query(
-            "INSERT INTO gateway_ledger (idempotency_key, provider, order_id, kind, amount_cents, reference) \
-             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (idempotency_key) DO NOTHING",
-        )
-        .bind(idempotency_key)
-        .bind(provider)
-        .bind(order_id)
-        .bind(operation.as_str())
-        .bind(amount_cents)
-        .bind(&reference)
-        .execute(self.db.pool())
-        .await
-        .map_err(unavailable)?;
-        let (amount, reference): (i64, String) = sqlx::query_as(
-            "SELECT amount_cents, reference FROM gateway_ledger WHERE idempotency_key = $1",
-        )
-        .bind(idempotency_key)
-        .fetch_one(self.db.pool())
-        .await
-        .map_err(unavailable)?;
-        if amount != amount_cents {
+        self.outage()?;
+        if amount_cents <= 0 {
             return Err(GatewayError::Declined(format!(
-                "idempotency key {idempotency_key} was used for {amount} cents, not {amount_cents}"
+                "amount {amount_cents} is not positive"
+            )));
+        }
+        let (kind, amount, reference) = self
+            .record(
+                operation.as_str(),
+                provider,
+                reference_prefix,
+                idempotency_key,
+                order_id,
+                amount_cents,
+            )
+            .await?;
+        tokio::time::sleep(self.latency).await;
+        if kind == "void" {
+            return Err(GatewayError::Declined(format!(
+                "idempotency key {idempotency_key} was closed before it was charged"
+            )));
+        }
+        if kind != operation.as_str() || amount != amount_cents {
+            return Err(GatewayError::Declined(format!(
+                "idempotency key {idempotency_key} was used for a {kind} of {amount} cents, \
+                 not a {} of {amount_cents}",
+                operation.as_str()
             )));
         }
         Ok(Receipt {
             reference,
             amount_cents: amount,
+        })
+    }
+
+    /// Closes the charge key `idempotency_key`: what it had charged, or the
+    /// promise that it never will.
+    pub async fn void(
+        &self,
+        provider: &str,
+        idempotency_key: &str,
+        order_id: &str,
+    ) -> Result<Voided, GatewayError> {
+        self.outage()?;
+        let (kind, amount, reference) = self
+            .record("void", provider, "VOID", idempotency_key, order_id, 0)
+            .await?;
+        tokio::time::sleep(self.latency).await;
+        Ok(if kind == "charge" {
+            Voided::Charged(Receipt {
+                reference,
+                amount_cents: amount,
+            })
+        } else {
+            Voided::NothingCharged
         })
     }
 }

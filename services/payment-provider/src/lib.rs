@@ -6,10 +6,21 @@
 //! captured (`payment.refunded`), exactly once; an order cancelled before its
 //! payment is never charged.
 //!
+//! The amount charged is the one the saga coordinator recorded when it
+//! accepted the payment (`coordinator.payment_steps`, read only), never the
+//! one a message carries: a `payment.selected` the coordinator did not make
+//! is dead-lettered, not charged.
+//!
 //! The per-order state machine lives in `captures` (schema `payments`):
-//! `pending → captured → refunded`, `pending → failed`, or `cancelled` when the
-//! cancellation came first. Each transition holds the row lock, so a capture
-//! and a cancellation of the same order never interleave.
+//! `charging → captured → refunded`, `charging → failed`, `charging →
+//! refunded | cancelled` when a cancellation resolves an open charge, or
+//! `cancelled` when the cancellation came first. The intent (`charging`, with
+//! the gateway's idempotency key) is committed before the gateway is called,
+//! and the call runs outside any transaction: if the provider dies during the
+//! call, the next delivery charges again with the same key (the gateway
+//! charges once), and a cancellation closes the key at the gateway, which
+//! tells whether it had charged (then it is refunded). Every other transition
+//! holds the row lock.
 
 pub mod gateway;
 pub mod providers;
@@ -30,7 +41,7 @@ use orderflow_shared::events::{
 use orderflow_shared::metadata::Metadata;
 use orderflow_shared::store::{Context, Db, UnitOfWork};
 
-use crate::gateway::{GatewayError, Receipt, SimulatedGateway};
+use crate::gateway::{GatewayError, Receipt, SimulatedGateway, Voided};
 use crate::providers::PaymentProvider;
 
 /// The service (and queue) name of the provider for `method`.
@@ -105,58 +116,231 @@ impl ProviderWorker {
 
     /// The state of `order_id`'s capture, locked for this transaction.
     async fn lock_capture(
-        unit: &mut UnitOfWork,
+        conn: &mut sqlx::PgConnection,
         order_id: &str,
-    ) -> Result<(String, String, Option<i64>), sqlx::Error> {
+    ) -> Result<Capture, sqlx::Error> {
         sqlx::query_as(
-            "SELECT provider, status, charged_cents FROM captures WHERE order_id = $1 FOR UPDATE",
+            "SELECT provider, status, charged_cents, charge_key FROM captures \
+             WHERE order_id = $1 FOR UPDATE",
         )
         .bind(order_id)
-        .fetch_one(unit.conn())
+        .fetch_one(conn)
         .await
     }
 
+    /// What this provider may charge for `selected`: the amount the
+    /// coordinator recorded when it accepted this method for the order, its
+    /// discount applied. Nothing on the bus decides it: a `payment.selected`
+    /// the coordinator did not make, or with another amount, is refused.
+    async fn charge_for(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        selected: &PaymentSelected,
+    ) -> Result<i64, HandleError> {
+        let order_id = &selected.order_id;
+        let accepted: Option<i64> = sqlx::query_scalar(
+            "SELECT amount_cents FROM coordinator.payment_steps \
+             WHERE order_id = $1 AND accepted_method = $2",
+        )
+        .bind(order_id)
+        .bind(&self.method)
+        .fetch_optional(conn)
+        .await?;
+        let refuse = |why: String| {
+            Err(HandleError::permanent(anyhow::anyhow!(
+                "payment.selected.{} for order {order_id} not charged: {why}",
+                self.method
+            )))
+        };
+        let Some(amount) = accepted else {
+            return refuse(format!(
+                "the saga coordinator accepted no {} payment for this order (a forged or \
+                 stale decision)",
+                self.method
+            ));
+        };
+        if amount != selected.amount_cents {
+            return refuse(format!(
+                "it says {} cents, the coordinator accepted {amount}",
+                selected.amount_cents
+            ));
+        }
+        match self.metadata.charge_for(&self.method, amount) {
+            Some(charge) if charge > 0 => Ok(charge),
+            Some(charge) => refuse(format!("{charge} cents is not an amount to charge")),
+            None => refuse(format!("`{}` has no discount configured", self.method)),
+        }
+    }
+
+    /// `payment.selected`: records the intent to charge (committed before the
+    /// gateway is called), charges, then records the outcome with the inbox
+    /// row and the event. A duplicate delivery, or an order cancelled first,
+    /// charges nothing; a delivery that finds an intent left by a crashed
+    /// attempt charges again with the same idempotency key (the gateway
+    /// charges once).
     async fn capture(
         &self,
-        unit: &mut UnitOfWork,
+        message: &Message,
         selected: &PaymentSelected,
-        cause: &Envelope,
     ) -> Result<(), HandleError> {
         let order_id = selected.order_id.as_str();
-        let expected = self
-            .metadata
-            .charge_for(&self.method, selected.amount_cents)
-            .ok_or_else(|| {
-                HandleError::permanent(anyhow::anyhow!(
-                    "`{}` has no discount configured",
-                    self.method
-                ))
-            })?;
+        let charge_key = format!("charge:{order_id}");
+        let mut intent = self.db.begin_unit_without_inbox().await?;
+        if intent.seen(&self.service, &message.envelope).await? {
+            return Ok(());
+        }
+        let expected = self.charge_for(intent.conn(), selected).await?;
         sqlx::query(
-            "INSERT INTO captures (order_id, provider, amount_cents, status) VALUES ($1, $2, $3, 'pending') \
-             ON CONFLICT (order_id) DO NOTHING",
+            "INSERT INTO captures (order_id, provider, amount_cents, status, charge_key) \
+             VALUES ($1, $2, $3, 'charging', $4) ON CONFLICT (order_id) DO NOTHING",
         )
         .bind(order_id)
         .bind(&self.method)
         .bind(selected.amount_cents)
-        .execute(unit.conn())
+        .bind(&charge_key)
+        .execute(intent.conn())
         .await?;
-        let (provider, status, _) = Self::lock_capture(unit, order_id).await?;
-        if status != "pending" || provider != self.method {
+        let capture = Self::lock_capture(intent.conn(), order_id).await?;
+        if !capture.is_open() || capture.provider != self.method {
             tracing::warn!(
                 %order_id,
-                %provider,
-                %status,
-                "payment already handled for this order; not charging again"
+                provider = %capture.provider,
+                status = %capture.status,
+                "payment already handled for this order (or cancelled first); not charging"
             );
+            intent.admit(&self.service, &message.envelope).await?;
+            intent.commit().await?;
             return Ok(());
         }
-        let key = format!("charge:{order_id}");
-        let result = self
-            .at_gateway(order_id, || self.provider.charge(&key, order_id, expected))
-            .await;
-        let failure = match result {
-            Ok(receipt) if receipt.amount_cents == expected => {
+        intent.commit().await?;
+
+        let outcome = match self
+            .at_gateway(order_id, || {
+                self.provider.charge(&charge_key, order_id, expected)
+            })
+            .await
+        {
+            Ok(receipt) if receipt.amount_cents == expected => Outcome::Captured(receipt),
+            Ok(receipt) => {
+                self.resolve_gave_up(
+                    order_id,
+                    &charge_key,
+                    expected,
+                    format!(
+                        "gateway confirmed {} cents, expected {expected}; not accepted",
+                        receipt.amount_cents
+                    ),
+                )
+                .await?
+            }
+            Err(error) => {
+                self.resolve_gave_up(order_id, &charge_key, expected, error.to_string())
+                    .await?
+            }
+        };
+
+        let Some(mut unit) = self.db.begin_unit(&self.service, &message.envelope).await? else {
+            return Ok(());
+        };
+        let capture = Self::lock_capture(unit.conn(), order_id).await?;
+        if capture.is_open() {
+            self.record(&mut unit, order_id, &outcome, &message.envelope)
+                .await?;
+        } else {
+            // The cancellation resolved the intent meanwhile (it refunded
+            // what was charged, or closed the key before the charge).
+            tracing::info!(%order_id, status = %capture.status, "charge resolved by the cancellation meanwhile");
+        }
+        unit.commit().await?;
+        Ok(())
+    }
+
+    /// The gateway gave up (or answered something unacceptable): closes the
+    /// charge key, which says whether it charged after all. When the gateway
+    /// cannot even say that, the payment fails but the intent stays open:
+    /// the cancellation that follows resolves it once the gateway answers.
+    async fn resolve_gave_up(
+        &self,
+        order_id: &str,
+        charge_key: &str,
+        expected: i64,
+        reason: String,
+    ) -> Result<Outcome, HandleError> {
+        let voided = match self.void(order_id, charge_key).await {
+            Ok(voided) => voided,
+            Err(error) if error.is_transient() => {
+                tracing::warn!(%order_id, %error, "the gateway cannot say whether it charged; the charge stays open for the cancellation to resolve");
+                return Ok(Outcome::Failed {
+                    reason,
+                    refund: None,
+                    resolved: false,
+                });
+            }
+            Err(error) => return Err(error),
+        };
+        match voided {
+            Voided::NothingCharged => Ok(Outcome::Failed {
+                reason,
+                refund: None,
+                resolved: true,
+            }),
+            Voided::Charged(receipt) if receipt.amount_cents == expected => {
+                Ok(Outcome::Captured(receipt))
+            }
+            Voided::Charged(receipt) => {
+                let refund = self.refund(order_id, &receipt).await?;
+                Ok(Outcome::Failed {
+                    reason,
+                    refund: Some((receipt, refund)),
+                    resolved: true,
+                })
+            }
+        }
+    }
+
+    /// Closes `charge_key` at the gateway (retrying while it is away; still
+    /// away afterwards is a transient error: the intent stays open and is
+    /// resolved by a later attempt or by the cancellation).
+    async fn void(&self, order_id: &str, charge_key: &str) -> Result<Voided, HandleError> {
+        let backoff = ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(50))
+            .with_max_delay(Duration::from_secs(1))
+            .with_max_times(self.retries)
+            .with_jitter();
+        (|| self.provider.void(charge_key, order_id))
+            .retry(backoff)
+            .sleep(tokio::time::sleep)
+            .when(|e| matches!(e, GatewayError::Unavailable(_)))
+            .await
+            .map_err(|error| match error {
+                GatewayError::Unavailable(_) => HandleError::transient(error),
+                GatewayError::Declined(_) => HandleError::permanent(error),
+            })
+    }
+
+    /// Refunds `charge` (once per order: the key is `refund:<order>`).
+    async fn refund(&self, order_id: &str, charge: &Receipt) -> Result<Receipt, HandleError> {
+        let key = format!("refund:{order_id}");
+        self.at_gateway(order_id, || {
+            self.provider.refund(&key, order_id, charge.amount_cents)
+        })
+        .await
+        .map_err(|error| match error {
+            GatewayError::Unavailable(_) => HandleError::transient(error),
+            GatewayError::Declined(_) => HandleError::permanent(error),
+        })
+    }
+
+    /// Writes `outcome` of a charge on the open capture of `order_id`.
+    async fn record(
+        &self,
+        unit: &mut UnitOfWork,
+        order_id: &str,
+        outcome: &Outcome,
+        cause: &Envelope,
+    ) -> Result<(), sqlx::Error> {
+        match outcome {
+            Outcome::Captured(receipt) => {
                 sqlx::query(
                     "UPDATE captures SET status = 'captured', charged_cents = $2, capture_id = $3, \
                      updated_at = now() WHERE order_id = $1",
@@ -176,40 +360,59 @@ impl ProviderWorker {
                     Some(cause),
                 ));
                 tracing::info!(%order_id, provider = %self.method, charged_cents = receipt.amount_cents, capture_id = %receipt.reference, "payment captured");
-                return Ok(());
             }
-            Ok(receipt) => format!(
-                "gateway confirmed {} cents, expected {expected}; not accepted",
-                receipt.amount_cents
-            ),
-            Err(error) => error.to_string(),
-        };
-        sqlx::query(
-            "UPDATE captures SET status = 'failed', updated_at = now() WHERE order_id = $1",
-        )
-        .bind(order_id)
-        .execute(unit.conn())
-        .await?;
-        unit.emit(Outgoing::event(
-            &Event::PaymentFailed(PaymentFailed {
-                order_id: order_id.to_owned(),
-                provider: self.method.clone(),
-                reason: failure.clone(),
-            }),
-            Some(cause),
-        ));
-        tracing::warn!(%order_id, provider = %self.method, reason = %failure, "payment failed; the order will be cancelled");
+            Outcome::Failed {
+                reason,
+                refund,
+                resolved,
+            } => {
+                // Unresolved, the intent stays `charging` for the cancellation.
+                sqlx::query(
+                    "UPDATE captures SET status = CASE WHEN $5 THEN 'failed' ELSE status END, \
+                     charged_cents = $2, capture_id = $3, refunded_cents = $4, updated_at = now() \
+                     WHERE order_id = $1",
+                )
+                .bind(order_id)
+                .bind(refund.as_ref().map(|(charge, _)| charge.amount_cents))
+                .bind(refund.as_ref().map(|(charge, _)| charge.reference.clone()))
+                .bind(refund.as_ref().map(|(_, refund)| refund.amount_cents))
+                .bind(resolved)
+                .execute(unit.conn())
+                .await?;
+                if let Some((_, refund)) = refund {
+                    unit.emit(Outgoing::event(
+                        &Event::PaymentRefunded(PaymentRefunded {
+                            order_id: order_id.to_owned(),
+                            provider: self.method.clone(),
+                            refunded_cents: refund.amount_cents,
+                        }),
+                        Some(cause),
+                    ));
+                }
+                unit.emit(Outgoing::event(
+                    &Event::PaymentFailed(PaymentFailed {
+                        order_id: order_id.to_owned(),
+                        provider: self.method.clone(),
+                        reason: reason.clone(),
+                    }),
+                    Some(cause),
+                ));
+                tracing::warn!(%order_id, provider = %self.method, %reason, "payment failed; the order will be cancelled");
+            }
+        }
         Ok(())
     }
 
+    /// `order.cancelled`: refunds what was captured, resolves an open intent
+    /// against the gateway (refunds what it charged, or closes the key so
+    /// that nothing is charged later), or leaves a marker so that a later
+    /// `payment.selected` charges nothing.
     async fn compensate(
         &self,
         unit: &mut UnitOfWork,
         order_id: &str,
         cause: &Envelope,
     ) -> Result<(), HandleError> {
-        // A cancellation before any payment leaves a marker, so a late
-        // payment.selected is never charged.
         let marked = sqlx::query(
             "INSERT INTO captures (order_id, provider, amount_cents, status) VALUES ($1, $2, 0, 'cancelled') \
              ON CONFLICT (order_id) DO NOTHING",
@@ -223,56 +426,110 @@ impl ProviderWorker {
         if marked {
             return Ok(());
         }
-        let (provider, status, charged) = Self::lock_capture(unit, order_id).await?;
-        if provider != self.method || status != "captured" {
+        let capture = Self::lock_capture(unit.conn(), order_id).await?;
+        if capture.provider != self.method {
             return Ok(());
         }
-        let charged = charged.unwrap_or_default();
-        let key = format!("refund:{order_id}");
-        let receipt = self
-            .at_gateway(order_id, || self.provider.refund(&key, order_id, charged))
-            .await
-            .map_err(|error| match error {
-                GatewayError::Unavailable(_) => HandleError::transient(error),
-                GatewayError::Declined(_) => HandleError::permanent(error),
-            })?;
+        let charge = if capture.status == "captured" {
+            Receipt {
+                reference: String::new(),
+                amount_cents: capture.charged_cents.unwrap_or_default(),
+            }
+        } else if capture.is_open() {
+            let key = capture
+                .charge_key
+                .clone()
+                .unwrap_or_else(|| format!("charge:{order_id}"));
+            match self.void(order_id, &key).await? {
+                Voided::NothingCharged => {
+                    sqlx::query(
+                        "UPDATE captures SET status = 'cancelled', updated_at = now() WHERE order_id = $1",
+                    )
+                    .bind(order_id)
+                    .execute(unit.conn())
+                    .await?;
+                    tracing::info!(%order_id, provider = %self.method, "open charge closed at the gateway before it charged (order cancelled)");
+                    return Ok(());
+                }
+                Voided::Charged(receipt) => receipt,
+            }
+        } else {
+            return Ok(());
+        };
+        let refund = self.refund(order_id, &charge).await?;
         sqlx::query(
-            "UPDATE captures SET status = 'refunded', refunded_cents = $2, updated_at = now() WHERE order_id = $1",
+            "UPDATE captures SET status = 'refunded', refunded_cents = $2, \
+             charged_cents = COALESCE(charged_cents, $3), \
+             capture_id = COALESCE(capture_id, NULLIF($4, '')), updated_at = now() \
+             WHERE order_id = $1",
         )
         .bind(order_id)
-        .bind(receipt.amount_cents)
+        .bind(refund.amount_cents)
+        .bind(charge.amount_cents)
+        .bind(&charge.reference)
         .execute(unit.conn())
         .await?;
         unit.emit(Outgoing::event(
             &Event::PaymentRefunded(PaymentRefunded {
                 order_id: order_id.to_owned(),
                 provider: self.method.clone(),
-                refunded_cents: receipt.amount_cents,
+                refunded_cents: refund.amount_cents,
             }),
             Some(cause),
         ));
-        tracing::info!(%order_id, provider = %self.method, refunded_cents = receipt.amount_cents, "payment refunded (order cancelled)");
+        tracing::info!(%order_id, provider = %self.method, refunded_cents = refund.amount_cents, "payment refunded (order cancelled)");
         Ok(())
     }
 }
 
+/// A row of `captures`.
+#[derive(Debug, sqlx::FromRow)]
+struct Capture {
+    provider: String,
+    status: String,
+    charged_cents: Option<i64>,
+    charge_key: Option<String>,
+}
+
+impl Capture {
+    /// An intent to charge whose outcome is not recorded yet.
+    fn is_open(&self) -> bool {
+        matches!(self.status.as_str(), "charging" | "pending")
+    }
+}
+
+/// How a charge ended, as the provider records it.
+#[derive(Debug)]
+enum Outcome {
+    Captured(Receipt),
+    /// Nothing kept: nothing charged, or the charge (first) refunded
+    /// (second); or, not `resolved`, the gateway could not say whether it
+    /// charged (the intent stays open).
+    Failed {
+        reason: String,
+        refund: Option<(Receipt, Receipt)>,
+        resolved: bool,
+    },
+}
+
 impl Handler for ProviderWorker {
     async fn handle(&self, message: &Message) -> Result<(), HandleError> {
-        let Some(mut unit) = self.db.begin_unit(&self.service, &message.envelope).await? else {
-            return Ok(());
-        };
         match &message.event {
             Event::PaymentSelected(selected) if selected.method == self.method => {
-                self.capture(&mut unit, selected, &message.envelope).await?;
+                self.capture(message, selected).await
             }
             Event::OrderCancelled(cancelled) => {
+                let Some(mut unit) = self.db.begin_unit(&self.service, &message.envelope).await?
+                else {
+                    return Ok(());
+                };
                 self.compensate(&mut unit, &cancelled.order_id, &message.envelope)
                     .await?;
+                unit.commit().await?;
+                Ok(())
             }
-            _ => {}
+            _ => Ok(()),
         }
-        unit.commit().await?;
-        Ok(())
     }
 }
 

@@ -4,7 +4,7 @@
 
 use futures::future::BoxFuture;
 
-use crate::gateway::{GatewayError, Operation, Receipt, SimulatedGateway};
+use crate::gateway::{GatewayError, Operation, Receipt, SimulatedGateway, Voided};
 
 /// A payment provider's gateway integration.
 pub trait PaymentProvider: Send + Sync + 'static {
@@ -27,6 +27,15 @@ pub trait PaymentProvider: Send + Sync + 'static {
         order_id: &'a str,
         amount_cents: i64,
     ) -> BoxFuture<'a, Result<Receipt, GatewayError>>;
+
+    /// Closes the charge key `charge_key` (a trade nobody may pay any more):
+    /// the charge it had made, or the promise that it never will. This is
+    /// how an intent whose outcome the provider never learnt is resolved.
+    fn void<'a>(
+        &'a self,
+        charge_key: &'a str,
+        order_id: &'a str,
+    ) -> BoxFuture<'a, Result<Voided, GatewayError>>;
 }
 
 /// A provider on the simulated gateway; the providers differ in name and in
@@ -72,6 +81,14 @@ impl PaymentProvider for Simulated {
             order_id,
             amount_cents,
         ))
+    }
+
+    fn void<'a>(
+        &'a self,
+        charge_key: &'a str,
+        order_id: &'a str,
+    ) -> BoxFuture<'a, Result<Voided, GatewayError>> {
+        Box::pin(self.gateway.void(self.name, charge_key, order_id))
     }
 }
 

@@ -43,15 +43,26 @@ pub fn classify(event: &Event, status_before: Option<&str>) -> &'static str {
     }
 }
 
-/// Appends `event` to its order's history (once per message).
+/// Appends `event` to its order's history (once per message). `rejected`
+/// is why the coordinator turned the event itself down (an order started
+/// again with other content, a payment step opened with another token): the
+/// entry is then a `rejection` with that `reason` in its detail.
 pub async fn append(
     conn: &mut PgConnection,
     envelope: &Envelope,
     event: &Event,
     kind: &str,
+    rejected: Option<&str>,
 ) -> Result<(), sqlx::Error> {
     let mut detail: serde_json::Value =
         serde_json::from_slice(&event.to_json()).unwrap_or(serde_json::Value::Null);
+    let kind = match (rejected, detail.as_object_mut()) {
+        (Some(reason), Some(fields)) => {
+            fields.insert("reason".to_owned(), serde_json::Value::from(reason));
+            "rejection"
+        }
+        _ => kind,
+    };
     // A task token is a bearer credential: the history keeps its digest only.
     if let Some(token) = detail.get_mut("token") {
         let digest = orderflow_shared::token::digest(token.as_str().unwrap_or_default());

@@ -5,11 +5,20 @@
 //! - **Durable timers** ([`timers`]): generate-info and flow armed on
 //!   `order.started`, payment armed on `payment.awaiting` (at the token's
 //!   expiry); a fired timer becomes `saga.timed-out`.
-//! - **The payment decision**: a submitted token that is genuine, unexpired,
-//!   for this order and step, unused, while the step is open and the saga
-//!   running, becomes `payment.selected.<method>` (or `payment.rejected` when
-//!   the merchant does not accept the method); anything else becomes
-//!   `payment.submission-rejected` with the reason and changes nothing.
+//! - **The payment step**: opened by the first genuine `payment.awaiting` of
+//!   an order, which fixes its amount, methods and the one token it accepts
+//!   (`payment_steps`); an order started again with other content, or a
+//!   second step with another token, is recorded as a rejection and changes
+//!   nothing. An order is priced once.
+//! - **The payment decision**: a submitted token that is exactly the one the
+//!   step was opened with, unexpired, unused, while the step is open and the
+//!   saga running, becomes `payment.selected.<method>` for the step's amount
+//!   (or `payment.rejected` when the merchant does not accept the method);
+//!   anything else becomes `payment.submission-rejected` with the reason and
+//!   changes nothing. What a token claims never decides an amount: a token
+//!   re-signed for another amount is not the step's token. The accepted
+//!   method is recorded on the step; payment providers charge only what is
+//!   recorded there.
 //! - **Execution history** ([`history`]) of every order.
 
 pub mod history;
@@ -69,6 +78,45 @@ fn at_millis(envelope_millis: u64, after: Duration) -> DateTime<Utc> {
         + chrono::Duration::from_std(after).unwrap_or(chrono::Duration::MAX)
 }
 
+/// The payment step of an order, as the coordinator opened it.
+#[derive(Debug, sqlx::FromRow)]
+struct PaymentStep {
+    token_digest: String,
+    amount_cents: i64,
+    methods: Vec<String>,
+}
+
+/// Why a `payment.awaiting` does not open (or reopen) the payment step;
+/// `None` when it is the step's own.
+fn awaiting_mismatch(
+    keys: &TokenKeys,
+    awaiting: &orderflow_shared::events::PaymentAwaiting,
+) -> Option<String> {
+    // Signature and claims, whatever the time: an awaiting handled late still
+    // opens its step (whose timer then fires at once).
+    let claims = match keys.verify(&awaiting.token, i64::MIN) {
+        Ok(claims) => claims,
+        Err(error) => return Some(format!("its token is not genuine: {error}")),
+    };
+    if claims.order_id != awaiting.order_id
+        || claims.step != PAYMENT_STEP
+        || claims.amount_cents != awaiting.amount_cents
+        || claims.methods != awaiting.payment_methods
+        || claims.expires_at != awaiting.expires_at.timestamp()
+    {
+        return Some(
+            "its token does not match the order, amount, methods or deadline it carries".to_owned(),
+        );
+    }
+    if awaiting.amount_cents <= 0 {
+        return Some(format!(
+            "amount {} is not a positive amount; nothing can be charged",
+            awaiting.amount_cents
+        ));
+    }
+    None
+}
+
 impl Coordinator {
     pub fn new(db: Db, keys: TokenKeys, timeouts: Timeouts, wake: Arc<Notify>) -> Self {
         Self {
@@ -81,17 +129,60 @@ impl Coordinator {
 
     /// The saga's status, with its row locked for the rest of the unit of
     /// work (created, running, for an order seen for the first time). Every
-    /// message of one order therefore applies one at a time.
-    async fn lock_saga(unit: &mut UnitOfWork, order_id: &str) -> Result<String, sqlx::Error> {
-        // DO UPDATE (a no-op) rather than DO NOTHING: it locks an existing row too.
-        sqlx::query_scalar(
-            "INSERT INTO sagas (order_id) VALUES ($1) \
-             ON CONFLICT (order_id) DO UPDATE SET order_id = EXCLUDED.order_id \
-             RETURNING status",
+    /// message of one order therefore applies one at a time. `started` is the
+    /// content digest of an `order.started` being applied: the first one is
+    /// kept; the saga's recorded digest is returned with the status.
+    async fn lock_saga(
+        unit: &mut UnitOfWork,
+        order_id: &str,
+        started: Option<&str>,
+    ) -> Result<(String, Option<String>), sqlx::Error> {
+        // DO UPDATE rather than DO NOTHING: it locks an existing row too.
+        sqlx::query_as(
+            "INSERT INTO sagas (order_id, started_digest) VALUES ($1, $2) \
+             ON CONFLICT (order_id) DO UPDATE \
+               SET started_digest = COALESCE(sagas.started_digest, EXCLUDED.started_digest) \
+             RETURNING status, started_digest",
         )
         .bind(order_id)
+        .bind(started)
         .fetch_one(unit.conn())
         .await
+    }
+
+    /// Opens the payment step with `awaiting` unless one is open: `Ok(())`
+    /// when this is the step's token (newly or already), else why not.
+    async fn open_payment_step(
+        &self,
+        unit: &mut UnitOfWork,
+        awaiting: &orderflow_shared::events::PaymentAwaiting,
+    ) -> Result<Result<(), String>, sqlx::Error> {
+        if let Some(reason) = awaiting_mismatch(&self.keys, awaiting) {
+            return Ok(Err(format!("payment.awaiting ignored: {reason}")));
+        }
+        let digest = token::digest(&awaiting.token);
+        let recorded: String = sqlx::query_scalar(
+            "INSERT INTO payment_steps (order_id, token_digest, amount_cents, methods, expires_at) \
+             VALUES ($1, $2, $3, $4, $5) \
+             ON CONFLICT (order_id) DO UPDATE SET order_id = EXCLUDED.order_id \
+             RETURNING token_digest",
+        )
+        .bind(&awaiting.order_id)
+        .bind(&digest)
+        .bind(awaiting.amount_cents)
+        .bind(&awaiting.payment_methods)
+        .bind(awaiting.expires_at)
+        .fetch_one(unit.conn())
+        .await?;
+        if recorded == digest {
+            Ok(Ok(()))
+        } else {
+            Ok(Err(
+                "payment.awaiting ignored: the payment step of this order is already open with \
+                 another token (an order is priced once)"
+                    .to_owned(),
+            ))
+        }
     }
 
     /// Records progress: the time, and the step now waited on when it is
@@ -157,6 +248,26 @@ impl Coordinator {
             ));
         }
         let digest = token::digest(&submitted.token);
+        let step: Option<PaymentStep> = sqlx::query_as(
+            "SELECT token_digest, amount_cents, methods FROM payment_steps WHERE order_id = $1",
+        )
+        .bind(&submitted.order_id)
+        .fetch_optional(unit.conn())
+        .await?;
+        let Some(step) = step else {
+            if status != "running" {
+                return reject(format!("order is already {status}"));
+            }
+            // A genuine token whose payment.awaiting we have not seen yet.
+            return Err(HandleError::transient(StepNotOpenYet(
+                submitted.order_id.clone(),
+            )));
+        };
+        if step.token_digest != digest {
+            // Genuine signature, other claims (an amount re-signed with a
+            // leaked key, a token of another attempt): not this step's token.
+            return reject("token is not the one issued for this order's payment step".to_owned());
+        }
         let used: bool =
             sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM used_tokens WHERE token_digest = $1)")
                 .bind(&digest)
@@ -171,21 +282,7 @@ impl Coordinator {
         match timers::settle(unit.conn(), &submitted.order_id, Step::Payment).await? {
             Settled::Won => {}
             Settled::TimedOut => return reject("payment step timed out".to_owned()),
-            Settled::NotOpen => {
-                let opened: bool = sqlx::query_scalar(
-                    "SELECT EXISTS (SELECT 1 FROM timers WHERE order_id = $1 AND step = 'payment')",
-                )
-                .bind(&submitted.order_id)
-                .fetch_one(unit.conn())
-                .await?;
-                if opened {
-                    return reject("payment step is not open".to_owned());
-                }
-                // A genuine token whose payment.awaiting we have not seen yet.
-                return Err(HandleError::transient(StepNotOpenYet(
-                    submitted.order_id.clone(),
-                )));
-            }
+            Settled::NotOpen => return reject("payment step is not open".to_owned()),
         }
         sqlx::query("INSERT INTO used_tokens (token_digest, order_id, method) VALUES ($1, $2, $3)")
             .bind(&digest)
@@ -193,31 +290,50 @@ impl Coordinator {
             .bind(&submitted.method)
             .execute(unit.conn())
             .await?;
-        Ok(if claims.methods.contains(&submitted.method) {
-            Event::PaymentSelected(PaymentSelected {
-                order_id: submitted.order_id.clone(),
-                method: submitted.method.clone(),
-                amount_cents: claims.amount_cents,
-            })
-        } else {
-            Event::PaymentRejected(PaymentRejected {
+        if !step.methods.contains(&submitted.method) {
+            return Ok(Event::PaymentRejected(PaymentRejected {
                 order_id: submitted.order_id.clone(),
                 method: submitted.method.clone(),
                 reason: METHOD_NOT_ALLOWED.to_owned(),
-            })
-        })
+            }));
+        }
+        // What the providers will charge for: the step's amount, this method.
+        sqlx::query(
+            "UPDATE payment_steps SET accepted_method = $2, accepted_at = now() WHERE order_id = $1",
+        )
+        .bind(&submitted.order_id)
+        .bind(&submitted.method)
+        .execute(unit.conn())
+        .await?;
+        Ok(Event::PaymentSelected(PaymentSelected {
+            order_id: submitted.order_id.clone(),
+            method: submitted.method.clone(),
+            amount_cents: step.amount_cents,
+        }))
     }
 
     /// Applies one event to its saga within `unit`; `true` when a timer was armed.
     async fn apply(&self, unit: &mut UnitOfWork, message: &Message) -> Result<bool, HandleError> {
         let order_id = message.order_id();
-        let status = Self::lock_saga(unit, order_id).await?;
-        let kind = history::classify(&message.event, Some(&status));
-        history::append(unit.conn(), &message.envelope, &message.event, kind).await?;
+        let started_digest = match &message.event {
+            Event::OrderStarted(started) => Some(started.content_digest()),
+            _ => None,
+        };
+        let (status, first_digest) =
+            Self::lock_saga(unit, order_id, started_digest.as_deref()).await?;
         let running = status == "running";
         let started = message.envelope.time_millis();
         let mut armed = false;
+        let mut rejected = None;
         match &message.event {
+            Event::OrderStarted(_) if first_digest != started_digest => {
+                rejected = Some(
+                    "order.started ignored: this order was already started with other content \
+                     (supplier, products or address); an order is priced once"
+                        .to_owned(),
+                );
+                tracing::warn!(%order_id, message_id = %message.envelope.message_id, "order started again with other content; ignored");
+            }
             Event::OrderStarted(_) if running => {
                 let conn = unit.conn();
                 timers::arm(
@@ -242,15 +358,24 @@ impl Coordinator {
                 Self::progress(unit, order_id, Some("payment-wait")).await?;
             }
             Event::PaymentAwaiting(awaiting) if running => {
-                timers::arm(unit.conn(), order_id, Step::Payment, awaiting.expires_at).await?;
-                Self::progress(unit, order_id, Some("payment")).await?;
-                armed = true;
+                match self.open_payment_step(unit, awaiting).await? {
+                    Ok(()) => {
+                        timers::arm(unit.conn(), order_id, Step::Payment, awaiting.expires_at)
+                            .await?;
+                        Self::progress(unit, order_id, Some("payment")).await?;
+                        armed = true;
+                    }
+                    Err(reason) => {
+                        tracing::warn!(%order_id, message_id = %message.envelope.message_id, %reason, "payment step not opened");
+                        rejected = Some(reason);
+                    }
+                }
             }
             Event::PaymentSubmitted(submitted) => {
                 let decision = self.decide(unit, submitted, &status).await?;
                 match &decision {
                     Event::PaymentSelected(s) => {
-                        tracing::info!(%order_id, method = %s.method, "payment accepted");
+                        tracing::info!(%order_id, method = %s.method, amount_cents = s.amount_cents, "payment accepted");
                         Self::progress(unit, order_id, Some("paying")).await?;
                     }
                     Event::PaymentRejected(r) => {
@@ -267,6 +392,15 @@ impl Coordinator {
             Event::OrderCancelled(_) => Self::end(unit, order_id, "cancelled").await?,
             _ => Self::progress(unit, order_id, None).await?,
         }
+        let kind = history::classify(&message.event, Some(&status));
+        history::append(
+            unit.conn(),
+            &message.envelope,
+            &message.event,
+            kind,
+            rejected.as_deref(),
+        )
+        .await?;
         Ok(armed)
     }
 }

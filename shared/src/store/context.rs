@@ -12,6 +12,8 @@ pub enum Context {
     Coordinator,
     /// payment providers: captures and refunds.
     Payments,
+    /// generate-info: the orders it priced (an order is priced once).
+    Pricing,
 }
 
 impl Context {
@@ -20,6 +22,7 @@ impl Context {
             Self::Orders => "orders",
             Self::Coordinator => "coordinator",
             Self::Payments => "payments",
+            Self::Pricing => "pricing",
         }
     }
 
@@ -28,6 +31,7 @@ impl Context {
             Self::Orders => sqlx::migrate!("./migrations/orders"),
             Self::Coordinator => sqlx::migrate!("./migrations/coordinator"),
             Self::Payments => sqlx::migrate!("./migrations/payments"),
+            Self::Pricing => sqlx::migrate!("./migrations/pricing"),
         }
     }
 }

@@ -68,6 +68,19 @@ impl UnitOfWork {
             == 1)
     }
 
+    /// Whether `consumer` already applied `message` (its inbox row is
+    /// committed), without recording anything: for a handler that commits
+    /// work of its own before the unit that applies the message.
+    pub async fn seen(&mut self, consumer: &str, message: &Envelope) -> Result<bool, sqlx::Error> {
+        sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM inbox WHERE consumer = $1 AND message_id = $2)",
+        )
+        .bind(consumer)
+        .bind(&message.message_id)
+        .fetch_one(&mut *self.tx)
+        .await
+    }
+
     /// The transaction's connection, for the handler's own queries.
     pub fn conn(&mut self) -> &mut PgConnection {
         &mut self.tx

@@ -1,0 +1,124 @@
+//! A payment provider killed with SIGKILL between the gateway's charge and
+//! the commit of its outcome, while the order's flow deadline passes: the
+//! cancellation finds the open charge, asks the gateway what it charged, and
+//! refunds it. Exactly one charge, exactly one refund; nothing charged stays
+//! with an order that was cancelled.
+
+#![allow(
+    clippy::unwrap_used,
+    reason = "a test fails loudly on the first surprise"
+)]
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use orderflow_shared::Shutdown;
+use orderflow_tests::eventually;
+use orderflow_tests::system::{System, Workers};
+use secrecy::ExposeSecret;
+use tokio::process::{Child, Command};
+
+/// `orderflow worker payment-provider-zhifubao` as its own process, whose
+/// gateway answers a minute after it charged, taking one message at a time.
+fn provider_process(system: &System) -> Child {
+    let env = &system.env;
+    Command::new(env!("CARGO_BIN_EXE_orderflow"))
+        .args(["worker", "payment-provider-zhifubao"])
+        .env("ORDERFLOW_AMQP_URL", env.amqp_url.expose_secret())
+        .env("ORDERFLOW_DATABASE_URL", env.database_url.expose_secret())
+        .env("ORDERFLOW_NAMESPACE", &env.namespace)
+        .env("ORDERFLOW_GATEWAY_LATENCY_MS", "60000")
+        .env("ORDERFLOW_PREFETCH", "1")
+        .env("ORDERFLOW_CONCURRENCY", "1")
+        .env("ORDERFLOW_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_provider_killed_between_charge_and_commit_is_refunded_once_when_the_order_times_out() {
+    let workers = Workers {
+        without_providers: vec!["zhifubao"],
+        deployment_tiers: true,
+        ..Workers::default()
+    };
+    let system = System::start_with(|s| s.flow_timeout_secs = 6, workers).await;
+    let queue = system.env.queue("payment-provider-zhifubao");
+    let mut first = provider_process(&system);
+    eventually(
+        Duration::from_secs(30),
+        "the provider process consumes",
+        || async { system.env.consumer_count(&queue).await == 1 },
+    )
+    .await;
+
+    let order_id = system.place("noodle-bar", &[("noodles", 1)]).await;
+    let order = system.wait_for(&order_id, "awaiting_payment").await;
+    let token = order["payment_token"].as_str().unwrap();
+    assert_eq!(system.submit(&order_id, token, "zhifubao").await, 202);
+    // The gateway has charged; its answer is a minute away.
+    eventually(Duration::from_secs(10), "the gateway charges", || async {
+        system.gateway(&order_id).await == (1, 0)
+    })
+    .await;
+
+    // A second instance of the provider (a replica, or the restarted one)
+    // takes what the first, busy with its one message, cannot.
+    let second = Shutdown::new();
+    let replica = tokio::spawn(payment_provider::run(
+        system.ctx.clone(),
+        "zhifubao".to_owned(),
+        second.clone(),
+    ));
+    // The flow deadline passes while the first is still between the charge
+    // and its commit; then it is killed there.
+    let order = system.ended(&order_id).await;
+    assert_eq!(order["status"], "cancelled", "{order:#}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    first.start_kill().unwrap();
+    first.wait().await.unwrap();
+
+    eventually(
+        Duration::from_secs(30),
+        "the charge is refunded",
+        || async { system.gateway(&order_id).await == (1, 1) },
+    )
+    .await;
+    // The killed provider's message comes back to the replica: nothing more.
+    eventually(
+        Duration::from_secs(30),
+        "the provider queue drains",
+        || async { system.env.message_count(&queue).await == 0 },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        system.gateway(&order_id).await,
+        (1, 1),
+        "one charge, one refund"
+    );
+    let payments = system.db("payments").await;
+    let (status, charged, refunded): (String, Option<i64>, Option<i64>) = sqlx::query_as(
+        "SELECT status, charged_cents, refunded_cents FROM captures WHERE order_id = $1",
+    )
+    .bind(&order_id)
+    .fetch_one(payments.pool())
+    .await
+    .unwrap();
+    payments.close().await;
+    assert_eq!(status, "refunded");
+    assert_eq!(charged, refunded);
+    assert_eq!(
+        system
+            .env
+            .message_count(&system.env.dead_letter_queue("payment-provider-zhifubao"))
+            .await,
+        0
+    );
+    second.cancel();
+    replica.await.unwrap().unwrap();
+    system.stop().await;
+}
