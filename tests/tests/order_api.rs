@@ -944,3 +944,156 @@ async fn merchants_health_and_metrics() {
     }
     api.stop().await;
 }
+
+/// Records entries of `order_id`'s history as the coordinator would: (message
+/// id, causing message id), in this order (ids ascending).
+async fn record_history(coordinator: &Db, order_id: &str, entries: &[(&str, Option<&str>)]) {
+    for (message_id, cause) in entries {
+        sqlx::query(
+            "INSERT INTO history (order_id, kind, name, message_id, causation_id) \
+             VALUES ($1, 'event', $2, $2, $3)",
+        )
+        .bind(order_id)
+        .bind(message_id)
+        .bind(cause)
+        .execute(coordinator.pool())
+        .await
+        .unwrap();
+    }
+}
+
+/// The names of a history page's entries, in the page's order.
+fn names(page: &Value) -> Vec<&str> {
+    page["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|entry| entry["name"].as_str().unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn the_history_comes_in_pages_cut_by_id_each_in_causal_order() {
+    let api = Api::start().await;
+    let coordinator = api.env.db("coordinator").await;
+    // As recorded when `awaiting` was handled before the `info` that caused it.
+    record_history(
+        &coordinator,
+        "order-paged",
+        &[
+            ("started", None),
+            ("awaiting", Some("info")),
+            ("info", Some("started")),
+            ("submitted", None),
+            ("selected", Some("submitted")),
+            ("captured", Some("selected")),
+            ("completed", Some("captured")),
+        ],
+    )
+    .await;
+    coordinator.close().await;
+
+    // One page (the default limit, 100) holds it all, in causal order.
+    let (status, whole) = api.get("/orders/order-paged/history").await;
+    assert_eq!(status, StatusCode::OK, "{whole}");
+    assert_eq!(whole["order_id"], "order-paged");
+    assert_eq!(
+        names(&whole),
+        [
+            "started",
+            "info",
+            "awaiting",
+            "submitted",
+            "selected",
+            "captured",
+            "completed"
+        ]
+    );
+    assert_eq!(whole["next"], Value::Null);
+
+    // Pages of three: cut by id, each in causal order, `next` the highest
+    // id of its page, null on the last.
+    let mut pages = Vec::new();
+    let mut path = "/orders/order-paged/history?limit=3".to_owned();
+    loop {
+        let (status, page) = api.get(&path).await;
+        assert_eq!(status, StatusCode::OK, "{page}");
+        let ids = page["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|entry| entry["id"].as_i64().unwrap());
+        let highest = ids.max().unwrap();
+        pages.push(names(&page).join(" "));
+        match page["next"].as_i64() {
+            Some(next) => {
+                assert_eq!(next, highest, "{page}");
+                path = format!("/orders/order-paged/history?limit=3&after={next}");
+            }
+            None => break,
+        }
+    }
+    assert_eq!(
+        pages,
+        [
+            "started info awaiting",
+            "submitted selected captured",
+            "completed"
+        ]
+    );
+
+    // A page that ends between an effect and its earlier-recorded cause
+    // keeps the effect, by its id; its cause comes on the next page.
+    let (status, page) = api.get("/orders/order-paged/history?limit=2").await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    assert_eq!(names(&page), ["started", "awaiting"]);
+    let next = page["next"].as_i64().unwrap();
+    let (_, page) = api
+        .get(&format!("/orders/order-paged/history?limit=2&after={next}"))
+        .await;
+    assert_eq!(names(&page), ["info", "submitted"]);
+
+    // Exactly what is left: the last page, no empty one after it.
+    let (_, page) = api.get("/orders/order-paged/history?limit=7").await;
+    assert_eq!(page["next"], Value::Null, "{page}");
+    // Past the end: an empty last page, not a 404.
+    let last = whole["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|entry| entry["id"].as_i64().unwrap())
+        .max()
+        .unwrap();
+    let (status, page) = api
+        .get(&format!("/orders/order-paged/history?after={last}"))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    assert_eq!(
+        page,
+        json!({"order_id": "order-paged", "entries": [], "next": null})
+    );
+
+    for query in [
+        "limit=0",
+        "limit=1001",
+        "limit=-3",
+        "limit=many",
+        "after=-1",
+        "after=first",
+    ] {
+        let (status, answer) = api
+            .get(&format!("/orders/order-paged/history?{query}"))
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{query}: {answer}");
+        error_message(&answer);
+    }
+    let (status, answer) = api.get("/orders/order-paged/history?limit=1000").await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let (status, answer) = api.get("/orders/no-such-order/history").await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{answer}");
+    assert_eq!(
+        answer,
+        json!({"error": "no history for order no-such-order"})
+    );
+    api.stop().await;
+}

@@ -36,6 +36,9 @@ pub const MAX_WAIT: Duration = Duration::from_mins(1);
 /// How long a long poll waits when `timeout_ms` is not given.
 pub const DEFAULT_WAIT: Duration = Duration::from_secs(30);
 
+/// Entries of a history page when `limit` is not given.
+pub const DEFAULT_HISTORY_PAGE: u32 = 100;
+
 /// What every handler shares.
 #[derive(Clone, Debug)]
 pub struct AppState {
@@ -209,24 +212,57 @@ async fn submit_payment(
 struct HistoryView {
     order_id: String,
     entries: Vec<history::Entry>,
+    /// `after` for the next page; `null` on the last one.
+    next: Option<i64>,
 }
 
-/// `GET /orders/{id}/history`: the saga's execution history as the
-/// coordinator recorded it (every event, rejection, timer, compensation and
-/// late message, oldest first); 404 when the coordinator has seen nothing of
-/// the order (yet).
+#[derive(Debug, Deserialize)]
+struct HistoryQuery {
+    after: Option<i64>,
+    limit: Option<u32>,
+}
+
+/// `GET /orders/{id}/history?after=<entry id>&limit=<n>`: one page of the
+/// saga's execution history as the coordinator recorded it (every event,
+/// rejection, timer, compensation and late message), `limit` entries (100 by
+/// default, 1000 at most) after entry `after`, in causal order within the
+/// page (the rule is [`history::read_page`]'s), and `next`, the `after` of
+/// the next page (`null` on the last). 404 when the coordinator has seen
+/// nothing of the order (yet); past the end, an empty last page. 400 for an
+/// `after` below 0 or a `limit` outside 1..=1000.
 async fn get_history(
     State(state): State<AppState>,
     id: Result<Path<String>, PathRejection>,
+    query: Result<Query<HistoryQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Path(order_id) = id?;
-    let entries = history::read(state.coordinator.pool(), &order_id).await?;
-    if entries.is_empty() {
+    let Query(query) = query?;
+    let limit = query.limit.unwrap_or(DEFAULT_HISTORY_PAGE);
+    if !(1..=history::MAX_PAGE).contains(&limit) {
+        return Err(ApiError::bad_request(format!(
+            "limit must be between 1 and {}, not {limit}",
+            history::MAX_PAGE
+        )));
+    }
+    if let Some(after) = query.after
+        && after < 0
+    {
+        return Err(ApiError::bad_request(format!(
+            "after must be the id of a history entry (0 or more), not {after}"
+        )));
+    }
+    let page = history::read_page(state.coordinator.pool(), &order_id, query.after, limit).await?;
+    if page.entries.is_empty() && query.after.is_none() {
         return Err(ApiError::not_found(format!(
             "no history for order {order_id}"
         )));
     }
-    Ok(Json(HistoryView { order_id, entries }).into_response())
+    Ok(Json(HistoryView {
+        order_id,
+        entries: page.entries,
+        next: page.next,
+    })
+    .into_response())
 }
 
 #[derive(Debug, Serialize)]
