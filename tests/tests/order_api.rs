@@ -4,7 +4,9 @@
 //! JSON 400/413/415/422 that starts nothing; the read model follows events in
 //! any order and never leaves a terminal status; long polls wake on the
 //! orders table's notifications; payment submissions reach the coordinator;
-//! merchants, health and metrics.
+//! merchants, health and metrics. History pages, a health check that names
+//! what is down, and event handling that goes on while requests hold every
+//! HTTP connection.
 
 #![allow(
     clippy::unwrap_used,
@@ -17,51 +19,61 @@ use lapin::message::BasicGetMessage;
 use lapin::types::ShortString;
 use orderflow_shared::Shutdown;
 use orderflow_shared::bus::Outgoing;
+use orderflow_shared::config::Settings;
 use orderflow_shared::events::Event;
 use orderflow_shared::store::Db;
+use orderflow_tests::proxy::StallingProxy;
 use orderflow_tests::{TestEnv, eventually};
 use reqwest::StatusCode;
+use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Value, json};
+use sqlx::{Postgres, Transaction};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
-/// The order API (its consumer and relay included) on a fresh namespace and
-/// database, and an HTTP client for it.
-struct Api {
-    env: TestEnv,
+/// One order API server (its consumer and relay included), until [`stop`].
+///
+/// [`stop`]: Instance::stop
+struct Instance {
     base: String,
-    http: reqwest::Client,
     shutdown: Shutdown,
     server: JoinHandle<anyhow::Result<()>>,
-    /// The `orders` schema, to look at the outbox and the inbox.
-    orders: Db,
 }
 
-impl Api {
-    async fn start() -> Self {
-        let env = TestEnv::orderflow().await;
+impl Instance {
+    /// Serves `settings` on a free port of `env`'s topology; returns once
+    /// `/healthz` says everything is up (schema migrated, consumer consuming).
+    async fn start(env: &TestEnv, settings: Settings, name: &str, http: &reqwest::Client) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let shutdown = Shutdown::new();
         let server = tokio::spawn(order_api::serve(
-            env.ctx("order-api"),
+            env.ctx_with(settings, name),
             listener,
             shutdown.clone(),
         ));
-        let http = reqwest::Client::new();
-        // Answers once the schema is migrated and the router is up.
-        let (status, body) = get_json(&http, &format!("{base}/healthz")).await;
-        assert_eq!(status, StatusCode::OK, "{body}");
-        assert_eq!(body, json!({"status": "ok"}));
-        let orders = env.db("orders").await;
-        Self {
-            env,
+        let instance = Self {
             base,
-            http,
             shutdown,
             server,
-            orders,
-        }
+        };
+        instance.wait_healthy(http).await;
+        instance
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    async fn wait_healthy(&self, http: &reqwest::Client) {
+        let url = self.url("/healthz");
+        eventually(Duration::from_secs(30), "/healthz answers 200", || async {
+            http.get(&url)
+                .send()
+                .await
+                .is_ok_and(|response| response.status() == StatusCode::OK)
+        })
+        .await;
     }
 
     /// Graceful shutdown: `serve` returns Ok once everything has stopped.
@@ -72,16 +84,98 @@ impl Api {
             .expect("serve ends after shutdown")
             .unwrap()
             .unwrap();
+    }
+}
+
+/// The order API on a fresh namespace and database, and an HTTP client for it.
+struct Api {
+    env: TestEnv,
+    instance: Instance,
+    http: reqwest::Client,
+    /// The `orders` schema, to look at the outbox and the inbox.
+    orders: Db,
+}
+
+impl Api {
+    async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    /// The API with `adjust`ed test settings (its bounds).
+    async fn start_with(adjust: impl FnOnce(&mut Settings)) -> Self {
+        let env = TestEnv::orderflow().await;
+        let mut settings = env.settings();
+        adjust(&mut settings);
+        let http = reqwest::Client::new();
+        let instance = Instance::start(&env, settings, "order-api", &http).await;
+        let orders = env.db("orders").await;
+        Self {
+            env,
+            instance,
+            http,
+            orders,
+        }
+    }
+
+    /// Another instance of the API on the same database and broker, with
+    /// `settings` (from [`TestEnv::settings`]).
+    async fn start_other(&self, settings: Settings, name: &str) -> Instance {
+        Instance::start(&self.env, settings, name, &self.http).await
+    }
+
+    async fn stop(self) {
+        self.instance.stop().await;
         self.orders.close().await;
         self.env.cleanup().await;
     }
 
     fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
+        self.instance.url(path)
     }
 
     async fn get(&self, path: &str) -> (StatusCode, Value) {
         get_json(&self.http, &self.url(path)).await
+    }
+
+    /// A POST in flight on its own task.
+    fn spawn_post(&self, path: &str, body: &Value) -> JoinHandle<(StatusCode, Value)> {
+        let request = self.http.post(self.url(path)).json(body);
+        tokio::spawn(async move { status_and_json(request.send().await.unwrap()).await })
+    }
+
+    /// An open transaction holding `order_id`'s row `FOR UPDATE`: payment
+    /// submissions for it wait (their `FOR SHARE`), plain reads do not.
+    async fn lock_order(&self, order_id: &str) -> Transaction<'static, Postgres> {
+        let mut lock = self.orders.pool().begin().await.unwrap();
+        sqlx::query("SELECT 1 FROM orders WHERE order_id = $1 FOR UPDATE")
+            .bind(order_id)
+            .fetch_one(&mut *lock)
+            .await
+            .unwrap();
+        lock
+    }
+
+    /// Waits until `n` sessions of this test's database wait for a lock in a
+    /// statement containing `fragment`.
+    async fn wait_for_lock_waits(&self, fragment: &str, n: i64) {
+        eventually(
+            Duration::from_secs(15),
+            &format!("{n} statements with {fragment:?} waiting for a lock"),
+            || async { self.lock_waits(fragment).await == n },
+        )
+        .await;
+    }
+
+    async fn lock_waits(&self, fragment: &str) -> i64 {
+        sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+             AND wait_event_type = 'Lock' AND query LIKE '%' || $1 || '%' \
+             AND pid <> pg_backend_pid()",
+        )
+        .bind(fragment)
+        .fetch_one(self.orders.pool())
+        .await
+        .unwrap()
     }
 
     async fn post(&self, path: &str, body: &Value) -> (StatusCode, Value) {
@@ -753,7 +847,7 @@ async fn a_long_poll_answers_when_the_status_arrives_or_when_its_time_is_up() {
             .contains("orderflow_long_poll_waiters 1\n")
     })
     .await;
-    api.shutdown.cancel();
+    api.instance.shutdown.cancel();
     let (status, order) = tokio::time::timeout(Duration::from_secs(10), waiter)
         .await
         .expect("a long poll ends with the server")
@@ -767,20 +861,11 @@ async fn a_long_poll_answers_when_the_status_arrives_or_when_its_time_is_up() {
 async fn a_change_made_through_one_api_instance_wakes_long_polls_on_another() {
     let api = Api::start().await;
     // A second instance of the API on the same database and broker.
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let other_base = format!("http://{}", listener.local_addr().unwrap());
-    let other_shutdown = Shutdown::new();
-    let other = tokio::spawn(order_api::serve(
-        api.env.ctx("order-api-2"),
-        listener,
-        other_shutdown.clone(),
-    ));
-    let (status, _) = get_json(&api.http, &format!("{other_base}/healthz")).await;
-    assert_eq!(status, StatusCode::OK);
+    let other = api.start_other(api.env.settings(), "order-api-2").await;
 
     let waiter = {
         let http = api.http.clone();
-        let url = format!("{other_base}/orders/order-elsewhere?wait_for=started&timeout_ms=30000");
+        let url = other.url("/orders/order-elsewhere?wait_for=started&timeout_ms=30000");
         tokio::spawn(async move {
             let started = Instant::now();
             (get_json(&http, &url).await, started.elapsed())
@@ -801,8 +886,7 @@ async fn a_change_made_through_one_api_instance_wakes_long_polls_on_another() {
         elapsed < Duration::from_secs(10),
         "woken by the notification, not by its 30 s timeout: {elapsed:?}"
     );
-    other_shutdown.cancel();
-    other.await.unwrap().unwrap();
+    other.stop().await;
     api.stop().await;
 }
 
@@ -923,7 +1007,10 @@ async fn merchants_health_and_metrics() {
 
     let (status, health) = api.get("/healthz").await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(health, json!({"status": "ok"}));
+    assert_eq!(
+        health,
+        json!({"status": "ok", "checks": {"database": "ok", "broker": "ok"}})
+    );
 
     assert_eq!(
         api.post("/orders", &hotpot_order()).await.0,
@@ -942,6 +1029,66 @@ async fn merchants_health_and_metrics() {
     ] {
         assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
     }
+    api.stop().await;
+}
+
+/// A payment submission any unfinished order accepts.
+fn a_payment() -> Value {
+    json!({"token": "v1.claims.mac", "method": "weixin"})
+}
+
+#[tokio::test]
+async fn the_read_model_keeps_applying_events_while_requests_hold_every_http_connection() {
+    // As few connections for events as for requests: were they one pool,
+    // the held requests would starve the read model.
+    let api = Api::start_with(|settings| {
+        settings.db_pool_size = 2;
+        settings.http_db_pool_size = 2;
+    })
+    .await;
+    // Known from its event, so that no event of it is left for the read
+    // model to apply to the locked row.
+    let mut body = hotpot_order();
+    body["order_id"] = json!("order-blocker");
+    api.publish_applied("order.started", body).await;
+    let lock = api.lock_order("order-blocker").await;
+    let held = [
+        api.spawn_post("/orders/order-blocker/payment", &a_payment()),
+        api.spawn_post("/orders/order-blocker/payment", &a_payment()),
+    ];
+    // Both connections of the HTTP pool wait for the row.
+    api.wait_for_lock_waits("FOR SHARE", 2).await;
+
+    // Events are applied all the same.
+    api.publish_applied(
+        "payment.awaiting",
+        json!({
+            "order_id": "order-flowing", "token": "tok", "payment_methods": ["weixin"],
+            "amount_cents": 26_500, "expires_at": "2100-01-01T00:00:00Z",
+        }),
+    )
+    .await;
+    let status: String = sqlx::query_scalar("SELECT status FROM orders WHERE order_id = $1")
+        .bind("order-flowing")
+        .fetch_one(api.orders.pool())
+        .await
+        .unwrap();
+    assert_eq!(status, "awaiting_payment");
+    assert_eq!(
+        api.lock_waits("FOR SHARE").await,
+        2,
+        "the requests held their connections throughout"
+    );
+
+    lock.commit().await.unwrap();
+    for submission in held {
+        let (status, answer) = submission.await.unwrap();
+        assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
+    }
+    assert_eq!(
+        api.order("order-flowing").await["status"],
+        "awaiting_payment"
+    );
     api.stop().await;
 }
 
@@ -1095,5 +1242,105 @@ async fn the_history_comes_in_pages_cut_by_id_each_in_causal_order() {
         answer,
         json!({"error": "no history for order no-such-order"})
     );
+    api.stop().await;
+}
+
+/// `url`'s `host:port` (the port its scheme implies when it has none).
+fn upstream(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap();
+    let authority = rest.split(['/', '?']).next().unwrap();
+    let host = authority.rsplit('@').next().unwrap();
+    if host.contains(':') {
+        host.to_owned()
+    } else {
+        let port = if scheme.starts_with("amqp") {
+            5672
+        } else {
+            5432
+        };
+        format!("{host}:{port}")
+    }
+}
+
+#[tokio::test]
+async fn health_names_what_is_down_without_driver_text() {
+    let api = Api::start().await;
+    let (status, health) = api.get("/healthz").await;
+    assert_eq!(status, StatusCode::OK, "{health}");
+    assert_eq!(
+        health,
+        json!({"status": "ok", "checks": {"database": "ok", "broker": "ok"}})
+    );
+
+    // Another instance that reaches its database and broker through proxies.
+    let database_url = api.env.database_url.expose_secret().to_owned();
+    let amqp_url = api.env.amqp_url.expose_secret().to_owned();
+    let database = StallingProxy::start(&upstream(&database_url)).await;
+    let broker = StallingProxy::start(&upstream(&amqp_url)).await;
+    let mut settings = api.env.settings();
+    settings.database_url = SecretString::from(database.url_through(&database_url));
+    settings.amqp_url = SecretString::from(broker.url_through(&amqp_url));
+    let other = api.start_other(settings, "order-api-proxied").await;
+    let other_health = other.url("/healthz");
+    let health_of_other = || get_json(&api.http, &other_health);
+
+    // The database hangs.
+    database.stall();
+    let (status, health) = health_of_other().await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{health}");
+    assert_eq!(
+        health,
+        json!({
+            "status": "degraded",
+            "checks": {"database": "unavailable: no answer within 2 s", "broker": "ok"},
+        })
+    );
+    database.resume();
+    other.wait_healthy(&api.http).await;
+
+    // The database goes away: a short reason of our own, no driver text.
+    database.cut();
+    let (status, health) = health_of_other().await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{health}");
+    let reason = health["checks"]["database"].as_str().unwrap().to_owned();
+    assert!(
+        [
+            "unavailable: connection lost",
+            "unavailable: connection refused",
+            "unavailable: cannot connect",
+            "unavailable: unexpected answer from the server",
+            "unavailable: no answer within 2 s",
+        ]
+        .contains(&reason.as_str()),
+        "{health}"
+    );
+    assert_eq!(
+        health,
+        json!({"status": "degraded", "checks": {"database": reason, "broker": "ok"}})
+    );
+    database.resume();
+    other.wait_healthy(&api.http).await;
+
+    // The broker goes away: the read-model consumer loses its channel.
+    broker.cut();
+    let down = json!({
+        "status": "degraded",
+        "checks": {
+            "database": "ok",
+            "broker": "unavailable: the read-model consumer has no channel (reconnecting)",
+        },
+    });
+    eventually(
+        Duration::from_secs(15),
+        "the broker shows as down",
+        || async { health_of_other().await == (StatusCode::SERVICE_UNAVAILABLE, down.clone()) },
+    )
+    .await;
+    broker.resume();
+    other.wait_healthy(&api.http).await;
+    let (status, health) = health_of_other().await;
+    assert_eq!(status, StatusCode::OK, "{health}");
+
+    other.stop().await;
     api.stop().await;
 }

@@ -13,6 +13,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use orderflow_shared::Shutdown;
+use orderflow_shared::bus::Consuming;
 use orderflow_shared::events::PaymentSubmitted;
 use orderflow_shared::metadata::Metadata;
 use orderflow_shared::store::Db;
@@ -36,6 +37,9 @@ pub const MAX_WAIT: Duration = Duration::from_mins(1);
 /// How long a long poll waits when `timeout_ms` is not given.
 pub const DEFAULT_WAIT: Duration = Duration::from_secs(30);
 
+/// How long each `/healthz` check may take.
+pub const HEALTH_CHECK_PATIENCE: Duration = Duration::from_secs(2);
+
 /// Entries of a history page when `limit` is not given.
 pub const DEFAULT_HISTORY_PAGE: u32 = 100;
 
@@ -43,11 +47,15 @@ pub const DEFAULT_HISTORY_PAGE: u32 = 100;
 #[derive(Clone, Debug)]
 pub struct AppState {
     pub metadata: Arc<Metadata>,
+    /// The HTTP pool of the `orders` schema: every read and write of a
+    /// request, never the read-model consumer's connections (see `lib.rs`).
     pub db: Db,
     /// The coordinator's schema, read only: the execution history.
     pub coordinator: Db,
     pub watcher: Watcher,
     pub metrics: Arc<Metrics>,
+    /// Whether the read-model consumer consumes: the broker check of `/healthz`.
+    pub consuming: Consuming,
     /// Long polls answer at once when the server shuts down.
     pub shutdown: Shutdown,
 }
@@ -295,26 +303,81 @@ async fn merchant_payment_methods(
     Ok(Json(json!({ "supplier": supplier, "payment_methods": methods })).into_response())
 }
 
-/// `GET /healthz`: 200 when the database answers, 503 otherwise.
+/// `GET /healthz`: each dependency, `"ok"` or `"unavailable: <why>"`:
+/// `{"status": "ok"|"degraded", "checks": {"database": .., "broker": ..}}`,
+/// 200 when every check is ok, 503 otherwise. The reasons are short and
+/// fixed; the driver's own error goes to the log, never to the client.
 async fn healthz(State(state): State<AppState>) -> Response {
+    let database = match database_check(&state.db).await {
+        Ok(()) => "ok".to_owned(),
+        Err(reason) => format!("unavailable: {reason}"),
+    };
+    let broker = if state.consuming.is_consuming() {
+        "ok".to_owned()
+    } else {
+        "unavailable: the read-model consumer has no channel (reconnecting)".to_owned()
+    };
+    let healthy = database == "ok" && broker == "ok";
+    let body = json!({
+        "status": if healthy { "ok" } else { "degraded" },
+        "checks": { "database": database, "broker": broker },
+    });
+    let status = if healthy {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(body)).into_response()
+}
+
+/// `SELECT 1` on the HTTP pool (what serves the clients) within
+/// [`HEALTH_CHECK_PATIENCE`]; the reason it failed, in a few words.
+async fn database_check(db: &Db) -> Result<(), &'static str> {
     let check = tokio::time::timeout(
-        Duration::from_secs(2),
-        sqlx::query("SELECT 1").execute(state.db.pool()),
+        HEALTH_CHECK_PATIENCE,
+        sqlx::query("SELECT 1").execute(db.pool()),
     )
     .await;
     match check {
-        Ok(Ok(_)) => Json(json!({ "status": "ok" })).into_response(),
+        Ok(Ok(_)) => Ok(()),
         Ok(Err(error)) => {
-            tracing::warn!(%error, "health check failed");
-            error_body(
-                StatusCode::SERVICE_UNAVAILABLE,
-                &format!("database unavailable: {error}"),
-            )
+            let reason = unavailable_reason(&error);
+            tracing::warn!(%error, reason, "health check: the database failed");
+            Err(reason)
         }
-        Err(_) => error_body(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "database unavailable: no answer within 2 s",
-        ),
+        Err(_) => {
+            tracing::warn!("health check: the database did not answer within 2 s");
+            Err("no answer within 2 s")
+        }
+    }
+}
+
+/// Why the database is unavailable, in words that hold no driver text.
+fn unavailable_reason(error: &sqlx::Error) -> &'static str {
+    use std::io::ErrorKind;
+    match error {
+        sqlx::Error::Io(io) => match io.kind() {
+            ErrorKind::ConnectionRefused => "connection refused",
+            ErrorKind::ConnectionReset
+            | ErrorKind::ConnectionAborted
+            | ErrorKind::BrokenPipe
+            | ErrorKind::UnexpectedEof => "connection lost",
+            ErrorKind::TimedOut => "no answer",
+            _ => "cannot connect",
+        },
+        sqlx::Error::Tls(_) => "TLS handshake failed",
+        // Also what a connection closed during the handshake looks like.
+        sqlx::Error::Protocol(_) => "unexpected answer from the server",
+        sqlx::Error::PoolTimedOut => "no free connection",
+        sqlx::Error::PoolClosed => "shutting down",
+        sqlx::Error::Database(database) => match database.code().as_deref() {
+            Some(code) if code.starts_with("28") => "access denied",
+            Some("3D000") => "the database does not exist",
+            Some(code) if code.starts_with("57P") => "the server is shutting down or starting",
+            Some(code) if code.starts_with("53") => "the server is out of resources",
+            _ => "the server answered with an error",
+        },
+        _ => "the query failed",
     }
 }
 
