@@ -4,9 +4,10 @@
 //! JSON 400/413/415/422 that starts nothing; the read model follows events in
 //! any order and never leaves a terminal status; long polls wake on the
 //! orders table's notifications; payment submissions reach the coordinator;
-//! merchants, health and metrics. History pages, a health check that names
-//! what is down, and event handling that goes on while requests hold every
-//! HTTP connection.
+//! merchants, health and metrics. The bounds of the HTTP side: the waiter
+//! cap, the concurrency limit, the request timeout, history pages, a health
+//! check that names what is down, and event handling that goes on while
+//! requests hold every HTTP connection.
 
 #![allow(
     clippy::unwrap_used,
@@ -137,10 +138,39 @@ impl Api {
         get_json(&self.http, &self.url(path)).await
     }
 
+    /// GET with the `Retry-After` header of the answer.
+    async fn get_retry_after(&self, path: &str) -> (StatusCode, Option<String>, Value) {
+        let response = self.http.get(self.url(path)).send().await.unwrap();
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .map(|value| value.to_str().unwrap().to_owned());
+        let (status, body) = status_and_json(response).await;
+        (status, retry_after, body)
+    }
+
+    /// A GET in flight on its own task (abort it to hang up).
+    fn spawn_get(&self, path: &str) -> JoinHandle<(StatusCode, Value)> {
+        let http = self.http.clone();
+        let url = self.url(path);
+        tokio::spawn(async move { get_json(&http, &url).await })
+    }
+
     /// A POST in flight on its own task.
     fn spawn_post(&self, path: &str, body: &Value) -> JoinHandle<(StatusCode, Value)> {
         let request = self.http.post(self.url(path)).json(body);
         tokio::spawn(async move { status_and_json(request.send().await.unwrap()).await })
+    }
+
+    /// Waits until exactly `n` long polls are waiting (the metrics' gauge).
+    async fn wait_for_waiters(&self, n: usize) {
+        let line = format!("orderflow_long_poll_waiters {n}\n");
+        eventually(
+            Duration::from_secs(10),
+            &format!("{n} long-poll waiters"),
+            || async { self.metrics().await.contains(&line) },
+        )
+        .await;
     }
 
     /// An open transaction holding `order_id`'s row `FOR UPDATE`: payment
@@ -150,6 +180,17 @@ impl Api {
         sqlx::query("SELECT 1 FROM orders WHERE order_id = $1 FOR UPDATE")
             .bind(order_id)
             .fetch_one(&mut *lock)
+            .await
+            .unwrap();
+        lock
+    }
+
+    /// An open transaction holding the orders table in ACCESS EXCLUSIVE mode:
+    /// every statement on it waits.
+    async fn lock_orders_table(&self) -> Transaction<'static, Postgres> {
+        let mut lock = self.orders.pool().begin().await.unwrap();
+        sqlx::query("LOCK TABLE orders IN ACCESS EXCLUSIVE MODE")
+            .execute(&mut *lock)
             .await
             .unwrap();
         lock
@@ -1037,6 +1078,178 @@ fn a_payment() -> Value {
     json!({"token": "v1.claims.mac", "method": "weixin"})
 }
 
+/// The `orderflow_http_requests_total` line of (method, route, status) with `count`.
+fn requests_line(method: &str, route: &str, status: u16, count: u32) -> String {
+    format!(
+        "orderflow_http_requests_total{{method=\"{method}\",route=\"{route}\",status=\"{status}\"}} {count}\n"
+    )
+}
+
+#[tokio::test]
+async fn long_polls_beyond_the_waiter_cap_are_turned_away_until_a_waiter_ends() {
+    let api = Api::start_with(|settings| settings.http_max_waiters = 2).await;
+    let mut body = hotpot_order();
+    body["order_id"] = json!("order-waited");
+    assert_eq!(api.post("/orders", &body).await.0, StatusCode::ACCEPTED);
+    let long_poll = "/orders/order-waited?wait_for=completed&timeout_ms=30000";
+    let first = api.spawn_get(long_poll);
+    let second = api.spawn_get(long_poll);
+    api.wait_for_waiters(2).await;
+
+    // One more is turned away at once, and told when to come back.
+    let (status, retry_after, answer) = api.get_retry_after(long_poll).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{answer}");
+    assert_eq!(retry_after.as_deref(), Some("1"));
+    assert_eq!(
+        error_message(&answer),
+        "too many clients are waiting for orders (2 at most); retry later"
+    );
+    // Waiters take no request slot: reads and writes go on.
+    assert_eq!(api.order("order-waited").await["status"], "started");
+    assert!(!first.is_finished() && !second.is_finished());
+
+    // A client that hangs up gives its place back…
+    first.abort();
+    api.wait_for_waiters(1).await;
+    // …which the next long poll takes, and gives back when its time is up.
+    let (status, order) = api
+        .get("/orders/order-waited?wait_for=completed&timeout_ms=300")
+        .await;
+    assert_eq!(status, StatusCode::OK, "{order}");
+    assert_eq!(order["status"], "started");
+    api.wait_for_waiters(1).await;
+
+    // The change a waiter waits for answers it and frees its place.
+    api.publish_applied(
+        "order.completed",
+        json!({"order_id": "order-waited", "method": "weixin", "charged_cents": 13_250}),
+    )
+    .await;
+    let (status, order) = tokio::time::timeout(Duration::from_secs(10), second)
+        .await
+        .expect("the waiter answers once the order completed")
+        .unwrap();
+    assert_eq!(status, StatusCode::OK, "{order}");
+    assert_eq!(order["status"], "completed");
+    api.wait_for_waiters(0).await;
+    let (status, order) = api.get(long_poll).await;
+    assert_eq!(status, StatusCode::OK, "{order}");
+    assert_eq!(order["status"], "completed");
+    assert!(
+        api.metrics()
+            .await
+            .contains(&requests_line("GET", "/orders/{id}", 503, 1))
+    );
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn requests_beyond_the_concurrency_limit_are_shed_at_once_but_long_polls_are_not_counted() {
+    let api = Api::start_with(|settings| settings.http_max_concurrency = 2).await;
+    let mut body = hotpot_order();
+    body["order_id"] = json!("order-held");
+    api.publish_applied("order.started", body).await;
+
+    // Two submissions wait for the order's row: both request slots are taken.
+    let lock = api.lock_order("order-held").await;
+    let held = [
+        api.spawn_post("/orders/order-held/payment", &a_payment()),
+        api.spawn_post("/orders/order-held/payment", &a_payment()),
+    ];
+    api.wait_for_lock_waits("FOR SHARE", 2).await;
+
+    // One more request is shed at once, even one that needs no database.
+    let (status, retry_after, answer) = api
+        .get_retry_after("/merchants/haidilao/payment-methods")
+        .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{answer}");
+    assert_eq!(retry_after.as_deref(), Some("1"));
+    assert_eq!(
+        error_message(&answer),
+        "the order API is busy (2 requests in progress, its limit); retry later"
+    );
+    // A long poll is not counted against the request slots.
+    let (status, order) = api
+        .get("/orders/order-held?wait_for=completed&timeout_ms=200")
+        .await;
+    assert_eq!(status, StatusCode::OK, "{order}");
+    assert_eq!(order["status"], "started");
+
+    lock.commit().await.unwrap();
+    for submission in held {
+        let (status, answer) = submission.await.unwrap();
+        assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
+    }
+    // The slots are back.
+    let (status, answer) = api.get("/merchants/haidilao/payment-methods").await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let text = api.metrics().await;
+    let shed = requests_line("GET", "/merchants/{supplier}/payment-methods", 503, 1);
+    assert!(text.contains(&shed), "missing {shed:?} in:\n{text}");
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn a_request_past_the_timeout_is_answered_503_naming_its_route_but_long_polls_wait_their_time()
+ {
+    let api = Api::start_with(|settings| settings.http_request_timeout_ms = 500).await;
+    let mut body = hotpot_order();
+    body["order_id"] = json!("order-slow");
+    assert_eq!(api.post("/orders", &body).await.0, StatusCode::ACCEPTED);
+
+    // A long poll waits its own time, past the request timeout.
+    let (status, order) = api
+        .get("/orders/order-slow?wait_for=completed&timeout_ms=1500")
+        .await;
+    assert_eq!(status, StatusCode::OK, "{order}");
+    assert_eq!(order["status"], "started");
+
+    // The orders table locked: every statement on it waits.
+    let lock = api.lock_orders_table().await;
+    let (status, answer) = api.get("/orders/order-slow").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{answer}");
+    assert_eq!(
+        answer,
+        json!({"error": "GET /orders/{id} did not finish within 500 ms; try again later"})
+    );
+    let mut cut = hotpot_order();
+    cut["order_id"] = json!("order-cut");
+    let (status, answer) = api.post("/orders", &cut).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{answer}");
+    assert_eq!(
+        answer,
+        json!({"error": "POST /orders did not finish within 500 ms; try again later"})
+    );
+    // A long poll's reads are bounded by the request timeout.
+    let (status, answer) = api
+        .get("/orders/order-slow?wait_for=completed&timeout_ms=30000")
+        .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{answer}");
+    assert!(
+        error_message(&answer).contains("reading order order-slow took longer than 500 ms"),
+        "{answer}"
+    );
+    lock.rollback().await.unwrap();
+
+    // The cut request left nothing behind: sent again, it is a new order.
+    let (status, answer) = api.post("/orders", &cut).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
+    assert_eq!(
+        answer,
+        json!({"order_id": "order-cut", "status": "started"})
+    );
+    assert_eq!(api.outbox_count("order.started").await, 2);
+    assert_eq!(api.order("order-slow").await["status"], "started");
+    let text = api.metrics().await;
+    for expected in [
+        requests_line("GET", "/orders/{id}", 503, 2),
+        requests_line("POST", "/orders", 503, 1),
+    ] {
+        assert!(text.contains(&expected), "missing {expected:?} in:\n{text}");
+    }
+    api.stop().await;
+}
+
 #[tokio::test]
 async fn the_read_model_keeps_applying_events_while_requests_hold_every_http_connection() {
     // As few connections for events as for requests: were they one pool,
@@ -1343,4 +1556,25 @@ async fn health_names_what_is_down_without_driver_text() {
 
     other.stop().await;
     api.stop().await;
+}
+
+#[tokio::test]
+async fn a_zero_bound_stops_the_api_at_start_with_a_clear_error() {
+    let env = TestEnv::orderflow().await;
+    let mut settings = env.settings();
+    settings.http_max_concurrency = 0;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let error = order_api::serve(
+        env.ctx_with(settings, "order-api"),
+        listener,
+        Shutdown::new(),
+    )
+    .await
+    .unwrap_err();
+    let text = format!("{error:#}");
+    assert!(
+        text.contains("ORDERFLOW_HTTP_MAX_CONCURRENCY") && text.contains("at least 1"),
+        "{text}"
+    );
+    env.cleanup().await;
 }

@@ -2,12 +2,14 @@
 //! long poll), submit a payment, the saga's execution history, merchant
 //! payment methods, health and metrics.
 //! Every error is JSON `{"error": "..."}`; no input makes a handler panic.
+//! Every route runs under the bounds of `bounds.rs` (timeout, concurrency
+//! limit, waiter cap).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Query, Request, State};
 use axum::http::{Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -21,6 +23,7 @@ use saga_coordinator::history;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use crate::bounds::{self, Bounds};
 use crate::error::{ApiError, error_body};
 use crate::input::{NewOrder, PaymentSubmission};
 use crate::metrics::{self, Metrics};
@@ -43,6 +46,9 @@ pub const HEALTH_CHECK_PATIENCE: Duration = Duration::from_secs(2);
 /// Entries of a history page when `limit` is not given.
 pub const DEFAULT_HISTORY_PAGE: u32 = 100;
 
+/// The route of `GET /orders/{id}` (and its long polls).
+const ORDER_ROUTE: &str = "/orders/{id}";
+
 /// What every handler shares.
 #[derive(Clone, Debug)]
 pub struct AppState {
@@ -54,6 +60,7 @@ pub struct AppState {
     pub coordinator: Db,
     pub watcher: Watcher,
     pub metrics: Arc<Metrics>,
+    pub bounds: Arc<Bounds>,
     /// Whether the read-model consumer consumes: the broker check of `/healthz`.
     pub consuming: Consuming,
     /// Long polls answer at once when the server shuts down.
@@ -63,7 +70,7 @@ pub struct AppState {
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/orders", post(create_order))
-        .route("/orders/{id}", get(get_order))
+        .route(ORDER_ROUTE, get(get_order))
         .route("/orders/{id}/payment", post(submit_payment))
         .route("/orders/{id}/history", get(get_history))
         .route(
@@ -74,6 +81,11 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics_text))
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            bounds::limit,
+        ))
+        // Outside the bounds: shed and timed-out requests are counted too.
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             metrics::track,
@@ -128,6 +140,17 @@ struct WaitQuery {
     timeout_ms: Option<u64>,
 }
 
+/// Whether `request` is a long poll (`GET /orders/{id}` with `wait_for`), as
+/// [`get_order`] will read its query; the bounds treat long polls apart.
+pub fn is_long_poll(request: &Request) -> bool {
+    request
+        .extensions()
+        .get::<MatchedPath>()
+        .is_some_and(|route| route.as_str() == ORDER_ROUTE)
+        && Query::<WaitQuery>::try_from_uri(request.uri())
+            .is_ok_and(|Query(query)| query.wait_for.is_some())
+}
+
 /// `GET /orders/{id}`, with `?wait_for=<status>&timeout_ms=<n>` a long poll:
 /// answers once the order has that status (or a later or terminal one), or
 /// with the current state when the timeout passes.
@@ -159,19 +182,26 @@ async fn get_order(
 
 /// Reads the order until it satisfies `wanted`, `timeout` passes or the
 /// server shuts down; woken by the watcher when the order changes (here or,
-/// through its batched NOTIFY, in another API instance).
+/// through its batched NOTIFY, in another API instance). Holds a waiter slot
+/// throughout (503 when none is free); each read is bounded by the request
+/// timeout.
 async fn wait_for(
     state: &AppState,
     order_id: &str,
     wanted: Status,
     timeout: Duration,
 ) -> Result<Option<OrderView>, ApiError> {
-    let _waiting = state.metrics.waiting();
+    let _waiting = state.bounds.wait(&state.metrics)?;
     let deadline = tokio::time::Instant::now() + timeout;
     // Subscribed before the first read: no change can slip in between.
     let mut changes = state.watcher.subscribe(order_id);
     loop {
-        let view = orders::fetch(&state.db, order_id).await?;
+        let view = tokio::time::timeout(
+            state.bounds.request_timeout(),
+            orders::fetch(&state.db, order_id),
+        )
+        .await
+        .map_err(|_| state.bounds.read_timed_out(order_id))??;
         let done = view
             .as_ref()
             .and_then(OrderView::status)

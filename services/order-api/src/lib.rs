@@ -39,9 +39,12 @@
 //! The coordinator's schema is read only by requests (histories): its pool is
 //! an HTTP pool too, of the same size.
 //!
-//! `/healthz` checks the database on the HTTP pool and the broker by whether
-//! the read-model consumer is consuming.
+//! The other bounds of the HTTP side (request timeout, concurrency limit,
+//! long-poll waiter cap) are in `bounds.rs`; `/healthz` checks the database
+//! on the HTTP pool and the broker by whether the read-model consumer is
+//! consuming.
 
+mod bounds;
 mod error;
 mod http;
 mod input;
@@ -130,6 +133,7 @@ pub async fn serve(ctx: Ctx, listener: TcpListener, shutdown: Shutdown) -> anyho
         coordinator: coordinator.clone(),
         watcher,
         metrics,
+        bounds: Arc::new(bounds::Bounds::new(settings)),
         consuming,
         shutdown: stop.clone(),
     });
