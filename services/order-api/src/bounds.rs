@@ -6,12 +6,13 @@
 //! - **Request timeout** (`ORDERFLOW_HTTP_REQUEST_TIMEOUT_MS`, 10 s): a
 //!   request still unanswered by then is answered 503
 //!   `{"error": "GET /orders/{id} did not finish within … ms; …"}` (the route
-//!   template, never the raw path). Its handler future is dropped, which
-//!   also gives back its database connection (sqlx rolls an open transaction
-//!   back). A write cut after its commit is not undone: `POST /orders` is
-//!   idempotent by `order_id`, and the committed outbox rows reach the broker
-//!   by hand-over or, if the cut came between commit and hand-over, by the
-//!   relay's sweep.
+//!   template, never the raw path). Its handler future is dropped: an open
+//!   transaction is rolled back, and the connection goes back to the pool
+//!   once the statement it was running ends in the database (nothing cancels
+//!   that statement). A write cut after its commit is not undone:
+//!   `POST /orders` is idempotent by `order_id`, and the committed outbox
+//!   rows reach the broker by hand-over or, if the cut came between commit
+//!   and hand-over, by the relay's sweep.
 //! - **Concurrency limit** (`ORDERFLOW_HTTP_MAX_CONCURRENCY`, 256): one more
 //!   request is answered 503 with `Retry-After: 1` at once. Load is shed, not
 //!   queued: a queue would only turn overload into timeouts later, while
@@ -35,7 +36,8 @@
 //! work. Long polls are likewise exempt from the request timeout: they end by
 //! their own `timeout_ms` (at most [`MAX_WAIT`](crate::http::MAX_WAIT)); each
 //! read of the order a long poll makes is bounded by the request timeout
-//! instead, so a stuck database cannot hold a waiter past its wait either.
+//! instead, so a stuck database holds a waiter at most one request timeout
+//! past its wait.
 //!
 //! Why not `tower::limit` + `tower::load_shed`, nor tower-http's
 //! `TimeoutLayer`: a long poll and a plain read are the same route,
