@@ -44,9 +44,26 @@ pub struct Settings {
     /// `ORDERFLOW_CONCURRENCY`: handler invocations in flight per consumer.
     pub concurrency: usize,
     /// `ORDERFLOW_DB_POOL_SIZE`: database connections per service (per schema
-    /// pool). `orderflow up` runs ten such pools in one process: keep their
+    /// pool). `orderflow up` runs ten such pools in one process, plus the
+    /// order API's two HTTP pools (`ORDERFLOW_HTTP_DB_POOL_SIZE`): keep their
     /// sum under the server's `max_connections` (100 by default).
     pub db_pool_size: u32,
+    /// `ORDERFLOW_HTTP_REQUEST_TIMEOUT_MS`: longest the order API works on
+    /// one request before it answers 503 (long polls excepted: they end by
+    /// their own `timeout_ms`, at most 60 s).
+    pub http_request_timeout_ms: u64,
+    /// `ORDERFLOW_HTTP_MAX_CONCURRENCY`: requests the order API works on at
+    /// once (long polls not counted); one more is answered 503 with
+    /// `Retry-After` at once, never queued.
+    pub http_max_concurrency: usize,
+    /// `ORDERFLOW_HTTP_MAX_WAITERS`: long polls (`GET /orders/{id}?wait_for=`)
+    /// waiting at once; one more is answered 503 with `Retry-After`.
+    pub http_max_waiters: usize,
+    /// `ORDERFLOW_HTTP_DB_POOL_SIZE`: database connections of the order API's
+    /// HTTP handlers, per pool (the `orders` schema, and the `coordinator`
+    /// schema for histories), apart from the read-model consumer's pool, so
+    /// that clients cannot take the connections event handling needs.
+    pub http_db_pool_size: u32,
     /// `ORDERFLOW_PUBLISH_TIMEOUT_MS`: how long one publish may wait for its confirm.
     pub publish_timeout_ms: u64,
     /// `ORDERFLOW_GATEWAY_LATENCY_MS`: the simulated payment gateway's latency.
@@ -102,6 +119,10 @@ impl Settings {
             .set_default("prefetch", 256)?
             .set_default("concurrency", 32)?
             .set_default("db_pool_size", 6)?
+            .set_default("http_request_timeout_ms", 10_000)?
+            .set_default("http_max_concurrency", 256)?
+            .set_default("http_max_waiters", 1024)?
+            .set_default("http_db_pool_size", 4)?
             .set_default("publish_timeout_ms", 10_000)?
             .set_default("gateway_latency_ms", 20)?
             .set_default("gateway_failure_rate", 0.0)?
@@ -113,7 +134,42 @@ impl Settings {
             .add_source(env.try_parsing(true))
             .build()?
             .try_deserialize()?;
+        settings.validate()?;
         Ok(settings)
+    }
+
+    /// Checks what deserializing cannot: the bounds that must be at least 1.
+    /// [`load`](Self::load) calls it; so does a service given settings built
+    /// in code.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let at_least_one = [
+            (
+                "http_request_timeout_ms",
+                "ORDERFLOW_HTTP_REQUEST_TIMEOUT_MS",
+                self.http_request_timeout_ms == 0,
+            ),
+            (
+                "http_max_concurrency",
+                "ORDERFLOW_HTTP_MAX_CONCURRENCY",
+                self.http_max_concurrency == 0,
+            ),
+            (
+                "http_max_waiters",
+                "ORDERFLOW_HTTP_MAX_WAITERS",
+                self.http_max_waiters == 0,
+            ),
+            (
+                "http_db_pool_size",
+                "ORDERFLOW_HTTP_DB_POOL_SIZE",
+                self.http_db_pool_size == 0,
+            ),
+        ];
+        match at_least_one.iter().find(|(_, _, zero)| *zero) {
+            Some((field, variable, _)) => Err(ConfigError(config::ConfigError::Message(format!(
+                "{field} ({variable}) must be at least 1, not 0"
+            )))),
+            None => Ok(()),
+        }
     }
 
     /// The AMQP URL with its password masked, for logs and error messages.
@@ -169,6 +225,51 @@ mod tests {
         assert_eq!(settings.flow_timeout_secs, 3600);
         assert!(settings.token_keys.is_none());
         assert_eq!(settings.log_format, LogFormat::Text);
+        assert_eq!(settings.http_request_timeout_ms, 10_000);
+        assert_eq!(settings.http_max_concurrency, 256);
+        assert_eq!(settings.http_max_waiters, 1024);
+        assert_eq!(settings.http_db_pool_size, 4);
+    }
+
+    #[test]
+    fn the_http_bounds_come_from_the_environment() {
+        let settings = Settings::load_from(
+            None,
+            env(&[
+                ("ORDERFLOW_HTTP_REQUEST_TIMEOUT_MS", "250"),
+                ("ORDERFLOW_HTTP_MAX_CONCURRENCY", "8"),
+                ("ORDERFLOW_HTTP_MAX_WAITERS", "16"),
+                ("ORDERFLOW_HTTP_DB_POOL_SIZE", "2"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(settings.http_request_timeout_ms, 250);
+        assert_eq!(settings.http_max_concurrency, 8);
+        assert_eq!(settings.http_max_waiters, 16);
+        assert_eq!(settings.http_db_pool_size, 2);
+    }
+
+    #[test]
+    fn a_zero_http_bound_is_a_clear_error() {
+        for (variable, field) in [
+            (
+                "ORDERFLOW_HTTP_REQUEST_TIMEOUT_MS",
+                "http_request_timeout_ms",
+            ),
+            ("ORDERFLOW_HTTP_MAX_CONCURRENCY", "http_max_concurrency"),
+            ("ORDERFLOW_HTTP_MAX_WAITERS", "http_max_waiters"),
+            ("ORDERFLOW_HTTP_DB_POOL_SIZE", "http_db_pool_size"),
+        ] {
+            let err = Settings::load_from(None, env(&[(variable, "0")])).unwrap_err();
+            let text = err.to_string();
+            assert!(
+                text.contains(field) && text.contains(variable) && text.contains("at least 1"),
+                "{text}"
+            );
+        }
+        let err =
+            Settings::load_from(None, env(&[("ORDERFLOW_HTTP_MAX_WAITERS", "-1")])).unwrap_err();
+        assert!(err.to_string().contains("http_max_waiters"), "{err}");
     }
 
     #[test]

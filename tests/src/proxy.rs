@@ -1,19 +1,24 @@
-//! A TCP proxy in front of the broker that can stall: while stalled it holds
-//! everything the broker sends (confirms, channel-open answers), as a hung
-//! broker or a half-dead network link would. The client's bytes still flow.
+//! A TCP proxy in front of the broker or the database that can stall or be
+//! cut. Stalled, it holds everything the server sends (confirms, channel-open
+//! answers, query results), as a hung server or a half-dead network link
+//! would; the client's bytes still flow. Cut, it closes every open
+//! connection and closes new ones at once, as a server that went away would.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::task::JoinHandle;
+use tokio::task::{AbortHandle, JoinHandle};
 
 pub struct StallingProxy {
     pub addr: SocketAddr,
     stalled: Arc<AtomicBool>,
+    cut: Arc<AtomicBool>,
+    /// The copying tasks of the open connections (aborting them closes both sides).
+    connections: Arc<Mutex<Vec<AbortHandle>>>,
     task: JoinHandle<()>,
 }
 
@@ -23,20 +28,28 @@ impl StallingProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
         let addr = listener.local_addr().expect("proxy address");
         let stalled = Arc::new(AtomicBool::new(false));
+        let cut = Arc::new(AtomicBool::new(false));
+        let connections = Arc::new(Mutex::new(Vec::new()));
         let upstream = upstream.to_owned();
         let flag = stalled.clone();
+        let refusing = cut.clone();
+        let open = connections.clone();
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
+                if refusing.load(Ordering::SeqCst) {
+                    drop(client);
+                    continue;
+                }
                 let Ok(server) = TcpStream::connect(&upstream).await else {
                     continue;
                 };
                 let (mut client_read, mut client_write) = client.into_split();
                 let (mut server_read, mut server_write) = server.into_split();
-                tokio::spawn(async move {
+                let upward = tokio::spawn(async move {
                     let _ = tokio::io::copy(&mut client_read, &mut server_write).await;
                 });
                 let flag = flag.clone();
-                tokio::spawn(async move {
+                let downward = tokio::spawn(async move {
                     let mut buffer = vec![0u8; 64 * 1024];
                     loop {
                         let Ok(n) = server_read.read(&mut buffer).await else {
@@ -53,11 +66,16 @@ impl StallingProxy {
                         }
                     }
                 });
+                let mut open = open.lock().expect("connections lock");
+                open.retain(|task: &AbortHandle| !task.is_finished());
+                open.extend([upward.abort_handle(), downward.abort_handle()]);
             }
         });
         Self {
             addr,
             stalled,
+            cut,
+            connections,
             task,
         }
     }
@@ -67,12 +85,34 @@ impl StallingProxy {
         format!("amqp://guest:guest@{}/%2f", self.addr)
     }
 
+    /// `url` (`scheme://[user[:password]@]host[:port][/path][?query]`) with
+    /// its host and port replaced by the proxy's.
+    pub fn url_through(&self, url: &str) -> String {
+        let start = url.find("://").expect("a URL with a scheme") + 3;
+        let end = url[start..]
+            .find(['/', '?'])
+            .map_or(url.len(), |i| start + i);
+        let host_start = url[start..end].rfind('@').map_or(start, |i| start + i + 1);
+        format!("{}{}{}", &url[..host_start], self.addr, &url[end..])
+    }
+
     pub fn stall(&self) {
         self.stalled.store(true, Ordering::SeqCst);
     }
 
+    /// Closes every open connection; new ones are closed at once until
+    /// [`resume`](Self::resume).
+    pub fn cut(&self) {
+        self.cut.store(true, Ordering::SeqCst);
+        for task in self.connections.lock().expect("connections lock").drain(..) {
+            task.abort();
+        }
+    }
+
+    /// Ends a stall or a cut.
     pub fn resume(&self) {
         self.stalled.store(false, Ordering::SeqCst);
+        self.cut.store(false, Ordering::SeqCst);
     }
 }
 

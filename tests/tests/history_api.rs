@@ -1,7 +1,7 @@
 //! `GET /orders/{id}/history`: the coordinator's execution history of an
 //! order through the API, with every worker running: a completed order's
-//! whole saga in order with its causes, a cancelled order's rejection, and
-//! 404 for an order the coordinator never saw.
+//! whole saga in order with its causes (also page by page), a cancelled
+//! order's rejection, and 404 for an order the coordinator never saw.
 
 #![allow(
     clippy::unwrap_used,
@@ -16,14 +16,34 @@ use serde_json::Value;
 
 /// GET /orders/{id}/history; (status, body).
 async fn history(system: &System, order_id: &str) -> (u16, Value) {
+    history_page(system, order_id, "").await
+}
+
+/// GET /orders/{id}/history?<query>; (status, body).
+async fn history_page(system: &System, order_id: &str, query: &str) -> (u16, Value) {
     let response = system
         .client
-        .get(format!("{}/orders/{order_id}/history", system.api))
+        .get(format!("{}/orders/{order_id}/history?{query}", system.api))
         .send()
         .await
         .unwrap();
     let status = response.status().as_u16();
     (status, response.json().await.unwrap())
+}
+
+/// Every page of `limit` entries, following `next` until it is null.
+async fn pages(system: &System, order_id: &str, limit: u32) -> Vec<Vec<Value>> {
+    let mut pages = Vec::new();
+    let mut query = format!("limit={limit}");
+    loop {
+        let (status, page) = history_page(system, order_id, &query).await;
+        assert_eq!(status, 200, "{page:#}");
+        pages.push(page["entries"].as_array().unwrap().clone());
+        match page["next"].as_i64() {
+            Some(next) => query = format!("limit={limit}&after={next}"),
+            None => return pages,
+        }
+    }
 }
 
 /// The history's entries once it has one named `last` (the coordinator sees
@@ -128,6 +148,19 @@ async fn a_completed_order_has_its_whole_saga_in_order_with_causes() {
     caused_by(&entries, "payment.selected.weixin", "payment.submitted");
     caused_by(&entries, "payment.captured", "payment.selected.weixin");
     caused_by(&entries, "order.completed", "payment.captured");
+
+    // Page by page: every entry once, pages in id order.
+    let paged = pages(&system, &order_id, 3).await;
+    assert_eq!(paged.len(), entries.len().div_ceil(3), "{paged:#?}");
+    let ids = |entries: &[Value]| -> Vec<i64> {
+        let mut ids: Vec<i64> = entries.iter().map(|e| e["id"].as_i64().unwrap()).collect();
+        ids.sort_unstable();
+        ids
+    };
+    assert_eq!(ids(&paged.concat()), ids(&entries));
+    for pair in paged.windows(2) {
+        assert!(ids(&pair[0]).last() < ids(&pair[1]).first(), "{paged:#?}");
+    }
 
     // The details are the events' bodies.
     let selected = named(&entries, "payment.selected.weixin");

@@ -4,7 +4,10 @@
 //! JSON 400/413/415/422 that starts nothing; the read model follows events in
 //! any order and never leaves a terminal status; long polls wake on the
 //! orders table's notifications; payment submissions reach the coordinator;
-//! merchants, health and metrics.
+//! merchants, health and metrics. The bounds of the HTTP side: the waiter
+//! cap, the concurrency limit, the request timeout, history pages, a health
+//! check that names what is down, and event handling that goes on while
+//! requests hold every HTTP connection.
 
 #![allow(
     clippy::unwrap_used,
@@ -17,51 +20,61 @@ use lapin::message::BasicGetMessage;
 use lapin::types::ShortString;
 use orderflow_shared::Shutdown;
 use orderflow_shared::bus::Outgoing;
+use orderflow_shared::config::Settings;
 use orderflow_shared::events::Event;
 use orderflow_shared::store::Db;
+use orderflow_tests::proxy::StallingProxy;
 use orderflow_tests::{TestEnv, eventually};
 use reqwest::StatusCode;
+use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Value, json};
+use sqlx::{Postgres, Transaction};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
-/// The order API (its consumer and relay included) on a fresh namespace and
-/// database, and an HTTP client for it.
-struct Api {
-    env: TestEnv,
+/// One order API server (its consumer and relay included), until [`stop`].
+///
+/// [`stop`]: Instance::stop
+struct Instance {
     base: String,
-    http: reqwest::Client,
     shutdown: Shutdown,
     server: JoinHandle<anyhow::Result<()>>,
-    /// The `orders` schema, to look at the outbox and the inbox.
-    orders: Db,
 }
 
-impl Api {
-    async fn start() -> Self {
-        let env = TestEnv::orderflow().await;
+impl Instance {
+    /// Serves `settings` on a free port of `env`'s topology; returns once
+    /// `/healthz` says everything is up (schema migrated, consumer consuming).
+    async fn start(env: &TestEnv, settings: Settings, name: &str, http: &reqwest::Client) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let shutdown = Shutdown::new();
         let server = tokio::spawn(order_api::serve(
-            env.ctx("order-api"),
+            env.ctx_with(settings, name),
             listener,
             shutdown.clone(),
         ));
-        let http = reqwest::Client::new();
-        // Answers once the schema is migrated and the router is up.
-        let (status, body) = get_json(&http, &format!("{base}/healthz")).await;
-        assert_eq!(status, StatusCode::OK, "{body}");
-        assert_eq!(body, json!({"status": "ok"}));
-        let orders = env.db("orders").await;
-        Self {
-            env,
+        let instance = Self {
             base,
-            http,
             shutdown,
             server,
-            orders,
-        }
+        };
+        instance.wait_healthy(http).await;
+        instance
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    async fn wait_healthy(&self, http: &reqwest::Client) {
+        let url = self.url("/healthz");
+        eventually(Duration::from_secs(30), "/healthz answers 200", || async {
+            http.get(&url)
+                .send()
+                .await
+                .is_ok_and(|response| response.status() == StatusCode::OK)
+        })
+        .await;
     }
 
     /// Graceful shutdown: `serve` returns Ok once everything has stopped.
@@ -72,16 +85,138 @@ impl Api {
             .expect("serve ends after shutdown")
             .unwrap()
             .unwrap();
+    }
+}
+
+/// The order API on a fresh namespace and database, and an HTTP client for it.
+struct Api {
+    env: TestEnv,
+    instance: Instance,
+    http: reqwest::Client,
+    /// The `orders` schema, to look at the outbox and the inbox.
+    orders: Db,
+}
+
+impl Api {
+    async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    /// The API with `adjust`ed test settings (its bounds).
+    async fn start_with(adjust: impl FnOnce(&mut Settings)) -> Self {
+        let env = TestEnv::orderflow().await;
+        let mut settings = env.settings();
+        adjust(&mut settings);
+        let http = reqwest::Client::new();
+        let instance = Instance::start(&env, settings, "order-api", &http).await;
+        let orders = env.db("orders").await;
+        Self {
+            env,
+            instance,
+            http,
+            orders,
+        }
+    }
+
+    /// Another instance of the API on the same database and broker, with
+    /// `settings` (from [`TestEnv::settings`]).
+    async fn start_other(&self, settings: Settings, name: &str) -> Instance {
+        Instance::start(&self.env, settings, name, &self.http).await
+    }
+
+    async fn stop(self) {
+        self.instance.stop().await;
         self.orders.close().await;
         self.env.cleanup().await;
     }
 
     fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
+        self.instance.url(path)
     }
 
     async fn get(&self, path: &str) -> (StatusCode, Value) {
         get_json(&self.http, &self.url(path)).await
+    }
+
+    /// GET with the `Retry-After` header of the answer.
+    async fn get_retry_after(&self, path: &str) -> (StatusCode, Option<String>, Value) {
+        let response = self.http.get(self.url(path)).send().await.unwrap();
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .map(|value| value.to_str().unwrap().to_owned());
+        let (status, body) = status_and_json(response).await;
+        (status, retry_after, body)
+    }
+
+    /// A GET in flight on its own task (abort it to hang up).
+    fn spawn_get(&self, path: &str) -> JoinHandle<(StatusCode, Value)> {
+        let http = self.http.clone();
+        let url = self.url(path);
+        tokio::spawn(async move { get_json(&http, &url).await })
+    }
+
+    /// A POST in flight on its own task.
+    fn spawn_post(&self, path: &str, body: &Value) -> JoinHandle<(StatusCode, Value)> {
+        let request = self.http.post(self.url(path)).json(body);
+        tokio::spawn(async move { status_and_json(request.send().await.unwrap()).await })
+    }
+
+    /// Waits until exactly `n` long polls are waiting (the metrics' gauge).
+    async fn wait_for_waiters(&self, n: usize) {
+        let line = format!("orderflow_long_poll_waiters {n}\n");
+        eventually(
+            Duration::from_secs(10),
+            &format!("{n} long-poll waiters"),
+            || async { self.metrics().await.contains(&line) },
+        )
+        .await;
+    }
+
+    /// An open transaction holding `order_id`'s row `FOR UPDATE`: payment
+    /// submissions for it wait (their `FOR SHARE`), plain reads do not.
+    async fn lock_order(&self, order_id: &str) -> Transaction<'static, Postgres> {
+        let mut lock = self.orders.pool().begin().await.unwrap();
+        sqlx::query("SELECT 1 FROM orders WHERE order_id = $1 FOR UPDATE")
+            .bind(order_id)
+            .fetch_one(&mut *lock)
+            .await
+            .unwrap();
+        lock
+    }
+
+    /// An open transaction holding the orders table in ACCESS EXCLUSIVE mode:
+    /// every statement on it waits.
+    async fn lock_orders_table(&self) -> Transaction<'static, Postgres> {
+        let mut lock = self.orders.pool().begin().await.unwrap();
+        sqlx::query("LOCK TABLE orders IN ACCESS EXCLUSIVE MODE")
+            .execute(&mut *lock)
+            .await
+            .unwrap();
+        lock
+    }
+
+    /// Waits until `n` sessions of this test's database wait for a lock in a
+    /// statement containing `fragment`.
+    async fn wait_for_lock_waits(&self, fragment: &str, n: i64) {
+        eventually(
+            Duration::from_secs(15),
+            &format!("{n} statements with {fragment:?} waiting for a lock"),
+            || async { self.lock_waits(fragment).await == n },
+        )
+        .await;
+    }
+
+    async fn lock_waits(&self, fragment: &str) -> i64 {
+        sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+             AND wait_event_type = 'Lock' AND query LIKE '%' || $1 || '%' \
+             AND pid <> pg_backend_pid()",
+        )
+        .bind(fragment)
+        .fetch_one(self.orders.pool())
+        .await
+        .unwrap()
     }
 
     async fn post(&self, path: &str, body: &Value) -> (StatusCode, Value) {
@@ -753,7 +888,7 @@ async fn a_long_poll_answers_when_the_status_arrives_or_when_its_time_is_up() {
             .contains("orderflow_long_poll_waiters 1\n")
     })
     .await;
-    api.shutdown.cancel();
+    api.instance.shutdown.cancel();
     let (status, order) = tokio::time::timeout(Duration::from_secs(10), waiter)
         .await
         .expect("a long poll ends with the server")
@@ -767,20 +902,11 @@ async fn a_long_poll_answers_when_the_status_arrives_or_when_its_time_is_up() {
 async fn a_change_made_through_one_api_instance_wakes_long_polls_on_another() {
     let api = Api::start().await;
     // A second instance of the API on the same database and broker.
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let other_base = format!("http://{}", listener.local_addr().unwrap());
-    let other_shutdown = Shutdown::new();
-    let other = tokio::spawn(order_api::serve(
-        api.env.ctx("order-api-2"),
-        listener,
-        other_shutdown.clone(),
-    ));
-    let (status, _) = get_json(&api.http, &format!("{other_base}/healthz")).await;
-    assert_eq!(status, StatusCode::OK);
+    let other = api.start_other(api.env.settings(), "order-api-2").await;
 
     let waiter = {
         let http = api.http.clone();
-        let url = format!("{other_base}/orders/order-elsewhere?wait_for=started&timeout_ms=30000");
+        let url = other.url("/orders/order-elsewhere?wait_for=started&timeout_ms=30000");
         tokio::spawn(async move {
             let started = Instant::now();
             (get_json(&http, &url).await, started.elapsed())
@@ -801,8 +927,7 @@ async fn a_change_made_through_one_api_instance_wakes_long_polls_on_another() {
         elapsed < Duration::from_secs(10),
         "woken by the notification, not by its 30 s timeout: {elapsed:?}"
     );
-    other_shutdown.cancel();
-    other.await.unwrap().unwrap();
+    other.stop().await;
     api.stop().await;
 }
 
@@ -923,7 +1048,10 @@ async fn merchants_health_and_metrics() {
 
     let (status, health) = api.get("/healthz").await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(health, json!({"status": "ok"}));
+    assert_eq!(
+        health,
+        json!({"status": "ok", "checks": {"database": "ok", "broker": "ok"}})
+    );
 
     assert_eq!(
         api.post("/orders", &hotpot_order()).await.0,
@@ -943,4 +1071,510 @@ async fn merchants_health_and_metrics() {
         assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
     }
     api.stop().await;
+}
+
+/// A payment submission any unfinished order accepts.
+fn a_payment() -> Value {
+    json!({"token": "v1.claims.mac", "method": "weixin"})
+}
+
+/// The `orderflow_http_requests_total` line of (method, route, status) with `count`.
+fn requests_line(method: &str, route: &str, status: u16, count: u32) -> String {
+    format!(
+        "orderflow_http_requests_total{{method=\"{method}\",route=\"{route}\",status=\"{status}\"}} {count}\n"
+    )
+}
+
+#[tokio::test]
+async fn long_polls_beyond_the_waiter_cap_are_turned_away_until_a_waiter_ends() {
+    let api = Api::start_with(|settings| settings.http_max_waiters = 2).await;
+    let mut body = hotpot_order();
+    body["order_id"] = json!("order-waited");
+    assert_eq!(api.post("/orders", &body).await.0, StatusCode::ACCEPTED);
+    let long_poll = "/orders/order-waited?wait_for=completed&timeout_ms=30000";
+    let first = api.spawn_get(long_poll);
+    let second = api.spawn_get(long_poll);
+    api.wait_for_waiters(2).await;
+
+    // One more is turned away at once, and told when to come back.
+    let (status, retry_after, answer) = api.get_retry_after(long_poll).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{answer}");
+    assert_eq!(retry_after.as_deref(), Some("1"));
+    assert_eq!(
+        error_message(&answer),
+        "too many clients are waiting for orders (2 at most); retry later"
+    );
+    // Waiters take no request slot: reads and writes go on.
+    assert_eq!(api.order("order-waited").await["status"], "started");
+    assert!(!first.is_finished() && !second.is_finished());
+
+    // A client that hangs up gives its place back…
+    first.abort();
+    api.wait_for_waiters(1).await;
+    // …which the next long poll takes, and gives back when its time is up.
+    let (status, order) = api
+        .get("/orders/order-waited?wait_for=completed&timeout_ms=300")
+        .await;
+    assert_eq!(status, StatusCode::OK, "{order}");
+    assert_eq!(order["status"], "started");
+    api.wait_for_waiters(1).await;
+
+    // The change a waiter waits for answers it and frees its place.
+    api.publish_applied(
+        "order.completed",
+        json!({"order_id": "order-waited", "method": "weixin", "charged_cents": 13_250}),
+    )
+    .await;
+    let (status, order) = tokio::time::timeout(Duration::from_secs(10), second)
+        .await
+        .expect("the waiter answers once the order completed")
+        .unwrap();
+    assert_eq!(status, StatusCode::OK, "{order}");
+    assert_eq!(order["status"], "completed");
+    api.wait_for_waiters(0).await;
+    let (status, order) = api.get(long_poll).await;
+    assert_eq!(status, StatusCode::OK, "{order}");
+    assert_eq!(order["status"], "completed");
+    assert!(
+        api.metrics()
+            .await
+            .contains(&requests_line("GET", "/orders/{id}", 503, 1))
+    );
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn requests_beyond_the_concurrency_limit_are_shed_at_once_but_long_polls_are_not_counted() {
+    let api = Api::start_with(|settings| settings.http_max_concurrency = 2).await;
+    let mut body = hotpot_order();
+    body["order_id"] = json!("order-held");
+    api.publish_applied("order.started", body).await;
+
+    // Two submissions wait for the order's row: both request slots are taken.
+    let lock = api.lock_order("order-held").await;
+    let held = [
+        api.spawn_post("/orders/order-held/payment", &a_payment()),
+        api.spawn_post("/orders/order-held/payment", &a_payment()),
+    ];
+    api.wait_for_lock_waits("FOR SHARE", 2).await;
+
+    // One more request is shed at once, even one that needs no database.
+    let (status, retry_after, answer) = api
+        .get_retry_after("/merchants/haidilao/payment-methods")
+        .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{answer}");
+    assert_eq!(retry_after.as_deref(), Some("1"));
+    assert_eq!(
+        error_message(&answer),
+        "the order API is busy (2 requests in progress, its limit); retry later"
+    );
+    // A long poll is not counted against the request slots.
+    let (status, order) = api
+        .get("/orders/order-held?wait_for=completed&timeout_ms=200")
+        .await;
+    assert_eq!(status, StatusCode::OK, "{order}");
+    assert_eq!(order["status"], "started");
+
+    lock.commit().await.unwrap();
+    for submission in held {
+        let (status, answer) = submission.await.unwrap();
+        assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
+    }
+    // The slots are back.
+    let (status, answer) = api.get("/merchants/haidilao/payment-methods").await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let text = api.metrics().await;
+    let shed = requests_line("GET", "/merchants/{supplier}/payment-methods", 503, 1);
+    assert!(text.contains(&shed), "missing {shed:?} in:\n{text}");
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn a_request_past_the_timeout_is_answered_503_naming_its_route_but_long_polls_wait_their_time()
+ {
+    let api = Api::start_with(|settings| settings.http_request_timeout_ms = 500).await;
+    let mut body = hotpot_order();
+    body["order_id"] = json!("order-slow");
+    assert_eq!(api.post("/orders", &body).await.0, StatusCode::ACCEPTED);
+
+    // A long poll waits its own time, past the request timeout.
+    let (status, order) = api
+        .get("/orders/order-slow?wait_for=completed&timeout_ms=1500")
+        .await;
+    assert_eq!(status, StatusCode::OK, "{order}");
+    assert_eq!(order["status"], "started");
+
+    // The orders table locked: every statement on it waits.
+    let lock = api.lock_orders_table().await;
+    let (status, answer) = api.get("/orders/order-slow").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{answer}");
+    assert_eq!(
+        answer,
+        json!({"error": "GET /orders/{id} did not finish within 500 ms; try again later"})
+    );
+    let mut cut = hotpot_order();
+    cut["order_id"] = json!("order-cut");
+    let (status, answer) = api.post("/orders", &cut).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{answer}");
+    assert_eq!(
+        answer,
+        json!({"error": "POST /orders did not finish within 500 ms; try again later"})
+    );
+    // A long poll's reads are bounded by the request timeout.
+    let (status, answer) = api
+        .get("/orders/order-slow?wait_for=completed&timeout_ms=30000")
+        .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{answer}");
+    assert!(
+        error_message(&answer).contains("reading order order-slow took longer than 500 ms"),
+        "{answer}"
+    );
+    lock.rollback().await.unwrap();
+
+    // The cut request left nothing behind: sent again, it is a new order.
+    let (status, answer) = api.post("/orders", &cut).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
+    assert_eq!(
+        answer,
+        json!({"order_id": "order-cut", "status": "started"})
+    );
+    assert_eq!(api.outbox_count("order.started").await, 2);
+    assert_eq!(api.order("order-slow").await["status"], "started");
+    let text = api.metrics().await;
+    for expected in [
+        requests_line("GET", "/orders/{id}", 503, 2),
+        requests_line("POST", "/orders", 503, 1),
+    ] {
+        assert!(text.contains(&expected), "missing {expected:?} in:\n{text}");
+    }
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn the_read_model_keeps_applying_events_while_requests_hold_every_http_connection() {
+    // As few connections for events as for requests: were they one pool,
+    // the held requests would starve the read model.
+    let api = Api::start_with(|settings| {
+        settings.db_pool_size = 2;
+        settings.http_db_pool_size = 2;
+    })
+    .await;
+    // Known from its event, so that no event of it is left for the read
+    // model to apply to the locked row.
+    let mut body = hotpot_order();
+    body["order_id"] = json!("order-blocker");
+    api.publish_applied("order.started", body).await;
+    let lock = api.lock_order("order-blocker").await;
+    let held = [
+        api.spawn_post("/orders/order-blocker/payment", &a_payment()),
+        api.spawn_post("/orders/order-blocker/payment", &a_payment()),
+    ];
+    // Both connections of the HTTP pool wait for the row.
+    api.wait_for_lock_waits("FOR SHARE", 2).await;
+
+    // Events are applied all the same.
+    api.publish_applied(
+        "payment.awaiting",
+        json!({
+            "order_id": "order-flowing", "token": "tok", "payment_methods": ["weixin"],
+            "amount_cents": 26_500, "expires_at": "2100-01-01T00:00:00Z",
+        }),
+    )
+    .await;
+    let status: String = sqlx::query_scalar("SELECT status FROM orders WHERE order_id = $1")
+        .bind("order-flowing")
+        .fetch_one(api.orders.pool())
+        .await
+        .unwrap();
+    assert_eq!(status, "awaiting_payment");
+    assert_eq!(
+        api.lock_waits("FOR SHARE").await,
+        2,
+        "the requests held their connections throughout"
+    );
+
+    lock.commit().await.unwrap();
+    for submission in held {
+        let (status, answer) = submission.await.unwrap();
+        assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
+    }
+    assert_eq!(
+        api.order("order-flowing").await["status"],
+        "awaiting_payment"
+    );
+    api.stop().await;
+}
+
+/// Records entries of `order_id`'s history as the coordinator would: (message
+/// id, causing message id), in this order (ids ascending).
+async fn record_history(coordinator: &Db, order_id: &str, entries: &[(&str, Option<&str>)]) {
+    for (message_id, cause) in entries {
+        sqlx::query(
+            "INSERT INTO history (order_id, kind, name, message_id, causation_id) \
+             VALUES ($1, 'event', $2, $2, $3)",
+        )
+        .bind(order_id)
+        .bind(message_id)
+        .bind(cause)
+        .execute(coordinator.pool())
+        .await
+        .unwrap();
+    }
+}
+
+/// The names of a history page's entries, in the page's order.
+fn names(page: &Value) -> Vec<&str> {
+    page["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|entry| entry["name"].as_str().unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn the_history_comes_in_pages_cut_by_id_each_in_causal_order() {
+    let api = Api::start().await;
+    let coordinator = api.env.db("coordinator").await;
+    // As recorded when `awaiting` was handled before the `info` that caused it.
+    record_history(
+        &coordinator,
+        "order-paged",
+        &[
+            ("started", None),
+            ("awaiting", Some("info")),
+            ("info", Some("started")),
+            ("submitted", None),
+            ("selected", Some("submitted")),
+            ("captured", Some("selected")),
+            ("completed", Some("captured")),
+        ],
+    )
+    .await;
+    coordinator.close().await;
+
+    // One page (the default limit, 100) holds it all, in causal order.
+    let (status, whole) = api.get("/orders/order-paged/history").await;
+    assert_eq!(status, StatusCode::OK, "{whole}");
+    assert_eq!(whole["order_id"], "order-paged");
+    assert_eq!(
+        names(&whole),
+        [
+            "started",
+            "info",
+            "awaiting",
+            "submitted",
+            "selected",
+            "captured",
+            "completed"
+        ]
+    );
+    assert_eq!(whole["next"], Value::Null);
+
+    // Pages of three: cut by id, each in causal order, `next` the highest
+    // id of its page, null on the last.
+    let mut pages = Vec::new();
+    let mut path = "/orders/order-paged/history?limit=3".to_owned();
+    loop {
+        let (status, page) = api.get(&path).await;
+        assert_eq!(status, StatusCode::OK, "{page}");
+        let ids = page["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|entry| entry["id"].as_i64().unwrap());
+        let highest = ids.max().unwrap();
+        pages.push(names(&page).join(" "));
+        match page["next"].as_i64() {
+            Some(next) => {
+                assert_eq!(next, highest, "{page}");
+                path = format!("/orders/order-paged/history?limit=3&after={next}");
+            }
+            None => break,
+        }
+    }
+    assert_eq!(
+        pages,
+        [
+            "started info awaiting",
+            "submitted selected captured",
+            "completed"
+        ]
+    );
+
+    // A page that ends between an effect and its earlier-recorded cause
+    // keeps the effect, by its id; its cause comes on the next page.
+    let (status, page) = api.get("/orders/order-paged/history?limit=2").await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    assert_eq!(names(&page), ["started", "awaiting"]);
+    let next = page["next"].as_i64().unwrap();
+    let (_, page) = api
+        .get(&format!("/orders/order-paged/history?limit=2&after={next}"))
+        .await;
+    assert_eq!(names(&page), ["info", "submitted"]);
+
+    // Exactly what is left: the last page, no empty one after it.
+    let (_, page) = api.get("/orders/order-paged/history?limit=7").await;
+    assert_eq!(page["next"], Value::Null, "{page}");
+    // Past the end: an empty last page, not a 404.
+    let last = whole["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|entry| entry["id"].as_i64().unwrap())
+        .max()
+        .unwrap();
+    let (status, page) = api
+        .get(&format!("/orders/order-paged/history?after={last}"))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    assert_eq!(
+        page,
+        json!({"order_id": "order-paged", "entries": [], "next": null})
+    );
+
+    for query in [
+        "limit=0",
+        "limit=1001",
+        "limit=-3",
+        "limit=many",
+        "after=-1",
+        "after=first",
+    ] {
+        let (status, answer) = api
+            .get(&format!("/orders/order-paged/history?{query}"))
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{query}: {answer}");
+        error_message(&answer);
+    }
+    let (status, answer) = api.get("/orders/order-paged/history?limit=1000").await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let (status, answer) = api.get("/orders/no-such-order/history").await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{answer}");
+    assert_eq!(
+        answer,
+        json!({"error": "no history for order no-such-order"})
+    );
+    api.stop().await;
+}
+
+/// `url`'s `host:port` (the port its scheme implies when it has none).
+fn upstream(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap();
+    let authority = rest.split(['/', '?']).next().unwrap();
+    let host = authority.rsplit('@').next().unwrap();
+    if host.contains(':') {
+        host.to_owned()
+    } else {
+        let port = if scheme.starts_with("amqp") {
+            5672
+        } else {
+            5432
+        };
+        format!("{host}:{port}")
+    }
+}
+
+#[tokio::test]
+async fn health_names_what_is_down_without_driver_text() {
+    let api = Api::start().await;
+    let (status, health) = api.get("/healthz").await;
+    assert_eq!(status, StatusCode::OK, "{health}");
+    assert_eq!(
+        health,
+        json!({"status": "ok", "checks": {"database": "ok", "broker": "ok"}})
+    );
+
+    // Another instance that reaches its database and broker through proxies.
+    let database_url = api.env.database_url.expose_secret().to_owned();
+    let amqp_url = api.env.amqp_url.expose_secret().to_owned();
+    let database = StallingProxy::start(&upstream(&database_url)).await;
+    let broker = StallingProxy::start(&upstream(&amqp_url)).await;
+    let mut settings = api.env.settings();
+    settings.database_url = SecretString::from(database.url_through(&database_url));
+    settings.amqp_url = SecretString::from(broker.url_through(&amqp_url));
+    let other = api.start_other(settings, "order-api-proxied").await;
+    let other_health = other.url("/healthz");
+    let health_of_other = || get_json(&api.http, &other_health);
+
+    // The database hangs.
+    database.stall();
+    let (status, health) = health_of_other().await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{health}");
+    assert_eq!(
+        health,
+        json!({
+            "status": "degraded",
+            "checks": {"database": "unavailable: no answer within 2 s", "broker": "ok"},
+        })
+    );
+    database.resume();
+    other.wait_healthy(&api.http).await;
+
+    // The database goes away: a short reason of our own, no driver text.
+    database.cut();
+    let (status, health) = health_of_other().await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{health}");
+    let reason = health["checks"]["database"].as_str().unwrap().to_owned();
+    assert!(
+        [
+            "unavailable: connection lost",
+            "unavailable: connection refused",
+            "unavailable: cannot connect",
+            "unavailable: unexpected answer from the server",
+            "unavailable: no answer within 2 s",
+        ]
+        .contains(&reason.as_str()),
+        "{health}"
+    );
+    assert_eq!(
+        health,
+        json!({"status": "degraded", "checks": {"database": reason, "broker": "ok"}})
+    );
+    database.resume();
+    other.wait_healthy(&api.http).await;
+
+    // The broker goes away: the read-model consumer loses its channel.
+    broker.cut();
+    let down = json!({
+        "status": "degraded",
+        "checks": {
+            "database": "ok",
+            "broker": "unavailable: the read-model consumer has no channel (reconnecting)",
+        },
+    });
+    eventually(
+        Duration::from_secs(15),
+        "the broker shows as down",
+        || async { health_of_other().await == (StatusCode::SERVICE_UNAVAILABLE, down.clone()) },
+    )
+    .await;
+    broker.resume();
+    other.wait_healthy(&api.http).await;
+    let (status, health) = health_of_other().await;
+    assert_eq!(status, StatusCode::OK, "{health}");
+
+    other.stop().await;
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn a_zero_bound_stops_the_api_at_start_with_a_clear_error() {
+    let env = TestEnv::orderflow().await;
+    let mut settings = env.settings();
+    settings.http_max_concurrency = 0;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let error = order_api::serve(
+        env.ctx_with(settings, "order-api"),
+        listener,
+        Shutdown::new(),
+    )
+    .await
+    .unwrap_err();
+    let text = format!("{error:#}");
+    assert!(
+        text.contains("ORDERFLOW_HTTP_MAX_CONCURRENCY") && text.contains("at least 1"),
+        "{text}"
+    );
+    env.cleanup().await;
 }

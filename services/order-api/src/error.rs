@@ -4,14 +4,19 @@
 
 use axum::Json;
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
-use axum::http::StatusCode;
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+
+/// What `Retry-After` says when the API sheds load: one second.
+pub const RETRY_AFTER_SECS: u64 = 1;
 
 /// An error answer: a status and a message for the client.
 #[derive(Debug)]
 pub struct ApiError {
     pub status: StatusCode,
     pub message: String,
+    /// `Retry-After` (seconds), when the client should simply come back.
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -19,7 +24,22 @@ impl ApiError {
         Self {
             status,
             message: message.into(),
+            retry_after: None,
         }
+    }
+
+    /// 503 with `Retry-After`: a bound of the API is reached (load shed at
+    /// once, never queued); the same request later will be served.
+    pub fn busy(message: impl Into<String>) -> Self {
+        Self {
+            retry_after: Some(RETRY_AFTER_SECS),
+            ..Self::new(StatusCode::SERVICE_UNAVAILABLE, message)
+        }
+    }
+
+    /// 503: the database did not answer in time.
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, message)
     }
 
     pub fn bad_request(message: impl Into<String>) -> Self {
@@ -46,7 +66,13 @@ pub fn error_body(status: StatusCode, message: &str) -> Response {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        error_body(self.status, &self.message)
+        let mut response = error_body(self.status, &self.message);
+        if let Some(seconds) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        response
     }
 }
 

@@ -2,17 +2,20 @@
 //! long poll), submit a payment, the saga's execution history, merchant
 //! payment methods, health and metrics.
 //! Every error is JSON `{"error": "..."}`; no input makes a handler panic.
+//! Every route runs under the bounds of `bounds.rs` (timeout, concurrency
+//! limit, waiter cap).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Query, Request, State};
 use axum::http::{Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use orderflow_shared::Shutdown;
+use orderflow_shared::bus::Consuming;
 use orderflow_shared::events::PaymentSubmitted;
 use orderflow_shared::metadata::Metadata;
 use orderflow_shared::store::Db;
@@ -20,6 +23,7 @@ use saga_coordinator::history;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use crate::bounds::{self, Bounds};
 use crate::error::{ApiError, error_body};
 use crate::input::{NewOrder, PaymentSubmission};
 use crate::metrics::{self, Metrics};
@@ -36,15 +40,29 @@ pub const MAX_WAIT: Duration = Duration::from_mins(1);
 /// How long a long poll waits when `timeout_ms` is not given.
 pub const DEFAULT_WAIT: Duration = Duration::from_secs(30);
 
+/// How long each `/healthz` check may take.
+pub const HEALTH_CHECK_PATIENCE: Duration = Duration::from_secs(2);
+
+/// Entries of a history page when `limit` is not given.
+pub const DEFAULT_HISTORY_PAGE: u32 = 100;
+
+/// The route of `GET /orders/{id}` (and its long polls).
+const ORDER_ROUTE: &str = "/orders/{id}";
+
 /// What every handler shares.
 #[derive(Clone, Debug)]
 pub struct AppState {
     pub metadata: Arc<Metadata>,
+    /// The HTTP pool of the `orders` schema: every read and write of a
+    /// request, never the read-model consumer's connections (see `lib.rs`).
     pub db: Db,
     /// The coordinator's schema, read only: the execution history.
     pub coordinator: Db,
     pub watcher: Watcher,
     pub metrics: Arc<Metrics>,
+    pub bounds: Arc<Bounds>,
+    /// Whether the read-model consumer consumes: the broker check of `/healthz`.
+    pub consuming: Consuming,
     /// Long polls answer at once when the server shuts down.
     pub shutdown: Shutdown,
 }
@@ -52,7 +70,7 @@ pub struct AppState {
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/orders", post(create_order))
-        .route("/orders/{id}", get(get_order))
+        .route(ORDER_ROUTE, get(get_order))
         .route("/orders/{id}/payment", post(submit_payment))
         .route("/orders/{id}/history", get(get_history))
         .route(
@@ -63,6 +81,11 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics_text))
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            bounds::limit,
+        ))
+        // Outside the bounds: shed and timed-out requests are counted too.
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             metrics::track,
@@ -117,6 +140,17 @@ struct WaitQuery {
     timeout_ms: Option<u64>,
 }
 
+/// Whether `request` is a long poll (`GET /orders/{id}` with `wait_for`), as
+/// [`get_order`] will read its query; the bounds treat long polls apart.
+pub fn is_long_poll(request: &Request) -> bool {
+    request
+        .extensions()
+        .get::<MatchedPath>()
+        .is_some_and(|route| route.as_str() == ORDER_ROUTE)
+        && Query::<WaitQuery>::try_from_uri(request.uri())
+            .is_ok_and(|Query(query)| query.wait_for.is_some())
+}
+
 /// `GET /orders/{id}`, with `?wait_for=<status>&timeout_ms=<n>` a long poll:
 /// answers once the order has that status (or a later or terminal one), or
 /// with the current state when the timeout passes.
@@ -148,19 +182,26 @@ async fn get_order(
 
 /// Reads the order until it satisfies `wanted`, `timeout` passes or the
 /// server shuts down; woken by the watcher when the order changes (here or,
-/// through its batched NOTIFY, in another API instance).
+/// through its batched NOTIFY, in another API instance). Holds a waiter slot
+/// throughout (503 when none is free); each read is bounded by the request
+/// timeout.
 async fn wait_for(
     state: &AppState,
     order_id: &str,
     wanted: Status,
     timeout: Duration,
 ) -> Result<Option<OrderView>, ApiError> {
-    let _waiting = state.metrics.waiting();
+    let _waiting = state.bounds.wait(&state.metrics)?;
     let deadline = tokio::time::Instant::now() + timeout;
     // Subscribed before the first read: no change can slip in between.
     let mut changes = state.watcher.subscribe(order_id);
     loop {
-        let view = orders::fetch(&state.db, order_id).await?;
+        let view = tokio::time::timeout(
+            state.bounds.request_timeout(),
+            orders::fetch(&state.db, order_id),
+        )
+        .await
+        .map_err(|_| state.bounds.read_timed_out(order_id))??;
         let done = view
             .as_ref()
             .and_then(OrderView::status)
@@ -209,24 +250,57 @@ async fn submit_payment(
 struct HistoryView {
     order_id: String,
     entries: Vec<history::Entry>,
+    /// `after` for the next page; `null` on the last one.
+    next: Option<i64>,
 }
 
-/// `GET /orders/{id}/history`: the saga's execution history as the
-/// coordinator recorded it (every event, rejection, timer, compensation and
-/// late message, oldest first); 404 when the coordinator has seen nothing of
-/// the order (yet).
+#[derive(Debug, Deserialize)]
+struct HistoryQuery {
+    after: Option<i64>,
+    limit: Option<u32>,
+}
+
+/// `GET /orders/{id}/history?after=<entry id>&limit=<n>`: one page of the
+/// saga's execution history as the coordinator recorded it (every event,
+/// rejection, timer, compensation and late message), `limit` entries (100 by
+/// default, 1000 at most) after entry `after`, in causal order within the
+/// page (the rule is [`history::read_page`]'s), and `next`, the `after` of
+/// the next page (`null` on the last). 404 when the coordinator has seen
+/// nothing of the order (yet); past the end, an empty last page. 400 for an
+/// `after` below 0 or a `limit` outside 1..=1000.
 async fn get_history(
     State(state): State<AppState>,
     id: Result<Path<String>, PathRejection>,
+    query: Result<Query<HistoryQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Path(order_id) = id?;
-    let entries = history::read(state.coordinator.pool(), &order_id).await?;
-    if entries.is_empty() {
+    let Query(query) = query?;
+    let limit = query.limit.unwrap_or(DEFAULT_HISTORY_PAGE);
+    if !(1..=history::MAX_PAGE).contains(&limit) {
+        return Err(ApiError::bad_request(format!(
+            "limit must be between 1 and {}, not {limit}",
+            history::MAX_PAGE
+        )));
+    }
+    if let Some(after) = query.after
+        && after < 0
+    {
+        return Err(ApiError::bad_request(format!(
+            "after must be the id of a history entry (0 or more), not {after}"
+        )));
+    }
+    let page = history::read_page(state.coordinator.pool(), &order_id, query.after, limit).await?;
+    if page.entries.is_empty() && query.after.is_none() {
         return Err(ApiError::not_found(format!(
             "no history for order {order_id}"
         )));
     }
-    Ok(Json(HistoryView { order_id, entries }).into_response())
+    Ok(Json(HistoryView {
+        order_id,
+        entries: page.entries,
+        next: page.next,
+    })
+    .into_response())
 }
 
 #[derive(Debug, Serialize)]
@@ -259,26 +333,81 @@ async fn merchant_payment_methods(
     Ok(Json(json!({ "supplier": supplier, "payment_methods": methods })).into_response())
 }
 
-/// `GET /healthz`: 200 when the database answers, 503 otherwise.
+/// `GET /healthz`: each dependency, `"ok"` or `"unavailable: <why>"`:
+/// `{"status": "ok"|"degraded", "checks": {"database": .., "broker": ..}}`,
+/// 200 when every check is ok, 503 otherwise. The reasons are short and
+/// fixed; the driver's own error goes to the log, never to the client.
 async fn healthz(State(state): State<AppState>) -> Response {
+    let database = match database_check(&state.db).await {
+        Ok(()) => "ok".to_owned(),
+        Err(reason) => format!("unavailable: {reason}"),
+    };
+    let broker = if state.consuming.is_consuming() {
+        "ok".to_owned()
+    } else {
+        "unavailable: the read-model consumer has no channel (reconnecting)".to_owned()
+    };
+    let healthy = database == "ok" && broker == "ok";
+    let body = json!({
+        "status": if healthy { "ok" } else { "degraded" },
+        "checks": { "database": database, "broker": broker },
+    });
+    let status = if healthy {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(body)).into_response()
+}
+
+/// `SELECT 1` on the HTTP pool (what serves the clients) within
+/// [`HEALTH_CHECK_PATIENCE`]; the reason it failed, in a few words.
+async fn database_check(db: &Db) -> Result<(), &'static str> {
     let check = tokio::time::timeout(
-        Duration::from_secs(2),
-        sqlx::query("SELECT 1").execute(state.db.pool()),
+        HEALTH_CHECK_PATIENCE,
+        sqlx::query("SELECT 1").execute(db.pool()),
     )
     .await;
     match check {
-        Ok(Ok(_)) => Json(json!({ "status": "ok" })).into_response(),
+        Ok(Ok(_)) => Ok(()),
         Ok(Err(error)) => {
-            tracing::warn!(%error, "health check failed");
-            error_body(
-                StatusCode::SERVICE_UNAVAILABLE,
-                &format!("database unavailable: {error}"),
-            )
+            let reason = unavailable_reason(&error);
+            tracing::warn!(%error, reason, "health check: the database failed");
+            Err(reason)
         }
-        Err(_) => error_body(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "database unavailable: no answer within 2 s",
-        ),
+        Err(_) => {
+            tracing::warn!("health check: the database did not answer within 2 s");
+            Err("no answer within 2 s")
+        }
+    }
+}
+
+/// Why the database is unavailable, in words that hold no driver text.
+fn unavailable_reason(error: &sqlx::Error) -> &'static str {
+    use std::io::ErrorKind;
+    match error {
+        sqlx::Error::Io(io) => match io.kind() {
+            ErrorKind::ConnectionRefused => "connection refused",
+            ErrorKind::ConnectionReset
+            | ErrorKind::ConnectionAborted
+            | ErrorKind::BrokenPipe
+            | ErrorKind::UnexpectedEof => "connection lost",
+            ErrorKind::TimedOut => "no answer",
+            _ => "cannot connect",
+        },
+        sqlx::Error::Tls(_) => "TLS handshake failed",
+        // Also what a connection closed during the handshake looks like.
+        sqlx::Error::Protocol(_) => "unexpected answer from the server",
+        sqlx::Error::PoolTimedOut => "no free connection",
+        sqlx::Error::PoolClosed => "shutting down",
+        sqlx::Error::Database(database) => match database.code().as_deref() {
+            Some(code) if code.starts_with("28") => "access denied",
+            Some("3D000") => "the database does not exist",
+            Some(code) if code.starts_with("57P") => "the server is shutting down or starting",
+            Some(code) if code.starts_with("53") => "the server is out of resources",
+            _ => "the server answered with an error",
+        },
+        _ => "the query failed",
     }
 }
 

@@ -12,7 +12,39 @@
 //! the coordinator owns that data; the API only reads it, through the
 //! coordinator crate's own read function, on a pool of the `coordinator`
 //! schema.
+//!
+//! # Pools: client traffic apart from event handling
+//!
+//! The `orders` schema has two pools, so that no number of clients can take
+//! the connections the read model needs to keep up with events:
+//!
+//! - the **event pool** (`ORDERFLOW_DB_POOL_SIZE`): the read-model consumer's
+//!   units of work, and the long-poll watcher (its LISTEN connection and its
+//!   batched NOTIFY);
+//! - the **HTTP pool** (`ORDERFLOW_HTTP_DB_POOL_SIZE`): everything a request
+//!   does, reads and writes alike. `POST /orders` and payment submissions
+//!   write too, and they are client traffic just as much as reads are: what
+//!   matters is which side may starve which, not reads against writes.
+//!
+//! The outbox relay runs on the HTTP pool. It must: a committed unit of work
+//! hands its rows over to the relay attached to the same `Db` value it was
+//! begun on (`Db::hand_over`), and only the API's requests emit events here
+//! (the read model emits nothing, so the event pool needs no relay). The
+//! relay takes connections to sweep and to mark rows sent, so a flood of
+//! requests can hold it up as it holds up the requests that commit events:
+//! a mark that times out leaves its rows unsent, a later sweep publishes them
+//! again under the same `message_id` and consumers' inboxes drop the copy.
+//! Never the read model.
+//!
+//! The coordinator's schema is read only by requests (histories): its pool is
+//! an HTTP pool too, of the same size.
+//!
+//! The other bounds of the HTTP side (request timeout, concurrency limit,
+//! long-poll waiter cap) are in `bounds.rs`; `/healthz` checks the database
+//! on the HTTP pool and the broker by whether the read-model consumer is
+//! consuming.
 
+mod bounds;
 mod error;
 mod http;
 mod input;
@@ -27,7 +59,7 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use orderflow_shared::Shutdown;
 use orderflow_shared::app::Ctx;
-use orderflow_shared::store::{Context, Relay};
+use orderflow_shared::store::{Context, Db, Relay};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
@@ -52,21 +84,41 @@ pub async fn run(ctx: Ctx, shutdown: Shutdown) -> anyhow::Result<()> {
 /// the orders outbox until `shutdown`; returns when all of them have ended.
 /// If one of them fails, the others are stopped and the error returned.
 pub async fn serve(ctx: Ctx, listener: TcpListener, shutdown: Shutdown) -> anyhow::Result<()> {
-    let db = ctx.db(Context::Orders).await?;
-    // Read-only use: the execution history the coordinator writes.
-    let coordinator = ctx.db(Context::Coordinator).await?;
+    let settings = &ctx.settings;
+    settings.validate()?;
+    // The event pool: the read model and the watcher (migrates the schema).
+    let events = ctx.db(Context::Orders).await?;
+    // The HTTP pool: every request, and the relay of what requests commit.
+    let db = Db::open(
+        &settings.database_url,
+        Context::Orders.schema(),
+        settings.http_db_pool_size,
+    )
+    .await
+    .context("opening the HTTP pool of the `orders` schema")?;
+    // Read-only use: the execution history the coordinator writes (migrated
+    // here too, in case the API starts before the coordinator).
+    let coordinator = Db::for_context(
+        &settings.database_url,
+        Context::Coordinator,
+        settings.http_db_pool_size,
+    )
+    .await
+    .context("opening the `coordinator` schema")?;
     // Stops everything on shutdown, or when one part ends by itself.
     let stop = shutdown.child_token();
     let metrics = Arc::new(metrics::Metrics::new());
-    let (watcher, watcher_task) = watch::Watcher::spawn(db.pool().clone(), stop.clone());
+    let (watcher, watcher_task) = watch::Watcher::spawn(events.pool().clone(), stop.clone());
 
+    let options = ctx.consumer(SERVICE);
+    let consuming = options.consuming.clone();
     let consumer = supervise(
         "read-model consumer",
         stop.clone(),
         orderflow_shared::bus::run_consumer(
             ctx.broker.clone(),
-            ctx.consumer(SERVICE),
-            Arc::new(ReadModel::new(db.clone(), watcher.clone())),
+            options,
+            Arc::new(ReadModel::new(events.clone(), watcher.clone())),
             stop.clone(),
         ),
     );
@@ -81,6 +133,8 @@ pub async fn serve(ctx: Ctx, listener: TcpListener, shutdown: Shutdown) -> anyho
         coordinator: coordinator.clone(),
         watcher,
         metrics,
+        bounds: Arc::new(bounds::Bounds::new(settings)),
+        consuming,
         shutdown: stop.clone(),
     });
     let server = supervise(
@@ -97,6 +151,7 @@ pub async fn serve(ctx: Ctx, listener: TcpListener, shutdown: Shutdown) -> anyho
         .await
         .map_err(|error| anyhow::anyhow!("the long-poll listener task panicked: {error}"));
     db.close().await;
+    events.close().await;
     coordinator.close().await;
     consumer
         .context("the read-model consumer failed")

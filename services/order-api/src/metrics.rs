@@ -11,6 +11,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+use tokio::sync::OwnedSemaphorePermit;
 
 use crate::http::AppState;
 
@@ -78,21 +79,29 @@ impl Metrics {
         text
     }
 
-    /// Counts a waiter until the returned guard is dropped (also when the
-    /// client goes away mid-wait).
-    pub fn waiting(&self) -> WaiterGuard {
+    /// Counts a waiter, which holds `slot` (its place under the waiter cap,
+    /// `bounds.rs`), until the returned guard is dropped: however the wait
+    /// ends, also when the client goes away mid-wait (the handler's future is
+    /// dropped) — the slot is given back with it.
+    pub fn waiting(&self, slot: OwnedSemaphorePermit) -> WaiterGuard {
         self.long_poll_waiters.inc();
-        WaiterGuard(self.long_poll_waiters.clone())
+        WaiterGuard {
+            gauge: self.long_poll_waiters.clone(),
+            _slot: slot,
+        }
     }
 }
 
-/// One long-poll waiter in flight.
+/// One long-poll waiter in flight, and its slot under the waiter cap.
 #[derive(Debug)]
-pub struct WaiterGuard(Gauge);
+pub struct WaiterGuard {
+    gauge: Gauge,
+    _slot: OwnedSemaphorePermit,
+}
 
 impl Drop for WaiterGuard {
     fn drop(&mut self) {
-        self.0.dec();
+        self.gauge.dec();
     }
 }
 

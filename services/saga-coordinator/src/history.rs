@@ -1,7 +1,8 @@
 //! The execution history of each order: every event the coordinator sees
 //! (its own decisions and timers included, since it consumes everything),
 //! classified, in the order it saw them, with message and causation ids.
-//! Read by `GET /orders/{id}/history` and `orderflow saga history`.
+//! Read by `GET /orders/{id}/history` (a page at a time, [`read_page`]) and
+//! `orderflow saga history` (all of it, [`read`]).
 
 use std::collections::HashSet;
 
@@ -83,20 +84,88 @@ pub async fn append(
     Ok(())
 }
 
-/// The history of `order_id` (empty for an unknown order), in causal order:
-/// an entry never comes before the entry that caused it; otherwise in the
-/// order the coordinator recorded them. (Messages of different steps can be
-/// handled in either order when they arrive together; their causation ids
-/// say which came first.)
+/// Most entries one page holds (and one query of [`read`] fetches).
+pub const MAX_PAGE: u32 = 1000;
+
+/// One page of an order's history, as [`read_page`] cuts it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Page {
+    /// In causal order within the page.
+    pub entries: Vec<Entry>,
+    /// The `after` of the next page: the highest id on this page; `None`
+    /// when this page is the last.
+    pub next: Option<i64>,
+}
+
+/// The whole history of `order_id` (empty for an unknown order), in causal
+/// order: an entry never comes before the entry that caused it; otherwise in
+/// the order the coordinator recorded them. (Messages of different steps can
+/// be handled in either order when they arrive together; their causation ids
+/// say which came first.) Fetched [`MAX_PAGE`] rows per query, ordered as a
+/// whole.
 pub async fn read(pool: &PgPool, order_id: &str) -> Result<Vec<Entry>, sqlx::Error> {
-    let recorded: Vec<Entry> = sqlx::query_as(
+    let mut all = Vec::new();
+    let mut after = None;
+    loop {
+        let rows = recorded(pool, order_id, after, MAX_PAGE).await?;
+        let last_page = rows.len() < MAX_PAGE as usize;
+        after = rows.last().map(|entry| entry.id).or(after);
+        all.extend(rows);
+        if last_page {
+            return Ok(causal_order(all));
+        }
+    }
+}
+
+/// One page of the history of `order_id`: the (at most) `limit` entries
+/// recorded after entry `after` (from the first when `None`), `limit` taken
+/// between 1 and [`MAX_PAGE`].
+///
+/// The rule: pages are cut by id, that is in recorded order, and the entries
+/// of one page are in causal order among themselves (as [`read`] orders the
+/// whole). Paging through an order with `after = next` returns every entry
+/// exactly once. An effect recorded before its cause (two messages handled
+/// in the other order) stays on the page of its own id, so when a page ends
+/// between the two it shows a page before its cause; one page that holds the
+/// whole history is exactly [`read`]'s order.
+pub async fn read_page(
+    pool: &PgPool,
+    order_id: &str,
+    after: Option<i64>,
+    limit: u32,
+) -> Result<Page, sqlx::Error> {
+    let limit = limit.clamp(1, MAX_PAGE);
+    // One more than asked: whether a next page exists, without a count.
+    let mut rows = recorded(pool, order_id, after, limit + 1).await?;
+    let more = rows.len() > limit as usize;
+    rows.truncate(limit as usize);
+    let next = if more {
+        rows.last().map(|entry| entry.id)
+    } else {
+        None
+    };
+    Ok(Page {
+        entries: causal_order(rows),
+        next,
+    })
+}
+
+/// Up to `limit` entries of `order_id` with an id above `after`, by id.
+async fn recorded(
+    pool: &PgPool,
+    order_id: &str,
+    after: Option<i64>,
+    limit: u32,
+) -> Result<Vec<Entry>, sqlx::Error> {
+    sqlx::query_as(
         "SELECT id, recorded_at, kind, name, message_id, causation_id, detail \
-         FROM history WHERE order_id = $1 ORDER BY id",
+         FROM history WHERE order_id = $1 AND id > $2 ORDER BY id LIMIT $3",
     )
     .bind(order_id)
+    .bind(after.unwrap_or(0))
+    .bind(i64::from(limit))
     .fetch_all(pool)
-    .await?;
-    Ok(causal_order(recorded))
+    .await
 }
 
 /// `entries` (in recorded order) reordered so that each comes after its cause.

@@ -20,6 +20,7 @@
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
@@ -114,6 +115,38 @@ pub struct ConsumerOptions {
     /// First in-process retry delay (doubling, with jitter).
     pub retry_min_delay: Duration,
     pub retry_max_delay: Duration,
+    /// Raised while the consumer has a channel consuming its queue; lowered
+    /// while it reconnects and once it stopped. Clone it before starting the
+    /// consumer to watch it (health checks).
+    pub consuming: Consuming,
+}
+
+/// Whether a consumer has a channel consuming its queue right now: a cheap
+/// health signal. It drops as soon as the consumer notices its channel or
+/// connection is gone (a closed connection at once, a silent one when the
+/// AMQP heartbeat misses) and rises again once it consumes anew.
+#[derive(Clone, Debug, Default)]
+pub struct Consuming(Arc<AtomicBool>);
+
+impl Consuming {
+    pub fn is_consuming(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+
+    /// Raises the flag until the returned guard is dropped.
+    fn raise(&self) -> ConsumingGuard<'_> {
+        self.0.store(true, Ordering::Release);
+        ConsumingGuard(self)
+    }
+}
+
+/// Lowers the [`Consuming`] flag when a consuming session ends, however it ends.
+struct ConsumingGuard<'a>(&'a Consuming);
+
+impl Drop for ConsumingGuard<'_> {
+    fn drop(&mut self) {
+        self.0.0.store(false, Ordering::Release);
+    }
 }
 
 impl ConsumerOptions {
@@ -125,6 +158,7 @@ impl ConsumerOptions {
             in_process_retries: 3,
             retry_min_delay: Duration::from_millis(50),
             retry_max_delay: Duration::from_secs(1),
+            consuming: Consuming::default(),
         }
     }
 }
@@ -244,6 +278,7 @@ async fn session<H: Handler>(
             FieldTable::default(),
         )
         .await?;
+    let _consuming = context.options.consuming.raise();
     tracing::info!(service = %context.options.service, queue = %context.queue, "consuming");
     loop {
         while let Some(result) = tasks.try_join_next() {
