@@ -12,8 +12,12 @@ use tokio::task::JoinSet;
 
 use crate::TestEnv;
 
+/// Settings of one service (by name) adjusted before it starts: a test of
+/// least privilege gives each its own broker user and database role.
+pub type PerService = std::sync::Arc<dyn Fn(&str, &mut Settings) + Send + Sync>;
+
 /// Which workers run; tests of a missing worker leave one out.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Workers {
     pub generate_info: bool,
     /// Leave it out to start (and stop) coordinators yourself with
@@ -26,6 +30,20 @@ pub struct Workers {
     /// short ones: for workers run as separate processes, which build the
     /// deployment's topology.
     pub deployment_tiers: bool,
+    /// Adjusts each service's settings (after the system-wide ones).
+    pub per_service: Option<PerService>,
+}
+
+impl std::fmt::Debug for Workers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Workers")
+            .field("generate_info", &self.generate_info)
+            .field("coordinator", &self.coordinator)
+            .field("without_providers", &self.without_providers)
+            .field("deployment_tiers", &self.deployment_tiers)
+            .field("per_service", &self.per_service.is_some())
+            .finish()
+    }
 }
 
 impl Default for Workers {
@@ -35,6 +53,7 @@ impl Default for Workers {
             coordinator: true,
             without_providers: Vec::new(),
             deployment_tiers: false,
+            per_service: None,
         }
     }
 }
@@ -61,29 +80,68 @@ impl System {
         } else {
             TestEnv::orderflow().await
         };
+        Self::start_in(env, adjust, workers).await
+    }
+
+    /// [`start_with`](Self::start_with) in an environment the test prepared
+    /// (users and roles provisioned before the workers start).
+    pub async fn start_in(
+        env: TestEnv,
+        adjust: impl FnOnce(&mut Settings),
+        workers: Workers,
+    ) -> Self {
         let mut settings = env.settings();
         settings.gateway_latency_ms = 1;
         adjust(&mut settings);
-        let ctx = env.ctx_with(settings, "system");
+        let ctx = env.ctx_with(settings.clone(), "system");
+        // Each service's own context (its own connection name, and the
+        // settings `per_service` gives it).
+        let ctx_of = |service: &str| {
+            let mut settings = settings.clone();
+            if let Some(adjust) = &workers.per_service {
+                adjust(service, &mut settings);
+            }
+            env.ctx_with(settings, service)
+        };
         let shutdown = Shutdown::new();
         let mut tasks = JoinSet::new();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind the API");
         let api = format!("http://{}", listener.local_addr().expect("address"));
-        tasks.spawn(order_api::serve(ctx.clone(), listener, shutdown.clone()));
+        tasks.spawn(order_api::serve(
+            ctx_of(order_api::SERVICE),
+            listener,
+            shutdown.clone(),
+        ));
         if workers.generate_info {
-            tasks.spawn(generate_info::run(ctx.clone(), shutdown.clone()));
+            tasks.spawn(generate_info::run(
+                ctx_of(generate_info::SERVICE),
+                shutdown.clone(),
+            ));
         }
-        tasks.spawn(payment_wait::run(ctx.clone(), shutdown.clone()));
+        tasks.spawn(payment_wait::run(
+            ctx_of(payment_wait::SERVICE),
+            shutdown.clone(),
+        ));
         if workers.coordinator {
-            tasks.spawn(saga_coordinator::run(ctx.clone(), shutdown.clone()));
+            tasks.spawn(saga_coordinator::run(
+                ctx_of(saga_coordinator::SERVICE),
+                shutdown.clone(),
+            ));
         }
-        tasks.spawn(order_completed::run(ctx.clone(), shutdown.clone()));
-        tasks.spawn(order_cancelled::run(ctx.clone(), shutdown.clone()));
+        tasks.spawn(order_completed::run(
+            ctx_of(order_completed::SERVICE),
+            shutdown.clone(),
+        ));
+        tasks.spawn(order_cancelled::run(
+            ctx_of(order_cancelled::SERVICE),
+            shutdown.clone(),
+        ));
         for method in ctx.metadata.methods() {
             if !workers.without_providers.contains(&method.as_str()) {
-                tasks.spawn(payment_provider::run(ctx.clone(), method, shutdown.clone()));
+                let provider = ctx_of(&payment_provider::service_name(&method));
+                tasks.spawn(payment_provider::run(provider, method, shutdown.clone()));
             }
         }
         let system = Self {

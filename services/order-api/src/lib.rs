@@ -96,15 +96,15 @@ pub async fn serve(ctx: Ctx, listener: TcpListener, shutdown: Shutdown) -> anyho
     )
     .await
     .context("opening the HTTP pool of the `orders` schema")?;
-    // Read-only use: the execution history the coordinator writes (migrated
-    // here too, in case the API starts before the coordinator).
-    let coordinator = Db::for_context(
+    // Read-only use: the execution history the coordinator writes (the
+    // coordinator migrates its schema; the API's role may only read it).
+    let coordinator = Db::open(
         &settings.database_url,
-        Context::Coordinator,
+        Context::Coordinator.schema(),
         settings.http_db_pool_size,
     )
     .await
-    .context("opening the `coordinator` schema")?;
+    .context("opening the `coordinator` schema (read only)")?;
     // Stops everything on shutdown, or when one part ends by itself.
     let stop = shutdown.child_token();
     let metrics = Arc::new(metrics::Metrics::new());

@@ -71,6 +71,23 @@ pub enum Command {
         SIGTERM stops it gracefully.")]
     Worker(WorkerArgs),
 
+    /// Provision the database with a role per context (an operator's step)
+    #[command(
+        subcommand,
+        long_about = "Provision the database of a deployment with least privilege.\n\n\
+            `db init` connects with ORDERFLOW_DATABASE_URL, which must be an administrator's, \
+            creates the database if missing, and for each context (orders, coordinator, \
+            payments, pricing) a login role `orderflow_<context>` that owns the context's \
+            schema and runs its migrations. A role may read nothing of other contexts except: \
+            orders reads coordinator.history (the API serves it), payments reads \
+            coordinator.payment_steps (a provider charges exactly what the coordinator \
+            accepted). Services then connect as their context's role. Passwords come from \
+            ORDERFLOW_DB_PASSWORD_ORDERS, _COORDINATOR, _PAYMENTS and _PRICING; all are \
+            required. Idempotent: run it again after an upgrade (it also hands over objects \
+            an older version created as the administrator)."
+    )]
+    Db(DbCommand),
+
     /// Place, pay and inspect orders through the order API
     #[command(subcommand)]
     Order(OrderCommand),
@@ -188,6 +205,19 @@ pub struct UpArgs {
     /// A TOML file with settings (the ORDERFLOW_* environment overrides it)
     #[arg(long, env = "ORDERFLOW_CONFIG")]
     pub config: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DbCommand {
+    /// Create the roles and schemas, run the migrations, grant the cross-context reads
+    Init(DbInitArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DbInitArgs {
+    /// Prefix of the role names (several deployments, or tests, on one server).
+    #[arg(long, value_name = "PREFIX", default_value = "")]
+    pub role_prefix: String,
 }
 
 #[derive(Debug, Args)]
@@ -437,15 +467,20 @@ pub struct DiagramArgs {
     pub model: ModelArgs,
 }
 
+/// The deployment a live command works on: its namespace; the payment
+/// methods come from the deployment's configuration (ORDERFLOW_CONFIG_DIR, or
+/// the configuration compiled in), exactly as the workers read it.
 #[derive(Debug, Args)]
-pub struct DeclareArgs {
+pub struct DeploymentArgs {
     /// Prefix of every name; defaults to ORDERFLOW_NAMESPACE (empty: none).
     #[arg(long, value_name = "NS", env = "ORDERFLOW_NAMESPACE", default_value = "", value_parser = parse_namespace)]
     pub namespace: String,
+}
 
-    /// The payment providers file (one payment-provider queue per method).
-    #[arg(long, value_name = "PATH", default_value = DEFAULT_PROVIDERS_PATH)]
-    pub providers: PathBuf,
+#[derive(Debug, Args)]
+pub struct DeclareArgs {
+    #[command(flatten)]
+    pub deployment: DeploymentArgs,
 }
 
 #[derive(Debug, Args)]
@@ -467,7 +502,7 @@ pub struct UsersArgs {
     pub admin: String,
 
     #[command(flatten)]
-    pub model: ModelArgs,
+    pub deployment: DeploymentArgs,
 }
 
 /// A namespace becomes the first segment of every name: it cannot hold whitespace

@@ -4,6 +4,7 @@
 mod baseline;
 mod bench;
 mod cli;
+mod db;
 mod dlq;
 mod order;
 mod providers;
@@ -44,6 +45,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Topology(command) => topology::run(command),
         Command::Up(args) => up::run(&args),
         Command::Worker(args) => up::run_one(&args),
+        Command::Db(command) => db::run(command),
         Command::Order(command) => order::run(command),
         Command::Saga(command) => saga::run(command),
         Command::Dlq(command) => dlq::run(command),

@@ -1,5 +1,7 @@
-//! The bounded contexts and their schemas (DESIGN.md §5), each with its own
-//! migrations under `shared/migrations/<schema>/`.
+//! The bounded contexts and their schemas, each with its own migrations under
+//! `shared/migrations/<schema>/`, its own PostgreSQL role (owner of the
+//! schema, in a deployment provisioned by `orderflow db init`), and the few
+//! tables of other contexts it may read.
 
 use sqlx::migrate::Migrator;
 
@@ -17,6 +19,43 @@ pub enum Context {
 }
 
 impl Context {
+    /// Every context, in the order `orderflow db init` provisions them.
+    pub const ALL: [Self; 4] = [
+        Self::Orders,
+        Self::Coordinator,
+        Self::Payments,
+        Self::Pricing,
+    ];
+
+    /// The context whose schema `service` works in (`None` for payment-wait,
+    /// which keeps no state).
+    pub fn of_service(service: &str) -> Option<Self> {
+        match service {
+            "order-api" | "order-completed" | "order-cancelled" => Some(Self::Orders),
+            "saga-coordinator" => Some(Self::Coordinator),
+            "generate-info" => Some(Self::Pricing),
+            provider if provider.starts_with("payment-provider-") => Some(Self::Payments),
+            _ => None,
+        }
+    }
+
+    /// The PostgreSQL role that owns the context's schema (and that its
+    /// services connect as), after `prefix`.
+    pub fn role(self, prefix: &str) -> String {
+        format!("{prefix}orderflow_{}", self.schema())
+    }
+
+    /// Tables of other contexts this one may read, and nothing else there:
+    /// the order API serves the coordinator's execution history; payment
+    /// providers charge exactly what the coordinator accepted.
+    pub fn reads(self) -> &'static [(Self, &'static str)] {
+        match self {
+            Self::Orders => &[(Self::Coordinator, "history")],
+            Self::Payments => &[(Self::Coordinator, "payment_steps")],
+            Self::Coordinator | Self::Pricing => &[],
+        }
+    }
+
     pub fn schema(self) -> &'static str {
         match self {
             Self::Orders => "orders",

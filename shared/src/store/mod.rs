@@ -6,6 +6,7 @@
 mod context;
 pub mod orders;
 mod outbox;
+pub mod roles;
 mod unit;
 
 use std::str::FromStr;
@@ -187,7 +188,9 @@ pub struct Db {
 
 impl Db {
     /// Connects to `url` with every connection's `search_path` set to `schema`,
-    /// and creates the schema if missing.
+    /// and creates the schema if missing. An existing schema is left as it is
+    /// (a context's role, which owns its schema but may not create schemas in
+    /// the database, connects through here too).
     pub async fn connect(
         url: &SecretString,
         schema: &str,
@@ -195,13 +198,20 @@ impl Db {
     ) -> Result<Self, StoreError> {
         let options = schema_options(url, schema)?;
         let mut admin = connect_one(&options, url).await?;
-        let created = sqlx::query(AssertSqlSafe(format!(
-            "CREATE SCHEMA IF NOT EXISTS \"{schema}\""
-        )))
-        .execute(&mut admin)
-        .await;
-        // Two processes creating the schema at once: the loser sees 23505/42P06.
-        tolerate(created, &["23505", "42P06"])?;
+        let exists: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)")
+                .bind(schema)
+                .fetch_one(&mut admin)
+                .await?;
+        if !exists {
+            let created = sqlx::query(AssertSqlSafe(format!(
+                "CREATE SCHEMA IF NOT EXISTS \"{schema}\""
+            )))
+            .execute(&mut admin)
+            .await;
+            // Two processes creating the schema at once: the loser sees 23505/42P06.
+            tolerate(created, &["23505", "42P06"])?;
+        }
         admin.close().await?;
         Self::open(url, schema, max_connections).await
     }
@@ -260,6 +270,34 @@ impl Db {
             context.run(&self.pool).await.map_err(failed)?;
         }
         Ok(())
+    }
+
+    /// Connects to `context`'s schema as `role` (an administrator's URL,
+    /// `SET ROLE` on every connection) and applies its migrations: what
+    /// they create belongs to `role`.
+    pub(crate) async fn for_context_as(
+        url: &SecretString,
+        context: Context,
+        role: &str,
+    ) -> Result<Self, StoreError> {
+        check_name(role)?;
+        let options = schema_options(url, context.schema())?.options([("role", role)]);
+        let pool = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(options)
+            .await
+            .map_err(|cause| StoreError::Connect {
+                url: redact_url(url.expose_secret()),
+                cause,
+            })?;
+        let db = Self {
+            pool,
+            schema: context.schema().to_owned(),
+            hand_over: Arc::new(HandOver::default()),
+        };
+        db.migrate(Some(&context.migrator())).await?;
+        Ok(db)
     }
 
     /// Connects to `context`'s schema and applies its migrations.

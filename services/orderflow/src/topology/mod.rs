@@ -15,7 +15,9 @@ use anyhow::Context;
 use orderflow_topology::{DEFAULT_RETRY_TIERS, Names, Topology, orderflow_services};
 use serde_json::Value;
 
-use crate::cli::{DeclareArgs, DiagramArgs, ExportArgs, LintArgs, ModelArgs, TopologyCommand};
+use crate::cli::{
+    DeclareArgs, DeploymentArgs, DiagramArgs, ExportArgs, LintArgs, ModelArgs, TopologyCommand,
+};
 use crate::providers::load_payment_methods;
 
 /// The vhost the exported definitions declare everything on.
@@ -32,7 +34,7 @@ pub fn run(command: TopologyCommand) -> anyhow::Result<ExitCode> {
 }
 
 /// The topology of orderflow for the configured payment methods.
-pub(crate) fn build_model(args: &ModelArgs) -> anyhow::Result<Topology> {
+fn build_model(args: &ModelArgs) -> anyhow::Result<Topology> {
     let methods = load_payment_methods(&args.providers)?;
     Ok(Topology::build(
         Names::new(args.namespace.as_str()),
@@ -94,11 +96,19 @@ fn diagram(args: &DiagramArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The topology of the deployment `args` names, with the payment methods of
+/// its configuration (as its workers build it).
+pub(crate) fn deployment_model(args: &DeploymentArgs) -> anyhow::Result<Topology> {
+    let metadata = orderflow_shared::metadata::Metadata::from_env()?;
+    Ok(Topology::build(
+        Names::new(args.namespace.as_str()),
+        &orderflow_services(&metadata.methods()),
+        &DEFAULT_RETRY_TIERS,
+    ))
+}
+
 fn declare(args: &DeclareArgs) -> anyhow::Result<ExitCode> {
-    let topology = build_model(&ModelArgs {
-        namespace: args.namespace.clone(),
-        providers: args.providers.clone(),
-    })?;
+    let topology = deployment_model(&args.deployment)?;
     let settings = orderflow_shared::config::Settings::from_env()?;
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async {
@@ -126,7 +136,7 @@ fn declare(args: &DeclareArgs) -> anyhow::Result<ExitCode> {
         count(topology.exchanges.len(), "exchange"),
         count(topology.queues.len(), "queue"),
         count(topology.bindings.len(), "binding"),
-        args.namespace,
+        args.deployment.namespace,
     ))?;
     Ok(ExitCode::SUCCESS)
 }

@@ -14,7 +14,7 @@ use base64::engine::general_purpose::STANDARD;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
-use super::{build_model, render_definitions, write_file, write_stdout};
+use super::{deployment_model, render_definitions, write_file, write_stdout};
 use crate::cli::UsersArgs;
 
 /// The hashing algorithm RabbitMQ reads from a definitions file.
@@ -60,7 +60,7 @@ pub fn users_document(
     args: &UsersArgs,
     password: impl Fn(&str) -> Option<String>,
 ) -> anyhow::Result<Value> {
-    let topology = build_model(&args.model)?;
+    let topology = deployment_model(&args.deployment)?;
     let services = orderflow_topology::service_permissions(&topology);
     let mut missing = Vec::new();
     let mut user = |service: &str, tags: &[&str]| -> Value {
@@ -129,7 +129,7 @@ mod tests {
     use std::path::PathBuf;
 
     use super::*;
-    use crate::cli::ModelArgs;
+    use crate::cli::DeploymentArgs;
 
     fn args() -> UsersArgs {
         UsersArgs {
@@ -137,10 +137,8 @@ mod tests {
             vhost: "/".into(),
             user_prefix: "p-".into(),
             admin: "admin".into(),
-            model: ModelArgs {
+            deployment: DeploymentArgs {
                 namespace: "ns".into(),
-                providers: Path::new(env!("CARGO_MANIFEST_DIR"))
-                    .join("../../config/providers.toml"),
             },
         }
     }
