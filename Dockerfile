@@ -29,8 +29,13 @@ RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends ca-certificates \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --system --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin orderflow
+# The merchants, catalogue and providers the binaries were built with, as
+# files: `orderflow topology export` reads providers.toml from here, and an
+# operator can mount other ones over them.
+COPY config /etc/orderflow/config
 # A container's loopback is its own: the API listens on every interface of it.
 ENV ORDERFLOW_HTTP_ADDR=0.0.0.0:8080 \
+    ORDERFLOW_CONFIG_DIR=/etc/orderflow/config \
     ORDERFLOW_LOG=info \
     ORDERFLOW_LOG_FORMAT=text
 EXPOSE 8080
