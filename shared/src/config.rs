@@ -1,5 +1,5 @@
 //! Configuration: defaults, then an optional TOML file, then `ORDERFLOW_*`
-//! environment variables (the names of DESIGN.md §6). Secrets (URLs with
+//! environment variables (the names of docs/design.md §9). Secrets (URLs with
 //! passwords, token keys) are [`SecretString`]s and never printed.
 
 use std::path::Path;

@@ -1,4 +1,4 @@
-//! The message envelope of DESIGN.md §4, carried in AMQP properties:
+//! The message envelope of docs/design.md §4.1, carried in AMQP properties:
 //! `message_id` (UUID v7), `correlation_id` (= order id), `type` (= routing key),
 //! `timestamp`, `content_type`, `delivery_mode` 2, and the headers
 //! `causation_id` and `traceparent`.

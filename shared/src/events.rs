@@ -1,4 +1,4 @@
-//! Typed events of the catalogue (DESIGN.md §2). Decoding never panics: bad
+//! Typed events of the catalogue (docs/design.md §2). Decoding never panics: bad
 //! JSON, an unknown event type or a body that does not fit the schema is a
 //! [`DecodeError`], which the consumer runtime treats as permanent.
 
@@ -40,7 +40,7 @@ pub struct InfoGenerated {
 
 /// generate-info could not price the order (unknown sku, empty order): the
 /// order is cancelled with this reason instead of waiting for a timeout.
-/// Not in DESIGN.md's catalogue; see the README's design decisions.
+/// Not in the demo the saga re-creates (docs/design.md §2).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InfoRejected {
     pub order_id: String,

@@ -1,4 +1,4 @@
-//! Task tokens (DESIGN.md §3): `v1.<claims>.<mac>`, both parts base64url
+//! Task tokens (docs/design.md §3.2): `v1.<claims>.<mac>`, both parts base64url
 //! without padding, the MAC an HMAC-SHA256 over the encoded claims with the key
 //! named by the claims' `kid`. Minting is deterministic: the same claims give
 //! the same token, so a redelivered trigger mints the same token again.

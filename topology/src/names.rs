@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 /// Builds every broker name used by orderflow. With an empty namespace the names
-/// are exactly those of DESIGN.md (`orderflow.events`, `orderflow.<service>`);
+/// are exactly those of docs/design.md §5 (`orderflow.events`, `orderflow.<service>`);
 /// with namespace `t1` they become `t1.orderflow.events`, `t1.orderflow.<service>`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Names {

@@ -1,4 +1,4 @@
-//! The HTTP routes of DESIGN.md §6 (axum): start an order, read it (also by
+//! The HTTP routes of docs/design.md §7 (axum): start an order, read it (also by
 //! long poll), submit a payment, the saga's execution history, merchant
 //! payment methods, health and metrics.
 //! Every error is JSON `{"error": "..."}`; no input makes a handler panic.

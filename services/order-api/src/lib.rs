@@ -1,4 +1,4 @@
-//! order-api: the HTTP API of orderflow (DESIGN.md §6) and the read model of
+//! order-api: the HTTP API of orderflow (docs/design.md §7) and the read model of
 //! orders behind it.
 //!
 //! [`serve`] runs three things until shutdown: the read-model consumer (every

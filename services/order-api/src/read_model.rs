@@ -1,6 +1,6 @@
 //! The read model: every event bound to `orderflow.order-api` folded into the
 //! `orders` table, once per message (inbox). Events may arrive in any order
-//! (DESIGN.md §7), so each one upserts the row, the status only moves forward,
+//! (docs/design.md §11), so each one upserts the row, the status only moves forward,
 //! and a terminal status is never replaced: order-completed and
 //! order-cancelled write the same table conditionally, and whichever terminal
 //! transition lands first wins.

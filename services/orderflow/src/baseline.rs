@@ -293,7 +293,7 @@ async fn publish_confirmed(
     causation_id: Option<&ShortString>,
 ) -> anyhow::Result<()> {
     let mut headers = FieldTable::default();
-    // The headers a real envelope carries (DESIGN.md §4).
+    // The headers a real envelope carries (docs/design.md §4.1).
     headers.insert(
         "traceparent".into(),
         AMQPValue::LongString("00-00000000000000000000000000000000-0000000000000000-00".into()),

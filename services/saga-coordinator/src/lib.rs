@@ -51,7 +51,7 @@ const STEPS: &[&str] = &["generate-info", "payment-wait", "payment", "paying"];
 /// The reason of `payment.rejected` when the merchant does not accept the method.
 pub const METHOD_NOT_ALLOWED: &str = "method not allowed";
 
-/// The saga timeouts (DESIGN.md §3), configurable.
+/// The saga timeouts (docs/design.md §3.4), configurable.
 #[derive(Clone, Copy, Debug)]
 pub struct Timeouts {
     pub generate_info: Duration,

@@ -1,6 +1,6 @@
 //! The consumer runtime: manual ack, bounded prefetch, bounded concurrency,
 //! graceful shutdown (stop taking, finish in-flight, then close), reconnection
-//! with backoff, and the retry ladder of DESIGN.md §4:
+//! with backoff, and the retry ladder of docs/design.md §4.5:
 //!
 //! 1. a transient error is retried in-process with exponential backoff (backon);
 //! 2. then the message goes through the delay tiers (`orderflow.<svc>.retry.*`,

@@ -1,5 +1,5 @@
 //! Storage in PostgreSQL: one database, one schema per bounded context
-//! (DESIGN.md §5). A [`Db`] is a pool whose connections have their
+//! (docs/design.md §6). A [`Db`] is a pool whose connections have their
 //! `search_path` set to the context's schema, so every query is written
 //! unqualified and a service cannot wander into another context by accident.
 
