@@ -6,6 +6,7 @@
 mod context;
 pub mod orders;
 mod outbox;
+pub mod retention;
 mod unit;
 
 use std::str::FromStr;
@@ -19,6 +20,7 @@ use sqlx::{AssertSqlSafe, ConnectOptions, Connection, PgPool};
 pub use context::Context;
 use outbox::HandOver;
 pub use outbox::{Relay, RelayError};
+pub use retention::Retention;
 pub use unit::UnitOfWork;
 
 use crate::config::redact_url;

@@ -260,18 +260,6 @@ impl Relay {
         }
     }
 
-    /// Deletes rows sent more than an hour ago so the table stays small.
-    async fn prune(&self) {
-        let result = sqlx::query(
-            "DELETE FROM outbox WHERE sent_at IS NOT NULL AND sent_at < now() - interval '1 hour'",
-        )
-        .execute(self.db.pool())
-        .await;
-        if let Err(error) = result {
-            tracing::warn!(%error, schema = %self.db.schema(), "pruning the outbox failed");
-        }
-    }
-
     /// Publishes one hand-over batch and passes the confirmed ids to the marker.
     async fn publish_handed_over(
         &self,
@@ -311,8 +299,6 @@ impl Relay {
         let mut failures = SweepBackoff::default();
         let mut sweep = tokio::time::interval(self.poll_interval);
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut prune = tokio::time::interval(Duration::from_mins(5));
-        prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             while publishing.try_join_next().is_some() {}
             tokio::select! {
@@ -321,7 +307,6 @@ impl Relay {
                     self.spawn_batch(hand_over.take(), &marker_tx, &mut publishing).await;
                 }
                 _ = sweep.tick() => self.sweep(&mut failures).await,
-                _ = prune.tick() => self.prune().await,
             }
         }
         // Units still committing hand nothing over from now on; what was
