@@ -2,7 +2,9 @@
 //! crashes between publishing and marking sent publishes again, and the
 //! downstream inbox keeps it to one effect; several relays never publish a
 //! row twice; committed rows reach the broker by hand-over without any sweep,
-//! and what the hand-over could not publish is swept later.
+//! and what the hand-over could not publish is swept later; while the broker
+//! is away the hand-over holds a bounded number of rows, and every row is
+//! published once when it is back.
 
 #![allow(
     clippy::unwrap_used,
@@ -12,10 +14,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use orderflow_shared::bus::{ConsumerOptions, Outgoing};
+use orderflow_shared::bus::{Broker, ConsumerOptions, Outgoing};
 use orderflow_shared::store::Relay;
 use orderflow_shared::topology::ServiceSpec;
+use orderflow_tests::proxy::StallingProxy;
 use orderflow_tests::{Effects, TestEnv, eventually, sample_event};
+use secrecy::{ExposeSecret, SecretString};
 
 #[tokio::test]
 async fn the_same_message_delivered_twice_has_one_effect() {
@@ -246,5 +250,86 @@ async fn a_message_the_broker_refused_stays_in_the_outbox_until_a_sweep_publishe
     .await;
     shutdown.cancel();
     relay.await.unwrap();
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn while_the_broker_is_away_the_hand_over_is_bounded_and_every_row_is_published_once_it_is_back()
+ {
+    const LIMIT: usize = 40;
+    const UNITS: usize = 30;
+    const ROWS_PER_UNIT: usize = 10;
+    const ROWS: usize = UNITS * ROWS_PER_UNIT;
+    let env = TestEnv::new(&[ServiceSpec::new("downstream", &["order.cancelled"])]).await;
+    let upstream = env.db("upstream").await;
+    // The relay reaches the broker only through the proxy, which is cut
+    // from the start: every publish fails (after the publisher's retries).
+    let proxy = StallingProxy::in_front_of(env.amqp_url.expose_secret()).await;
+    proxy.cut();
+    let broker = Broker::new(
+        &SecretString::from(proxy.url_through(env.amqp_url.expose_secret())),
+        &env.namespace,
+        env.topology.clone(),
+        Duration::from_secs(2),
+    )
+    .unwrap();
+    let shutdown = orderflow_shared::Shutdown::new();
+    let relay = tokio::spawn(
+        Relay::new(upstream.clone(), broker.publisher())
+            .with_hand_over_limit(LIMIT)
+            .with_grace(Duration::from_millis(200))
+            .with_poll_interval(Duration::from_millis(100))
+            .run(shutdown.clone()),
+    );
+    let mut most_held = 0;
+    for unit_number in 0..UNITS {
+        let mut unit = upstream.begin_unit_without_inbox().await.unwrap();
+        for i in 0..ROWS_PER_UNIT {
+            unit.emit(Outgoing::event(
+                &sample_event(&format!("order-{unit_number}-{i}")),
+                None,
+            ));
+        }
+        unit.commit().await.unwrap();
+        most_held = most_held.max(upstream.pending_hand_over());
+        assert!(
+            upstream.pending_hand_over() <= LIMIT,
+            "the relay holds {} rows in memory, more than its limit of {LIMIT}",
+            upstream.pending_hand_over()
+        );
+    }
+    assert!(most_held > 0, "rows were handed over at all");
+    // Sweeps come and fail meanwhile: they never add to what is held.
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(upstream.pending_hand_over() <= LIMIT);
+    }
+    assert_eq!(
+        outbox_counts(&upstream).await,
+        (0, ROWS as i64),
+        "nothing reached the broker, nothing was lost"
+    );
+
+    // The broker is back: sweeps publish what the hand-over could not hold.
+    proxy.resume();
+    eventually(Duration::from_mins(1), "every row marked sent", || async {
+        outbox_counts(&upstream).await == (ROWS as i64, ROWS as i64)
+    })
+    .await;
+    shutdown.cancel();
+    relay.await.unwrap();
+    assert_eq!(upstream.pending_hand_over(), 0);
+    let queue = env.queue("downstream");
+    let messages = env.drain(&queue).await;
+    let ids: std::collections::HashSet<_> = messages
+        .iter()
+        .map(|m| m.delivery.properties.message_id().clone())
+        .collect();
+    assert_eq!(
+        (messages.len(), ids.len()),
+        (ROWS, ROWS),
+        "every row published exactly once"
+    );
+    broker.close();
     env.cleanup().await;
 }

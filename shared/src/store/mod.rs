@@ -19,7 +19,7 @@ use sqlx::{AssertSqlSafe, ConnectOptions, Connection, PgPool};
 
 pub use context::Context;
 use outbox::HandOver;
-pub use outbox::{Relay, RelayError};
+pub use outbox::{HAND_OVER_LIMIT, Relay, RelayError};
 pub use retention::Retention;
 pub use unit::UnitOfWork;
 
@@ -228,7 +228,7 @@ impl Db {
         Ok(Self {
             pool,
             schema: schema.to_owned(),
-            hand_over: Arc::new(HandOver::default()),
+            hand_over: Arc::new(HandOver::new(schema)),
         })
     }
 
@@ -242,6 +242,13 @@ impl Db {
 
     pub(crate) fn hand_over(&self) -> &Arc<HandOver> {
         &self.hand_over
+    }
+
+    /// Outbox rows committed on this `Db` and handed over to its running
+    /// relay that are not yet published and marked sent: what the relay
+    /// holds in memory, never more than its hand-over limit.
+    pub fn pending_hand_over(&self) -> usize {
+        self.hand_over.held_len()
     }
 
     /// Applies the runtime migrations (inbox, outbox) and then the context's

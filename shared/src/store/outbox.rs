@@ -11,9 +11,15 @@
 //!   than a grace period and not in this relay's hands, published again with
 //!   the same `message_id` (consumers' inboxes drop the duplicate) and marked
 //!   sent. Any number of relays can sweep one outbox.
+//!
+//! Memory is bounded: the relay holds at most [`HAND_OVER_LIMIT`]
+//! handed-over rows at once. While the broker is away, rows beyond it are
+//! not kept in memory (and not marked as held): they wait in the table like
+//! rows of a process without a relay, and a sweep publishes them once the
+//! broker is back.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -42,13 +48,29 @@ pub enum RelayError {
     },
 }
 
+/// Most rows a relay holds from hand-overs at once (by default): handed
+/// over and not yet published and marked sent. Beyond it, committed rows are
+/// not kept in memory: they are safe in the table, and a sweep publishes
+/// them (once the broker is back, when it is away).
+pub const HAND_OVER_LIMIT: usize = 10_000;
+
 /// Rows handed over by committed units of work, and the ids the relay holds
-/// (handed over or being swept, not yet marked sent), which sweeps skip.
-#[derive(Debug, Default)]
+/// from hand-overs (handed over, not yet marked sent), which sweeps skip.
+/// Every held row is in memory (waiting, being published, or its id waiting
+/// to be marked), so bounding `held` bounds the memory: a unit whose rows
+/// find no room keeps them out of `held` too, and sweeps take them.
+#[derive(Debug)]
 pub(crate) struct HandOver {
+    /// The schema, for logs.
+    schema: String,
     /// Set while a relay runs on this `Db`; otherwise units hand nothing over
     /// and their rows wait for a sweep.
     attached: AtomicBool,
+    /// Most rows held at once (the running relay's hand-over limit).
+    limit: AtomicUsize,
+    /// Whether rows were turned away since the hand-over last had room
+    /// (logged once per episode).
+    overflowing: AtomicBool,
     pending: Mutex<Vec<(i64, Outgoing)>>,
     held: Mutex<HashSet<i64>>,
     wake: Notify,
@@ -61,19 +83,62 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl HandOver {
-    /// Gives committed rows to the running relay; `false` (rows left for a
-    /// sweep) when no relay runs on this `Db`.
-    pub(crate) fn hand_over(&self, rows: Vec<(i64, Outgoing)>) -> bool {
+    pub(crate) fn new(schema: &str) -> Self {
+        Self {
+            schema: schema.to_owned(),
+            attached: AtomicBool::new(false),
+            limit: AtomicUsize::new(HAND_OVER_LIMIT),
+            overflowing: AtomicBool::new(false),
+            pending: Mutex::default(),
+            held: Mutex::default(),
+            wake: Notify::new(),
+        }
+    }
+
+    /// Gives committed rows to the running relay, as many as its limit
+    /// leaves room for; returns how many it took. The others (all of them
+    /// when no relay runs on this `Db`) wait in the table for a sweep.
+    pub(crate) fn hand_over(&self, mut rows: Vec<(i64, Outgoing)>) -> usize {
         if !self.attached.load(Ordering::Acquire) || rows.is_empty() {
-            return false;
+            return 0;
         }
-        {
+        let offered = rows.len();
+        let taken = {
+            // Always `pending` before `held` (nothing else holds both).
+            let mut pending = lock(&self.pending);
             let mut held = lock(&self.held);
+            let room = self
+                .limit
+                .load(Ordering::Relaxed)
+                .saturating_sub(held.len());
+            rows.truncate(room);
             held.extend(rows.iter().map(|(id, _)| *id));
+            let taken = rows.len();
+            pending.extend(rows);
+            taken
+        };
+        if taken < offered {
+            if !self.overflowing.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    schema = %self.schema,
+                    limit = self.limit.load(Ordering::Relaxed),
+                    "the outbox relay holds as many handed-over rows as it may (the broker is slow \
+                     or away); further committed rows wait in the outbox table and a sweep \
+                     publishes them"
+                );
+            }
+        } else if self.overflowing.swap(false, Ordering::Relaxed) {
+            tracing::info!(schema = %self.schema, "the outbox relay takes handed-over rows again");
         }
-        lock(&self.pending).extend(rows);
-        self.wake.notify_one();
-        true
+        if taken > 0 {
+            self.wake.notify_one();
+        }
+        taken
+    }
+
+    /// Rows handed over and not yet published and marked sent.
+    pub(crate) fn held_len(&self) -> usize {
+        lock(&self.held).len()
     }
 
     fn take(&self) -> Vec<(i64, Outgoing)> {
@@ -118,6 +183,8 @@ pub struct Relay {
     grace: Duration,
     /// Most messages of hand-over batches waiting for their confirm at once.
     in_flight: Arc<Semaphore>,
+    /// Most rows held from hand-overs at once.
+    hand_over_limit: usize,
 }
 
 /// Publishes `rows` with all confirms in flight at once: the ids the broker
@@ -160,7 +227,16 @@ impl Relay {
             poll_interval: Duration::from_secs(1),
             grace: Duration::from_secs(2),
             in_flight: Arc::new(Semaphore::new(4096)),
+            hand_over_limit: HAND_OVER_LIMIT,
         }
+    }
+
+    /// Most rows the relay holds from hand-overs at once ([`HAND_OVER_LIMIT`]
+    /// by default); at least 1.
+    #[must_use]
+    pub fn with_hand_over_limit(mut self, rows: usize) -> Self {
+        self.hand_over_limit = rows.max(1);
+        self
     }
 
     /// How old an unsent row must be before a sweep takes it: younger rows
@@ -283,6 +359,9 @@ impl Relay {
     /// only once the future is first polled).
     pub fn run(self, shutdown: Shutdown) -> impl std::future::Future<Output = ()> + Send {
         let hand_over = self.db.hand_over().clone();
+        hand_over
+            .limit
+            .store(self.hand_over_limit, Ordering::Relaxed);
         hand_over.attached.store(true, Ordering::Release);
         self.serve(hand_over, shutdown)
     }
