@@ -19,7 +19,7 @@ use sqlx::{AssertSqlSafe, ConnectOptions, Connection, PgPool};
 
 pub use context::Context;
 use outbox::HandOver;
-pub use outbox::{HAND_OVER_LIMIT, Relay, RelayError};
+pub use outbox::{DEAD_AFTER_AGE, DEAD_AFTER_REFUSALS, HAND_OVER_LIMIT, Relay, RelayError};
 pub use retention::Retention;
 pub use unit::UnitOfWork;
 

@@ -12,11 +12,21 @@
 //!   the same `message_id` (consumers' inboxes drop the duplicate) and marked
 //!   sent. Any number of relays can sweep one outbox.
 //!
-//! Memory is bounded: the relay holds at most [`HAND_OVER_LIMIT`]
-//! handed-over rows at once. While the broker is away, rows beyond it are
-//! not kept in memory (and not marked as held): they wait in the table like
-//! rows of a process without a relay, and a sweep publishes them once the
-//! broker is back.
+//! Two bounds keep a relay from being stuck on what it cannot publish:
+//!
+//! - **Memory**: the relay holds at most [`HAND_OVER_LIMIT`] handed-over
+//!   rows at once. While the broker is away, rows beyond it are not kept in
+//!   memory (and not marked as held): they wait in the table like rows of a
+//!   process without a relay, and a sweep publishes them once the broker is
+//!   back.
+//! - **Unroutable rows**: a row the broker refuses as unroutable (no queue
+//!   bound to its routing key; the mandatory publish came back) is counted
+//!   (`attempts`, `last_error`) by each sweep that tries it; refused
+//!   [`DEAD_AFTER_REFUSALS`] times and at least [`DEAD_AFTER_AGE`] old, it
+//!   is moved to `outbox_dead` in the same transaction, so sweeps stop
+//!   trying it. `orderflow dlq list` shows such rows and `orderflow dlq
+//!   replay --outbox` puts one back. A broker that is away (timeouts,
+//!   connection errors, nacks) never sends a row there.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -155,6 +165,42 @@ impl HandOver {
             held.remove(id);
         }
     }
+}
+
+/// How many sweeps must have had the broker refuse a row as unroutable
+/// before it goes to `outbox_dead`.
+pub const DEAD_AFTER_REFUSALS: u32 = 5;
+
+/// How old a refused row must be before it goes to `outbox_dead`: a route
+/// that is missing for a moment (a topology being declared) costs nothing.
+pub const DEAD_AFTER_AGE: Duration = Duration::from_mins(1);
+
+/// Moves the rows among `$1` refused at least `$2` times and committed more
+/// than `$3` seconds ago from `outbox` to `outbox_dead`, in one statement.
+const MOVE_TO_DEAD: &str = "\
+WITH dead AS (
+    DELETE FROM outbox
+    WHERE id = ANY($1) AND attempts >= $2 AND created_at <= now() - make_interval(secs => $3)
+    RETURNING id, message_id, routing_key, correlation_id, causation_id, traceparent,
+              occurred_at, body, created_at, attempts, last_error
+)
+INSERT INTO outbox_dead (id, message_id, routing_key, correlation_id, causation_id, traceparent,
+                         occurred_at, body, created_at, attempts, last_error, reason)
+SELECT id, message_id, routing_key, correlation_id, causation_id, traceparent, occurred_at, body,
+       created_at, attempts, last_error,
+       format('unroutable: the broker refused it %s times; no queue is bound to routing key %s',
+              attempts, routing_key)
+FROM dead
+RETURNING id, message_id, routing_key, correlation_id, attempts";
+
+/// A row just moved to `outbox_dead`, for the log.
+#[derive(Debug, sqlx::FromRow)]
+struct DeadRow {
+    id: i64,
+    message_id: String,
+    routing_key: String,
+    correlation_id: String,
+    attempts: i32,
 }
 
 /// When sweeping may start again after failures.
@@ -298,7 +344,27 @@ impl Relay {
             .execute(&mut *tx)
             .await
             .map_err(|e| self.sql_error(e))?;
+        let dead = self
+            .record_refusals(&mut tx, &failures)
+            .await
+            .map_err(|e| self.sql_error(e))?;
         tx.commit().await.map_err(|e| self.sql_error(e))?;
+        for row in &dead {
+            tracing::error!(
+                schema = %self.db.schema(),
+                order_id = %row.correlation_id,
+                message_id = %row.message_id,
+                routing_key = %row.routing_key,
+                outbox_id = row.id,
+                refusals = row.attempts,
+                "outbox message moved to outbox_dead: the broker kept refusing it as unroutable (no \
+                 queue is bound to its routing key); sweeps no longer try it. Bind a queue to the \
+                 routing key (declare the topology), then `orderflow dlq replay --outbox --schema \
+                 {} --id {}`",
+                self.db.schema(),
+                row.id
+            );
+        }
         let claimed_count = claimed.len();
         match failures.len() {
             0 => Ok(sent.len()),
@@ -309,6 +375,41 @@ impl Relay {
                 first: failures.swap_remove(0).1,
             }),
         }
+    }
+
+    /// Counts, in the sweep's transaction, the claimed rows the broker
+    /// refused as unroutable, and moves those refused [`DEAD_AFTER_REFUSALS`]
+    /// times and committed at least [`DEAD_AFTER_AGE`] ago to `outbox_dead`.
+    /// Other failures (a broker away, a timeout) count for nothing: those
+    /// rows stay for the next sweep, however long it takes. Returns the rows
+    /// moved.
+    async fn record_refusals(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        failures: &[(i64, PublishError)],
+    ) -> Result<Vec<DeadRow>, sqlx::Error> {
+        let (ids, errors): (Vec<i64>, Vec<String>) = failures
+            .iter()
+            .filter(|(_, error)| matches!(error, PublishError::Unroutable { .. }))
+            .map(|(id, error)| (*id, error.to_string()))
+            .unzip();
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        sqlx::query(
+            "UPDATE outbox o SET attempts = o.attempts + 1, last_error = r.error \
+             FROM UNNEST($1::int8[], $2::text[]) AS r(id, error) WHERE o.id = r.id",
+        )
+        .bind(&ids)
+        .bind(&errors)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query_as(MOVE_TO_DEAD)
+            .bind(&ids)
+            .bind(i32::try_from(DEAD_AFTER_REFUSALS).unwrap_or(i32::MAX))
+            .bind(DEAD_AFTER_AGE.as_secs_f64())
+            .fetch_all(&mut *tx)
+            .await
     }
 
     /// Sweeps until nothing old enough is left. After a failure the next
