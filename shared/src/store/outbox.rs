@@ -309,8 +309,10 @@ impl Relay {
 
     /// One sweep: claims up to one batch of unsent rows older than the grace
     /// period that this relay does not hold, publishes them (all confirms in
-    /// flight at once) and marks the confirmed ones sent. Returns how many
-    /// were published.
+    /// flight at once) and marks the confirmed ones sent; in the same
+    /// transaction it counts the rows the broker refused as unroutable and
+    /// moves those refused too often to `outbox_dead`. Returns how many were
+    /// published, or the first failure when any row was not.
     pub async fn relay_batch(&self) -> Result<usize, RelayError> {
         let hand_over = self.db.hand_over();
         let mut tx = self
