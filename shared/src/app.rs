@@ -181,7 +181,8 @@ where
 
 /// Runs `service`'s consumer with `handler` until `shutdown`, and for a
 /// stateful service the relay of its outbox (`outbox`), which makes a last
-/// pass after the consumer stopped.
+/// pass after the consumer stopped, and the retention of its schema's inbox
+/// and outbox ([`Retention`](crate::store::Retention)).
 pub async fn run_worker<H: crate::bus::Handler>(
     ctx: &Ctx,
     service: &str,
@@ -189,12 +190,20 @@ pub async fn run_worker<H: crate::bus::Handler>(
     outbox: Option<Db>,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
-    let relay = outbox.map(|db| {
-        tokio::spawn(crate::store::Relay::new(db, ctx.broker.publisher()).run(shutdown.clone()))
+    let background = outbox.map(|db| {
+        let retention = tokio::spawn(
+            crate::store::Retention::new(db.clone(), ctx.settings.retention())
+                .run(shutdown.clone()),
+        );
+        let relay = tokio::spawn(
+            crate::store::Relay::new(db, ctx.broker.publisher()).run(shutdown.clone()),
+        );
+        (relay, retention)
     });
     crate::bus::run_consumer(ctx.broker.clone(), ctx.consumer(service), handler, shutdown).await?;
-    if let Some(relay) = relay {
+    if let Some((relay, retention)) = background {
         relay.await.context("outbox relay task")?;
+        retention.await.context("retention task")?;
     }
     Ok(())
 }

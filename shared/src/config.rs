@@ -72,6 +72,28 @@ pub struct Settings {
     pub gateway_failure_rate: f64,
     /// `ORDERFLOW_GATEWAY_RETRIES`: gateway retries before a provider gives up (`payment.failed`).
     pub gateway_retries: usize,
+    /// `ORDERFLOW_RETENTION_DAYS`: how long the runtime keeps inbox rows and
+    /// the coordinator keeps finished sagas (their timers, history, used
+    /// tokens and payment steps); older ones are pruned. At least 1 day, and
+    /// longer than the flow timeout.
+    ///
+    /// An inbox row is what turns a second delivery of a message into a
+    /// no-op, so it must outlive every way a message can come back. The
+    /// broker's own redeliveries are over within minutes: the delay tiers
+    /// add up to 1 s + 10 s + 1 min, and a saga runs at most the flow
+    /// timeout. But a dead letter can be replayed by an operator
+    /// (`orderflow dlq replay`) days later; if the inbox rows of its
+    /// message were pruned by then, the replay would apply it a second
+    /// time. The retention is therefore counted in days (default 30), and
+    /// `dlq replay` refuses, without `--force`, a dead letter older than it.
+    pub retention_days: u32,
+}
+
+/// The default of `ORDERFLOW_RETENTION_DAYS`.
+pub const DEFAULT_RETENTION_DAYS: u32 = 30;
+
+fn invalid(message: String) -> ConfigError {
+    ConfigError(config::ConfigError::Message(message))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -126,7 +148,8 @@ impl Settings {
             .set_default("publish_timeout_ms", 10_000)?
             .set_default("gateway_latency_ms", 20)?
             .set_default("gateway_failure_rate", 0.0)?
-            .set_default("gateway_retries", 3)?;
+            .set_default("gateway_retries", 3)?
+            .set_default("retention_days", DEFAULT_RETENTION_DAYS)?;
         if let Some(file) = file {
             builder = builder.add_source(config::File::from(file).required(false));
         }
@@ -164,12 +187,32 @@ impl Settings {
                 self.http_db_pool_size == 0,
             ),
         ];
-        match at_least_one.iter().find(|(_, _, zero)| *zero) {
-            Some((field, variable, _)) => Err(ConfigError(config::ConfigError::Message(format!(
+        if let Some((field, variable, _)) = at_least_one.iter().find(|(_, _, zero)| *zero) {
+            return Err(invalid(format!(
                 "{field} ({variable}) must be at least 1, not 0"
-            )))),
-            None => Ok(()),
+            )));
         }
+        if self.retention_days == 0 {
+            return Err(invalid(format!(
+                "retention_days (ORDERFLOW_RETENTION_DAYS) must be at least 1 day, not 0: inbox \
+                 rows must outlive every redelivery and dead-letter replay (default \
+                 {DEFAULT_RETENTION_DAYS})"
+            )));
+        }
+        if self.retention().as_secs() <= self.flow_timeout_secs {
+            return Err(invalid(format!(
+                "retention_days (ORDERFLOW_RETENTION_DAYS) is {} day(s), not longer than the flow \
+                 timeout of {} s (ORDERFLOW_FLOW_TIMEOUT_SECS): the inbox rows and state of a saga \
+                 still running would be pruned; raise the retention",
+                self.retention_days, self.flow_timeout_secs
+            )));
+        }
+        Ok(())
+    }
+
+    /// How long inbox rows and finished sagas are kept (`retention_days`).
+    pub fn retention(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(u64::from(self.retention_days) * 86_400)
     }
 
     /// The AMQP URL with its password masked, for logs and error messages.
@@ -229,6 +272,38 @@ mod tests {
         assert_eq!(settings.http_max_concurrency, 256);
         assert_eq!(settings.http_max_waiters, 1024);
         assert_eq!(settings.http_db_pool_size, 4);
+        assert_eq!(settings.retention_days, 30);
+        assert_eq!(
+            settings.retention(),
+            std::time::Duration::from_hours(30 * 24)
+        );
+    }
+
+    #[test]
+    fn the_retention_comes_from_the_environment_and_is_at_least_a_day() {
+        let settings =
+            Settings::load_from(None, env(&[("ORDERFLOW_RETENTION_DAYS", "90")])).unwrap();
+        assert_eq!(settings.retention_days, 90);
+        let err = Settings::load_from(None, env(&[("ORDERFLOW_RETENTION_DAYS", "0")])).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("ORDERFLOW_RETENTION_DAYS") && text.contains("at least 1 day"),
+            "{text}"
+        );
+        // A saga may run as long as the flow timeout: its rows must outlive it.
+        let err = Settings::load_from(
+            None,
+            env(&[
+                ("ORDERFLOW_RETENTION_DAYS", "1"),
+                ("ORDERFLOW_FLOW_TIMEOUT_SECS", "172800"),
+            ]),
+        )
+        .unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("ORDERFLOW_FLOW_TIMEOUT_SECS") && text.contains("raise the retention"),
+            "{text}"
+        );
     }
 
     #[test]

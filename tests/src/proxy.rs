@@ -80,6 +80,24 @@ impl StallingProxy {
         }
     }
 
+    /// Proxies 127.0.0.1:<random> to the server `url` names (host:port,
+    /// with the scheme's default port when it names none).
+    pub async fn in_front_of(url: &str) -> Self {
+        let (scheme, rest) = url.split_once("://").expect("a URL with a scheme");
+        let authority = rest.split(['/', '?']).next().unwrap_or_default();
+        let host = authority.rsplit('@').next().unwrap_or_default();
+        if host.contains(':') {
+            Self::start(host).await
+        } else {
+            let port = if scheme.starts_with("amqp") {
+                5672
+            } else {
+                5432
+            };
+            Self::start(&format!("{host}:{port}")).await
+        }
+    }
+
     /// An AMQP URL through the proxy (guest/guest, vhost /).
     pub fn amqp_url(&self) -> String {
         format!("amqp://guest:guest@{}/%2f", self.addr)

@@ -2,7 +2,11 @@
 //! crashes between publishing and marking sent publishes again, and the
 //! downstream inbox keeps it to one effect; several relays never publish a
 //! row twice; committed rows reach the broker by hand-over without any sweep,
-//! and what the hand-over could not publish is swept later.
+//! and what the hand-over could not publish is swept later; while the broker
+//! is away the hand-over holds a bounded number of rows, and every row is
+//! published once when it is back; a row the broker keeps refusing as
+//! unroutable goes to `outbox_dead` and stops blocking sweeps, while a row
+//! the broker cannot take because it is away is never given up.
 
 #![allow(
     clippy::unwrap_used,
@@ -12,10 +16,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use orderflow_shared::bus::{ConsumerOptions, Outgoing};
-use orderflow_shared::store::Relay;
+use orderflow_shared::bus::PublishError;
+use orderflow_shared::bus::{Broker, ConsumerOptions, Outgoing};
+use orderflow_shared::store::{DEAD_AFTER_REFUSALS, Relay, RelayError};
 use orderflow_shared::topology::ServiceSpec;
+use orderflow_tests::proxy::StallingProxy;
 use orderflow_tests::{Effects, TestEnv, eventually, sample_event};
+use secrecy::{ExposeSecret, SecretString};
 
 #[tokio::test]
 async fn the_same_message_delivered_twice_has_one_effect() {
@@ -246,5 +253,215 @@ async fn a_message_the_broker_refused_stays_in_the_outbox_until_a_sweep_publishe
     .await;
     shutdown.cancel();
     relay.await.unwrap();
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn while_the_broker_is_away_the_hand_over_is_bounded_and_every_row_is_published_once_it_is_back()
+ {
+    const LIMIT: usize = 40;
+    const UNITS: usize = 30;
+    const ROWS_PER_UNIT: usize = 10;
+    const ROWS: usize = UNITS * ROWS_PER_UNIT;
+    let env = TestEnv::new(&[ServiceSpec::new("downstream", &["order.cancelled"])]).await;
+    let upstream = env.db("upstream").await;
+    // The relay reaches the broker only through the proxy, which is cut
+    // from the start: every publish fails (after the publisher's retries).
+    let proxy = StallingProxy::in_front_of(env.amqp_url.expose_secret()).await;
+    proxy.cut();
+    let broker = Broker::new(
+        &SecretString::from(proxy.url_through(env.amqp_url.expose_secret())),
+        &env.namespace,
+        env.topology.clone(),
+        Duration::from_secs(2),
+    )
+    .unwrap();
+    let shutdown = orderflow_shared::Shutdown::new();
+    let relay = tokio::spawn(
+        Relay::new(upstream.clone(), broker.publisher())
+            .with_hand_over_limit(LIMIT)
+            .with_grace(Duration::from_millis(200))
+            .with_poll_interval(Duration::from_millis(100))
+            .run(shutdown.clone()),
+    );
+    let mut most_held = 0;
+    for unit_number in 0..UNITS {
+        let mut unit = upstream.begin_unit_without_inbox().await.unwrap();
+        for i in 0..ROWS_PER_UNIT {
+            unit.emit(Outgoing::event(
+                &sample_event(&format!("order-{unit_number}-{i}")),
+                None,
+            ));
+        }
+        unit.commit().await.unwrap();
+        most_held = most_held.max(upstream.pending_hand_over());
+        assert!(
+            upstream.pending_hand_over() <= LIMIT,
+            "the relay holds {} rows in memory, more than its limit of {LIMIT}",
+            upstream.pending_hand_over()
+        );
+    }
+    assert!(most_held > 0, "rows were handed over at all");
+    // Sweeps come and fail meanwhile: they never add to what is held.
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(upstream.pending_hand_over() <= LIMIT);
+    }
+    assert_eq!(
+        outbox_counts(&upstream).await,
+        (0, ROWS as i64),
+        "nothing reached the broker, nothing was lost"
+    );
+
+    // The broker is back: sweeps publish what the hand-over could not hold.
+    proxy.resume();
+    eventually(Duration::from_mins(1), "every row marked sent", || async {
+        outbox_counts(&upstream).await == (ROWS as i64, ROWS as i64)
+    })
+    .await;
+    shutdown.cancel();
+    relay.await.unwrap();
+    assert_eq!(upstream.pending_hand_over(), 0);
+    let queue = env.queue("downstream");
+    let messages = env.drain(&queue).await;
+    let ids: std::collections::HashSet<_> = messages
+        .iter()
+        .map(|m| m.delivery.properties.message_id().clone())
+        .collect();
+    assert_eq!(
+        (messages.len(), ids.len()),
+        (ROWS, ROWS),
+        "every row published exactly once"
+    );
+    broker.close();
+    env.cleanup().await;
+}
+
+/// Commits one row with `routing_key` for `order_id`, made old enough for
+/// every sweep and for the dead table (as if committed an hour ago).
+async fn commit_old_row(
+    db: &orderflow_shared::store::Db,
+    order_id: &str,
+    routing_key: &str,
+) -> i64 {
+    let mut message = Outgoing::event(&sample_event(order_id), None);
+    routing_key.clone_into(&mut message.routing_key);
+    let mut unit = db.begin_unit_without_inbox().await.unwrap();
+    unit.emit(message);
+    unit.commit().await.unwrap();
+    sqlx::query_scalar(
+        "UPDATE outbox SET created_at = now() - interval '1 hour' \
+         WHERE correlation_id = $1 RETURNING id",
+    )
+    .bind(order_id)
+    .fetch_one(db.pool())
+    .await
+    .unwrap()
+}
+
+/// (attempts, last_error) of outbox row `id`, `None` when it left the outbox.
+async fn refusals(db: &orderflow_shared::store::Db, id: i64) -> Option<(i32, Option<String>)> {
+    sqlx::query_as("SELECT attempts, last_error FROM outbox WHERE id = $1")
+        .bind(id)
+        .fetch_optional(db.pool())
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_row_refused_as_unroutable_again_and_again_goes_to_the_dead_table_and_stops_blocking_sweeps()
+ {
+    let env = TestEnv::new(&[ServiceSpec::new("downstream", &["order.cancelled"])]).await;
+    let upstream = env.db("upstream").await;
+    let relay = Relay::new(upstream.clone(), env.broker.publisher()).with_grace(Duration::ZERO);
+    // Nothing is bound to this key: every mandatory publish comes back.
+    let stray = commit_old_row(&upstream, "order-stray", "order.cancelled.nowhere").await;
+    let fine = commit_old_row(&upstream, "order-fine", "order.cancelled").await;
+
+    for attempt in 1..=DEAD_AFTER_REFUSALS {
+        let error = relay.relay_batch().await.unwrap_err();
+        let RelayError::Publish { failed, first, .. } = &error else {
+            panic!("sweep {attempt}: {error}");
+        };
+        assert_eq!(*failed, 1, "{error}");
+        assert!(matches!(first, PublishError::Unroutable { .. }), "{error}");
+        if attempt < DEAD_AFTER_REFUSALS {
+            let (attempts, last_error) = refusals(&upstream, stray).await.unwrap();
+            assert_eq!(attempts, attempt as i32);
+            assert!(last_error.unwrap().contains("unroutable"));
+        }
+    }
+    assert_eq!(
+        refusals(&upstream, stray).await,
+        None,
+        "after {DEAD_AFTER_REFUSALS} refusals the row left the outbox"
+    );
+    let dead: (i64, String, String, i32, String, Vec<u8>) = sqlx::query_as(
+        "SELECT id, correlation_id, routing_key, attempts, reason, body FROM outbox_dead",
+    )
+    .fetch_one(upstream.pool())
+    .await
+    .unwrap();
+    assert_eq!(dead.0, stray, "the dead row keeps its id");
+    assert_eq!(dead.1, "order-stray");
+    assert_eq!(dead.2, "order.cancelled.nowhere");
+    assert_eq!(dead.3, DEAD_AFTER_REFUSALS as i32);
+    assert!(
+        dead.4.contains("unroutable") && dead.4.contains("order.cancelled.nowhere"),
+        "{}",
+        dead.4
+    );
+    assert!(!dead.5.is_empty(), "the body is kept for a replay");
+    // The routable row went out with the first sweep; what is left sweeps cleanly.
+    let sent: Option<chrono::DateTime<chrono::Utc>> =
+        sqlx::query_scalar("SELECT sent_at FROM outbox WHERE id = $1")
+            .bind(fine)
+            .fetch_one(upstream.pool())
+            .await
+            .unwrap();
+    assert!(sent.is_some());
+    commit_old_row(&upstream, "order-later", "order.cancelled").await;
+    assert_eq!(relay.relay_batch().await.unwrap(), 1);
+    assert_eq!(relay.relay_batch().await.unwrap(), 0);
+    assert_eq!(env.message_count(&env.queue("downstream")).await, 2);
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_row_the_broker_cannot_take_because_it_is_away_is_never_given_up() {
+    let env = TestEnv::new(&[ServiceSpec::new("downstream", &["order.cancelled"])]).await;
+    let upstream = env.db("upstream").await;
+    let proxy = StallingProxy::in_front_of(env.amqp_url.expose_secret()).await;
+    proxy.cut();
+    let broker = Broker::new(
+        &SecretString::from(proxy.url_through(env.amqp_url.expose_secret())),
+        &env.namespace,
+        env.topology.clone(),
+        Duration::from_secs(2),
+    )
+    .unwrap();
+    let relay = Relay::new(upstream.clone(), broker.publisher()).with_grace(Duration::ZERO);
+    let row = commit_old_row(&upstream, "order-patient", "order.cancelled").await;
+    for sweep in 1..=DEAD_AFTER_REFUSALS {
+        let error = relay.relay_batch().await.unwrap_err();
+        let RelayError::Publish { first, .. } = &error else {
+            panic!("sweep {sweep}: {error}");
+        };
+        assert!(!matches!(first, PublishError::Unroutable { .. }), "{error}");
+    }
+    assert_eq!(
+        refusals(&upstream, row).await,
+        Some((0, None)),
+        "a broker away is no refusal"
+    );
+    let dead: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox_dead")
+        .fetch_one(upstream.pool())
+        .await
+        .unwrap();
+    assert_eq!(dead, 0);
+    proxy.resume();
+    assert_eq!(relay.relay_batch().await.unwrap(), 1);
+    assert_eq!(env.message_count(&env.queue("downstream")).await, 1);
+    broker.close();
     env.cleanup().await;
 }

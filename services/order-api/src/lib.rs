@@ -20,7 +20,8 @@
 //!
 //! - the **event pool** (`ORDERFLOW_DB_POOL_SIZE`): the read-model consumer's
 //!   units of work, and the long-poll watcher (its LISTEN connection and its
-//!   batched NOTIFY);
+//!   batched NOTIFY), and the retention of the schema's inbox and sent
+//!   outbox rows (`Retention`: short statements every few minutes);
 //! - the **HTTP pool** (`ORDERFLOW_HTTP_DB_POOL_SIZE`): everything a request
 //!   does, reads and writes alike. `POST /orders` and payment submissions
 //!   write too, and they are client traffic just as much as reads are: what
@@ -59,7 +60,7 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use orderflow_shared::Shutdown;
 use orderflow_shared::app::Ctx;
-use orderflow_shared::store::{Context, Db, Relay};
+use orderflow_shared::store::{Context, Db, Relay, Retention};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
@@ -123,6 +124,9 @@ pub async fn serve(ctx: Ctx, listener: TcpListener, shutdown: Shutdown) -> anyho
         ),
     );
     let relay = Relay::new(db.clone(), ctx.broker.publisher()).run(stop.clone());
+    // Old inbox rows of the read model and sent outbox rows of the API.
+    let retention =
+        tokio::spawn(Retention::new(events.clone(), settings.retention()).run(stop.clone()));
     let relay = supervise("outbox relay", stop.clone(), async move {
         relay.await;
         Ok::<(), std::convert::Infallible>(())
@@ -147,6 +151,9 @@ pub async fn serve(ctx: Ctx, listener: TcpListener, shutdown: Shutdown) -> anyho
 
     let (consumer, relay, server) = tokio::join!(consumer, relay, server);
     stop.cancel();
+    let retention = retention
+        .await
+        .map_err(|error| anyhow::anyhow!("the retention task panicked: {error}"));
     let watcher = watcher_task
         .await
         .map_err(|error| anyhow::anyhow!("the long-poll listener task panicked: {error}"));
@@ -158,6 +165,7 @@ pub async fn serve(ctx: Ctx, listener: TcpListener, shutdown: Shutdown) -> anyho
         .and(relay)
         .and(server.context("the HTTP server failed"))
         .and(watcher)
+        .and(retention)
 }
 
 /// Runs `task` on its own tokio task; when it ends before `stop` (by an error

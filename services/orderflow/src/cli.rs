@@ -113,7 +113,18 @@ pub enum Command {
             `orderflow.<service>.dead` with the reason in its headers. `dlq list` shows what \
             is there and why; once the cause is fixed, `dlq replay` puts messages back on \
             the service's own queue (not on the exchange, so no other service sees them \
-            twice). Uses ORDERFLOW_AMQP_URL and ORDERFLOW_NAMESPACE."
+            twice). Uses ORDERFLOW_AMQP_URL and ORDERFLOW_NAMESPACE.\n\n\
+            Dead outbox rows: an event a service committed but the broker kept refusing as \
+            unroutable (no queue bound to its routing key) is moved by the outbox relay to \
+            the `outbox_dead` table of its schema (orders, coordinator, payments, pricing). \
+            `dlq list` shows them too, read from ORDERFLOW_DATABASE_URL (JSON entries with \
+            \"source\": \"outbox\"; queue entries have \"source\": \"queue\"), and `dlq replay \
+            --outbox --schema S --id N` puts one back into its outbox once a queue is bound to \
+            its routing key.\n\n\
+            Retention: services prune inbox rows and finished sagas older than \
+            ORDERFLOW_RETENTION_DAYS (default 30). A dead letter first published longer ago \
+            may find them gone, so replaying it could apply it twice: `dlq replay` refuses \
+            such messages unless --force is given."
     )]
     Dlq(DlqCommand),
 
@@ -168,21 +179,28 @@ pub struct BenchArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum DlqCommand {
-    /// Count every service's dead letters and show the first few with their reasons
+    /// Count every service's dead letters and every schema's dead outbox rows, and show the
+    /// first few with their reasons
     List(DlqListArgs),
-    /// Move dead letters of one service back onto its queue
+    /// Move dead letters of one service back onto its queue, or a dead outbox row back into
+    /// its outbox (--outbox)
     Replay(DlqReplayArgs),
 }
 
 #[derive(Debug, Args)]
 pub struct DlqListArgs {
-    /// Only this service (e.g. generate-info, payment-provider-zhifubao)
+    /// Only this service's dead-letter queue (e.g. generate-info, payment-provider-zhifubao);
+    /// dead outbox rows are then listed only with --schema
     #[arg(long)]
     pub service: Option<String>,
-    /// Show at most this many messages per service
+    /// Only this schema's dead outbox rows (orders, coordinator, payments, pricing);
+    /// dead-letter queues are then listed only with --service
+    #[arg(long)]
+    pub schema: Option<String>,
+    /// Show at most this many messages per service and rows per schema
     #[arg(long, default_value_t = 10)]
     pub limit: usize,
-    /// Print the messages as JSON
+    /// Print the messages as JSON: one array, each entry with "source": "queue" or "outbox"
     #[arg(long)]
     pub json: bool,
 }
@@ -190,14 +208,29 @@ pub struct DlqListArgs {
 #[derive(Debug, Args)]
 pub struct DlqReplayArgs {
     /// The service whose dead letters to replay
-    #[arg(long)]
-    pub service: String,
+    #[arg(long, required_unless_present = "outbox", conflicts_with = "outbox")]
+    pub service: Option<String>,
     /// Replay only the message with this message id
-    #[arg(long)]
+    #[arg(long, conflicts_with = "outbox")]
     pub message_id: Option<String>,
     /// Replay at most this many messages
     #[arg(long, default_value_t = usize::MAX, hide_default_value = true)]
     pub limit: usize,
+    /// Replay even messages first published longer ago than the retention
+    /// (ORDERFLOW_RETENTION_DAYS): inboxes may no longer know them, so a message a service
+    /// had already applied would be applied again
+    #[arg(long)]
+    pub force: bool,
+    /// Put a dead outbox row (--schema, --id) back into its outbox instead: the schema's
+    /// relay publishes it at its next sweep. Bind a queue to its routing key first
+    #[arg(long, requires_all = ["schema", "id"])]
+    pub outbox: bool,
+    /// The schema of the dead outbox row (orders, coordinator, payments, pricing)
+    #[arg(long, requires = "outbox")]
+    pub schema: Option<String>,
+    /// The id of the dead outbox row, as `dlq list` shows it
+    #[arg(long, requires = "outbox")]
+    pub id: Option<i64>,
 }
 
 #[derive(Debug, Args)]

@@ -20,8 +20,12 @@
 //!   method is recorded on the step; payment providers charge only what is
 //!   recorded there.
 //! - **Execution history** ([`history`]) of every order.
+//! - **Retention** ([`retention`]): finished sagas, with their timers,
+//!   history, used tokens and payment step, are pruned once they ended
+//!   longer ago than `ORDERFLOW_RETENTION_DAYS`.
 
 pub mod history;
+pub mod retention;
 pub mod timers;
 
 use std::sync::Arc;
@@ -38,6 +42,7 @@ use orderflow_shared::store::{Context, Db, UnitOfWork};
 use orderflow_shared::token::{self, TokenKeys};
 use tokio::sync::Notify;
 
+use crate::retention::SagaRetention;
 use crate::timers::{Settled, TimerLoop};
 
 pub const SERVICE: &str = "saga-coordinator";
@@ -446,7 +451,8 @@ impl Handler for Coordinator {
 /// Deliveries applied in one transaction at most (whatever already waits).
 const BATCH_SIZE: usize = 32;
 
-/// Runs the coordinator (consumer, timer loop, outbox relay) until `shutdown`.
+/// Runs the coordinator (consumer, timer loop, outbox relay, retention of
+/// finished sagas and of the inbox) until `shutdown`.
 pub async fn run(ctx: Ctx, shutdown: Shutdown) -> anyhow::Result<()> {
     let db = ctx.db(Context::Coordinator).await?;
     let wake = Arc::new(Notify::new());
@@ -461,7 +467,11 @@ pub async fn run(ctx: Ctx, shutdown: Shutdown) -> anyhow::Result<()> {
         wake.clone(),
     ));
     let timer_loop = tokio::spawn(TimerLoop::new(db.clone(), wake).run(shutdown.clone()));
+    let retention = tokio::spawn(
+        SagaRetention::new(db.clone(), ctx.settings.retention()).run(shutdown.clone()),
+    );
     run_worker(&ctx, SERVICE, handler, Some(db), shutdown).await?;
     timer_loop.await?;
+    retention.await?;
     Ok(())
 }

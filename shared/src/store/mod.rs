@@ -6,6 +6,7 @@
 mod context;
 pub mod orders;
 mod outbox;
+pub mod retention;
 pub mod roles;
 mod unit;
 
@@ -19,7 +20,8 @@ use sqlx::{AssertSqlSafe, ConnectOptions, Connection, PgPool};
 
 pub use context::Context;
 use outbox::HandOver;
-pub use outbox::{Relay, RelayError};
+pub use outbox::{DEAD_AFTER_AGE, DEAD_AFTER_REFUSALS, HAND_OVER_LIMIT, Relay, RelayError};
+pub use retention::Retention;
 pub use unit::UnitOfWork;
 
 use crate::config::redact_url;
@@ -236,7 +238,7 @@ impl Db {
         Ok(Self {
             pool,
             schema: schema.to_owned(),
-            hand_over: Arc::new(HandOver::default()),
+            hand_over: Arc::new(HandOver::new(schema)),
         })
     }
 
@@ -250,6 +252,13 @@ impl Db {
 
     pub(crate) fn hand_over(&self) -> &Arc<HandOver> {
         &self.hand_over
+    }
+
+    /// Outbox rows committed on this `Db` and handed over to its running
+    /// relay that are not yet published and marked sent: what the relay
+    /// holds in memory, never more than its hand-over limit.
+    pub fn pending_hand_over(&self) -> usize {
+        self.hand_over.held_len()
     }
 
     /// Applies the runtime migrations (inbox, outbox) and then the context's
@@ -294,7 +303,7 @@ impl Db {
         let db = Self {
             pool,
             schema: context.schema().to_owned(),
-            hand_over: Arc::new(HandOver::default()),
+            hand_over: Arc::new(HandOver::new(context.schema())),
         };
         db.migrate(Some(&context.migrator())).await?;
         Ok(db)

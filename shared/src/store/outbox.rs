@@ -11,9 +11,25 @@
 //!   than a grace period and not in this relay's hands, published again with
 //!   the same `message_id` (consumers' inboxes drop the duplicate) and marked
 //!   sent. Any number of relays can sweep one outbox.
+//!
+//! Two bounds keep a relay from being stuck on what it cannot publish:
+//!
+//! - **Memory**: the relay holds at most [`HAND_OVER_LIMIT`] handed-over
+//!   rows at once. While the broker is away, rows beyond it are not kept in
+//!   memory (and not marked as held): they wait in the table like rows of a
+//!   process without a relay, and a sweep publishes them once the broker is
+//!   back.
+//! - **Unroutable rows**: a row the broker refuses as unroutable (no queue
+//!   bound to its routing key; the mandatory publish came back) is counted
+//!   (`attempts`, `last_error`) by each sweep that tries it; refused
+//!   [`DEAD_AFTER_REFUSALS`] times and at least [`DEAD_AFTER_AGE`] old, it
+//!   is moved to `outbox_dead` in the same transaction, so sweeps stop
+//!   trying it. `orderflow dlq list` shows such rows and `orderflow dlq
+//!   replay --outbox` puts one back. A broker that is away (timeouts,
+//!   connection errors, nacks) never sends a row there.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -42,13 +58,29 @@ pub enum RelayError {
     },
 }
 
+/// Most rows a relay holds from hand-overs at once (by default): handed
+/// over and not yet published and marked sent. Beyond it, committed rows are
+/// not kept in memory: they are safe in the table, and a sweep publishes
+/// them (once the broker is back, when it is away).
+pub const HAND_OVER_LIMIT: usize = 10_000;
+
 /// Rows handed over by committed units of work, and the ids the relay holds
-/// (handed over or being swept, not yet marked sent), which sweeps skip.
-#[derive(Debug, Default)]
+/// from hand-overs (handed over, not yet marked sent), which sweeps skip.
+/// Every held row is in memory (waiting, being published, or its id waiting
+/// to be marked), so bounding `held` bounds the memory: a unit whose rows
+/// find no room keeps them out of `held` too, and sweeps take them.
+#[derive(Debug)]
 pub(crate) struct HandOver {
+    /// The schema, for logs.
+    schema: String,
     /// Set while a relay runs on this `Db`; otherwise units hand nothing over
     /// and their rows wait for a sweep.
     attached: AtomicBool,
+    /// Most rows held at once (the running relay's hand-over limit).
+    limit: AtomicUsize,
+    /// Whether rows were turned away since the hand-over last had room
+    /// (logged once per episode).
+    overflowing: AtomicBool,
     pending: Mutex<Vec<(i64, Outgoing)>>,
     held: Mutex<HashSet<i64>>,
     wake: Notify,
@@ -61,19 +93,62 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl HandOver {
-    /// Gives committed rows to the running relay; `false` (rows left for a
-    /// sweep) when no relay runs on this `Db`.
-    pub(crate) fn hand_over(&self, rows: Vec<(i64, Outgoing)>) -> bool {
+    pub(crate) fn new(schema: &str) -> Self {
+        Self {
+            schema: schema.to_owned(),
+            attached: AtomicBool::new(false),
+            limit: AtomicUsize::new(HAND_OVER_LIMIT),
+            overflowing: AtomicBool::new(false),
+            pending: Mutex::default(),
+            held: Mutex::default(),
+            wake: Notify::new(),
+        }
+    }
+
+    /// Gives committed rows to the running relay, as many as its limit
+    /// leaves room for; returns how many it took. The others (all of them
+    /// when no relay runs on this `Db`) wait in the table for a sweep.
+    pub(crate) fn hand_over(&self, mut rows: Vec<(i64, Outgoing)>) -> usize {
         if !self.attached.load(Ordering::Acquire) || rows.is_empty() {
-            return false;
+            return 0;
         }
-        {
+        let offered = rows.len();
+        let taken = {
+            // Always `pending` before `held` (nothing else holds both).
+            let mut pending = lock(&self.pending);
             let mut held = lock(&self.held);
+            let room = self
+                .limit
+                .load(Ordering::Relaxed)
+                .saturating_sub(held.len());
+            rows.truncate(room);
             held.extend(rows.iter().map(|(id, _)| *id));
+            let taken = rows.len();
+            pending.extend(rows);
+            taken
+        };
+        if taken < offered {
+            if !self.overflowing.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    schema = %self.schema,
+                    limit = self.limit.load(Ordering::Relaxed),
+                    "the outbox relay holds as many handed-over rows as it may (the broker is slow \
+                     or away); further committed rows wait in the outbox table and a sweep \
+                     publishes them"
+                );
+            }
+        } else if self.overflowing.swap(false, Ordering::Relaxed) {
+            tracing::info!(schema = %self.schema, "the outbox relay takes handed-over rows again");
         }
-        lock(&self.pending).extend(rows);
-        self.wake.notify_one();
-        true
+        if taken > 0 {
+            self.wake.notify_one();
+        }
+        taken
+    }
+
+    /// Rows handed over and not yet published and marked sent.
+    pub(crate) fn held_len(&self) -> usize {
+        lock(&self.held).len()
     }
 
     fn take(&self) -> Vec<(i64, Outgoing)> {
@@ -90,6 +165,42 @@ impl HandOver {
             held.remove(id);
         }
     }
+}
+
+/// How many sweeps must have had the broker refuse a row as unroutable
+/// before it goes to `outbox_dead`.
+pub const DEAD_AFTER_REFUSALS: u32 = 5;
+
+/// How old a refused row must be before it goes to `outbox_dead`: a route
+/// that is missing for a moment (a topology being declared) costs nothing.
+pub const DEAD_AFTER_AGE: Duration = Duration::from_mins(1);
+
+/// Moves the rows among `$1` refused at least `$2` times and committed more
+/// than `$3` seconds ago from `outbox` to `outbox_dead`, in one statement.
+const MOVE_TO_DEAD: &str = "\
+WITH dead AS (
+    DELETE FROM outbox
+    WHERE id = ANY($1) AND attempts >= $2 AND created_at <= now() - make_interval(secs => $3)
+    RETURNING id, message_id, routing_key, correlation_id, causation_id, traceparent,
+              occurred_at, body, created_at, attempts, last_error
+)
+INSERT INTO outbox_dead (id, message_id, routing_key, correlation_id, causation_id, traceparent,
+                         occurred_at, body, created_at, attempts, last_error, reason)
+SELECT id, message_id, routing_key, correlation_id, causation_id, traceparent, occurred_at, body,
+       created_at, attempts, last_error,
+       format('unroutable: the broker refused it %s times; no queue is bound to routing key %s',
+              attempts, routing_key)
+FROM dead
+RETURNING id, message_id, routing_key, correlation_id, attempts";
+
+/// A row just moved to `outbox_dead`, for the log.
+#[derive(Debug, sqlx::FromRow)]
+struct DeadRow {
+    id: i64,
+    message_id: String,
+    routing_key: String,
+    correlation_id: String,
+    attempts: i32,
 }
 
 /// When sweeping may start again after failures.
@@ -118,6 +229,8 @@ pub struct Relay {
     grace: Duration,
     /// Most messages of hand-over batches waiting for their confirm at once.
     in_flight: Arc<Semaphore>,
+    /// Most rows held from hand-overs at once.
+    hand_over_limit: usize,
 }
 
 /// Publishes `rows` with all confirms in flight at once: the ids the broker
@@ -160,7 +273,16 @@ impl Relay {
             poll_interval: Duration::from_secs(1),
             grace: Duration::from_secs(2),
             in_flight: Arc::new(Semaphore::new(4096)),
+            hand_over_limit: HAND_OVER_LIMIT,
         }
+    }
+
+    /// Most rows the relay holds from hand-overs at once ([`HAND_OVER_LIMIT`]
+    /// by default); at least 1.
+    #[must_use]
+    pub fn with_hand_over_limit(mut self, rows: usize) -> Self {
+        self.hand_over_limit = rows.max(1);
+        self
     }
 
     /// How old an unsent row must be before a sweep takes it: younger rows
@@ -187,8 +309,10 @@ impl Relay {
 
     /// One sweep: claims up to one batch of unsent rows older than the grace
     /// period that this relay does not hold, publishes them (all confirms in
-    /// flight at once) and marks the confirmed ones sent. Returns how many
-    /// were published.
+    /// flight at once) and marks the confirmed ones sent; in the same
+    /// transaction it counts the rows the broker refused as unroutable and
+    /// moves those refused too often to `outbox_dead`. Returns how many were
+    /// published, or the first failure when any row was not.
     pub async fn relay_batch(&self) -> Result<usize, RelayError> {
         let hand_over = self.db.hand_over();
         let mut tx = self
@@ -222,7 +346,27 @@ impl Relay {
             .execute(&mut *tx)
             .await
             .map_err(|e| self.sql_error(e))?;
+        let dead = self
+            .record_refusals(&mut tx, &failures)
+            .await
+            .map_err(|e| self.sql_error(e))?;
         tx.commit().await.map_err(|e| self.sql_error(e))?;
+        for row in &dead {
+            tracing::error!(
+                schema = %self.db.schema(),
+                order_id = %row.correlation_id,
+                message_id = %row.message_id,
+                routing_key = %row.routing_key,
+                outbox_id = row.id,
+                refusals = row.attempts,
+                "outbox message moved to outbox_dead: the broker kept refusing it as unroutable (no \
+                 queue is bound to its routing key); sweeps no longer try it. Bind a queue to the \
+                 routing key (declare the topology), then `orderflow dlq replay --outbox --schema \
+                 {} --id {}`",
+                self.db.schema(),
+                row.id
+            );
+        }
         let claimed_count = claimed.len();
         match failures.len() {
             0 => Ok(sent.len()),
@@ -233,6 +377,41 @@ impl Relay {
                 first: failures.swap_remove(0).1,
             }),
         }
+    }
+
+    /// Counts, in the sweep's transaction, the claimed rows the broker
+    /// refused as unroutable, and moves those refused [`DEAD_AFTER_REFUSALS`]
+    /// times and committed at least [`DEAD_AFTER_AGE`] ago to `outbox_dead`.
+    /// Other failures (a broker away, a timeout) count for nothing: those
+    /// rows stay for the next sweep, however long it takes. Returns the rows
+    /// moved.
+    async fn record_refusals(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        failures: &[(i64, PublishError)],
+    ) -> Result<Vec<DeadRow>, sqlx::Error> {
+        let (ids, errors): (Vec<i64>, Vec<String>) = failures
+            .iter()
+            .filter(|(_, error)| matches!(error, PublishError::Unroutable { .. }))
+            .map(|(id, error)| (*id, error.to_string()))
+            .unzip();
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        sqlx::query(
+            "UPDATE outbox o SET attempts = o.attempts + 1, last_error = r.error \
+             FROM UNNEST($1::int8[], $2::text[]) AS r(id, error) WHERE o.id = r.id",
+        )
+        .bind(&ids)
+        .bind(&errors)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query_as(MOVE_TO_DEAD)
+            .bind(&ids)
+            .bind(i32::try_from(DEAD_AFTER_REFUSALS).unwrap_or(i32::MAX))
+            .bind(DEAD_AFTER_AGE.as_secs_f64())
+            .fetch_all(&mut *tx)
+            .await
     }
 
     /// Sweeps until nothing old enough is left. After a failure the next
@@ -260,18 +439,6 @@ impl Relay {
         }
     }
 
-    /// Deletes rows sent more than an hour ago so the table stays small.
-    async fn prune(&self) {
-        let result = sqlx::query(
-            "DELETE FROM outbox WHERE sent_at IS NOT NULL AND sent_at < now() - interval '1 hour'",
-        )
-        .execute(self.db.pool())
-        .await;
-        if let Err(error) = result {
-            tracing::warn!(%error, schema = %self.db.schema(), "pruning the outbox failed");
-        }
-    }
-
     /// Publishes one hand-over batch and passes the confirmed ids to the marker.
     async fn publish_handed_over(
         &self,
@@ -295,6 +462,9 @@ impl Relay {
     /// only once the future is first polled).
     pub fn run(self, shutdown: Shutdown) -> impl std::future::Future<Output = ()> + Send {
         let hand_over = self.db.hand_over().clone();
+        hand_over
+            .limit
+            .store(self.hand_over_limit, Ordering::Relaxed);
         hand_over.attached.store(true, Ordering::Release);
         self.serve(hand_over, shutdown)
     }
@@ -311,8 +481,6 @@ impl Relay {
         let mut failures = SweepBackoff::default();
         let mut sweep = tokio::time::interval(self.poll_interval);
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut prune = tokio::time::interval(Duration::from_mins(5));
-        prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             while publishing.try_join_next().is_some() {}
             tokio::select! {
@@ -321,7 +489,6 @@ impl Relay {
                     self.spawn_batch(hand_over.take(), &marker_tx, &mut publishing).await;
                 }
                 _ = sweep.tick() => self.sweep(&mut failures).await,
-                _ = prune.tick() => self.prune().await,
             }
         }
         // Units still committing hand nothing over from now on; what was

@@ -1,7 +1,9 @@
 //! A unit of work: the inbox row of the message being handled, the handler's
 //! state change and the events it emits (outbox rows), in one transaction.
 //! A duplicate delivery finds its inbox row and gets no unit of work at all.
-//! After the commit the outbox rows go straight to the relay (in memory).
+//! After the commit the outbox rows go straight to the relay (in memory), as
+//! many as its hand-over limit leaves room for; the others wait in the table
+//! for a sweep.
 
 use sqlx::{PgConnection, Postgres, Transaction};
 
