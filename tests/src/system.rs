@@ -93,6 +93,11 @@ impl System {
         let mut settings = env.settings();
         settings.gateway_latency_ms = 1;
         adjust(&mut settings);
+        // As `orderflow up` (or `orderflow db init` in a deployment) does
+        // before any worker starts.
+        orderflow_shared::store::Db::migrate_all(&env.database_url)
+            .await
+            .expect("migrate every context");
         let ctx = env.ctx_with(settings.clone(), "system");
         // Each service's own context (its own connection name, and the
         // settings `per_service` gives it).

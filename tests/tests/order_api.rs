@@ -105,6 +105,11 @@ impl Api {
     /// The API with `adjust`ed test settings (its bounds).
     async fn start_with(adjust: impl FnOnce(&mut Settings)) -> Self {
         let env = TestEnv::orderflow().await;
+        // The coordinator's schema too (its history is read here), as an
+        // operator provisions it before the services start.
+        orderflow_shared::store::Db::migrate_all(&env.database_url)
+            .await
+            .unwrap();
         let mut settings = env.settings();
         adjust(&mut settings);
         let http = reqwest::Client::new();

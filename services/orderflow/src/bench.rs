@@ -185,7 +185,7 @@ async fn main(args: &BenchArgs) -> anyhow::Result<ExitCode> {
             report["mode"] = json!("external");
             report
         } else {
-            store::ensure_database(&settings.database_url).await?;
+            store::Db::migrate_all(&settings.database_url).await?;
             let system = InProcess::start(settings.clone()).await?;
             let before = next_xid(&settings).await?;
             let report = bench(args, &system.base.clone()).await;

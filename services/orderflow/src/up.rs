@@ -35,7 +35,7 @@ async fn up(args: &UpArgs) -> anyhow::Result<()> {
         tracing::warn!("dev mode: signing payment tokens with the public development key");
         settings.token_keys = Some(SecretString::from(DEV_KEYS.to_owned()));
     }
-    orderflow_shared::store::ensure_database(&settings.database_url)
+    orderflow_shared::store::Db::migrate_all(&settings.database_url)
         .await
         .with_context(|| {
             format!(

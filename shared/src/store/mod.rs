@@ -309,6 +309,19 @@ impl Db {
         Ok(db)
     }
 
+    /// Creates every context's schema and applies its migrations, as an
+    /// operator does before starting the workers (`orderflow up`, the
+    /// tests): a service that reads another context's table (the API, the
+    /// providers) then finds it there whichever service starts first. A
+    /// deployment does this with `orderflow db init`.
+    pub async fn migrate_all(url: &SecretString) -> Result<(), StoreError> {
+        ensure_database(url).await?;
+        for context in Context::ALL {
+            Self::for_context(url, context, 1).await?.close().await;
+        }
+        Ok(())
+    }
+
     /// Connects to `context`'s schema and applies its migrations.
     pub async fn for_context(
         url: &SecretString,
