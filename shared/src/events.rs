@@ -169,13 +169,18 @@ pub enum DecodeError {
 
 const SELECTED_PREFIX: &str = "payment.selected.";
 
+/// Most characters of a decoding error's detail: serde quotes the offending
+/// value, which may be a megabyte long, and the detail becomes a dead
+/// letter's reason header.
+const MAX_DETAIL_CHARS: usize = 500;
+
 macro_rules! decode_as {
     ($variant:ident, $kind:expr, $value:expr) => {
         serde_json::from_value($value)
             .map(Event::$variant)
             .map_err(|e| DecodeError::Schema {
                 kind: $kind.to_owned(),
-                detail: e.to_string(),
+                detail: crate::envelope::abbreviate(&e.to_string(), MAX_DETAIL_CHARS),
             })
     };
 }
@@ -279,7 +284,7 @@ impl Event {
                         kind: kind.to_owned(),
                         detail: format!(
                             "method `{}` in the body differs from `{method}` in the routing key",
-                            e.method
+                            crate::envelope::abbreviate(&e.method, crate::envelope::ID_CHARS)
                         ),
                     }),
                     _ => Ok(event),

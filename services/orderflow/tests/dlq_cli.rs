@@ -68,7 +68,9 @@ async fn dead_letters_are_listed_with_their_reason_and_replayed_to_their_service
             &dead,
             "order.started",
             &good.body,
-            good.envelope.to_properties(reason("catalogue unavailable")),
+            good.envelope
+                .to_properties(reason("catalogue unavailable"))
+                .unwrap(),
         )
         .await
         .unwrap();
@@ -85,7 +87,7 @@ async fn dead_letters_are_listed_with_their_reason_and_replayed_to_their_service
             "",
             &dead,
             &legacy.body,
-            legacy.envelope.to_properties(extra),
+            legacy.envelope.to_properties(extra).unwrap(),
         )
         .await
         .unwrap();

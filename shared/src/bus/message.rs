@@ -3,7 +3,7 @@
 
 use lapin::message::Delivery;
 
-use crate::envelope::{Envelope, header_int, headers};
+use crate::envelope::{Envelope, ID_CHARS, MAX_SHORT_STRING, abbreviate, header_int, headers};
 use crate::events::{DecodeError, Event, parse_object};
 
 /// A received message, decoded.
@@ -34,6 +34,11 @@ impl Message {
     /// on deliveries that came back through `redeliver_exchange`, which only
     /// the broker (expired delays) and operators (replays) can publish to;
     /// on anything published to the events exchange it is 0.
+    ///
+    /// Never panics, whatever the delivery holds. An `order_id` longer than
+    /// an AMQP short string ([`MAX_SHORT_STRING`] bytes) is a schema error:
+    /// the order id travels as the `correlation_id` of every message about
+    /// the order, which could not be published (nor this one dead-lettered).
     pub(crate) fn decode(
         delivery: &Delivery,
         redeliver_exchange: &str,
@@ -62,6 +67,20 @@ impl Message {
             }
         };
         let body_order_id = match object.get("order_id") {
+            Some(serde_json::Value::String(id)) if id.len() > MAX_SHORT_STRING => {
+                return fail(
+                    Envelope::from_properties(properties, &routing_key, body, None),
+                    DecodeError::Schema {
+                        kind: routing_key.clone(),
+                        detail: format!(
+                            "order_id `{}` is {} bytes long; an order id travels as the AMQP \
+                             correlation_id, at most {MAX_SHORT_STRING} bytes",
+                            abbreviate(id, ID_CHARS),
+                            id.len()
+                        ),
+                    },
+                );
+            }
             Some(serde_json::Value::String(id)) if !id.is_empty() => Some(id.clone()),
             Some(serde_json::Value::String(_)) | None => None,
             Some(other) => {
@@ -69,7 +88,10 @@ impl Message {
                     Envelope::from_properties(properties, &routing_key, body, None),
                     DecodeError::Schema {
                         kind: routing_key.clone(),
-                        detail: format!("order_id must be a string, found {other}"),
+                        detail: format!(
+                            "order_id must be a string, found {}",
+                            abbreviate(&other.to_string(), ID_CHARS)
+                        ),
                     },
                 );
             }
@@ -131,5 +153,69 @@ impl Outgoing {
             envelope,
             body: event.to_json(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use lapin::BasicProperties;
+    use lapin::types::FieldTable;
+
+    use super::*;
+
+    const EVENTS: &str = "orderflow.events";
+    const REDELIVER: &str = "orderflow.worker.redeliver";
+
+    fn delivery(
+        exchange: &str,
+        routing_key: &str,
+        properties: BasicProperties,
+        body: Vec<u8>,
+    ) -> Delivery {
+        let mut delivery = Delivery::mock(1, exchange.into(), routing_key.into(), false, body);
+        delivery.properties = properties;
+        delivery
+    }
+
+    #[test]
+    fn an_order_id_amqp_cannot_carry_is_a_schema_error_with_a_publishable_envelope() {
+        let long = "o".repeat(MAX_SHORT_STRING + 1);
+        let body = serde_json::json!({"order_id": long, "reason": "r"}).to_string();
+        let Err(undecodable) = Message::decode(
+            &delivery(
+                EVENTS,
+                "order.cancelled",
+                BasicProperties::default(),
+                body.into_bytes(),
+            ),
+            REDELIVER,
+        ) else {
+            panic!("a 256-byte order id decoded");
+        };
+        let text = undecodable.error.to_string();
+        assert!(
+            text.contains("order_id") && text.contains("256 bytes"),
+            "{text}"
+        );
+        assert!(text.len() < 400, "the reason quotes the whole id: {text}");
+        assert!(
+            undecodable
+                .envelope
+                .to_properties(FieldTable::default())
+                .is_ok()
+        );
+        let fits = "o".repeat(MAX_SHORT_STRING);
+        let body = serde_json::json!({"order_id": fits, "reason": "r"}).to_string();
+        let message = Message::decode(
+            &delivery(
+                EVENTS,
+                "order.cancelled",
+                BasicProperties::default(),
+                body.into_bytes(),
+            ),
+            REDELIVER,
+        )
+        .unwrap();
+        assert_eq!(message.order_id(), fits);
     }
 }
