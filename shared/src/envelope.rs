@@ -293,7 +293,108 @@ pub fn header_int(headers: &FieldTable, key: &str) -> Option<i64> {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
+    use crate::strategies;
+
+    /// A message id as publishers send them: UUID v7s from any time a v7 can
+    /// hold (its limits often), other UUIDs, anything else.
+    fn message_id() -> impl Strategy<Value = String> {
+        prop_oneof![
+            (
+                prop_oneof![Just(0), Just(MAX_V7_MILLIS), 0..=MAX_V7_MILLIS],
+                any::<[u8; 10]>()
+            )
+                .prop_map(|(millis, random)| {
+                    uuid::Builder::from_unix_timestamp_millis(millis, &random)
+                        .into_uuid()
+                        .to_string()
+                }),
+            Just(Uuid::max().to_string()),
+            Just(Uuid::nil().to_string()),
+            any::<u128>().prop_map(|n| Uuid::from_u128(n).to_string()),
+            strategies::short_text(),
+        ]
+    }
+
+    fn envelope() -> impl Strategy<Value = Envelope> {
+        (
+            message_id(),
+            strategies::short_text(),
+            strategies::short_text(),
+            strategies::extreme_u64(),
+            proptest::option::of(strategies::text()),
+            strategies::text(),
+        )
+            .prop_map(
+                |(message_id, correlation_id, kind, timestamp, causation_id, traceparent)| {
+                    Envelope {
+                        message_id,
+                        correlation_id,
+                        kind,
+                        timestamp,
+                        causation_id,
+                        traceparent,
+                    }
+                },
+            )
+    }
+
+    proptest! {
+        /// The time of any envelope: from a v7 id, else the timestamp
+        /// (saturating); the id derived from it is a v7 of that time, or of
+        /// the latest a v7 holds.
+        #[test]
+        fn time_and_derived_ids_never_panic(envelope in envelope(), key in strategies::short_text()) {
+            let millis = envelope.time_millis();
+            let from_id = Uuid::parse_str(&envelope.message_id)
+                .ok()
+                .filter(|id| id.get_version_num() == 7);
+            if from_id.is_none() {
+                prop_assert_eq!(millis, envelope.timestamp.saturating_mul(1000));
+            }
+            let derived = Uuid::parse_str(&derive_caused_message_id(&envelope, &key)).unwrap();
+            prop_assert_eq!(derived.get_version_num(), 7);
+            let (secs, nanos) = derived.get_timestamp().unwrap().to_unix();
+            prop_assert_eq!(secs * 1000 + u64::from(nanos / 1_000_000), millis.min(MAX_V7_MILLIS));
+        }
+
+        /// A valid envelope (ids and type that AMQP carries, a message id)
+        /// survives properties and back; any other is an error, not a panic.
+        #[test]
+        fn envelopes_survive_properties_or_are_refused(
+            envelope in envelope(),
+            long in proptest::option::of((0..3_usize, MAX_SHORT_STRING + 1..2000)),
+        ) {
+            let mut envelope = envelope;
+            if let Some((field, len)) = long {
+                let value = "x".repeat(len);
+                match field {
+                    0 => envelope.message_id = value,
+                    1 => envelope.correlation_id = value,
+                    _ => envelope.kind = value,
+                }
+            }
+            match envelope.to_properties(FieldTable::default()) {
+                Ok(properties) => {
+                    prop_assert!(long.is_none());
+                    prop_assume!(!envelope.message_id.is_empty());
+                    let back = Envelope::from_properties(
+                        &properties,
+                        &envelope.kind,
+                        b"{}",
+                        Some(&envelope.correlation_id),
+                    );
+                    prop_assert_eq!(back, envelope);
+                }
+                Err(error) => {
+                    prop_assert!(long.is_some());
+                    prop_assert!(error.to_string().len() < 300, "{}", error);
+                }
+            }
+        }
+    }
 
     #[test]
     fn a_cause_beyond_what_a_v7_holds_gives_the_latest_v7_time_not_a_wrapped_one() {

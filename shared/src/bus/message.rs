@@ -159,9 +159,12 @@ impl Outgoing {
 #[cfg(test)]
 mod tests {
     use lapin::BasicProperties;
-    use lapin::types::FieldTable;
+    use lapin::types::{AMQPValue, FieldTable};
+    use proptest::prelude::*;
 
     use super::*;
+    use crate::envelope::{MAX_V7_MILLIS, derive_caused_message_id};
+    use crate::strategies;
 
     const EVENTS: &str = "orderflow.events";
     const REDELIVER: &str = "orderflow.worker.redeliver";
@@ -175,6 +178,76 @@ mod tests {
         let mut delivery = Delivery::mock(1, exchange.into(), routing_key.into(), false, body);
         delivery.properties = properties;
         delivery
+    }
+
+    /// A routing key, properties, a body and whether it came back through
+    /// the redeliver exchange.
+    fn any_delivery() -> impl Strategy<Value = (String, BasicProperties, Vec<u8>, bool)> {
+        strategies::routing_key().prop_flat_map(|key| {
+            let body = strategies::body(&key);
+            (Just(key), strategies::properties(), body, any::<bool>())
+        })
+    }
+
+    proptest! {
+        /// Whatever a publisher sends: `decode` returns, and what it returns
+        /// (a message, or the envelope of an undecodable one) can be
+        /// published and dead-lettered; a derived reply is publishable too.
+        #[test]
+        fn decoding_never_panics_and_its_result_can_be_published(
+            (key, properties, body, redelivered) in any_delivery()
+        ) {
+            let exchange = if redelivered { REDELIVER } else { EVENTS };
+            match Message::decode(&delivery(exchange, &key, properties, body), REDELIVER) {
+                Ok(message) => {
+                    prop_assert_eq!(&message.envelope.kind, &key);
+                    prop_assert_eq!(message.order_id(), message.envelope.correlation_id.as_str());
+                    prop_assert!(!message.order_id().is_empty());
+                    prop_assert!(message.order_id().len() <= MAX_SHORT_STRING);
+                    if !redelivered {
+                        prop_assert_eq!(message.retries, 0);
+                    }
+                    prop_assert!(message.envelope.to_properties(FieldTable::default()).is_ok());
+                    let millis = message.envelope.time_millis();
+                    let reply = Outgoing::derived(&message.event, &message.envelope);
+                    prop_assert!(reply.envelope.to_properties(FieldTable::default()).is_ok());
+                    let derived = uuid::Uuid::parse_str(&reply.envelope.message_id).unwrap();
+                    prop_assert_eq!(derived.get_version_num(), 7);
+                    let (secs, nanos) = derived.get_timestamp().unwrap().to_unix();
+                    prop_assert_eq!(
+                        secs * 1000 + u64::from(nanos / 1_000_000),
+                        millis.min(MAX_V7_MILLIS)
+                    );
+                }
+                Err(undecodable) => {
+                    prop_assert!(undecodable.envelope.to_properties(FieldTable::default()).is_ok());
+                    prop_assert!(!undecodable.error.to_string().is_empty());
+                    let _ = undecodable.envelope.time_millis();
+                    let _ = derive_caused_message_id(&undecodable.envelope, &key);
+                }
+            }
+        }
+
+        /// What the runtime publishes decodes to what it sent: the same
+        /// event, the same envelope.
+        #[test]
+        fn a_published_event_decodes_to_itself(event in strategies::event(), retries in 0..5_i64) {
+            let outgoing = Outgoing::event(&event, None);
+            prop_assume!(!event.order_id().is_empty());
+            prop_assume!(event.order_id().len() <= MAX_SHORT_STRING);
+            prop_assume!(outgoing.routing_key.len() <= MAX_SHORT_STRING);
+            let mut extra = FieldTable::default();
+            extra.insert(headers::RETRIES.into(), AMQPValue::LongLongInt(retries));
+            let properties = outgoing.envelope.to_properties(extra).unwrap();
+            let from_events = delivery(EVENTS, &outgoing.routing_key, properties.clone(), outgoing.body.clone());
+            let message = Message::decode(&from_events, REDELIVER).unwrap();
+            prop_assert_eq!(&message.event, &event);
+            prop_assert_eq!(&message.envelope, &outgoing.envelope);
+            prop_assert_eq!(message.retries, 0);
+            let replayed = delivery(REDELIVER, &outgoing.routing_key, properties, outgoing.body);
+            let message = Message::decode(&replayed, REDELIVER).unwrap();
+            prop_assert_eq!(i64::from(message.retries), retries);
+        }
     }
 
     #[test]
