@@ -44,11 +44,8 @@ pub enum StepError {
         start_secs: i64,
         timeout_secs: u64,
     },
-    #[error("order {order_id}: cannot mint the payment token: {source}")]
-    Token {
-        order_id: String,
-        source: TokenError,
-    },
+    #[error("order {order_id}: cannot mint the payment token: {cause}")]
+    Token { order_id: String, cause: TokenError },
 }
 
 /// The `payment.awaiting` for `info`, sent at `sent_millis` and handled at
@@ -98,9 +95,9 @@ pub fn open_step(
         expires_at,
         kid: keys.signing_kid().to_owned(),
     };
-    let token = keys.mint(&claims).map_err(|source| StepError::Token {
+    let token = keys.mint(&claims).map_err(|cause| StepError::Token {
         order_id: info.order_id.clone(),
-        source,
+        cause,
     })?;
     Ok(PaymentAwaiting {
         order_id: info.order_id.clone(),
