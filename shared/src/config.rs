@@ -27,11 +27,11 @@ pub struct Settings {
     pub http_addr: String,
     /// `ORDERFLOW_NAMESPACE`: prefix of every broker name (empty: none).
     pub namespace: String,
-    /// `ORDERFLOW_GENERATE_INFO_TIMEOUT_SECS`
+    /// `ORDERFLOW_GENERATE_INFO_TIMEOUT_SECS` (1 to [`MAX_TIMEOUT_SECS`])
     pub generate_info_timeout_secs: u64,
-    /// `ORDERFLOW_PAYMENT_TIMEOUT_SECS`
+    /// `ORDERFLOW_PAYMENT_TIMEOUT_SECS` (1 to [`MAX_TIMEOUT_SECS`])
     pub payment_timeout_secs: u64,
-    /// `ORDERFLOW_FLOW_TIMEOUT_SECS`
+    /// `ORDERFLOW_FLOW_TIMEOUT_SECS` (1 to [`MAX_TIMEOUT_SECS`])
     pub flow_timeout_secs: u64,
     /// `ORDERFLOW_TOKEN_KEYS`: `kid:secret[,kid:secret]`, the first one signs.
     pub token_keys: Option<SecretString>,
@@ -39,14 +39,15 @@ pub struct Settings {
     pub log: String,
     /// `ORDERFLOW_LOG_FORMAT`: `text` or `json`.
     pub log_format: LogFormat,
-    /// `ORDERFLOW_PREFETCH`: unacknowledged deliveries per consumer.
+    /// `ORDERFLOW_PREFETCH`: unacknowledged deliveries per consumer (at least 1).
     pub prefetch: u16,
-    /// `ORDERFLOW_CONCURRENCY`: handler invocations in flight per consumer.
+    /// `ORDERFLOW_CONCURRENCY`: handler invocations in flight per consumer
+    /// (1 to [`MAX_CONCURRENCY`]).
     pub concurrency: usize,
     /// `ORDERFLOW_DB_POOL_SIZE`: database connections per service (per schema
     /// pool). `orderflow up` runs ten such pools in one process, plus the
     /// order API's two HTTP pools (`ORDERFLOW_HTTP_DB_POOL_SIZE`): keep their
-    /// sum under the server's `max_connections` (100 by default).
+    /// sum under the server's `max_connections` (100 by default). At least 1.
     pub db_pool_size: u32,
     /// `ORDERFLOW_HTTP_REQUEST_TIMEOUT_MS`: longest the order API works on
     /// one request before it answers 503 (long polls excepted: they end by
@@ -64,11 +65,14 @@ pub struct Settings {
     /// schema for histories), apart from the read-model consumer's pool, so
     /// that clients cannot take the connections event handling needs.
     pub http_db_pool_size: u32,
-    /// `ORDERFLOW_PUBLISH_TIMEOUT_MS`: how long one publish may wait for its confirm.
+    /// `ORDERFLOW_PUBLISH_TIMEOUT_MS`: how long one publish may wait for its
+    /// confirm (at least 1).
     pub publish_timeout_ms: u64,
-    /// `ORDERFLOW_GATEWAY_LATENCY_MS`: the simulated payment gateway's latency.
+    /// `ORDERFLOW_GATEWAY_LATENCY_MS`: the simulated payment gateway's latency
+    /// (0 to [`MAX_GATEWAY_LATENCY_MS`]).
     pub gateway_latency_ms: u64,
-    /// `ORDERFLOW_GATEWAY_FAILURE_RATE`: share (0..1) of gateway calls that fail transiently.
+    /// `ORDERFLOW_GATEWAY_FAILURE_RATE`: share (0 to 1) of gateway calls that
+    /// fail transiently.
     pub gateway_failure_rate: f64,
     /// `ORDERFLOW_GATEWAY_RETRIES`: gateway retries before a provider gives up (`payment.failed`).
     pub gateway_retries: usize,
@@ -95,6 +99,18 @@ pub const DEFAULT_RETENTION_DAYS: u32 = 30;
 fn invalid(message: String) -> ConfigError {
     ConfigError(config::ConfigError::Message(message))
 }
+
+/// Longest saga timeout (`ORDERFLOW_*_TIMEOUT_SECS`): 365 days. Deadlines
+/// are computed from it; a year is far beyond any saga step.
+pub const MAX_TIMEOUT_SECS: u64 = 365 * 24 * 60 * 60;
+
+/// Most handler invocations in flight per consumer (`ORDERFLOW_CONCURRENCY`):
+/// the most deliveries a consumer can hold (the largest prefetch).
+pub const MAX_CONCURRENCY: usize = u16::MAX as usize;
+
+/// Longest simulated gateway latency (`ORDERFLOW_GATEWAY_LATENCY_MS`): a
+/// minute. A provider waits that long per call, holding its message.
+pub const MAX_GATEWAY_LATENCY_MS: u64 = 60_000;
 
 #[derive(Debug, thiserror::Error)]
 #[error("configuration is invalid: {0}; check the config file and the ORDERFLOW_* environment")]
@@ -161,35 +177,118 @@ impl Settings {
         Ok(settings)
     }
 
-    /// Checks what deserializing cannot: the bounds that must be at least 1.
-    /// [`load`](Self::load) calls it; so does a service given settings built
-    /// in code.
+    /// Checks what deserializing cannot: the ranges outside of which a
+    /// setting would panic a worker, overflow a deadline or silently mean
+    /// something else (a prefetch of 0 is "unlimited" to the broker, a NaN
+    /// failure rate never fails). [`load`](Self::load) calls it; so does a
+    /// service given settings built in code. The error names the setting,
+    /// its `ORDERFLOW_*` variable, the accepted range and the value found.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let at_least_one = [
+        const AT_LEAST_ONE: &str = "at least 1";
+        let timeout = format!("1 to {MAX_TIMEOUT_SECS} (365 days)");
+        let timeout_ok = |secs: u64| (1..=MAX_TIMEOUT_SECS).contains(&secs);
+        let checks = [
+            (
+                "generate_info_timeout_secs",
+                "ORDERFLOW_GENERATE_INFO_TIMEOUT_SECS",
+                timeout_ok(self.generate_info_timeout_secs),
+                timeout.clone(),
+                self.generate_info_timeout_secs.to_string(),
+            ),
+            (
+                "payment_timeout_secs",
+                "ORDERFLOW_PAYMENT_TIMEOUT_SECS",
+                timeout_ok(self.payment_timeout_secs),
+                timeout.clone(),
+                self.payment_timeout_secs.to_string(),
+            ),
+            (
+                "flow_timeout_secs",
+                "ORDERFLOW_FLOW_TIMEOUT_SECS",
+                timeout_ok(self.flow_timeout_secs),
+                timeout,
+                self.flow_timeout_secs.to_string(),
+            ),
+            (
+                "prefetch",
+                "ORDERFLOW_PREFETCH",
+                self.prefetch >= 1,
+                // 0 would be "no limit" to the broker.
+                format!("1 to {}", u16::MAX),
+                self.prefetch.to_string(),
+            ),
+            (
+                "concurrency",
+                "ORDERFLOW_CONCURRENCY",
+                (1..=MAX_CONCURRENCY).contains(&self.concurrency),
+                // More can never be busy: each invocation holds a delivery.
+                format!("1 to {MAX_CONCURRENCY}"),
+                self.concurrency.to_string(),
+            ),
+            (
+                "db_pool_size",
+                "ORDERFLOW_DB_POOL_SIZE",
+                self.db_pool_size >= 1,
+                AT_LEAST_ONE.to_owned(),
+                self.db_pool_size.to_string(),
+            ),
             (
                 "http_request_timeout_ms",
                 "ORDERFLOW_HTTP_REQUEST_TIMEOUT_MS",
-                self.http_request_timeout_ms == 0,
+                self.http_request_timeout_ms >= 1,
+                AT_LEAST_ONE.to_owned(),
+                self.http_request_timeout_ms.to_string(),
             ),
             (
                 "http_max_concurrency",
                 "ORDERFLOW_HTTP_MAX_CONCURRENCY",
-                self.http_max_concurrency == 0,
+                self.http_max_concurrency >= 1,
+                AT_LEAST_ONE.to_owned(),
+                self.http_max_concurrency.to_string(),
             ),
             (
                 "http_max_waiters",
                 "ORDERFLOW_HTTP_MAX_WAITERS",
-                self.http_max_waiters == 0,
+                self.http_max_waiters >= 1,
+                AT_LEAST_ONE.to_owned(),
+                self.http_max_waiters.to_string(),
             ),
             (
                 "http_db_pool_size",
                 "ORDERFLOW_HTTP_DB_POOL_SIZE",
-                self.http_db_pool_size == 0,
+                self.http_db_pool_size >= 1,
+                AT_LEAST_ONE.to_owned(),
+                self.http_db_pool_size.to_string(),
+            ),
+            (
+                "publish_timeout_ms",
+                "ORDERFLOW_PUBLISH_TIMEOUT_MS",
+                // 0 would time out every publish before its confirm.
+                self.publish_timeout_ms >= 1,
+                AT_LEAST_ONE.to_owned(),
+                self.publish_timeout_ms.to_string(),
+            ),
+            (
+                "gateway_latency_ms",
+                "ORDERFLOW_GATEWAY_LATENCY_MS",
+                self.gateway_latency_ms <= MAX_GATEWAY_LATENCY_MS,
+                format!("0 to {MAX_GATEWAY_LATENCY_MS} (a minute)"),
+                self.gateway_latency_ms.to_string(),
+            ),
+            (
+                "gateway_failure_rate",
+                "ORDERFLOW_GATEWAY_FAILURE_RATE",
+                // False for NaN too.
+                (0.0..=1.0).contains(&self.gateway_failure_rate),
+                "a number from 0 to 1".to_owned(),
+                self.gateway_failure_rate.to_string(),
             ),
         ];
-        if let Some((field, variable, _)) = at_least_one.iter().find(|(_, _, zero)| *zero) {
+        if let Some((field, variable, _, accepted, value)) =
+            checks.into_iter().find(|(_, _, ok, _, _)| !ok)
+        {
             return Err(invalid(format!(
-                "{field} ({variable}) must be at least 1, not 0"
+                "{field} ({variable}) must be {accepted}, not {value}"
             )));
         }
         if self.retention_days == 0 {
@@ -345,6 +444,98 @@ mod tests {
         let err =
             Settings::load_from(None, env(&[("ORDERFLOW_HTTP_MAX_WAITERS", "-1")])).unwrap_err();
         assert!(err.to_string().contains("http_max_waiters"), "{err}");
+    }
+
+    #[test]
+    fn every_bounded_setting_names_its_variable_and_range() {
+        for (variable, value, field, range) in [
+            (
+                "ORDERFLOW_GENERATE_INFO_TIMEOUT_SECS",
+                "0",
+                "generate_info_timeout_secs",
+                "1 to 31536000",
+            ),
+            (
+                "ORDERFLOW_PAYMENT_TIMEOUT_SECS",
+                "31536001",
+                "payment_timeout_secs",
+                "1 to 31536000",
+            ),
+            (
+                "ORDERFLOW_FLOW_TIMEOUT_SECS",
+                "18446744073709551615",
+                "flow_timeout_secs",
+                "1 to 31536000",
+            ),
+            ("ORDERFLOW_PREFETCH", "0", "prefetch", "1 to 65535"),
+            ("ORDERFLOW_CONCURRENCY", "0", "concurrency", "1 to 65535"),
+            (
+                "ORDERFLOW_CONCURRENCY",
+                "18446744073709551615",
+                "concurrency",
+                "1 to 65535",
+            ),
+            ("ORDERFLOW_DB_POOL_SIZE", "0", "db_pool_size", "at least 1"),
+            (
+                "ORDERFLOW_PUBLISH_TIMEOUT_MS",
+                "0",
+                "publish_timeout_ms",
+                "at least 1",
+            ),
+            (
+                "ORDERFLOW_GATEWAY_LATENCY_MS",
+                "60001",
+                "gateway_latency_ms",
+                "0 to 60000",
+            ),
+            (
+                "ORDERFLOW_GATEWAY_FAILURE_RATE",
+                "NaN",
+                "gateway_failure_rate",
+                "from 0 to 1",
+            ),
+            (
+                "ORDERFLOW_GATEWAY_FAILURE_RATE",
+                "-0.1",
+                "gateway_failure_rate",
+                "from 0 to 1",
+            ),
+            (
+                "ORDERFLOW_GATEWAY_FAILURE_RATE",
+                "1.5",
+                "gateway_failure_rate",
+                "from 0 to 1",
+            ),
+        ] {
+            let err = Settings::load_from(None, env(&[(variable, value)])).unwrap_err();
+            let text = err.to_string();
+            assert!(
+                text.contains(field) && text.contains(variable) && text.contains(range),
+                "{variable}={value}: {text}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_ends_of_every_range_are_accepted() {
+        let settings = Settings::load_from(
+            None,
+            env(&[
+                ("ORDERFLOW_GENERATE_INFO_TIMEOUT_SECS", "1"),
+                ("ORDERFLOW_PAYMENT_TIMEOUT_SECS", "31536000"),
+                ("ORDERFLOW_PREFETCH", "65535"),
+                ("ORDERFLOW_CONCURRENCY", "65535"),
+                ("ORDERFLOW_PUBLISH_TIMEOUT_MS", "1"),
+                ("ORDERFLOW_GATEWAY_LATENCY_MS", "0"),
+                ("ORDERFLOW_GATEWAY_FAILURE_RATE", "1"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(settings.payment_timeout_secs, MAX_TIMEOUT_SECS);
+        assert_eq!(settings.concurrency, MAX_CONCURRENCY);
+        assert!((settings.gateway_failure_rate - 1.0).abs() < f64::EPSILON);
+        // The defaults are within every range (load checks them too).
+        Settings::defaults().unwrap().validate().unwrap();
     }
 
     #[test]

@@ -29,6 +29,55 @@ pub mod headers {
     pub const FAILED_AT: &str = "x-orderflow-failed-at";
 }
 
+/// The longest AMQP short string, in bytes: the most a `message_id`, a
+/// `correlation_id` (so an order id), a `type`, a routing key or a broker
+/// name can hold. lapin panics on a longer one, so everything that becomes
+/// one is checked first.
+pub const MAX_SHORT_STRING: usize = 255;
+
+/// The latest time a UUID v7 can carry: 48 bits of milliseconds (the year
+/// 10889).
+pub const MAX_V7_MILLIS: u64 = (1 << 48) - 1;
+
+/// An envelope field too long for the AMQP property that carries it.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error(
+    "the {field} of message {message_id} is {len} bytes long, and AMQP carries at most \
+     {MAX_SHORT_STRING} there"
+)]
+pub struct TooLong {
+    /// `message_id`, `correlation_id` or `type`.
+    pub field: &'static str,
+    pub len: usize,
+    /// The message's id, abbreviated (it may be the long one).
+    pub message_id: String,
+}
+
+/// How many characters of an id [`abbreviate`] keeps for an error message.
+pub const ID_CHARS: usize = 64;
+
+/// At most the first `max` characters of `text`, `…` marking a cut: enough
+/// to tell a value in a log line or an error, never a megabyte of it.
+pub fn abbreviate(text: &str, max: usize) -> String {
+    match text.char_indices().nth(max) {
+        Some((cut, _)) => format!("{}…", &text[..cut]),
+        None => text.to_owned(),
+    }
+}
+
+/// `value` as the short string of `field`, or why it cannot be one.
+fn short_string(
+    field: &'static str,
+    value: &str,
+    message_id: &str,
+) -> Result<ShortString, TooLong> {
+    ShortString::try_new(value).map_err(|_| TooLong {
+        field,
+        len: value.len(),
+        message_id: abbreviate(message_id, ID_CHARS),
+    })
+}
+
 /// Fixed UUID v5 namespaces for derived identifiers (any constant would do; these
 /// must never change, or redeliveries of old messages stop being duplicates).
 const MESSAGE_ID_NAMESPACE: Uuid = Uuid::from_u128(0x6f72_6465_7266_6c6f_772d_6d73_6769_6401);
@@ -103,12 +152,19 @@ impl Envelope {
             .and_then(|id| id.get_timestamp())
             .map_or(self.timestamp.saturating_mul(1000), |ts| {
                 let (secs, nanos) = ts.to_unix();
-                secs * 1000 + u64::from(nanos / 1_000_000)
+                secs.saturating_mul(1000)
+                    .saturating_add(u64::from(nanos / 1_000_000))
             })
     }
 
-    /// AMQP properties carrying this envelope, persistent, JSON, plus `extra` headers.
-    pub fn to_properties(&self, extra: FieldTable) -> BasicProperties {
+    /// AMQP properties carrying this envelope, persistent, JSON, plus `extra`
+    /// headers; an error (never a panic) when an id or the type is longer than
+    /// an AMQP short string holds ([`MAX_SHORT_STRING`]).
+    pub fn to_properties(&self, extra: FieldTable) -> Result<BasicProperties, TooLong> {
+        let message_id = short_string("message_id", &self.message_id, &self.message_id)?;
+        let correlation_id =
+            short_string("correlation_id", &self.correlation_id, &self.message_id)?;
+        let kind = short_string("type", &self.kind, &self.message_id)?;
         let mut headers = extra;
         if let Some(causation_id) = &self.causation_id {
             headers.insert(
@@ -120,14 +176,14 @@ impl Envelope {
             headers::TRACEPARENT.into(),
             AMQPValue::LongString(self.traceparent.as_str().into()),
         );
-        BasicProperties::default()
-            .with_message_id(ShortString::from(self.message_id.as_str()))
-            .with_correlation_id(ShortString::from(self.correlation_id.as_str()))
-            .with_type(ShortString::from(self.kind.as_str()))
+        Ok(BasicProperties::default()
+            .with_message_id(message_id)
+            .with_correlation_id(correlation_id)
+            .with_type(kind)
             .with_timestamp(self.timestamp)
             .with_content_type("application/json".into())
             .with_delivery_mode(2)
-            .with_headers(headers)
+            .with_headers(headers))
     }
 
     /// The envelope of a received message. `routing_key` is the event name it
@@ -176,9 +232,12 @@ impl Envelope {
 
 /// A deterministic UUID v7 for the message with `routing_key` caused by
 /// `cause`: the cause's time (from its v7 id, else its timestamp) and 74 bits
-/// of a hash of the cause's id and the routing key.
+/// of a hash of the cause's id and the routing key. A cause timestamped later
+/// than a v7 UUID can carry (a publisher's AMQP timestamp of `u64::MAX`)
+/// gives the latest time one can ([`MAX_V7_MILLIS`]), not one wrapped around
+/// to some arbitrary year.
 pub fn derive_caused_message_id(cause: &Envelope, routing_key: &str) -> String {
-    let millis = cause.time_millis();
+    let millis = cause.time_millis().min(MAX_V7_MILLIS);
     let mut hasher = Sha256::new();
     hasher.update(cause.message_id.as_bytes());
     hasher.update([0]);
@@ -234,13 +293,125 @@ pub fn header_int(headers: &FieldTable, key: &str) -> Option<i64> {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
+    use crate::strategies;
+
+    /// A message id as publishers send them: UUID v7s from any time a v7 can
+    /// hold (its limits often), other UUIDs, anything else.
+    fn message_id() -> impl Strategy<Value = String> {
+        prop_oneof![
+            (
+                prop_oneof![Just(0), Just(MAX_V7_MILLIS), 0..=MAX_V7_MILLIS],
+                any::<[u8; 10]>()
+            )
+                .prop_map(|(millis, random)| {
+                    uuid::Builder::from_unix_timestamp_millis(millis, &random)
+                        .into_uuid()
+                        .to_string()
+                }),
+            Just(Uuid::max().to_string()),
+            Just(Uuid::nil().to_string()),
+            any::<u128>().prop_map(|n| Uuid::from_u128(n).to_string()),
+            strategies::short_text(),
+        ]
+    }
+
+    fn envelope() -> impl Strategy<Value = Envelope> {
+        (
+            message_id(),
+            strategies::short_text(),
+            strategies::short_text(),
+            strategies::extreme_u64(),
+            proptest::option::of(strategies::text()),
+            strategies::text(),
+        )
+            .prop_map(
+                |(message_id, correlation_id, kind, timestamp, causation_id, traceparent)| {
+                    Envelope {
+                        message_id,
+                        correlation_id,
+                        kind,
+                        timestamp,
+                        causation_id,
+                        traceparent,
+                    }
+                },
+            )
+    }
+
+    proptest! {
+        /// The time of any envelope: from a v7 id, else the timestamp
+        /// (saturating); the id derived from it is a v7 of that time, or of
+        /// the latest a v7 holds.
+        #[test]
+        fn time_and_derived_ids_never_panic(envelope in envelope(), key in strategies::short_text()) {
+            let millis = envelope.time_millis();
+            let from_id = Uuid::parse_str(&envelope.message_id)
+                .ok()
+                .filter(|id| id.get_version_num() == 7);
+            if from_id.is_none() {
+                prop_assert_eq!(millis, envelope.timestamp.saturating_mul(1000));
+            }
+            let derived = Uuid::parse_str(&derive_caused_message_id(&envelope, &key)).unwrap();
+            prop_assert_eq!(derived.get_version_num(), 7);
+            let (secs, nanos) = derived.get_timestamp().unwrap().to_unix();
+            prop_assert_eq!(secs * 1000 + u64::from(nanos / 1_000_000), millis.min(MAX_V7_MILLIS));
+        }
+
+        /// A valid envelope (ids and type that AMQP carries, a message id)
+        /// survives properties and back; any other is an error, not a panic.
+        #[test]
+        fn envelopes_survive_properties_or_are_refused(
+            envelope in envelope(),
+            long in proptest::option::of((0..3_usize, MAX_SHORT_STRING + 1..2000)),
+        ) {
+            let mut envelope = envelope;
+            if let Some((field, len)) = long {
+                let value = "x".repeat(len);
+                match field {
+                    0 => envelope.message_id = value,
+                    1 => envelope.correlation_id = value,
+                    _ => envelope.kind = value,
+                }
+            }
+            match envelope.to_properties(FieldTable::default()) {
+                Ok(properties) => {
+                    prop_assert!(long.is_none());
+                    prop_assume!(!envelope.message_id.is_empty());
+                    let back = Envelope::from_properties(
+                        &properties,
+                        &envelope.kind,
+                        b"{}",
+                        Some(&envelope.correlation_id),
+                    );
+                    prop_assert_eq!(back, envelope);
+                }
+                Err(error) => {
+                    prop_assert!(long.is_some());
+                    prop_assert!(error.to_string().len() < 300, "{}", error);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_cause_beyond_what_a_v7_holds_gives_the_latest_v7_time_not_a_wrapped_one() {
+        let mut cause = Envelope::new("order.started", "o-1");
+        cause.message_id = "not-a-uuid".to_owned();
+        cause.timestamp = u64::MAX;
+        let derived =
+            Uuid::parse_str(&derive_caused_message_id(&cause, "order.info-generated")).unwrap();
+        let (secs, _) = derived.get_timestamp().unwrap().to_unix();
+        assert_eq!(secs, MAX_V7_MILLIS / 1000);
+    }
 
     #[test]
     fn envelope_survives_amqp_properties() {
         let cause = Envelope::new("order.started", "o-1");
         let envelope = Envelope::caused_by("order.info-generated", "o-1", &cause);
-        let properties = envelope.to_properties(FieldTable::default());
+        let properties = envelope.to_properties(FieldTable::default()).unwrap();
         assert_eq!(properties.delivery_mode(), &Some(2));
         assert_eq!(
             properties.content_type().as_ref().map(ShortString::as_str),

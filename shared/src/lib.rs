@@ -12,6 +12,8 @@ pub mod envelope;
 pub mod events;
 pub mod metadata;
 pub mod store;
+#[cfg(any(test, feature = "proptest"))]
+pub mod strategies;
 pub mod telemetry;
 pub mod token;
 

@@ -253,7 +253,66 @@ impl Metadata {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
+    use crate::strategies;
+
+    fn sku() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just("hotpot-set".to_owned()),
+            Just("tea".to_owned()),
+            strategies::text(),
+        ]
+    }
+
+    fn method() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just("zhifubao".to_owned()),
+            Just("weixin".to_owned()),
+            Just("unionpay".to_owned()),
+            strategies::text(),
+        ]
+    }
+
+    fn quantity() -> impl Strategy<Value = i64> {
+        prop_oneof![
+            Just(i64::from(u32::MAX)),
+            1..=i64::from(u32::MAX),
+            strategies::extreme_i64(),
+        ]
+    }
+
+    proptest! {
+        /// Any lines, quantities at the extremes: a positive total that is
+        /// the exact sum, or the reason there is none.
+        #[test]
+        fn pricing_never_overflows(lines in prop::collection::vec((sku(), quantity()), 0..8)) {
+            let metadata = Metadata::embedded().unwrap();
+            let priced = metadata.price(lines.iter().map(|(sku, q)| (sku.as_str(), *q)));
+            if let Ok(total) = priced {
+                let exact: i128 = lines
+                    .iter()
+                    .map(|(sku, q)| {
+                        i128::from(metadata.product(sku).unwrap().price_cents) * i128::from(*q)
+                    })
+                    .sum();
+                prop_assert!(total > 0);
+                prop_assert_eq!(i128::from(total), exact);
+            }
+        }
+
+        /// Any method, any amount (`i64::MIN`, `i64::MAX`): the discounted
+        /// charge, or `None` for an unknown method; never an overflow.
+        #[test]
+        fn charging_never_overflows(method in method(), amount in strategies::extreme_i64()) {
+            let metadata = Metadata::embedded().unwrap();
+            let exact = metadata.provider(&method).map(|provider| {
+                (i128::from(amount) * i128::from(provider.discount_percent) + 50) / 100
+            });
+            prop_assert_eq!(metadata.charge_for(&method, amount).map(i128::from), exact);
+        }
+    }
 
     #[test]
     fn the_repository_metadata_is_valid_and_follows_the_design() {

@@ -46,6 +46,33 @@ pub enum Pricing {
     Conflict { first_message_id: String },
 }
 
+/// What `order` leads to: its info (the catalogue's total, the merchant's
+/// methods), or the reason it cannot be priced (an unknown sku, no products,
+/// a quantity of 0, a total too large for an `i64`). Pure: any order, with
+/// any strings and quantities, gives one or the other.
+pub fn decide(metadata: &Metadata, order: &OrderStarted) -> Event {
+    let lines = order
+        .products
+        .iter()
+        .map(|line| (line.sku.as_str(), i64::from(line.quantity)));
+    match metadata.price(lines) {
+        Ok(amount_cents) if amount_cents > 0 => Event::InfoGenerated(InfoGenerated {
+            order_id: order.order_id.clone(),
+            supplier: order.supplier.clone(),
+            payment_methods: metadata.payment_methods_for(&order.supplier).to_vec(),
+            amount_cents,
+        }),
+        Ok(amount_cents) => Event::InfoRejected(InfoRejected {
+            order_id: order.order_id.clone(),
+            reason: format!("cannot price the order: its total {amount_cents} is not positive"),
+        }),
+        Err(error) => Event::InfoRejected(InfoRejected {
+            order_id: order.order_id.clone(),
+            reason: format!("cannot price the order: {error}"),
+        }),
+    }
+}
+
 impl GenerateInfo {
     pub fn new(ctx: &Ctx, db: Db) -> Self {
         Self {
@@ -55,28 +82,9 @@ impl GenerateInfo {
         }
     }
 
-    /// What `order` leads to: its info, or the reason it cannot be priced.
+    /// What `order` leads to: [`decide`] with this service's metadata.
     pub fn decide(&self, order: &OrderStarted) -> Event {
-        let lines = order
-            .products
-            .iter()
-            .map(|line| (line.sku.as_str(), i64::from(line.quantity)));
-        match self.metadata.price(lines) {
-            Ok(amount_cents) if amount_cents > 0 => Event::InfoGenerated(InfoGenerated {
-                order_id: order.order_id.clone(),
-                supplier: order.supplier.clone(),
-                payment_methods: self.metadata.payment_methods_for(&order.supplier).to_vec(),
-                amount_cents,
-            }),
-            Ok(amount_cents) => Event::InfoRejected(InfoRejected {
-                order_id: order.order_id.clone(),
-                reason: format!("cannot price the order: its total {amount_cents} is not positive"),
-            }),
-            Err(error) => Event::InfoRejected(InfoRejected {
-                order_id: order.order_id.clone(),
-                reason: format!("cannot price the order: {error}"),
-            }),
-        }
+        decide(&self.metadata, order)
     }
 
     /// Records that `message` prices `order`, unless the order was priced
@@ -148,7 +156,7 @@ impl Handler for GenerateInfo {
         self.publisher
             .publish(&Outgoing::derived(&outcome, &message.envelope))
             .await
-            .map_err(HandleError::transient)
+            .map_err(HandleError::from)
     }
 }
 
@@ -157,4 +165,70 @@ pub async fn run(ctx: Ctx, shutdown: Shutdown) -> anyhow::Result<()> {
     let db = ctx.db(Context::Pricing).await?;
     let handler = Arc::new(GenerateInfo::new(&ctx, db));
     run_worker(&ctx, SERVICE, handler, None, shutdown).await
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(
+        clippy::unwrap_used,
+        reason = "a test fails loudly on the first surprise"
+    )]
+
+    use orderflow_shared::events::ProductLine;
+    use orderflow_shared::strategies;
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn order() -> impl Strategy<Value = OrderStarted> {
+        let sku = prop_oneof![
+            Just("hotpot-set".to_owned()),
+            Just("tea".to_owned()),
+            strategies::text(),
+        ];
+        let quantity = prop_oneof![Just(0), Just(1), Just(u32::MAX), any::<u32>()];
+        let line = (sku, quantity).prop_map(|(sku, quantity)| ProductLine { sku, quantity });
+        (
+            strategies::text(),
+            prop_oneof![Just("haidilao".to_owned()), strategies::text()],
+            prop::collection::vec(line, 0..6),
+            strategies::text(),
+        )
+            .prop_map(|(order_id, supplier, products, address)| OrderStarted {
+                order_id,
+                supplier,
+                products,
+                address,
+            })
+    }
+
+    proptest! {
+        /// Any order, quantities up to u32::MAX: its exact positive total
+        /// and the merchant's methods, or a reason; never a panic.
+        #[test]
+        fn every_order_is_priced_or_rejected(order in order()) {
+            let metadata = Metadata::embedded().unwrap();
+            match decide(&metadata, &order) {
+                Event::InfoGenerated(info) => {
+                    let exact: i128 = order
+                        .products
+                        .iter()
+                        .map(|line| {
+                            i128::from(metadata.product(&line.sku).unwrap().price_cents)
+                                * i128::from(line.quantity)
+                        })
+                        .sum();
+                    prop_assert!(info.amount_cents > 0);
+                    prop_assert_eq!(i128::from(info.amount_cents), exact);
+                    prop_assert_eq!(info.payment_methods, metadata.payment_methods_for(&order.supplier));
+                    prop_assert_eq!(info.order_id, order.order_id);
+                }
+                Event::InfoRejected(rejected) => {
+                    prop_assert!(rejected.reason.starts_with("cannot price the order: "));
+                    prop_assert_eq!(rejected.order_id, order.order_id);
+                }
+                other => prop_assert!(false, "unexpected {:?}", other),
+            }
+        }
+    }
 }

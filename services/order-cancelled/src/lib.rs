@@ -72,3 +72,31 @@ pub async fn run(ctx: Ctx, shutdown: Shutdown) -> anyhow::Result<()> {
     let handler = Arc::new(OrderCancelledHandler { db: db.clone() });
     run_worker(&ctx, SERVICE, handler, Some(db), shutdown).await
 }
+
+#[cfg(test)]
+mod tests {
+    use orderflow_shared::strategies;
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        /// Any event, strings of any content: the cancelling ones give their
+        /// reason (the rejection's or failure's own text within it), the
+        /// others none; never a panic.
+        #[test]
+        fn every_event_has_a_reason_or_none(event in strategies::event()) {
+            let reason = cancellation_reason(&event);
+            match &event {
+                Event::PaymentRejected(e) => prop_assert_eq!(reason, Some(e.reason.clone())),
+                Event::InfoRejected(e) => prop_assert_eq!(reason, Some(e.reason.clone())),
+                Event::PaymentFailed(e) => {
+                    let reason = reason.unwrap_or_default();
+                    prop_assert!(reason.contains(&e.provider) && reason.ends_with(&e.reason));
+                }
+                Event::SagaTimedOut(_) => prop_assert!(reason.is_some_and(|r| r.starts_with("timed out"))),
+                _ => prop_assert_eq!(reason, None),
+            }
+        }
+    }
+}

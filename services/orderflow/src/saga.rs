@@ -248,10 +248,11 @@ fn short_detail(detail: &Value) -> String {
         parts.push(text(supplier));
     }
     if let Some(products) = field("products").and_then(Value::as_array) {
-        let items: u64 = products
+        // Saturating: a detail is any JSON, and `sum` panics on overflow.
+        let items = products
             .iter()
             .filter_map(|line| line.get("quantity").and_then(Value::as_u64))
-            .sum();
+            .fold(0_u64, u64::saturating_add);
         parts.push(format!("{items} item{}", if items == 1 { "" } else { "s" }));
     }
     if let Some(method) = field("method").or_else(|| field("provider")) {
@@ -384,5 +385,35 @@ mod tests {
     fn money_handles_negative_amounts() {
         assert_eq!(money(&json!(-5)), "-0.05");
         assert_eq!(money(&json!(12345)), "123.45");
+        assert_eq!(money(&json!(i64::MIN)), "-92233720368547758.08");
+        assert_eq!(money(&json!(i64::MAX)), "92233720368547758.07");
+    }
+
+    #[test]
+    fn quantities_beyond_u64_saturate() {
+        let detail = json!({"products": [{"quantity": u64::MAX}, {"quantity": u64::MAX}]});
+        assert_eq!(short_detail(&detail), format!("{} items", u64::MAX));
+    }
+
+    proptest::proptest! {
+        /// Any JSON as an entry's detail (the history keeps what the
+        /// coordinator was sent): a short one-line cell, never a panic, and
+        /// nothing of the payment token.
+        #[test]
+        fn any_detail_renders_as_one_short_line(
+            detail in orderflow_shared::strategies::json_value(),
+            (kind, object) in orderflow_shared::strategies::keyed_event_object(),
+        ) {
+            for detail in [detail, Value::Object(object)] {
+                let cell = short_detail(&detail);
+                proptest::prop_assert!(cell.chars().count() <= DETAIL_WIDTH, "{kind}: {cell}");
+                proptest::prop_assert!(!cell.chars().any(char::is_control), "{kind}: {cell:?}");
+                let mut without_token = detail.clone();
+                if let Some(fields) = without_token.as_object_mut() {
+                    fields.remove("token");
+                }
+                proptest::prop_assert_eq!(&cell, &short_detail(&without_token), "{}", kind);
+            }
+        }
     }
 }

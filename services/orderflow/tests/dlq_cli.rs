@@ -80,7 +80,9 @@ async fn dead_letters_are_listed_with_their_reason_and_replayed_to_their_service
             &dead,
             "order.started",
             &good.body,
-            good.envelope.to_properties(reason("catalogue unavailable")),
+            good.envelope
+                .to_properties(reason("catalogue unavailable"))
+                .unwrap(),
         )
         .await
         .unwrap();
@@ -97,7 +99,7 @@ async fn dead_letters_are_listed_with_their_reason_and_replayed_to_their_service
             "",
             &dead,
             &legacy.body,
-            legacy.envelope.to_properties(extra),
+            legacy.envelope.to_properties(extra).unwrap(),
         )
         .await
         .unwrap();
@@ -197,7 +199,9 @@ async fn a_dead_letter_older_than_the_retention_is_replayed_only_with_force() {
             &dead,
             "order.started",
             &old.body,
-            old.envelope.to_properties(reason("catalogue unavailable")),
+            old.envelope
+                .to_properties(reason("catalogue unavailable"))
+                .unwrap(),
         )
         .await
         .unwrap();

@@ -2,7 +2,9 @@
 //! demo's `waitForCallback`): mints the signed task token and publishes
 //! `payment.awaiting` with it. The token is minted from the triggering event
 //! alone (its order, methods, amount and time), so a redelivery mints the same
-//! token and publishes the same message id.
+//! token and publishes the same message id. An `order.info-generated` that
+//! cannot open a step (an amount that is not positive) is dead-lettered with
+//! the reason ([`StepError`]).
 
 use std::sync::Arc;
 
@@ -11,7 +13,7 @@ use orderflow_shared::Shutdown;
 use orderflow_shared::app::{Ctx, run_worker};
 use orderflow_shared::bus::{HandleError, Handler, Message, Outgoing, Publisher};
 use orderflow_shared::events::{Event, InfoGenerated, PaymentAwaiting};
-use orderflow_shared::token::{Claims, TokenKeys};
+use orderflow_shared::token::{Claims, TokenError, TokenKeys};
 
 pub const SERVICE: &str = "payment-wait";
 
@@ -20,52 +22,109 @@ pub const PAYMENT_STEP: &str = "payment";
 
 pub struct PaymentWait {
     keys: TokenKeys,
-    timeout_secs: i64,
+    timeout_secs: u64,
     publisher: Publisher,
+}
+
+/// Why no payment step is opened for an `order.info-generated`: permanent,
+/// the same message would fail the same way again.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum StepError {
+    #[error(
+        "order {order_id}: order.info-generated carries amount {amount_cents}, not a positive \
+         amount; no payment step is opened (nothing could be charged)"
+    )]
+    NotPositive { order_id: String, amount_cents: i64 },
+    #[error(
+        "order {order_id}: a deadline {timeout_secs} s after {start_secs} s since the epoch is \
+         not a date; no payment step is opened (check ORDERFLOW_PAYMENT_TIMEOUT_SECS)"
+    )]
+    OutOfRange {
+        order_id: String,
+        start_secs: i64,
+        timeout_secs: u64,
+    },
+    #[error("order {order_id}: cannot mint the payment token: {cause}")]
+    Token { order_id: String, cause: TokenError },
+}
+
+/// The `payment.awaiting` for `info`, sent at `sent_millis` and handled at
+/// `now_millis` (milliseconds since the epoch), open `timeout_secs`.
+///
+/// The deadline is a whole second (token claims carry seconds), rounded up
+/// so the step is open at least the whole timeout, counted from when the
+/// message was sent: a redelivery mints the same token. A message cannot be
+/// sent after it is handled, so a time later than now (a publisher's absurd
+/// AMQP timestamp) counts as now, as the coordinator's deadlines do, and a
+/// token never lives longer than the timeout from now. An amount that is
+/// not positive, or a deadline no date can hold, is a [`StepError`].
+pub fn open_step(
+    keys: &TokenKeys,
+    timeout_secs: u64,
+    info: &InfoGenerated,
+    sent_millis: u64,
+    now_millis: i64,
+) -> Result<PaymentAwaiting, StepError> {
+    if info.amount_cents <= 0 {
+        return Err(StepError::NotPositive {
+            order_id: info.order_id.clone(),
+            amount_cents: info.amount_cents,
+        });
+    }
+    let start_secs = i64::try_from(sent_millis)
+        .unwrap_or(i64::MAX)
+        .min(now_millis)
+        .saturating_add(999)
+        .div_euclid(1000);
+    let out_of_range = || StepError::OutOfRange {
+        order_id: info.order_id.clone(),
+        start_secs,
+        timeout_secs,
+    };
+    let expires_at = i64::try_from(timeout_secs)
+        .ok()
+        .and_then(|timeout| start_secs.checked_add(timeout))
+        .ok_or_else(out_of_range)?;
+    let deadline = DateTime::<Utc>::from_timestamp(expires_at, 0).ok_or_else(out_of_range)?;
+    let claims = Claims {
+        order_id: info.order_id.clone(),
+        step: PAYMENT_STEP.to_owned(),
+        attempt: 1,
+        methods: info.payment_methods.clone(),
+        amount_cents: info.amount_cents,
+        expires_at,
+        kid: keys.signing_kid().to_owned(),
+    };
+    let token = keys.mint(&claims).map_err(|cause| StepError::Token {
+        order_id: info.order_id.clone(),
+        cause,
+    })?;
+    Ok(PaymentAwaiting {
+        order_id: info.order_id.clone(),
+        token,
+        payment_methods: info.payment_methods.clone(),
+        amount_cents: info.amount_cents,
+        expires_at: deadline,
+    })
 }
 
 impl PaymentWait {
     pub fn new(ctx: &Ctx) -> anyhow::Result<Self> {
         Ok(Self {
             keys: ctx.require_token_keys()?.clone(),
-            timeout_secs: i64::try_from(ctx.settings.payment_timeout_secs).unwrap_or(i64::MAX),
+            timeout_secs: ctx.settings.payment_timeout_secs,
             publisher: ctx.broker.publisher(),
         })
     }
 
-    /// The `payment.awaiting` for `info`, triggered at `at_millis`
-    /// (milliseconds since the epoch). The deadline is a whole second (token
-    /// claims carry seconds), rounded up so the step is open at least the
-    /// whole timeout.
+    /// [`open_step`] with this service's keys and timeout.
     pub fn open_step(
         &self,
         info: &InfoGenerated,
-        at_millis: i64,
-    ) -> Result<PaymentAwaiting, HandleError> {
-        let expires_at = at_millis
-            .saturating_add(999)
-            .div_euclid(1000)
-            .saturating_add(self.timeout_secs);
-        let claims = Claims {
-            order_id: info.order_id.clone(),
-            step: PAYMENT_STEP.to_owned(),
-            attempt: 1,
-            methods: info.payment_methods.clone(),
-            amount_cents: info.amount_cents,
-            expires_at,
-            kid: self.keys.signing_kid().to_owned(),
-        };
-        let token = self.keys.mint(&claims).map_err(HandleError::permanent)?;
-        let expires_at = DateTime::<Utc>::from_timestamp(expires_at, 0).ok_or_else(|| {
-            HandleError::permanent(anyhow::anyhow!("deadline {expires_at} is out of range"))
-        })?;
-        Ok(PaymentAwaiting {
-            order_id: info.order_id.clone(),
-            token,
-            payment_methods: info.payment_methods.clone(),
-            amount_cents: info.amount_cents,
-            expires_at,
-        })
+        sent_millis: u64,
+        now_millis: i64,
+    ) -> Result<PaymentAwaiting, StepError> {
+        open_step(&self.keys, self.timeout_secs, info, sent_millis, now_millis)
     }
 }
 
@@ -74,8 +133,13 @@ impl Handler for PaymentWait {
         let Event::InfoGenerated(info) = &message.event else {
             return Ok(());
         };
-        let at = i64::try_from(message.envelope.time_millis()).unwrap_or(i64::MAX);
-        let awaiting = self.open_step(info, at)?;
+        let awaiting = self
+            .open_step(
+                info,
+                message.envelope.time_millis(),
+                Utc::now().timestamp_millis(),
+            )
+            .map_err(HandleError::permanent)?;
         tracing::info!(
             order_id = %info.order_id,
             expires_at = %awaiting.expires_at,
@@ -87,7 +151,7 @@ impl Handler for PaymentWait {
                 &message.envelope,
             ))
             .await
-            .map_err(HandleError::transient)
+            .map_err(HandleError::from)
     }
 }
 
@@ -95,4 +159,126 @@ impl Handler for PaymentWait {
 pub async fn run(ctx: Ctx, shutdown: Shutdown) -> anyhow::Result<()> {
     let handler = Arc::new(PaymentWait::new(&ctx)?);
     run_worker(&ctx, SERVICE, handler, None, shutdown).await
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(
+        clippy::unwrap_used,
+        reason = "a test fails loudly on the first surprise"
+    )]
+
+    use orderflow_shared::strategies;
+    use proptest::prelude::*;
+    use secrecy::SecretString;
+
+    use super::*;
+
+    fn keys() -> TokenKeys {
+        TokenKeys::parse(&SecretString::from("test:orderflow-test-signing-key")).unwrap()
+    }
+
+    fn info() -> impl Strategy<Value = InfoGenerated> {
+        (
+            strategies::text(),
+            strategies::text(),
+            prop::collection::vec(strategies::text(), 0..3),
+            strategies::extreme_i64(),
+        )
+            .prop_map(|(order_id, supplier, payment_methods, amount_cents)| {
+                InfoGenerated {
+                    order_id,
+                    supplier,
+                    payment_methods,
+                    amount_cents,
+                }
+            })
+    }
+
+    fn timeout_secs() -> impl Strategy<Value = u64> {
+        prop_oneof![
+            Just(0),
+            Just(300),
+            Just(orderflow_shared::config::MAX_TIMEOUT_SECS),
+            Just(u64::MAX),
+            any::<u64>(),
+        ]
+    }
+
+    fn now_millis() -> impl Strategy<Value = i64> {
+        prop_oneof![
+            Just(Utc::now().timestamp_millis()),
+            Just(i64::MIN),
+            Just(i64::MAX),
+            strategies::extreme_i64(),
+        ]
+    }
+
+    proptest! {
+        /// Any info, sent any time, any timeout, any now: a step whose token
+        /// says what the awaiting carries and expires no later than the
+        /// timeout from now, or the reason there is none; never a panic.
+        #[test]
+        fn opening_a_step_never_panics(
+            info in info(),
+            timeout in timeout_secs(),
+            sent in strategies::extreme_u64(),
+            now in now_millis(),
+        ) {
+            match open_step(&keys(), timeout, &info, sent, now) {
+                Ok(awaiting) => {
+                    prop_assert!(awaiting.amount_cents > 0);
+                    let claims = keys().verify(&awaiting.token, i64::MIN).unwrap();
+                    prop_assert_eq!(claims.expires_at, awaiting.expires_at.timestamp());
+                    prop_assert_eq!(&claims.order_id, &info.order_id);
+                    prop_assert_eq!(claims.amount_cents, info.amount_cents);
+                    let latest = i128::from(now).div_euclid(1000) + 1 + i128::from(timeout);
+                    prop_assert!(i128::from(claims.expires_at) <= latest);
+                    if let Ok(sent) = i64::try_from(sent) && sent <= now {
+                        let from_sent = sent.div_euclid(1000) + i64::from(sent.rem_euclid(1000) > 0);
+                        prop_assert_eq!(i128::from(claims.expires_at), i128::from(from_sent) + i128::from(timeout));
+                    }
+                }
+                Err(StepError::NotPositive { amount_cents, .. }) => prop_assert!(amount_cents <= 0),
+                Err(error) => prop_assert!(info.amount_cents > 0, "{}", error),
+            }
+        }
+    }
+
+    #[test]
+    fn a_redelivery_mints_the_same_token_and_a_future_time_counts_from_now() {
+        let info = InfoGenerated {
+            order_id: "o-1".to_owned(),
+            supplier: "haidilao".to_owned(),
+            payment_methods: vec!["zhifubao".to_owned()],
+            amount_cents: 12_800,
+        };
+        let now = 1_741_064_767_000;
+        let sent = 1_741_064_700_001_u64;
+        let first = open_step(&keys(), 300, &info, sent, now).unwrap();
+        let again = open_step(&keys(), 300, &info, sent, now + 60_000).unwrap();
+        assert_eq!(first, again);
+        assert_eq!(first.expires_at.timestamp(), 1_741_064_701 + 300);
+        for absurd in [u64::MAX, 8_000_000_000_000_000] {
+            let awaiting = open_step(&keys(), 300, &info, absurd, now).unwrap();
+            assert_eq!(awaiting.expires_at.timestamp(), now / 1000 + 300);
+        }
+    }
+
+    #[test]
+    fn no_step_for_an_amount_that_is_not_positive() {
+        for amount_cents in [0, -1, i64::MIN] {
+            let info = InfoGenerated {
+                order_id: "o-1".to_owned(),
+                supplier: "s".to_owned(),
+                payment_methods: vec![],
+                amount_cents,
+            };
+            let error = open_step(&keys(), 300, &info, 0, 0).unwrap_err();
+            assert!(
+                error.to_string().contains("not a positive amount"),
+                "{error}"
+            );
+        }
+    }
 }

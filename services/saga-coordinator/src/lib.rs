@@ -3,7 +3,8 @@
 //! - **Saga state**: running / completed / cancelled and the step each saga
 //!   waits on, from the events it sees (it consumes every event).
 //! - **Durable timers** ([`timers`]): generate-info and flow armed on
-//!   `order.started`, payment armed on `payment.awaiting` (at the token's
+//!   `order.started` (counted from when it was sent, never from later than
+//!   now: [`deadline`]), payment armed on `payment.awaiting` (at the token's
 //!   expiry); a fired timer becomes `saga.timed-out`.
 //! - **The payment step**: opened by the first genuine `payment.awaiting` of
 //!   an order, which fixes its amount, methods and the one token it accepts
@@ -77,10 +78,29 @@ pub struct Coordinator {
 #[error("payment step of order {0} is not open yet; retrying until payment.awaiting arrives")]
 struct StepNotOpenYet(String);
 
-fn at_millis(envelope_millis: u64, after: Duration) -> DateTime<Utc> {
-    let millis = i64::try_from(envelope_millis).unwrap_or(i64::MAX);
-    DateTime::<Utc>::from_timestamp_millis(millis).unwrap_or_else(Utc::now)
-        + chrono::Duration::from_std(after).unwrap_or(chrono::Duration::MAX)
+/// When a step armed by a message sent at `sent_millis` (milliseconds since
+/// the epoch, [`Envelope::time_millis`]) is due: `timeout` after the message
+/// was sent, so a message handled late keeps its deadline.
+///
+/// A message cannot have been sent after it is handled: a time later than
+/// `now` (a clock ahead, or a publisher's absurd AMQP timestamp, anything up
+/// to `u64::MAX` seconds) counts as `now`, so the deadline is at most
+/// `now + timeout`, never a date so far ahead that the saga could not time
+/// out, and never an overflow. A timeout no date can hold (settings are
+/// validated to 365 days; only settings built in code can be larger) gives
+/// the latest date there is: never.
+///
+/// [`Envelope::time_millis`]: orderflow_shared::envelope::Envelope::time_millis
+pub fn deadline(sent_millis: u64, timeout: Duration, now: DateTime<Utc>) -> DateTime<Utc> {
+    let sent = i64::try_from(sent_millis)
+        .ok()
+        .and_then(DateTime::<Utc>::from_timestamp_millis)
+        .filter(|sent| *sent <= now)
+        .unwrap_or(now);
+    chrono::Duration::from_std(timeout)
+        .ok()
+        .and_then(|timeout| sent.checked_add_signed(timeout))
+        .unwrap_or(DateTime::<Utc>::MAX_UTC)
 }
 
 /// The payment step of an order, as the coordinator opened it.
@@ -327,7 +347,8 @@ impl Coordinator {
         let (status, first_digest) =
             Self::lock_saga(unit, order_id, started_digest.as_deref()).await?;
         let running = status == "running";
-        let started = message.envelope.time_millis();
+        let sent = message.envelope.time_millis();
+        let now = Utc::now();
         let mut armed = false;
         let mut rejected = None;
         match &message.event {
@@ -345,14 +366,14 @@ impl Coordinator {
                     conn,
                     order_id,
                     Step::GenerateInfo,
-                    at_millis(started, self.timeouts.generate_info),
+                    deadline(sent, self.timeouts.generate_info, now),
                 )
                 .await?;
                 timers::arm(
                     conn,
                     order_id,
                     Step::Flow,
-                    at_millis(started, self.timeouts.flow),
+                    deadline(sent, self.timeouts.flow, now),
                 )
                 .await?;
                 Self::progress(unit, order_id, Some("generate-info")).await?;
@@ -474,4 +495,149 @@ pub async fn run(ctx: Ctx, shutdown: Shutdown) -> anyhow::Result<()> {
     timer_loop.await?;
     retention.await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(
+        clippy::unwrap_used,
+        reason = "a test fails loudly on the first surprise"
+    )]
+
+    use orderflow_shared::events::PaymentAwaiting;
+    use orderflow_shared::strategies;
+    use orderflow_shared::token::Claims;
+    use proptest::prelude::*;
+    use secrecy::SecretString;
+
+    use super::*;
+
+    fn keys() -> TokenKeys {
+        TokenKeys::parse(&SecretString::from("test:orderflow-test-signing-key")).unwrap()
+    }
+
+    fn timeout() -> impl Strategy<Value = Duration> {
+        prop_oneof![
+            Just(Duration::ZERO),
+            Just(Duration::from_mins(5)),
+            Just(Duration::from_secs(
+                orderflow_shared::config::MAX_TIMEOUT_SECS
+            )),
+            Just(Duration::MAX),
+            (any::<u64>(), 0..1_000_000_000_u32).prop_map(|(s, n)| Duration::new(s, n)),
+        ]
+    }
+
+    /// An awaiting as payment-wait makes it (its token minted from its own
+    /// fields), then perhaps with one field changed afterwards.
+    fn awaiting() -> impl Strategy<Value = (PaymentAwaiting, bool)> {
+        (
+            strategies::text(),
+            prop::collection::vec(strategies::text(), 0..3),
+            strategies::extreme_i64(),
+            strategies::date(),
+            0..6_u8,
+            strategies::text(),
+            strategies::extreme_i64(),
+        )
+            .prop_map(
+                |(order_id, methods, amount, expires_at, change, text, number)| {
+                    let claims = Claims {
+                        order_id: order_id.clone(),
+                        step: PAYMENT_STEP.to_owned(),
+                        attempt: 1,
+                        methods: methods.clone(),
+                        amount_cents: amount,
+                        expires_at: expires_at.timestamp(),
+                        kid: "test".to_owned(),
+                    };
+                    let mut awaiting = PaymentAwaiting {
+                        order_id,
+                        token: keys().mint(&claims).unwrap(),
+                        payment_methods: methods,
+                        amount_cents: amount,
+                        expires_at,
+                    };
+                    let changed = match change {
+                        0 => std::mem::replace(&mut awaiting.order_id, text.clone()) != text,
+                        1 => std::mem::replace(&mut awaiting.token, text.clone()) != text,
+                        2 => std::mem::replace(&mut awaiting.amount_cents, number) != number,
+                        3 => {
+                            let later = expires_at
+                                .checked_add_signed(chrono::Duration::seconds(1))
+                                .unwrap_or(DateTime::<Utc>::MIN_UTC);
+                            std::mem::replace(&mut awaiting.expires_at, later) != later
+                        }
+                        _ => false,
+                    };
+                    (awaiting, changed)
+                },
+            )
+    }
+
+    proptest! {
+        /// Any message time, any timeout, any now: a deadline, never a
+        /// panic; `timeout` after the message was sent when it was sent by
+        /// now, never later than `now + timeout`.
+        #[test]
+        fn deadlines_never_overflow(
+            sent in strategies::extreme_u64(),
+            timeout in timeout(),
+            now in prop_oneof![strategies::date(), Just(Utc::now())],
+        ) {
+            let due = deadline(sent, timeout, now);
+            let timeout = chrono::Duration::from_std(timeout).ok();
+            if let Some(latest) = timeout.and_then(|t| now.checked_add_signed(t)) {
+                prop_assert!(due <= latest, "{due} after {latest}");
+            }
+            let sent_at = i64::try_from(sent)
+                .ok()
+                .and_then(DateTime::<Utc>::from_timestamp_millis)
+                .filter(|at| *at <= now);
+            if let Some(expected) = sent_at
+                .zip(timeout)
+                .and_then(|(at, t)| at.checked_add_signed(t))
+            {
+                prop_assert_eq!(due, expected);
+            }
+        }
+
+        /// Any awaiting: a reason or none, never a panic; none exactly when
+        /// its token was minted from what it carries and the amount is
+        /// positive.
+        #[test]
+        fn an_awaiting_opens_the_step_only_with_its_own_token((awaiting, changed) in awaiting()) {
+            let mismatch = awaiting_mismatch(&keys(), &awaiting);
+            prop_assert_eq!(mismatch.is_none(), !changed && awaiting.amount_cents > 0, "{:?}", mismatch);
+        }
+
+        /// Any awaiting at all (a token of anything): never a panic.
+        #[test]
+        fn any_awaiting_is_judged(event in strategies::event()) {
+            if let Event::PaymentAwaiting(awaiting) = event {
+                prop_assert!(awaiting_mismatch(&keys(), &awaiting).is_some());
+            }
+        }
+    }
+
+    #[test]
+    fn a_message_sent_in_the_future_counts_from_now() {
+        let now = DateTime::parse_from_rfc3339("2025-03-04T05:06:07Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let five_minutes = Duration::from_mins(5);
+        let expected = now + chrono::Duration::minutes(5);
+        // u64::MAX, 8e12 s (year 255 479), chrono's latest second.
+        for sent_secs in [u64::MAX / 1000, 8_000_000_000_000, 8_210_266_876_799] {
+            assert_eq!(deadline(sent_secs * 1000, five_minutes, now), expected);
+        }
+        assert_eq!(deadline(u64::MAX, five_minutes, now), expected);
+        // A message sent a minute ago keeps its deadline.
+        let sent = u64::try_from((now - chrono::Duration::minutes(1)).timestamp_millis()).unwrap();
+        assert_eq!(
+            deadline(sent, five_minutes, now),
+            now + chrono::Duration::minutes(4)
+        );
+        assert_eq!(deadline(sent, Duration::MAX, now), DateTime::<Utc>::MAX_UTC);
+    }
 }

@@ -25,6 +25,7 @@ use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
 use futures::{FutureExt, StreamExt};
+use lapin::BasicProperties;
 use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
@@ -34,7 +35,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use super::message::Message;
-use super::{Broker, BusError, Publisher, reconnect_backoff};
+use super::{Broker, BusError, PublishError, Publisher, reconnect_backoff};
 use crate::Shutdown;
 use crate::envelope::{Envelope, headers};
 use crate::topology::{ExchangeRole, QueueRole};
@@ -64,10 +65,59 @@ impl HandleError {
     }
 }
 
-/// Database errors are transient: the database may come back.
+/// The database refused a message's data itself: the same message would be
+/// refused the same way every time.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the database cannot store this message's data ({detail}); it would be refused again, so \
+     it is not retried"
+)]
+pub struct Unstorable {
+    detail: String,
+}
+
+/// SQLSTATE classes that say the data is at fault, not the database:
+/// 22 (data exception: a NUL character in a text, a date out of range, a
+/// value too large) and 54 (program limit exceeded: a key too large for its
+/// index).
+const DATA_FAULT_CLASSES: [&str; 2] = ["22", "54"];
+
+/// Database errors are transient (the database may come back), except those
+/// that say the message's data cannot be stored ([`Unstorable`]: an SQLSTATE
+/// of class 22 or 54, or a value sqlx cannot encode): those are permanent,
+/// so the message is dead-lettered at once with the database's reason
+/// instead of going through every delay tier first.
 impl From<sqlx::Error> for HandleError {
     fn from(error: sqlx::Error) -> Self {
-        Self::Transient(error.into())
+        let refused = match &error {
+            sqlx::Error::Database(db) => db
+                .code()
+                .filter(|code| {
+                    DATA_FAULT_CLASSES
+                        .iter()
+                        .any(|class| code.starts_with(class))
+                })
+                .map(|code| format!("SQLSTATE {code}: {}", db.message())),
+            sqlx::Error::Encode(cause) => Some(format!("cannot encode a value: {cause}")),
+            _ => None,
+        };
+        match refused {
+            Some(detail) => Self::Permanent(Unstorable { detail }.into()),
+            None => Self::Transient(error.into()),
+        }
+    }
+}
+
+/// Publishing fails transiently (the broker may come back, the topology be
+/// declared), except for a message that cannot be put on the wire at all
+/// ([`PublishError::Invalid`]), which is permanent.
+impl From<PublishError> for HandleError {
+    fn from(error: PublishError) -> Self {
+        if error.is_permanent() {
+            Self::Permanent(error.into())
+        } else {
+            Self::Transient(error.into())
+        }
     }
 }
 
@@ -504,6 +554,15 @@ async fn requeue(delivery: &Delivery) {
         .await;
 }
 
+/// `properties` with `extra` added to (or replacing) its headers.
+fn with_headers(properties: &BasicProperties, extra: &FieldTable) -> BasicProperties {
+    let mut headers = properties.headers().clone().unwrap_or_default();
+    for (key, value) in extra {
+        headers.insert(key.clone(), value.clone());
+    }
+    properties.clone().with_headers(headers)
+}
+
 fn runtime_headers(retries: u32) -> FieldTable {
     let mut table = FieldTable::default();
     table.insert(
@@ -520,9 +579,27 @@ async fn delay<H: Handler>(
     delay_exchange: &str,
     error: &anyhow::Error,
 ) {
-    let properties = message
+    let properties = match message
         .envelope
-        .to_properties(runtime_headers(message.retries + 1));
+        .to_properties(runtime_headers(message.retries.saturating_add(1)))
+    {
+        Ok(properties) => properties,
+        Err(too_long) => {
+            let reason = format!(
+                "transient failure ({error:#}), but the message cannot be parked for a retry: \
+                 {too_long}"
+            );
+            dead_letter(
+                context,
+                delivery,
+                &message.envelope,
+                message.retries,
+                &reason,
+            )
+            .await;
+            return;
+        }
+    };
     match context
         .publisher
         .publish_raw(
@@ -574,13 +651,18 @@ async fn dead_letter<H: Handler>(
         headers::FAILED_AT.into(),
         AMQPValue::LongString(chrono::Utc::now().to_rfc3339().into()),
     );
+    // An envelope AMQP cannot carry (decoding lets none through) keeps the
+    // properties the message came with, which the wire did carry.
+    let properties = envelope
+        .to_properties(extra.clone())
+        .unwrap_or_else(|_| with_headers(&delivery.properties, &extra));
     match context
         .publisher
         .publish_raw(
             &context.dead_exchange,
             routing_key,
             &delivery.data,
-            envelope.to_properties(extra),
+            properties,
         )
         .await
     {
@@ -605,5 +687,115 @@ async fn dead_letter<H: Handler>(
             );
             requeue(delivery).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::borrow::Cow;
+
+    use super::*;
+
+    /// A database error with the given SQLSTATE, as PostgreSQL reports one.
+    #[derive(Debug, thiserror::Error)]
+    #[error("{message}")]
+    struct Refused {
+        code: &'static str,
+        message: &'static str,
+    }
+
+    impl sqlx::error::DatabaseError for Refused {
+        fn message(&self) -> &str {
+            self.message
+        }
+
+        fn code(&self) -> Option<Cow<'_, str>> {
+            Some(Cow::Borrowed(self.code))
+        }
+
+        fn as_error(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+
+        fn as_error_mut(&mut self) -> &mut (dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+
+        fn into_error(self: Box<Self>) -> Box<dyn std::error::Error + Send + Sync + 'static> {
+            self
+        }
+
+        fn kind(&self) -> sqlx::error::ErrorKind {
+            sqlx::error::ErrorKind::Other
+        }
+    }
+
+    fn database(code: &'static str, message: &'static str) -> HandleError {
+        HandleError::from(sqlx::Error::Database(Box::new(Refused { code, message })))
+    }
+
+    #[test]
+    fn data_the_database_refuses_is_permanent_with_its_reason() {
+        for (code, message) in [
+            ("22021", "invalid byte sequence for encoding \"UTF8\": 0x00"),
+            ("22008", "timestamp out of range"),
+            (
+                "54000",
+                "index row size 8016 exceeds btree version 4 maximum 2704",
+            ),
+        ] {
+            let error = database(code, message);
+            assert!(!error.is_transient(), "{code}");
+            let text = error.to_string();
+            assert!(
+                text.contains(code) && text.contains(message) && text.contains("not retried"),
+                "{text}"
+            );
+        }
+        let encode = HandleError::from(sqlx::Error::Encode("value out of range".into()));
+        assert!(!encode.is_transient(), "{encode}");
+    }
+
+    #[test]
+    fn an_unavailable_database_stays_transient() {
+        assert!(database("40001", "could not serialize access").is_transient());
+        assert!(database("57P01", "terminating connection").is_transient());
+        assert!(HandleError::from(sqlx::Error::PoolTimedOut).is_transient());
+    }
+
+    #[test]
+    fn a_message_that_cannot_be_published_is_permanent() {
+        let invalid = HandleError::from(PublishError::Invalid {
+            routing_key: "payment.selected.x".to_owned(),
+            message_id: "m".to_owned(),
+            detail: "the routing key is 300 bytes long".to_owned(),
+        });
+        assert!(!invalid.is_transient(), "{invalid}");
+        let timeout = HandleError::from(PublishError::Timeout {
+            routing_key: "order.started".to_owned(),
+            message_id: "m".to_owned(),
+            timeout: Duration::from_secs(1),
+        });
+        assert!(timeout.is_transient(), "{timeout}");
+    }
+
+    #[test]
+    fn extra_headers_join_the_ones_a_message_came_with() {
+        let mut came_with = FieldTable::default();
+        came_with.insert("kept".into(), AMQPValue::Boolean(true));
+        came_with.insert(headers::REASON.into(), AMQPValue::Boolean(false));
+        let properties = BasicProperties::default()
+            .with_message_id("m".into())
+            .with_headers(came_with);
+        let mut extra = FieldTable::default();
+        extra.insert(headers::REASON.into(), AMQPValue::LongString("why".into()));
+        let merged = with_headers(&properties, &extra);
+        let table = merged.headers().clone().unwrap_or_default();
+        assert_eq!(table.inner().get("kept"), Some(&AMQPValue::Boolean(true)));
+        assert_eq!(
+            crate::envelope::header_str(&table, headers::REASON).as_deref(),
+            Some("why")
+        );
+        assert_eq!(merged.message_id(), properties.message_id());
     }
 }

@@ -36,6 +36,31 @@ pub enum BusError {
     Declare(#[from] topology::DeclareError),
     #[error("service `{0}` has no queue in the topology; is it listed in orderflow_services()?")]
     UnknownService(String),
+    #[error(
+        "broker name `{name}` is {len} bytes long, and AMQP names hold at most {max}; shorten \
+         ORDERFLOW_NAMESPACE (or the payment method names of providers.toml)",
+        max = crate::envelope::MAX_SHORT_STRING
+    )]
+    NameTooLong { name: String, len: usize },
+}
+
+/// Every exchange and queue name of `topology` fits an AMQP short string
+/// (lapin panics on a longer one), or the first that does not.
+fn check_names(topology: &Topology) -> Result<(), BusError> {
+    let names = topology
+        .exchanges
+        .iter()
+        .map(|e| e.name.as_str())
+        .chain(topology.queues.iter().map(|q| q.name.as_str()));
+    for name in names {
+        if name.len() > crate::envelope::MAX_SHORT_STRING {
+            return Err(BusError::NameTooLong {
+                name: crate::envelope::abbreviate(name, crate::envelope::ID_CHARS),
+                len: name.len(),
+            });
+        }
+    }
+    Ok(())
 }
 
 struct Inner {
@@ -75,12 +100,14 @@ pub(crate) fn reconnect_backoff() -> impl Iterator<Item = Duration> {
 impl Broker {
     /// A broker handle; connects lazily. `connection_name` shows in the
     /// management UI and `rabbitmqctl list_connections client_properties`.
+    /// A topology with a name AMQP cannot carry is [`BusError::NameTooLong`].
     pub fn new(
         url: &SecretString,
         connection_name: &str,
         topology: Topology,
         publish_timeout: Duration,
     ) -> Result<Self, BusError> {
+        check_names(&topology)?;
         let url_redacted = crate::config::redact_url(url.expose_secret());
         let name = connection_name.to_owned();
         let config = deadpool_lapin::Config {
@@ -225,5 +252,35 @@ impl Broker {
     /// Closes the pool; open channels end with their connections.
     pub fn close(&self) {
         self.inner.pool.close();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_broker_name_amqp_cannot_carry_is_refused_before_anything_panics() {
+        let topology = |namespace: &str| {
+            Topology::build(
+                Names::new(namespace),
+                &topology::orderflow_services(&["zhifubao"]),
+                &topology::DEFAULT_RETRY_TIERS,
+            )
+        };
+        let url = SecretString::from("amqp://guest:guest@127.0.0.1:5672/%2f");
+        let error = Broker::new(
+            &url,
+            "test",
+            topology(&"n".repeat(250)),
+            Duration::from_secs(1),
+        )
+        .unwrap_err();
+        let text = error.to_string();
+        assert!(
+            text.contains("ORDERFLOW_NAMESPACE") && text.contains("255"),
+            "{text}"
+        );
+        assert!(Broker::new(&url, "test", topology("t1"), Duration::from_secs(1)).is_ok());
     }
 }

@@ -14,6 +14,7 @@ use lapin::{BasicProperties, Channel, Confirmation};
 use tokio::sync::Mutex;
 
 use super::{Broker, BusError, Outgoing};
+use crate::envelope::{ID_CHARS, MAX_SHORT_STRING, abbreviate};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
@@ -46,13 +47,48 @@ pub enum PublishError {
     },
     #[error("publishing message {message_id}: {cause}")]
     Connection { message_id: String, cause: BusError },
+    /// The message cannot be put on the wire at all (an id, the routing key
+    /// or the exchange name longer than an AMQP short string): nothing was
+    /// sent, and sending it again cannot work.
+    #[error("message {message_id} ({routing_key}) cannot be published: {detail}")]
+    Invalid {
+        routing_key: String,
+        message_id: String,
+        detail: String,
+    },
 }
 
 impl PublishError {
-    /// Worth trying again on a fresh channel (everything but an unroutable message).
+    /// Worth trying again on a fresh channel (everything but an unroutable
+    /// or an invalid message).
     pub fn is_retryable(&self) -> bool {
-        !matches!(self, Self::Unroutable { .. })
+        !matches!(self, Self::Unroutable { .. } | Self::Invalid { .. })
     }
+
+    /// Will never succeed, whatever the broker does: the message itself
+    /// cannot be published.
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, Self::Invalid { .. })
+    }
+}
+
+/// Why `name` (an exchange or a routing key) cannot be an AMQP short
+/// string, if it cannot.
+fn too_long(what: &str, name: &str) -> Option<String> {
+    (name.len() > MAX_SHORT_STRING).then(|| {
+        format!(
+            "the {what} is {} bytes long, and AMQP carries at most {MAX_SHORT_STRING}",
+            name.len()
+        )
+    })
+}
+
+fn message_id_of(properties: &BasicProperties) -> String {
+    properties
+        .message_id()
+        .as_ref()
+        .map(|id| id.as_str().to_owned())
+        .unwrap_or_default()
 }
 
 /// Publishes on one confirm channel, shared by all clones; many publishes can
@@ -88,13 +124,22 @@ impl Publisher {
     /// Publishes an event on the events exchange.
     pub async fn publish(&self, message: &Outgoing) -> Result<(), PublishError> {
         let exchange = self.broker.names().events_exchange();
-        let properties = message.envelope.to_properties(FieldTable::default());
+        let properties = message
+            .envelope
+            .to_properties(FieldTable::default())
+            .map_err(|error| PublishError::Invalid {
+                routing_key: abbreviate(&message.routing_key, ID_CHARS),
+                message_id: abbreviate(&message.envelope.message_id, ID_CHARS),
+                detail: error.to_string(),
+            })?;
         self.publish_raw(&exchange, &message.routing_key, &message.body, properties)
             .await
     }
 
     /// Publishes any body with any properties; used for events, delay queues
-    /// and dead-letter queues (`exchange` "" = straight to a queue).
+    /// and dead-letter queues (`exchange` "" = straight to a queue). An
+    /// exchange or routing key longer than AMQP allows is
+    /// [`PublishError::Invalid`], never sent.
     pub async fn publish_raw(
         &self,
         exchange: &str,
@@ -102,6 +147,15 @@ impl Publisher {
         body: &[u8],
         properties: BasicProperties,
     ) -> Result<(), PublishError> {
+        if let Some(detail) =
+            too_long("exchange name", exchange).or_else(|| too_long("routing key", routing_key))
+        {
+            return Err(PublishError::Invalid {
+                routing_key: abbreviate(routing_key, ID_CHARS),
+                message_id: message_id_of(&properties),
+                detail,
+            });
+        }
         let attempt = || self.publish_once(exchange, routing_key, body, properties.clone());
         attempt
             .retry(self.retry)
@@ -141,11 +195,7 @@ impl Publisher {
         body: &[u8],
         properties: BasicProperties,
     ) -> Result<(), PublishError> {
-        let message_id = properties
-            .message_id()
-            .as_ref()
-            .map(|id| id.as_str().to_owned())
-            .unwrap_or_default();
+        let message_id = message_id_of(&properties);
         let timeout = self.broker.publish_timeout();
         // The timeout covers getting a channel too: on a stalled connection
         // even opening one never completes.
