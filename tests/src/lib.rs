@@ -205,6 +205,17 @@ impl TestEnv {
         let _ = connection.close(200, "done".into()).await;
     }
 
+    /// Publishes `body` as JSON on the events exchange, bare (no envelope),
+    /// as a client typing into the RabbitMQ UI would.
+    pub async fn publish_json(&self, routing_key: &str, body: &serde_json::Value) {
+        self.publish_bare(
+            routing_key,
+            body.to_string().as_bytes(),
+            BasicProperties::default(),
+        )
+        .await;
+    }
+
     /// Number of ready messages in `queue`.
     pub async fn message_count(&self, queue: &str) -> u32 {
         self.queue_counts(queue).await.0

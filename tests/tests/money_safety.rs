@@ -108,14 +108,7 @@ async fn an_order_started_again_with_cheaper_content_is_not_priced_again() {
         "order_id": order_id, "supplier": "haidilao",
         "products": [{"sku": "tea", "quantity": 1}], "address": "1 Road",
     });
-    system
-        .env
-        .publish_bare(
-            "order.started",
-            cheaper.to_string().as_bytes(),
-            BasicProperties::default(),
-        )
-        .await;
+    system.env.publish_json("order.started", &cheaper).await;
     let dead = system.env.dead_letter_queue("generate-info");
     eventually(
         Duration::from_secs(10),
@@ -150,14 +143,7 @@ async fn an_order_started_again_with_cheaper_content_is_not_priced_again() {
         "order_id": order_id, "supplier": "haidilao",
         "products": [{"sku": "hotpot-set", "quantity": 10}], "address": "1 Road",
     });
-    system
-        .env
-        .publish_bare(
-            "order.started",
-            same.to_string().as_bytes(),
-            BasicProperties::default(),
-        )
-        .await;
+    system.env.publish_json("order.started", &same).await;
     let order = system.pay(&order_id, "weixin").await;
     assert_eq!(order["status"], "completed");
     assert_eq!(order["charged_cents"], 10 * HOTPOT / 2);
@@ -176,11 +162,7 @@ async fn a_payment_decision_the_coordinator_did_not_make_charges_nothing() {
         let forged = json!({"order_id": order_id, "method": "zhifubao", "amount_cents": amount});
         system
             .env
-            .publish_bare(
-                "payment.selected.zhifubao",
-                forged.to_string().as_bytes(),
-                BasicProperties::default(),
-            )
+            .publish_json("payment.selected.zhifubao", &forged)
             .await;
     }
     let dead = system.env.dead_letter_queue("payment-provider-zhifubao");
@@ -211,11 +193,7 @@ async fn a_payment_decision_the_coordinator_did_not_make_charges_nothing() {
     let forged = json!({"order_id": order_id, "method": "zhifubao", "amount_cents": amount / 2});
     system
         .env
-        .publish_bare(
-            "payment.selected.zhifubao",
-            forged.to_string().as_bytes(),
-            BasicProperties::default(),
-        )
+        .publish_json("payment.selected.zhifubao", &forged)
         .await;
     eventually(
         Duration::from_secs(10),
