@@ -1,7 +1,9 @@
 //! `orderflow bench`: drives orderflow the way clients do — start an order,
-//! wait until it awaits payment, pay (methods round-robin, about 5 % invalid
-//! ones), wait for the end — and prints one JSON line with the throughput and
-//! the per-order latency (start call → terminal state seen). Against a
+//! wait until it awaits payment, pay, wait for the end — and prints one JSON
+//! line with the throughput and the per-order latency (start call → terminal
+//! state seen). The mix: exactly every 20th order (5 %) pays with a method its
+//! merchant does not take and ends cancelled; every other one pays with a
+//! method its merchant takes (round-robin) and completes. Against a
 //! running system (`--api`) or one it starts in-process in a throwaway
 //! namespace and database, removed afterwards; with `--baseline` also the
 //! infrastructure's ceiling (see `baseline.rs`).
@@ -33,9 +35,29 @@ const MESSAGES_PER_ORDER: usize = 7;
 /// Suppliers the orders rotate through: haidilao refuses unionpay, the
 /// others accept every method.
 const SUPPLIERS: [&str; 3] = ["haidilao", "noodle-bar", "sichuan-kitchen"];
-const METHODS: [&str; 3] = ["zhifubao", "weixin", "unionpay"];
-/// Every 20th order pays with a method no provider has.
+/// A method no merchant takes (no provider has it).
 const INVALID_METHOD: &str = "bitcoin";
+/// One order in this many pays with a method its merchant does not take.
+const NOT_ALLOWED_EVERY: usize = 20;
+
+/// Whether order `index` pays with a method its merchant does not take.
+fn pays_not_allowed(index: usize) -> bool {
+    index % NOT_ALLOWED_EVERY == NOT_ALLOWED_EVERY - 1
+}
+
+/// The method order `index` of `supplier` pays with: one the merchant does
+/// not take (a known one it refuses, else one nobody has) for every 20th
+/// order, else the merchant's methods round-robin (`allowed`, never empty).
+fn method_for(index: usize, allowed: &[String], known: &[String]) -> String {
+    if pays_not_allowed(index) {
+        return known
+            .iter()
+            .find(|method| !allowed.contains(method))
+            .cloned()
+            .unwrap_or_else(|| INVALID_METHOD.to_owned());
+    }
+    allowed[(index / SUPPLIERS.len()) % allowed.len()].clone()
+}
 
 pub fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
@@ -165,6 +187,27 @@ async fn next_xid(settings: &Settings) -> anyhow::Result<i64> {
         .with_context(|| format!("PostgreSQL returned a transaction id `{next}`"))
 }
 
+/// Statements the benchmark's database has executed so far, from
+/// `pg_stat_statements` (server-wide counters of this database: bench on a
+/// quiet server); `None` when the server does not load the extension
+/// (`shared_preload_libraries`), which the report then shows as `null`.
+async fn statements(settings: &Settings) -> Option<u64> {
+    let db = store::Db::open(&settings.database_url, "public", 1)
+        .await
+        .ok()?;
+    let _ = sqlx::query("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        .execute(db.pool())
+        .await;
+    let calls: Result<Option<i64>, _> = sqlx::query_scalar(
+        "SELECT sum(calls)::bigint FROM pg_stat_statements \
+         WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())",
+    )
+    .fetch_one(db.pool())
+    .await;
+    db.close().await;
+    calls.ok().flatten().map(|n| n.max(0) as u64)
+}
+
 async fn main(args: &BenchArgs) -> anyhow::Result<ExitCode> {
     let scratch = match &args.api {
         Some(_) => None,
@@ -187,15 +230,25 @@ async fn main(args: &BenchArgs) -> anyhow::Result<ExitCode> {
         } else {
             store::Db::migrate_all(&settings.database_url).await?;
             let system = InProcess::start(settings.clone()).await?;
+            let statements_before = statements(&settings).await;
             let before = next_xid(&settings).await?;
+            let deliveries_before = orderflow_shared::bus::deliveries_received();
             let report = bench(args, &system.base.clone()).await;
             system.stop().await?;
             let mut report = report?;
             let after = next_xid(&settings).await?;
+            let deliveries = orderflow_shared::bus::deliveries_received() - deliveries_before;
+            let per_order = |n: u64| json!(n as f64 / args.orders.max(1) as f64);
             report["mode"] = json!("in-process");
             report["gateway_latency_ms"] = json!(args.gateway_latency_ms);
             report["db_write_transactions_per_order"] =
-                json!((after - before) as f64 / args.orders.max(1) as f64);
+                per_order(u64::try_from(after - before).unwrap_or(0));
+            report["deliveries_per_order"] = per_order(deliveries);
+            report["sql_statements_per_order"] =
+                match (statements_before, statements(&settings).await) {
+                    (Some(before), Some(after)) => per_order(after.saturating_sub(before)),
+                    _ => Value::Null,
+                };
             report
         };
         if args.baseline {
@@ -261,6 +314,8 @@ struct Client {
     base: String,
     http: reqwest::Client,
     discounts: Discounts,
+    /// Every method any merchant takes, in a stable order.
+    known: Vec<String>,
 }
 
 /// The outcome of one order as the client saw it.
@@ -296,11 +351,18 @@ impl Client {
 
     async fn one(&self, index: usize) -> anyhow::Result<Outcome> {
         let supplier = SUPPLIERS[index % SUPPLIERS.len()];
-        let method = if index % 20 == 19 {
-            INVALID_METHOD
-        } else {
-            METHODS[(index / SUPPLIERS.len()) % METHODS.len()]
-        };
+        let mut allowed: Vec<String> = self
+            .discounts
+            .keys()
+            .filter(|(s, _)| s == supplier)
+            .map(|(_, method)| method.clone())
+            .collect();
+        allowed.sort_by_key(|m| self.known.iter().position(|k| k == m));
+        if allowed.is_empty() {
+            bail!("merchant {supplier} takes no payment method");
+        }
+        let method = method_for(index, &allowed, &self.known);
+        let method = method.as_str();
         let started = Instant::now();
         let created = self
             .json(
@@ -365,11 +427,13 @@ async fn bench(args: &BenchArgs, base: &str) -> anyhow::Result<Value> {
         .timeout(Duration::from_secs(90))
         .build()?;
     let mut discounts = Discounts::new();
+    let mut known: Vec<String> = Vec::new();
     for supplier in SUPPLIERS {
         let client = Client {
             base: base.clone(),
             http: http.clone(),
             discounts: Discounts::new(),
+            known: Vec::new(),
         };
         let offered = client
             .json(
@@ -382,6 +446,9 @@ async fn bench(args: &BenchArgs, base: &str) -> anyhow::Result<Value> {
                 (entry["method"].as_str(), entry["discount_percent"].as_i64())
             {
                 discounts.insert((supplier.to_owned(), method.to_owned()), percent);
+                if !known.iter().any(|k| k == method) {
+                    known.push(method.to_owned());
+                }
             }
         }
     }
@@ -389,6 +456,7 @@ async fn bench(args: &BenchArgs, base: &str) -> anyhow::Result<Value> {
         base,
         http,
         discounts,
+        known,
     });
     let progress = ProgressBar::new(args.orders as u64);
     progress.set_style(
@@ -433,9 +501,15 @@ async fn bench(args: &BenchArgs, base: &str) -> anyhow::Result<Value> {
         }
     }
     latencies.sort();
+    let not_allowed = (0..args.orders).filter(|&i| pays_not_allowed(i)).count();
     let report = json!({
         "orders": args.orders,
         "concurrency": args.concurrency,
+        "mix": {
+            "pay_with_a_method_the_merchant_takes": args.orders - not_allowed,
+            "pay_with_a_method_the_merchant_refuses": not_allowed,
+            "refused_share": not_allowed as f64 / args.orders.max(1) as f64,
+        },
         "completed": completed,
         "cancelled": cancelled,
         "failures": failures,
@@ -451,6 +525,34 @@ async fn bench(args: &BenchArgs, base: &str) -> anyhow::Result<Value> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn exactly_one_order_in_twenty_pays_with_a_method_its_merchant_refuses() {
+        let known: Vec<String> = ["zhifubao", "weixin", "unionpay"]
+            .map(String::from)
+            .to_vec();
+        let haidilao: Vec<String> = ["zhifubao", "weixin"].map(String::from).to_vec();
+        let mut refused = 0;
+        for index in 0..2_000 {
+            let allowed = if index % SUPPLIERS.len() == 0 {
+                &haidilao
+            } else {
+                &known
+            };
+            let method = method_for(index, allowed, &known);
+            if pays_not_allowed(index) {
+                refused += 1;
+                assert!(!allowed.contains(&method), "{index}: {method}");
+            } else {
+                assert!(allowed.contains(&method), "{index}: {method}");
+            }
+        }
+        assert_eq!(refused, 100, "5 % of 2,000");
+        // A merchant refusing a known method is offered that one; one that
+        // takes every method, a method nobody has.
+        assert_eq!(method_for(19, &haidilao, &known), "unionpay");
+        assert_eq!(method_for(19, &known, &known), INVALID_METHOD);
+    }
 
     #[test]
     fn percentiles_are_nearest_rank() {

@@ -151,6 +151,15 @@ pub trait Handler: Send + Sync + 'static {
     }
 }
 
+/// Deliveries every consumer of this process has received (redeliveries
+/// included): what `orderflow bench` reports per order.
+static DELIVERIES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How many deliveries the consumers of this process have received so far.
+pub fn deliveries_received() -> u64 {
+    DELIVERIES.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// How a service consumes its queue.
 #[derive(Clone, Debug)]
 pub struct ConsumerOptions {
@@ -365,6 +374,7 @@ async fn session<H: Handler>(
                 None => break,
             }
         }
+        DELIVERIES.fetch_add(batch.len() as u64, std::sync::atomic::Ordering::Relaxed);
         let context = context.clone();
         tasks.spawn(async move {
             if batch.len() == 1 {

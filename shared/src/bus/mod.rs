@@ -17,7 +17,9 @@ use secrecy::{ExposeSecret, SecretString};
 
 use crate::topology::{self, Names, Topology};
 
-pub use consumer::{ConsumerOptions, Consuming, HandleError, Handler, run_consumer};
+pub use consumer::{
+    ConsumerOptions, Consuming, HandleError, Handler, deliveries_received, run_consumer,
+};
 pub use message::{Message, Outgoing};
 pub use publisher::{PublishError, Publisher};
 
