@@ -13,8 +13,7 @@ use chrono::{Duration, Utc};
 use orderflow_shared::events::Step;
 use orderflow_shared::store::{Context, Db};
 use orderflow_tests::TestEnv;
-use saga_coordinator::timers::{self, Settled, TimerLoop};
-use tokio::sync::Notify;
+use saga_coordinator::timers::{self, Settled, TimerLoop, TimerWake};
 
 async fn timed_out_events(db: &Db, order_id: &str) -> i64 {
     sqlx::query_scalar(
@@ -57,7 +56,7 @@ async fn two_due_timers_of_one_order_in_one_batch_time_it_out_once() {
     );
     drop(conn);
 
-    let timer_loop = TimerLoop::new(db.clone(), Arc::new(Notify::new()));
+    let timer_loop = TimerLoop::new(db.clone(), Arc::new(TimerWake::default()));
     assert_eq!(timer_loop.fire_due().await.unwrap(), 2, "o1 once, o2 once");
     assert_eq!(
         timer_loop.fire_due().await.unwrap(),

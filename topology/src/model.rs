@@ -117,8 +117,24 @@ pub fn orderflow_services<S: AsRef<str>>(payment_methods: &[S]) -> Vec<ServiceSp
             .publishing(&["order.info-generated", "order.info-rejected"]),
         ServiceSpec::new("payment-wait", &["order.info-generated"])
             .publishing(&["payment.awaiting"]),
-        // The coordinator keeps every order's execution history, so it reads everything.
-        ServiceSpec::new("saga-coordinator", &["#"]).publishing(&coordinator_publishes),
+        // The coordinator keeps every order's execution history: it reads
+        // every event but its own, which it records as it sends them.
+        ServiceSpec::new(
+            "saga-coordinator",
+            &[
+                "order.started",
+                "order.info-generated",
+                "order.info-rejected",
+                "payment.awaiting",
+                "payment.submitted",
+                "payment.captured",
+                "payment.failed",
+                "payment.refunded",
+                "order.completed",
+                "order.cancelled",
+            ],
+        )
+        .publishing(&coordinator_publishes),
         ServiceSpec::new("order-completed", &["payment.captured"])
             .publishing(ORDERS_CONTEXT_PUBLISHES),
         ServiceSpec::new(

@@ -37,9 +37,11 @@ impl Handler for ReadModel {
         let Some(mut unit) = self.db.begin_unit(SERVICE, &message.envelope).await? else {
             return Ok(()); // applied before
         };
-        apply(unit.conn(), &message.event).await?;
+        let changed = apply(unit.conn(), &message.event).await?;
         unit.commit().await?;
-        self.watcher.changed(message.event.order_id());
+        if changed {
+            self.watcher.changed(message.event.order_id());
+        }
         Ok(())
     }
 
@@ -56,8 +58,9 @@ impl Handler for ReadModel {
         let mut unit = self.db.begin_unit_without_inbox().await?;
         let mut changed = Vec::with_capacity(sorted.len());
         for message in sorted {
-            if unit.admit(SERVICE, &message.envelope).await? {
-                apply(unit.conn(), &message.event).await?;
+            if unit.admit(SERVICE, &message.envelope).await?
+                && apply(unit.conn(), &message.event).await?
+            {
                 changed.push(message.event.order_id());
             }
         }
@@ -81,8 +84,12 @@ macro_rules! forward_status {
     };
 }
 
-async fn apply(conn: &mut PgConnection, event: &Event) -> Result<(), sqlx::Error> {
-    match event {
+/// Applies `event` to its order; `false` when nothing changed for a reader
+/// (a terminal event the owner already applied, and announced).
+async fn apply(conn: &mut PgConnection, event: &Event) -> Result<bool, sqlx::Error> {
+    let changed = match event {
+        Event::OrderCompleted(e) => return order_completed(conn, e).await,
+        Event::OrderCancelled(e) => return order_cancelled(conn, e).await,
         Event::OrderStarted(e) => order_started(conn, e).await,
         Event::InfoGenerated(e) => info_generated(conn, e).await,
         Event::PaymentAwaiting(e) => payment_awaiting(conn, e).await,
@@ -93,12 +100,11 @@ async fn apply(conn: &mut PgConnection, event: &Event) -> Result<(), sqlx::Error
         Event::SubmissionRejected(e) => last_rejection(conn, &e.order_id, &e.reason).await,
         Event::PaymentCaptured(e) => payment_captured(conn, e).await,
         Event::PaymentRefunded(e) => payment_refunded(conn, e).await,
-        Event::OrderCompleted(e) => order_completed(conn, e).await,
-        Event::OrderCancelled(e) => order_cancelled(conn, e).await,
         // saga.timed-out: order-cancelled acts on it, the order shows the
         // resulting order.cancelled. The others are not bound to this queue.
         Event::SagaTimedOut(_) | Event::PaymentSubmitted(_) | Event::PaymentFailed(_) => Ok(()),
-    }
+    };
+    changed.map(|()| true)
 }
 
 /// The order's content. The first one known stays: an order's lines do not
@@ -238,20 +244,20 @@ async fn payment_refunded(conn: &mut PgConnection, e: &PaymentRefunded) -> Resul
 
 /// Terminal: the same conditional transition the owner (order-completed)
 /// makes; a no-op when it made it already or the order was cancelled first.
-async fn order_completed(conn: &mut PgConnection, e: &OrderCompleted) -> Result<(), sqlx::Error> {
+async fn order_completed(conn: &mut PgConnection, e: &OrderCompleted) -> Result<bool, sqlx::Error> {
     let outcome = Terminal::Completed {
         method: e.method.clone(),
         charged_cents: e.charged_cents,
         capture_id: None,
     };
-    finish(conn, &e.order_id, &outcome).await.map(drop)
+    finish(conn, &e.order_id, &outcome).await
 }
 
 /// Terminal: the same conditional transition the owner (order-cancelled)
 /// makes; a no-op when it made it already or the order was completed first.
-async fn order_cancelled(conn: &mut PgConnection, e: &OrderCancelled) -> Result<(), sqlx::Error> {
+async fn order_cancelled(conn: &mut PgConnection, e: &OrderCancelled) -> Result<bool, sqlx::Error> {
     let outcome = Terminal::Cancelled {
         reason: e.reason.clone(),
     };
-    finish(conn, &e.order_id, &outcome).await.map(drop)
+    finish(conn, &e.order_id, &outcome).await
 }

@@ -22,13 +22,14 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use orderflow_shared::Shutdown;
+use orderflow_shared::store::orders::{Announcer, CHANGES_CHANNEL};
 use sqlx::PgPool;
 use sqlx::postgres::PgListener;
-use tokio::sync::{Notify, watch};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-/// The NOTIFY channel of `shared/migrations/orders/0001_orders.sql`.
-pub const CHANNEL: &str = "orderflow_orders";
+/// The channel committed changes to orders are announced on.
+pub const CHANNEL: &str = CHANGES_CHANNEL;
 
 /// How often waiters read the row themselves while the listener is down.
 pub const FALLBACK_POLL: Duration = Duration::from_millis(500);
@@ -47,9 +48,6 @@ struct Shared {
     /// Bumped when anything may have changed (notifications may be lost).
     everyone: watch::Sender<u64>,
     listening: AtomicBool,
-    /// Changed orders not yet announced to the other instances.
-    outgoing: Mutex<Vec<String>>,
-    announce: Notify,
 }
 
 impl Shared {
@@ -58,8 +56,6 @@ impl Shared {
             orders: Mutex::new(HashMap::new()),
             everyone: watch::channel(0).0,
             listening: AtomicBool::new(listening),
-            outgoing: Mutex::new(Vec::new()),
-            announce: Notify::new(),
         }
     }
 
@@ -84,6 +80,8 @@ impl Shared {
 #[derive(Clone, Debug)]
 pub struct Watcher {
     shared: Arc<Shared>,
+    /// Tells the other API instances (their `LISTEN`).
+    announcer: Announcer,
 }
 
 /// One waiter's view of one order's changes, created before it reads the row.
@@ -98,14 +96,15 @@ pub struct Subscription {
 impl Watcher {
     /// Starts the listener task on `pool`; it ends with `shutdown`.
     pub fn spawn(pool: PgPool, shutdown: Shutdown) -> (Self, JoinHandle<()>) {
+        let (announcer, announcing) = Announcer::spawn(pool.clone(), shutdown.clone());
         let watcher = Self {
             shared: Arc::new(Shared::new(false)),
+            announcer,
         };
-        let announcer = tokio::spawn(watcher.clone().announce(pool.clone(), shutdown.clone()));
         let listener = watcher.clone().listen(pool, shutdown);
         let task = tokio::spawn(async move {
             listener.await;
-            let _ = announcer.await;
+            let _ = announcing.await;
         });
         (watcher, task)
     }
@@ -114,43 +113,7 @@ impl Watcher {
     /// the next batched NOTIFY, in the other API instances.
     pub fn changed(&self, order_id: &str) {
         self.shared.wake_order(order_id);
-        self.shared
-            .outgoing
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(order_id.to_owned());
-        self.shared.announce.notify_one();
-    }
-
-    /// Sends the queued order ids as notifications, many per statement,
-    /// until `shutdown` (then once more).
-    async fn announce(self, pool: PgPool, shutdown: Shutdown) {
-        loop {
-            let stopping = tokio::select! {
-                () = self.shared.announce.notified() => false,
-                () = shutdown.cancelled() => true,
-            };
-            let ids = std::mem::take(
-                &mut *self
-                    .shared
-                    .outgoing
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner),
-            );
-            if !ids.is_empty() {
-                let sent = sqlx::query("SELECT pg_notify($1, id) FROM unnest($2::text[]) AS id")
-                    .bind(CHANNEL)
-                    .bind(&ids)
-                    .execute(&pool)
-                    .await;
-                if let Err(error) = sent {
-                    tracing::warn!(%error, orders = ids.len(), "cannot notify other API instances of changed orders; their long polls answer at their timeout or next change");
-                }
-            }
-            if stopping {
-                break;
-            }
-        }
+        self.announcer.changed(order_id);
     }
 
     /// Watches `order_id` from now on.
@@ -275,6 +238,7 @@ mod tests {
     fn watcher() -> Watcher {
         Watcher {
             shared: Arc::new(Shared::new(true)),
+            announcer: Announcer::unsent(),
         }
     }
 
@@ -304,10 +268,7 @@ mod tests {
         let mut a = watcher.subscribe("a");
         watcher.changed("a");
         assert!(woke(&mut a).await);
-        assert_eq!(
-            *watcher.shared.outgoing.lock().unwrap(),
-            vec!["a".to_owned()]
-        );
+        assert_eq!(watcher.announcer.queued(), vec!["a".to_owned()]);
     }
 
     #[tokio::test]

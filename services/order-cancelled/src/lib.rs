@@ -10,7 +10,7 @@ use orderflow_shared::Shutdown;
 use orderflow_shared::app::{Ctx, run_worker};
 use orderflow_shared::bus::{HandleError, Handler, Message, Outgoing};
 use orderflow_shared::events::{Event, OrderCancelled, Step};
-use orderflow_shared::store::orders::{Terminal, finish};
+use orderflow_shared::store::orders::{Announcer, Terminal, finish};
 use orderflow_shared::store::{Context, Db};
 
 pub const SERVICE: &str = "order-cancelled";
@@ -35,6 +35,8 @@ pub fn cancellation_reason(event: &Event) -> Option<String> {
 
 pub struct OrderCancelledHandler {
     db: Db,
+    /// Wakes the order API's long polls of an order this worker ended.
+    announcer: Announcer,
 }
 
 impl Handler for OrderCancelledHandler {
@@ -49,7 +51,8 @@ impl Handler for OrderCancelledHandler {
         let outcome = Terminal::Cancelled {
             reason: reason.clone(),
         };
-        if finish(unit.conn(), order_id, &outcome).await? {
+        let won = finish(unit.conn(), order_id, &outcome).await?;
+        if won {
             unit.emit(Outgoing::event(
                 &Event::OrderCancelled(OrderCancelled {
                     order_id: order_id.to_owned(),
@@ -62,6 +65,11 @@ impl Handler for OrderCancelledHandler {
             tracing::info!(%order_id, %reason, "order already ended; cancellation ignored");
         }
         unit.commit().await?;
+        if won {
+            // The order shows cancelled now: its long polls need not wait
+            // for order.cancelled to reach the order API.
+            self.announcer.changed(order_id);
+        }
         Ok(())
     }
 }
@@ -69,8 +77,14 @@ impl Handler for OrderCancelledHandler {
 /// Runs order-cancelled until `shutdown`.
 pub async fn run(ctx: Ctx, shutdown: Shutdown) -> anyhow::Result<()> {
     let db = ctx.db(Context::Orders).await?;
-    let handler = Arc::new(OrderCancelledHandler { db: db.clone() });
-    run_worker(&ctx, SERVICE, handler, Some(db), shutdown).await
+    let (announcer, announcing) = Announcer::spawn(db.pool().clone(), shutdown.clone());
+    let handler = Arc::new(OrderCancelledHandler {
+        db: db.clone(),
+        announcer,
+    });
+    run_worker(&ctx, SERVICE, handler, Some(db), shutdown).await?;
+    announcing.await?;
+    Ok(())
 }
 
 #[cfg(test)]

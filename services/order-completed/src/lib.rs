@@ -10,13 +10,15 @@ use orderflow_shared::Shutdown;
 use orderflow_shared::app::{Ctx, run_worker};
 use orderflow_shared::bus::{HandleError, Handler, Message, Outgoing};
 use orderflow_shared::events::{Event, OrderCompleted};
-use orderflow_shared::store::orders::{Terminal, finish};
+use orderflow_shared::store::orders::{Announcer, Terminal, finish};
 use orderflow_shared::store::{Context, Db};
 
 pub const SERVICE: &str = "order-completed";
 
 pub struct OrderCompletedHandler {
     db: Db,
+    /// Wakes the order API's long polls of an order this worker ended.
+    announcer: Announcer,
 }
 
 impl Handler for OrderCompletedHandler {
@@ -32,7 +34,8 @@ impl Handler for OrderCompletedHandler {
             charged_cents: captured.charged_cents,
             capture_id: Some(captured.capture_id.clone()),
         };
-        if finish(unit.conn(), &captured.order_id, &outcome).await? {
+        let won = finish(unit.conn(), &captured.order_id, &outcome).await?;
+        if won {
             unit.emit(Outgoing::event(
                 &Event::OrderCompleted(OrderCompleted {
                     order_id: captured.order_id.clone(),
@@ -54,6 +57,11 @@ impl Handler for OrderCompletedHandler {
             );
         }
         unit.commit().await?;
+        if won {
+            // The order shows completed now: its long polls need not wait
+            // for order.completed to reach the order API.
+            self.announcer.changed(&captured.order_id);
+        }
         Ok(())
     }
 }
@@ -61,6 +69,12 @@ impl Handler for OrderCompletedHandler {
 /// Runs order-completed until `shutdown`.
 pub async fn run(ctx: Ctx, shutdown: Shutdown) -> anyhow::Result<()> {
     let db = ctx.db(Context::Orders).await?;
-    let handler = Arc::new(OrderCompletedHandler { db: db.clone() });
-    run_worker(&ctx, SERVICE, handler, Some(db), shutdown).await
+    let (announcer, announcing) = Announcer::spawn(db.pool().clone(), shutdown.clone());
+    let handler = Arc::new(OrderCompletedHandler {
+        db: db.clone(),
+        announcer,
+    });
+    run_worker(&ctx, SERVICE, handler, Some(db), shutdown).await?;
+    announcing.await?;
+    Ok(())
 }

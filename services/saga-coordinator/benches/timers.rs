@@ -48,10 +48,9 @@ use orderflow_shared::bus::Outgoing;
 use orderflow_shared::config::Settings;
 use orderflow_shared::events::{Event, SagaTimedOut, Step};
 use orderflow_shared::store::{Context, Db};
-use saga_coordinator::timers::{self, TimerLoop};
+use saga_coordinator::timers::{self, TimerLoop, TimerWake};
 use serde_json::{Value, json};
 use sqlx::{AssertSqlSafe, Connection, PgConnection};
-use tokio::sync::Notify;
 
 /// The claim query of `TimerLoop::fire_due` (kept identical to `src/timers.rs`,
 /// with its batch of 500 written in), for `EXPLAIN ANALYZE`.
@@ -454,7 +453,7 @@ async fn set_based_fire_due(db: &Db, batch: usize) -> Result<usize, sqlx::Error>
 }
 
 /// `TimerLoop::run`'s schedule around [`set_based_fire_due`].
-async fn set_based_loop(db: Db, batch: usize, wake: Arc<Notify>, shutdown: Shutdown) {
+async fn set_based_loop(db: Db, batch: usize, wake: Arc<TimerWake>, shutdown: Shutdown) {
     let max_sleep = Duration::from_secs(1);
     loop {
         match set_based_fire_due(&db, batch).await {
@@ -479,11 +478,14 @@ async fn set_based_loop(db: Db, batch: usize, wake: Arc<Notify>, shutdown: Shutd
         if sleep.is_zero() {
             continue;
         }
+        let woken = wake.notified();
+        wake.sleeping_until(Utc::now() + chrono::Duration::from_std(sleep).unwrap_or_default());
         tokio::select! {
             () = shutdown.cancelled() => break,
-            () = wake.notified() => {}
+            () = woken => {}
             () = tokio::time::sleep(sleep) => {}
         }
+        wake.awake();
     }
 }
 
@@ -540,7 +542,7 @@ async fn burst(
     let mut handles = Vec::new();
     for _ in 0..loops {
         let loop_db = connect(url, Context::Coordinator.schema(), 4).await?;
-        let wake = Arc::new(Notify::new());
+        let wake = Arc::new(TimerWake::default());
         handles.push(match firing {
             Firing::TimerLoops(_) => {
                 tokio::spawn(TimerLoop::new(loop_db.clone(), wake.clone()).run(shutdown.clone()))
@@ -567,9 +569,9 @@ async fn burst(
     }
     tx.commit().await?;
     let armed_at = Utc::now();
-    // A coordinator wakes its loop when it arms a timer (`notify_one`).
+    // A coordinator tells its loop about the deadline it armed.
     for wake in &wakes {
-        wake.notify_one();
+        wake.armed(due_at);
     }
     if armed_at >= due_at {
         bail!("arming the burst took longer than its lead; raise --lead-ms");

@@ -41,10 +41,9 @@ use orderflow_shared::events::{
 };
 use orderflow_shared::store::{Context, Db, UnitOfWork};
 use orderflow_shared::token::{self, TokenKeys};
-use tokio::sync::Notify;
 
 use crate::retention::SagaRetention;
-use crate::timers::{Settled, TimerLoop};
+use crate::timers::{Settled, TimerLoop, TimerWake};
 
 pub const SERVICE: &str = "saga-coordinator";
 
@@ -68,8 +67,8 @@ pub struct Coordinator {
     db: Db,
     keys: TokenKeys,
     timeouts: Timeouts,
-    /// Wakes the timer loop when a timer is armed.
-    wake: Arc<Notify>,
+    /// Tells the timer loop about deadlines earlier than its next wake-up.
+    wake: Arc<TimerWake>,
 }
 
 /// Not yet decidable: the step this submission is for was not opened yet
@@ -143,7 +142,7 @@ fn awaiting_mismatch(
 }
 
 impl Coordinator {
-    pub fn new(db: Db, keys: TokenKeys, timeouts: Timeouts, wake: Arc<Notify>) -> Self {
+    pub fn new(db: Db, keys: TokenKeys, timeouts: Timeouts, wake: Arc<TimerWake>) -> Self {
         Self {
             db,
             keys,
@@ -337,8 +336,13 @@ impl Coordinator {
         }))
     }
 
-    /// Applies one event to its saga within `unit`; `true` when a timer was armed.
-    async fn apply(&self, unit: &mut UnitOfWork, message: &Message) -> Result<bool, HandleError> {
+    /// Applies one event to its saga within `unit`; the earliest deadline
+    /// it armed, if any.
+    async fn apply(
+        &self,
+        unit: &mut UnitOfWork,
+        message: &Message,
+    ) -> Result<Option<DateTime<Utc>>, HandleError> {
         let order_id = message.order_id();
         let started_digest = match &message.event {
             Event::OrderStarted(started) => Some(started.content_digest()),
@@ -349,8 +353,9 @@ impl Coordinator {
         let running = status == "running";
         let sent = message.envelope.time_millis();
         let now = Utc::now();
-        let mut armed = false;
+        let mut armed = None;
         let mut rejected = None;
+        let mut decided = None;
         match &message.event {
             Event::OrderStarted(_) if first_digest != started_digest => {
                 rejected = Some(
@@ -362,22 +367,12 @@ impl Coordinator {
             }
             Event::OrderStarted(_) if running => {
                 let conn = unit.conn();
-                timers::arm(
-                    conn,
-                    order_id,
-                    Step::GenerateInfo,
-                    deadline(sent, self.timeouts.generate_info, now),
-                )
-                .await?;
-                timers::arm(
-                    conn,
-                    order_id,
-                    Step::Flow,
-                    deadline(sent, self.timeouts.flow, now),
-                )
-                .await?;
+                let info_due = deadline(sent, self.timeouts.generate_info, now);
+                let flow_due = deadline(sent, self.timeouts.flow, now);
+                timers::arm(conn, order_id, Step::GenerateInfo, info_due).await?;
+                timers::arm(conn, order_id, Step::Flow, flow_due).await?;
                 Self::progress(unit, order_id, Some("generate-info")).await?;
-                armed = true;
+                armed = Some(info_due.min(flow_due));
             }
             Event::InfoGenerated(_) | Event::InfoRejected(_) => {
                 timers::complete(unit.conn(), order_id, Step::GenerateInfo).await?;
@@ -389,7 +384,7 @@ impl Coordinator {
                         timers::arm(unit.conn(), order_id, Step::Payment, awaiting.expires_at)
                             .await?;
                         Self::progress(unit, order_id, Some("payment")).await?;
-                        armed = true;
+                        armed = Some(awaiting.expires_at);
                     }
                     Err(reason) => {
                         tracing::warn!(%order_id, message_id = %message.envelope.message_id, %reason, "payment step not opened");
@@ -412,7 +407,7 @@ impl Coordinator {
                     }
                     _ => {}
                 }
-                unit.emit(Outgoing::event(&decision, Some(&message.envelope)));
+                decided = Some(decision);
             }
             Event::OrderCompleted(_) => Self::end(unit, order_id, "completed").await?,
             Event::OrderCancelled(_) => Self::end(unit, order_id, "cancelled").await?,
@@ -427,6 +422,14 @@ impl Coordinator {
             rejected.as_deref(),
         )
         .await?;
+        if let Some(decision) = decided {
+            // The coordinator does not consume its own decisions: they go
+            // into the history here, with the message id they are sent with.
+            let outgoing = Outgoing::event(&decision, Some(&message.envelope));
+            let kind = history::classify(&decision, Some(&status));
+            history::append(unit.conn(), &outgoing.envelope, &decision, kind, None).await?;
+            unit.emit(outgoing);
+        }
         Ok(armed)
     }
 }
@@ -438,8 +441,8 @@ impl Handler for Coordinator {
         };
         let armed = self.apply(&mut unit, message).await?;
         unit.commit().await?;
-        if armed {
-            self.wake.notify_one();
+        if let Some(due) = armed {
+            self.wake.armed(due);
         }
         Ok(())
     }
@@ -455,15 +458,17 @@ impl Handler for Coordinator {
         let mut sorted: Vec<&Message> = messages.iter().collect();
         sorted.sort_by(|a, b| a.order_id().cmp(b.order_id()));
         let mut unit = self.db.begin_unit_without_inbox().await?;
-        let mut armed = false;
+        let mut armed: Option<DateTime<Utc>> = None;
         for message in sorted {
-            if unit.admit(SERVICE, &message.envelope).await? {
-                armed |= self.apply(&mut unit, message).await?;
+            if unit.admit(SERVICE, &message.envelope).await?
+                && let Some(due) = self.apply(&mut unit, message).await?
+            {
+                armed = Some(armed.map_or(due, |earlier| earlier.min(due)));
             }
         }
         unit.commit().await?;
-        if armed {
-            self.wake.notify_one();
+        if let Some(due) = armed {
+            self.wake.armed(due);
         }
         Ok(())
     }
@@ -476,7 +481,7 @@ const BATCH_SIZE: usize = 32;
 /// finished sagas and of the inbox) until `shutdown`.
 pub async fn run(ctx: Ctx, shutdown: Shutdown) -> anyhow::Result<()> {
     let db = ctx.db(Context::Coordinator).await?;
-    let wake = Arc::new(Notify::new());
+    let wake = Arc::new(TimerWake::default());
     let timeouts = Timeouts {
         generate_info: Duration::from_secs(ctx.settings.generate_info_timeout_secs),
         flow: Duration::from_secs(ctx.settings.flow_timeout_secs),

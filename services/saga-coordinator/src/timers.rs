@@ -160,17 +160,66 @@ WITH claimed AS (
 )
 SELECT order_id, step, state FROM settled";
 
+/// How handlers tell the timer loop about a new deadline: only one earlier
+/// than the loop's next wake-up wakes it (deadlines are usually minutes
+/// away, and the loop looks at least every second anyway).
+#[derive(Debug)]
+pub struct TimerWake {
+    notify: Notify,
+    /// When the loop wakes up next, in milliseconds since the epoch.
+    next_wake_millis: std::sync::atomic::AtomicI64,
+}
+
+impl Default for TimerWake {
+    fn default() -> Self {
+        Self {
+            notify: Notify::new(),
+            next_wake_millis: std::sync::atomic::AtomicI64::new(i64::MIN),
+        }
+    }
+}
+
+impl TimerWake {
+    /// A timer was armed at `due`: wakes the loop if it would sleep past it.
+    pub fn armed(&self, due: DateTime<Utc>) {
+        let next = self
+            .next_wake_millis
+            .load(std::sync::atomic::Ordering::Acquire);
+        if due.timestamp_millis() < next {
+            self.notify.notify_one();
+        }
+    }
+
+    /// Resolves when a handler armed a deadline earlier than the loop's
+    /// wake-up (for loops other than [`TimerLoop`], e.g. a benchmark's).
+    pub fn notified(&self) -> tokio::sync::futures::Notified<'_> {
+        self.notify.notified()
+    }
+
+    /// The loop sleeps until `at` (or an earlier arming).
+    pub fn sleeping_until(&self, at: DateTime<Utc>) {
+        self.next_wake_millis
+            .store(at.timestamp_millis(), std::sync::atomic::Ordering::Release);
+    }
+
+    /// The loop is awake and will look at every timer before it sleeps again.
+    pub fn awake(&self) {
+        self.next_wake_millis
+            .store(i64::MIN, std::sync::atomic::Ordering::Release);
+    }
+}
+
 /// The loop that fires due timers.
 #[derive(Clone, Debug)]
 pub struct TimerLoop {
     db: Db,
-    wake: Arc<Notify>,
+    wake: Arc<TimerWake>,
     batch: i64,
     max_sleep: Duration,
 }
 
 impl TimerLoop {
-    pub fn new(db: Db, wake: Arc<Notify>) -> Self {
+    pub fn new(db: Db, wake: Arc<TimerWake>) -> Self {
         Self {
             db,
             wake,
@@ -192,13 +241,15 @@ impl TimerLoop {
             let Some(step) = parse_step(step_name).filter(|_| state == "fired") else {
                 continue;
             };
-            unit.emit(Outgoing::event(
-                &Event::SagaTimedOut(SagaTimedOut {
-                    order_id: order_id.clone(),
-                    step,
-                }),
-                None,
-            ));
+            let event = Event::SagaTimedOut(SagaTimedOut {
+                order_id: order_id.clone(),
+                step,
+            });
+            let outgoing = Outgoing::event(&event, None);
+            // The coordinator does not consume its own events: the timer
+            // goes into the history with the message it is sent as.
+            crate::history::append(unit.conn(), &outgoing.envelope, &event, "timer", None).await?;
+            unit.emit(outgoing);
             tracing::warn!(%order_id, step = %step_name, "deadline passed; saga timed out");
             fired += 1;
         }
@@ -224,6 +275,7 @@ impl TimerLoop {
     /// Fires timers as they fall due until `shutdown`.
     pub async fn run(self, shutdown: Shutdown) {
         loop {
+            self.wake.awake();
             match self.fire_due().await {
                 Ok(n) if n as i64 >= self.batch => continue,
                 Ok(_) => {}
@@ -232,10 +284,19 @@ impl TimerLoop {
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
             }
+            // From here on a deadline earlier than the longest sleep wakes the
+            // loop (a permit is kept if it is not sleeping yet), so one armed
+            // while the next deadline is being read is not slept past.
+            let max_wake = Utc::now()
+                + chrono::Duration::from_std(self.max_sleep).unwrap_or(chrono::Duration::zero());
+            self.wake.sleeping_until(max_wake);
             let sleep = self.until_next().await;
             if sleep.is_zero() {
                 continue;
             }
+            let wake_at =
+                Utc::now() + chrono::Duration::from_std(sleep).unwrap_or(chrono::Duration::zero());
+            self.wake.sleeping_until(wake_at.min(max_wake));
             tokio::select! {
                 () = shutdown.cancelled() => break,
                 () = self.wake.notified() => {}
@@ -243,5 +304,36 @@ impl TimerLoop {
             }
         }
         tracing::info!("timer loop stopped");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    /// Whether the loop would be woken now (a permit is waiting).
+    async fn woken(wake: &TimerWake) -> bool {
+        tokio::time::timeout(Duration::from_millis(20), wake.notified())
+            .await
+            .is_ok()
+    }
+
+    #[tokio::test]
+    async fn only_a_deadline_before_the_next_wake_up_wakes_the_loop() {
+        let wake = TimerWake::default();
+        let now = Utc::now();
+        wake.sleeping_until(now + chrono::Duration::seconds(1));
+        // Deadlines minutes away (the usual case) leave the loop asleep.
+        wake.armed(now + chrono::Duration::minutes(5));
+        assert!(!woken(&wake).await);
+        // One due before the wake-up wakes it, even before it waits.
+        wake.armed(now + chrono::Duration::milliseconds(100));
+        assert!(woken(&wake).await);
+        // While it is awake (about to look at every timer) nothing is needed.
+        wake.awake();
+        wake.armed(now);
+        assert!(!woken(&wake).await);
     }
 }

@@ -75,11 +75,39 @@ fn tolerate<T>(result: Result<T, sqlx::Error>, codes: &[&str]) -> Result<(), Sto
     }
 }
 
+/// Connection options for `url`. TLS to a database on this machine (a
+/// loopback address or a Unix socket) is off unless the URL or `PGSSLMODE`
+/// asks for it: it protects nothing there and cost about 7 % of the machine
+/// under load (both sides' crypto). Any other host keeps the driver's default
+/// (`prefer`) or what the URL says (`?sslmode=require`).
 fn parse_url(url: &SecretString) -> Result<PgConnectOptions, StoreError> {
-    PgConnectOptions::from_str(url.expose_secret()).map_err(|source| StoreError::BadUrl {
-        url: redact_url(url.expose_secret()),
-        cause: source,
+    let options =
+        PgConnectOptions::from_str(url.expose_secret()).map_err(|source| StoreError::BadUrl {
+            url: redact_url(url.expose_secret()),
+            cause: source,
+        })?;
+    let asked = url.expose_secret().contains("sslmode=") || std::env::var_os("PGSSLMODE").is_some();
+    let local = options.get_socket().is_some()
+        || matches!(
+            options.get_host(),
+            "localhost" | "127.0.0.1" | "::1" | "[::1]"
+        )
+        || options.get_host().starts_with('/');
+    Ok(if local && !asked {
+        options.ssl_mode(sqlx::postgres::PgSslMode::Disable)
+    } else {
+        options
     })
+}
+
+/// A pool of at most `max_connections`: a connection is handed out without
+/// a ping first (`test_before_acquire` would cost a round trip per unit of
+/// work; a broken connection fails its statement and the unit retries).
+fn pool_options(max_connections: u32) -> PgPoolOptions {
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(Duration::from_secs(10))
+        .test_before_acquire(false)
 }
 
 /// Connection options for `url` with the `search_path` set to `schema`.
@@ -226,9 +254,7 @@ impl Db {
         max_connections: u32,
     ) -> Result<Self, StoreError> {
         let options = schema_options(url, schema)?;
-        let pool = PgPoolOptions::new()
-            .max_connections(max_connections)
-            .acquire_timeout(Duration::from_secs(10))
+        let pool = pool_options(max_connections)
             .connect_with(options)
             .await
             .map_err(|cause| StoreError::Connect {
@@ -291,9 +317,7 @@ impl Db {
     ) -> Result<Self, StoreError> {
         check_name(role)?;
         let options = schema_options(url, context.schema())?.options([("role", role)]);
-        let pool = PgPoolOptions::new()
-            .max_connections(1)
-            .acquire_timeout(Duration::from_secs(10))
+        let pool = pool_options(1)
             .connect_with(options)
             .await
             .map_err(|cause| StoreError::Connect {
@@ -364,6 +388,34 @@ mod tests {
         assert!(
             super::url_with_database(&SecretString::from("postgres://h/x"), "Bad-Name").is_err()
         );
+    }
+
+    #[test]
+    fn tls_is_off_for_a_local_database_unless_the_url_asks_for_it() {
+        use sqlx::postgres::PgSslMode;
+        let mode = |url: &str| {
+            super::parse_url(&SecretString::from(url.to_owned()))
+                .unwrap()
+                .get_ssl_mode()
+        };
+        if std::env::var_os("PGSSLMODE").is_none() {
+            assert!(matches!(
+                mode("postgres://u@127.0.0.1/x"),
+                PgSslMode::Disable
+            ));
+            assert!(matches!(
+                mode("postgres://u@localhost:5432/x"),
+                PgSslMode::Disable
+            ));
+            assert!(matches!(
+                mode("postgres://u@db.example/x"),
+                PgSslMode::Prefer
+            ));
+        }
+        assert!(matches!(
+            mode("postgres://u@127.0.0.1/x?sslmode=require"),
+            PgSslMode::Require
+        ));
     }
 
     #[test]

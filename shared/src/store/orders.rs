@@ -1,8 +1,87 @@
-//! The one rule of the orders context that several services share: the
-//! terminal transition. The orders table owns the terminal state; it changes
-//! by one conditional upsert, and the first terminal transition wins.
+//! What the services of the orders context share: the terminal transition
+//! (the orders table owns the terminal state; it changes by one conditional
+//! upsert, and the first terminal transition wins) and the announcement of a
+//! committed change to an order, which wakes the order API's long polls in
+//! every instance (`NOTIFY orderflow_orders`, payload: the order id).
 
-use sqlx::PgConnection;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use sqlx::{PgConnection, PgPool};
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+
+use crate::Shutdown;
+
+/// The channel on which committed changes to orders are announced.
+pub const CHANGES_CHANNEL: &str = "orderflow_orders";
+
+/// Announces committed changes to orders, many per statement: each batch is
+/// one `pg_notify` statement in its own transaction, committed without
+/// waiting for the WAL flush (a wake-up lost in a crash only lets a long
+/// poll answer at its timeout or at the next change). Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Announcer {
+    queue: Arc<(Mutex<Vec<String>>, Notify)>,
+}
+
+impl Announcer {
+    /// Starts the announcing task on `pool`; it sends what is queued one last
+    /// time when `shutdown` comes, then ends.
+    pub fn spawn(pool: PgPool, shutdown: Shutdown) -> (Self, JoinHandle<()>) {
+        let announcer = Self::unsent();
+        let task = tokio::spawn(announcer.clone().run(pool, shutdown));
+        (announcer, task)
+    }
+
+    /// An announcer without its task: it only queues (tests look at the queue).
+    pub fn unsent() -> Self {
+        Self {
+            queue: Arc::new((Mutex::new(Vec::new()), Notify::new())),
+        }
+    }
+
+    /// `order_id` changed (committed): announced with the next batch.
+    pub fn changed(&self, order_id: &str) {
+        self.lock().push(order_id.to_owned());
+        self.queue.1.notify_one();
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<String>> {
+        // A single push or take: consistent even if a holder panicked.
+        self.queue.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// What is queued and not announced yet (tests).
+    pub fn queued(&self) -> Vec<String> {
+        self.lock().clone()
+    }
+
+    async fn run(self, pool: PgPool, shutdown: Shutdown) {
+        loop {
+            let stopping = tokio::select! {
+                () = self.queue.1.notified() => false,
+                () = shutdown.cancelled() => true,
+            };
+            let ids = std::mem::take(&mut *self.lock());
+            if !ids.is_empty() {
+                let sent = sqlx::query(
+                    "WITH relaxed AS (SELECT set_config('synchronous_commit', 'off', true)) \
+                     SELECT pg_notify($1, id) FROM relaxed, unnest($2::text[]) AS id",
+                )
+                .bind(CHANGES_CHANNEL)
+                .bind(&ids)
+                .execute(&pool)
+                .await;
+                if let Err(error) = sent {
+                    tracing::warn!(%error, orders = ids.len(), "cannot announce changed orders; long polls answer at their timeout or next change");
+                }
+            }
+            if stopping {
+                break;
+            }
+        }
+    }
+}
 
 /// A terminal outcome of an order.
 #[derive(Clone, Debug, PartialEq, Eq)]

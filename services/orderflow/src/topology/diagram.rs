@@ -121,9 +121,14 @@ mod tests {
                 queue.name
             );
         }
-        // `#` (the coordinator reads everything) is escaped for Mermaid.
-        assert!(diagram.contains("-->|\"#35;\"|"), "{diagram}");
         assert!(diagram.contains("-->|\"payment.selected.weixin<br/>order.cancelled\"|"));
+        // A binding to everything, `#`, is escaped for Mermaid.
+        let everything = mermaid(&Topology::build(
+            Names::new("t1"),
+            &[orderflow_topology::ServiceSpec::new("audit", &["#"])],
+            &DEFAULT_RETRY_TIERS,
+        ));
+        assert!(everything.contains("-->|\"#35;\"|"), "{everything}");
         assert_eq!(
             diagram.matches("    subgraph ").count(),
             topology.services().len()
