@@ -100,3 +100,112 @@ async fn waiting_deliveries_are_handled_in_batches_and_a_bad_one_falls_back_alon
     assert!(sizes.iter().all(|&n| n <= 16), "{sizes:?}");
     env.cleanup().await;
 }
+
+/// A message as the consumer hands it over, for driving a handler directly.
+fn message(event: orderflow_shared::events::Event, envelope: Option<&Outgoing>) -> Message {
+    let outgoing = Outgoing::event(&event, None);
+    Message {
+        envelope: envelope.map_or(outgoing.envelope, |e| e.envelope.clone()),
+        event,
+        redelivered: false,
+        retries: 0,
+    }
+}
+
+#[tokio::test]
+async fn a_coordinator_batch_applies_two_events_of_one_order_in_order_and_a_duplicate_once() {
+    use orderflow_shared::events::{Event, InfoGenerated, OrderStarted, ProductLine};
+    let env = TestEnv::orderflow().await;
+    let db = orderflow_shared::store::Db::for_context(
+        &env.database_url,
+        orderflow_shared::store::Context::Coordinator,
+        4,
+    )
+    .await
+    .unwrap();
+    let keys = orderflow_shared::token::TokenKeys::parse(&secrecy::SecretString::from(
+        orderflow_tests::TEST_TOKEN_KEYS.to_owned(),
+    ))
+    .unwrap();
+    let coordinator = saga_coordinator::Coordinator::new(
+        db.clone(),
+        keys,
+        saga_coordinator::Timeouts {
+            generate_info: Duration::from_mins(5),
+            flow: Duration::from_hours(1),
+        },
+        Arc::new(saga_coordinator::timers::TimerWake::default()),
+    );
+    let started = |order_id: &str, sku: &str| {
+        Event::OrderStarted(OrderStarted {
+            order_id: order_id.into(),
+            supplier: "haidilao".into(),
+            products: vec![ProductLine {
+                sku: sku.into(),
+                quantity: 1,
+            }],
+            address: "1 Road".into(),
+        })
+    };
+    let info = Event::InfoGenerated(InfoGenerated {
+        order_id: "b".into(),
+        supplier: "haidilao".into(),
+        payment_methods: vec!["zhifubao".into()],
+        amount_cents: 900,
+    });
+    let b_started = message(started("b", "tea"), None);
+    let batch = vec![
+        message(started("c", "tea"), None),
+        b_started.clone(),
+        message(info, None),
+        // The same message again inside the batch, and the same order with
+        // other content: applied once, refused once.
+        b_started.clone(),
+        message(started("b", "hotpot-set"), None),
+    ];
+    coordinator.handle_batch(&batch).await.unwrap();
+    // And the whole batch delivered again: nothing more.
+    coordinator.handle_batch(&batch).await.unwrap();
+
+    let history: Vec<(String, String, String)> =
+        sqlx::query_as("SELECT order_id, kind, name FROM history ORDER BY id")
+            .fetch_all(db.pool())
+            .await
+            .unwrap();
+    let of = |order: &str| -> Vec<(String, String)> {
+        history
+            .iter()
+            .filter(|(o, _, _)| o == order)
+            .map(|(_, k, n)| (k.clone(), n.clone()))
+            .collect()
+    };
+    let pair = |k: &str, n: &str| (k.to_owned(), n.to_owned());
+    assert_eq!(
+        of("b"),
+        [
+            pair("event", "order.started"),
+            pair("event", "order.info-generated"),
+            pair("rejection", "order.started"),
+        ]
+    );
+    assert_eq!(of("c"), [pair("event", "order.started")]);
+    let steps: Vec<(String, Option<String>)> =
+        sqlx::query_as("SELECT order_id, step FROM sagas ORDER BY order_id")
+            .fetch_all(db.pool())
+            .await
+            .unwrap();
+    assert_eq!(
+        steps,
+        [
+            ("b".to_owned(), Some("payment-wait".to_owned())),
+            ("c".to_owned(), Some("generate-info".to_owned())),
+        ]
+    );
+    let timers: i64 = sqlx::query_scalar("SELECT count(*) FROM timers WHERE state = 'armed'")
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+    assert_eq!(timers, 3, "b: flow; c: generate-info and flow");
+    db.close().await;
+    env.cleanup().await;
+}

@@ -6,6 +6,7 @@
 //! transition lands first wins.
 
 use orderflow_shared::bus::{HandleError, Handler, Message};
+use orderflow_shared::envelope::Envelope;
 use orderflow_shared::events::{
     Event, InfoGenerated, OrderCancelled, OrderCompleted, OrderStarted, PaymentAwaiting,
     PaymentCaptured, PaymentRefunded, PaymentSelected,
@@ -56,11 +57,11 @@ impl Handler for ReadModel {
         let mut sorted: Vec<&Message> = messages.iter().collect();
         sorted.sort_by(|a, b| a.event.order_id().cmp(b.event.order_id()));
         let mut unit = self.db.begin_unit_without_inbox().await?;
+        let envelopes: Vec<&Envelope> = sorted.iter().map(|m| &m.envelope).collect();
+        let admitted = unit.admit_all(SERVICE, &envelopes).await?;
         let mut changed = Vec::with_capacity(sorted.len());
-        for message in sorted {
-            if unit.admit(SERVICE, &message.envelope).await?
-                && apply(unit.conn(), &message.event).await?
-            {
+        for (message, admitted) in sorted.into_iter().zip(admitted) {
+            if admitted && apply(unit.conn(), &message.event).await? {
                 changed.push(message.event.order_id());
             }
         }

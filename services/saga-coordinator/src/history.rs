@@ -44,44 +44,75 @@ pub fn classify(event: &Event, status_before: Option<&str>) -> &'static str {
     }
 }
 
-/// Appends `event` to its order's history (once per message). `rejected`
-/// is why the coordinator turned the event itself down (an order started
-/// again with other content, a payment step opened with another token): the
-/// entry is then a `rejection` with that `reason` in its detail.
-pub async fn append(
-    conn: &mut PgConnection,
-    envelope: &Envelope,
-    event: &Event,
-    kind: &str,
-    rejected: Option<&str>,
-) -> Result<(), sqlx::Error> {
-    let mut detail: serde_json::Value =
-        serde_json::from_slice(&event.to_json()).unwrap_or(serde_json::Value::Null);
-    let kind = match (rejected, detail.as_object_mut()) {
-        (Some(reason), Some(fields)) => {
-            fields.insert("reason".to_owned(), serde_json::Value::from(reason));
-            "rejection"
+/// History entries of one unit of work, written together by [`Pending::write`]
+/// (one statement however many there are).
+#[derive(Debug, Default)]
+pub struct Pending {
+    order_ids: Vec<String>,
+    kinds: Vec<&'static str>,
+    names: Vec<String>,
+    message_ids: Vec<String>,
+    causation_ids: Vec<Option<String>>,
+    details: Vec<serde_json::Value>,
+}
+
+impl Pending {
+    /// Appends `event` to its order's history (once per message). `rejected`
+    /// is why the coordinator turned the event itself down (an order started
+    /// again with other content, a payment step opened with another token):
+    /// the entry is then a `rejection` with that `reason` in its detail.
+    pub fn push(
+        &mut self,
+        envelope: &Envelope,
+        event: &Event,
+        kind: &'static str,
+        rejected: Option<&str>,
+    ) {
+        let mut detail: serde_json::Value =
+            serde_json::from_slice(&event.to_json()).unwrap_or(serde_json::Value::Null);
+        let kind = match (rejected, detail.as_object_mut()) {
+            (Some(reason), Some(fields)) => {
+                fields.insert("reason".to_owned(), serde_json::Value::from(reason));
+                "rejection"
+            }
+            _ => kind,
+        };
+        // A task token is a bearer credential: the history keeps its digest only.
+        if let Some(token) = detail.get_mut("token") {
+            let digest = orderflow_shared::token::digest(token.as_str().unwrap_or_default());
+            *token = serde_json::Value::String(format!("sha256:{}", &digest[..16]));
         }
-        _ => kind,
-    };
-    // A task token is a bearer credential: the history keeps its digest only.
-    if let Some(token) = detail.get_mut("token") {
-        let digest = orderflow_shared::token::digest(token.as_str().unwrap_or_default());
-        *token = serde_json::Value::String(format!("sha256:{}", &digest[..16]));
+        self.order_ids.push(event.order_id().to_owned());
+        self.kinds.push(kind);
+        self.names.push(event.routing_key());
+        self.message_ids.push(envelope.message_id.clone());
+        self.causation_ids.push(envelope.causation_id.clone());
+        self.details.push(detail);
     }
-    sqlx::query(
-        "INSERT INTO history (order_id, kind, name, message_id, causation_id, detail) \
-         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (order_id, message_id) DO NOTHING",
-    )
-    .bind(event.order_id())
-    .bind(kind)
-    .bind(event.routing_key())
-    .bind(&envelope.message_id)
-    .bind(&envelope.causation_id)
-    .bind(detail)
-    .execute(conn)
-    .await?;
-    Ok(())
+
+    /// Writes the entries, in the order they were pushed (their ids follow
+    /// it); an entry already recorded (a message handled again) is skipped.
+    pub async fn write(self, conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+        if self.order_ids.is_empty() {
+            return Ok(());
+        }
+        sqlx::query(
+            "INSERT INTO history (order_id, kind, name, message_id, causation_id, detail) \
+             SELECT o, k, n, m, c, d FROM unnest($1::text[], $2::text[], $3::text[], \
+               $4::text[], $5::text[], $6::jsonb[]) WITH ORDINALITY AS e(o, k, n, m, c, d, i) \
+             ORDER BY i \
+             ON CONFLICT (order_id, message_id) DO NOTHING",
+        )
+        .bind(&self.order_ids)
+        .bind(&self.kinds)
+        .bind(&self.names)
+        .bind(&self.message_ids)
+        .bind(&self.causation_ids)
+        .bind(&self.details)
+        .execute(conn)
+        .await?;
+        Ok(())
+    }
 }
 
 /// Most entries one page holds (and one query of [`read`] fetches).

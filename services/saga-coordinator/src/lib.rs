@@ -27,6 +27,7 @@
 
 pub mod history;
 pub mod retention;
+mod sagas;
 pub mod timers;
 
 use std::sync::Arc;
@@ -36,6 +37,7 @@ use chrono::{DateTime, Utc};
 use orderflow_shared::Shutdown;
 use orderflow_shared::app::{Ctx, run_worker};
 use orderflow_shared::bus::{HandleError, Handler, Message, Outgoing};
+use orderflow_shared::envelope::Envelope;
 use orderflow_shared::events::{
     Event, PaymentRejected, PaymentSelected, PaymentSubmitted, Step, SubmissionRejected,
 };
@@ -43,15 +45,13 @@ use orderflow_shared::store::{Context, Db, UnitOfWork};
 use orderflow_shared::token::{self, TokenKeys};
 
 use crate::retention::SagaRetention;
+use crate::sagas::Sagas;
 use crate::timers::{Settled, TimerLoop, TimerWake};
 
 pub const SERVICE: &str = "saga-coordinator";
 
 /// The step a payment token must be for.
 const PAYMENT_STEP: &str = "payment";
-
-/// The steps a saga waits on, in the order it passes them.
-const STEPS: &[&str] = &["generate-info", "payment-wait", "payment", "paying"];
 
 /// The reason of `payment.rejected` when the merchant does not accept the method.
 pub const METHOD_NOT_ALLOWED: &str = "method not allowed";
@@ -151,29 +151,6 @@ impl Coordinator {
         }
     }
 
-    /// The saga's status, with its row locked for the rest of the unit of
-    /// work (created, running, for an order seen for the first time). Every
-    /// message of one order therefore applies one at a time. `started` is the
-    /// content digest of an `order.started` being applied: the first one is
-    /// kept; the saga's recorded digest is returned with the status.
-    async fn lock_saga(
-        unit: &mut UnitOfWork,
-        order_id: &str,
-        started: Option<&str>,
-    ) -> Result<(String, Option<String>), sqlx::Error> {
-        // DO UPDATE rather than DO NOTHING: it locks an existing row too.
-        sqlx::query_as(
-            "INSERT INTO sagas (order_id, started_digest) VALUES ($1, $2) \
-             ON CONFLICT (order_id) DO UPDATE \
-               SET started_digest = COALESCE(sagas.started_digest, EXCLUDED.started_digest) \
-             RETURNING status, started_digest",
-        )
-        .bind(order_id)
-        .bind(started)
-        .fetch_one(unit.conn())
-        .await
-    }
-
     /// Opens the payment step with `awaiting` unless one is open: `Ok(())`
     /// when this is the step's token (newly or already), else why not.
     async fn open_payment_step(
@@ -207,40 +184,6 @@ impl Coordinator {
                     .to_owned(),
             ))
         }
-    }
-
-    /// Records progress: the time, and the step now waited on when it is
-    /// further along than the recorded one (events of one order may be
-    /// handled out of order; the step never moves back).
-    async fn progress(
-        unit: &mut UnitOfWork,
-        order_id: &str,
-        step: Option<&str>,
-    ) -> Result<(), sqlx::Error> {
-        sqlx::query(
-            "UPDATE sagas SET updated_at = now(), step = CASE \
-               WHEN $2::text IS NOT NULL AND coalesce(array_position($3::text[], step), 0) \
-                    < array_position($3::text[], $2::text) THEN $2 ELSE step END \
-             WHERE order_id = $1 AND status = 'running'",
-        )
-        .bind(order_id)
-        .bind(step)
-        .bind(STEPS)
-        .execute(unit.conn())
-        .await?;
-        Ok(())
-    }
-
-    async fn end(unit: &mut UnitOfWork, order_id: &str, status: &str) -> Result<(), sqlx::Error> {
-        sqlx::query(
-            "UPDATE sagas SET status = $2, step = NULL, updated_at = now() \
-             WHERE order_id = $1 AND status = 'running'",
-        )
-        .bind(order_id)
-        .bind(status)
-        .execute(unit.conn())
-        .await?;
-        timers::settle_all(unit.conn(), order_id).await
     }
 
     /// The decision on a submission, within `unit`, which closes the payment
@@ -336,20 +279,24 @@ impl Coordinator {
         }))
     }
 
-    /// Applies one event to its saga within `unit`; the earliest deadline
-    /// it armed, if any.
+    /// Applies one event to its saga (locked in `sagas`) within `unit`,
+    /// recording it (and what the coordinator sends because of it) in
+    /// `history`; the earliest deadline it armed, if any.
     async fn apply(
         &self,
         unit: &mut UnitOfWork,
+        sagas: &mut Sagas,
+        history: &mut history::Pending,
         message: &Message,
     ) -> Result<Option<DateTime<Utc>>, HandleError> {
         let order_id = message.order_id();
-        let started_digest = match &message.event {
-            Event::OrderStarted(started) => Some(started.content_digest()),
-            _ => None,
+        let Some(saga) = sagas.get(order_id) else {
+            return Err(HandleError::transient(anyhow::anyhow!(
+                "the saga of order {order_id} was not locked with its unit of work"
+            )));
         };
-        let (status, first_digest) =
-            Self::lock_saga(unit, order_id, started_digest.as_deref()).await?;
+        let status = saga.status.clone();
+        let first_digest = saga.started_digest.clone();
         let running = status == "running";
         let sent = message.envelope.time_millis();
         let now = Utc::now();
@@ -357,7 +304,9 @@ impl Coordinator {
         let mut rejected = None;
         let mut decided = None;
         match &message.event {
-            Event::OrderStarted(_) if first_digest != started_digest => {
+            Event::OrderStarted(started)
+                if first_digest.as_deref() != Some(started.content_digest().as_str()) =>
+            {
                 rejected = Some(
                     "order.started ignored: this order was already started with other content \
                      (supplier, products or address); an order is priced once"
@@ -371,19 +320,19 @@ impl Coordinator {
                 let flow_due = deadline(sent, self.timeouts.flow, now);
                 timers::arm(conn, order_id, Step::GenerateInfo, info_due).await?;
                 timers::arm(conn, order_id, Step::Flow, flow_due).await?;
-                Self::progress(unit, order_id, Some("generate-info")).await?;
+                sagas.progress(order_id, Some("generate-info"));
                 armed = Some(info_due.min(flow_due));
             }
             Event::InfoGenerated(_) | Event::InfoRejected(_) => {
                 timers::complete(unit.conn(), order_id, Step::GenerateInfo).await?;
-                Self::progress(unit, order_id, Some("payment-wait")).await?;
+                sagas.progress(order_id, Some("payment-wait"));
             }
             Event::PaymentAwaiting(awaiting) if running => {
                 match self.open_payment_step(unit, awaiting).await? {
                     Ok(()) => {
                         timers::arm(unit.conn(), order_id, Step::Payment, awaiting.expires_at)
                             .await?;
-                        Self::progress(unit, order_id, Some("payment")).await?;
+                        sagas.progress(order_id, Some("payment"));
                         armed = Some(awaiting.expires_at);
                     }
                     Err(reason) => {
@@ -397,7 +346,7 @@ impl Coordinator {
                 match &decision {
                     Event::PaymentSelected(s) => {
                         tracing::info!(%order_id, method = %s.method, amount_cents = s.amount_cents, "payment accepted");
-                        Self::progress(unit, order_id, Some("paying")).await?;
+                        sagas.progress(order_id, Some("paying"));
                     }
                     Event::PaymentRejected(r) => {
                         tracing::info!(%order_id, method = %r.method, reason = %r.reason, "payment method rejected");
@@ -409,42 +358,87 @@ impl Coordinator {
                 }
                 decided = Some(decision);
             }
-            Event::OrderCompleted(_) => Self::end(unit, order_id, "completed").await?,
-            Event::OrderCancelled(_) => Self::end(unit, order_id, "cancelled").await?,
-            _ => Self::progress(unit, order_id, None).await?,
+            Event::OrderCompleted(_) | Event::OrderCancelled(_) => {
+                let ended = if matches!(message.event, Event::OrderCompleted(_)) {
+                    "completed"
+                } else {
+                    "cancelled"
+                };
+                if sagas.end(order_id, ended) {
+                    timers::settle_all(unit.conn(), order_id).await?;
+                }
+            }
+            _ => sagas.progress(order_id, None),
         }
-        let kind = history::classify(&message.event, Some(&status));
-        history::append(
-            unit.conn(),
+        history.push(
             &message.envelope,
             &message.event,
-            kind,
+            history::classify(&message.event, Some(&status)),
             rejected.as_deref(),
-        )
-        .await?;
+        );
         if let Some(decision) = decided {
             // The coordinator does not consume its own decisions: they go
             // into the history here, with the message id they are sent with.
             let outgoing = Outgoing::event(&decision, Some(&message.envelope));
             let kind = history::classify(&decision, Some(&status));
-            history::append(unit.conn(), &outgoing.envelope, &decision, kind, None).await?;
+            history.push(&outgoing.envelope, &decision, kind, None);
             unit.emit(outgoing);
         }
         Ok(armed)
     }
-}
 
-impl Handler for Coordinator {
-    async fn handle(&self, message: &Message) -> Result<(), HandleError> {
-        let Some(mut unit) = self.db.begin_unit(SERVICE, &message.envelope).await? else {
-            return Ok(());
-        };
-        let armed = self.apply(&mut unit, message).await?;
+    /// Applies `messages` in one unit of work: their inbox rows, their sagas
+    /// locked together, each message in turn (in order-id order, an order's
+    /// messages in delivery order), the sagas and the history written back
+    /// together; then tells the timer loop about the earliest new deadline.
+    async fn apply_all(&self, messages: &[&Message]) -> Result<(), HandleError> {
+        let mut sorted: Vec<&Message> = messages.to_vec();
+        sorted.sort_by(|a, b| a.order_id().cmp(b.order_id()));
+        let mut unit = self.db.begin_unit_without_inbox().await?;
+        let envelopes: Vec<&Envelope> = sorted.iter().map(|m| &m.envelope).collect();
+        let admitted = unit.admit_all(SERVICE, &envelopes).await?;
+        let fresh: Vec<&Message> = sorted
+            .into_iter()
+            .zip(admitted)
+            .filter_map(|(message, admitted)| admitted.then_some(message))
+            .collect();
+        if fresh.is_empty() {
+            return Ok(()); // every one applied before: nothing to write
+        }
+        let orders: Vec<(String, Option<String>)> = fresh
+            .iter()
+            .map(|m| {
+                let digest = match &m.event {
+                    Event::OrderStarted(started) => Some(started.content_digest()),
+                    _ => None,
+                };
+                (m.order_id().to_owned(), digest)
+            })
+            .collect();
+        let mut sagas = Sagas::lock(unit.conn(), &orders).await?;
+        let mut history = history::Pending::default();
+        let mut armed: Option<DateTime<Utc>> = None;
+        for message in fresh {
+            if let Some(due) = self
+                .apply(&mut unit, &mut sagas, &mut history, message)
+                .await?
+            {
+                armed = Some(armed.map_or(due, |earlier| earlier.min(due)));
+            }
+        }
+        sagas.write(unit.conn()).await?;
+        history.write(unit.conn()).await?;
         unit.commit().await?;
         if let Some(due) = armed {
             self.wake.armed(due);
         }
         Ok(())
+    }
+}
+
+impl Handler for Coordinator {
+    async fn handle(&self, message: &Message) -> Result<(), HandleError> {
+        self.apply_all(&[message]).await
     }
 
     fn batch_size(&self) -> usize {
@@ -455,22 +449,8 @@ impl Handler for Coordinator {
     /// two concurrent batches never wait for each other in a cycle; the
     /// events of one order keep their delivery order.
     async fn handle_batch(&self, messages: &[Message]) -> Result<(), HandleError> {
-        let mut sorted: Vec<&Message> = messages.iter().collect();
-        sorted.sort_by(|a, b| a.order_id().cmp(b.order_id()));
-        let mut unit = self.db.begin_unit_without_inbox().await?;
-        let mut armed: Option<DateTime<Utc>> = None;
-        for message in sorted {
-            if unit.admit(SERVICE, &message.envelope).await?
-                && let Some(due) = self.apply(&mut unit, message).await?
-            {
-                armed = Some(armed.map_or(due, |earlier| earlier.min(due)));
-            }
-        }
-        unit.commit().await?;
-        if let Some(due) = armed {
-            self.wake.armed(due);
-        }
-        Ok(())
+        let messages: Vec<&Message> = messages.iter().collect();
+        self.apply_all(&messages).await
     }
 }
 

@@ -237,6 +237,7 @@ impl TimerLoop {
             .fetch_all(unit.conn())
             .await?;
         let mut fired = 0;
+        let mut history = crate::history::Pending::default();
         for (order_id, step_name, state) in &settled {
             let Some(step) = parse_step(step_name).filter(|_| state == "fired") else {
                 continue;
@@ -248,11 +249,12 @@ impl TimerLoop {
             let outgoing = Outgoing::event(&event, None);
             // The coordinator does not consume its own events: the timer
             // goes into the history with the message it is sent as.
-            crate::history::append(unit.conn(), &outgoing.envelope, &event, "timer", None).await?;
+            history.push(&outgoing.envelope, &event, "timer", None);
             unit.emit(outgoing);
             tracing::warn!(%order_id, step = %step_name, "deadline passed; saga timed out");
             fired += 1;
         }
+        history.write(unit.conn()).await?;
         unit.commit().await?;
         Ok(fired)
     }

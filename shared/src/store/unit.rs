@@ -70,6 +70,28 @@ impl UnitOfWork {
             == 1)
     }
 
+    /// [`admit`](Self::admit) for several messages in one statement: for
+    /// each, `true` when `consumer` applies it now. A message id that comes
+    /// twice in `messages` is admitted once (its first time).
+    pub async fn admit_all(
+        &mut self,
+        consumer: &str,
+        messages: &[&Envelope],
+    ) -> Result<Vec<bool>, sqlx::Error> {
+        let ids: Vec<&str> = messages.iter().map(|m| m.message_id.as_str()).collect();
+        let admitted: Vec<String> = sqlx::query_scalar(
+            "INSERT INTO inbox (consumer, message_id) SELECT $1, m FROM unnest($2::text[]) AS m \
+             ON CONFLICT DO NOTHING RETURNING message_id",
+        )
+        .bind(consumer)
+        .bind(&ids)
+        .fetch_all(&mut *self.tx)
+        .await?;
+        let mut fresh: std::collections::HashSet<&str> =
+            admitted.iter().map(String::as_str).collect();
+        Ok(ids.iter().map(|id| fresh.remove(id)).collect())
+    }
+
     /// Whether `consumer` already applied `message` (its inbox row is
     /// committed), without recording anything: for a handler that commits
     /// work of its own before the unit that applies the message.
