@@ -8,10 +8,9 @@ use std::sync::Arc;
 
 use orderflow_shared::Shutdown;
 use orderflow_shared::app::{Ctx, run_worker};
-use orderflow_shared::bus::{HandleError, Handler, Message, Outgoing};
 use orderflow_shared::events::{Event, OrderCancelled, Step};
-use orderflow_shared::store::orders::{Announcer, Terminal, finish};
-use orderflow_shared::store::{Context, Db};
+use orderflow_shared::store::Context;
+use orderflow_shared::store::orders::{Announcer, Terminal, TerminalWorker, Transition};
 
 pub const SERVICE: &str = "order-cancelled";
 
@@ -33,56 +32,31 @@ pub fn cancellation_reason(event: &Event) -> Option<String> {
     }
 }
 
-pub struct OrderCancelledHandler {
-    db: Db,
-    /// Wakes the order API's long polls of an order this worker ended.
-    announcer: Announcer,
-}
-
-impl Handler for OrderCancelledHandler {
-    async fn handle(&self, message: &Message) -> Result<(), HandleError> {
-        let Some(reason) = cancellation_reason(&message.event) else {
-            return Ok(());
-        };
-        let order_id = message.order_id();
-        let Some(mut unit) = self.db.begin_unit(SERVICE, &message.envelope).await? else {
-            return Ok(());
-        };
-        let outcome = Terminal::Cancelled {
+/// The cancellation `event` asks for, if it cancels the order.
+pub fn transition(event: &Event) -> Option<Transition> {
+    let reason = cancellation_reason(event)?;
+    Some(Transition {
+        outcome: Terminal::Cancelled {
             reason: reason.clone(),
-        };
-        let won = finish(unit.conn(), order_id, &outcome).await?;
-        if won {
-            unit.emit(Outgoing::event(
-                &Event::OrderCancelled(OrderCancelled {
-                    order_id: order_id.to_owned(),
-                    reason: reason.clone(),
-                }),
-                Some(&message.envelope),
-            ));
-            tracing::info!(%order_id, %reason, "order cancelled");
-        } else {
-            tracing::info!(%order_id, %reason, "order already ended; cancellation ignored");
-        }
-        unit.commit().await?;
-        if won {
-            // The order shows cancelled now: its long polls need not wait
-            // for order.cancelled to reach the order API.
-            self.announcer.changed(order_id);
-        }
-        Ok(())
-    }
+        },
+        announce: Event::OrderCancelled(OrderCancelled {
+            order_id: event.order_id().to_owned(),
+            reason,
+        }),
+    })
 }
 
 /// Runs order-cancelled until `shutdown`.
 pub async fn run(ctx: Ctx, shutdown: Shutdown) -> anyhow::Result<()> {
     let db = ctx.db(Context::Orders).await?;
     let (announcer, announcing) = Announcer::spawn(db.pool().clone(), shutdown.clone());
-    let handler = Arc::new(OrderCancelledHandler {
-        db: db.clone(),
+    let worker = Arc::new(TerminalWorker::new(
+        SERVICE,
+        db.clone(),
         announcer,
-    });
-    run_worker(&ctx, SERVICE, handler, Some(db), shutdown).await?;
+        transition,
+    ));
+    run_worker(&ctx, SERVICE, worker, Some(db), shutdown).await?;
     announcing.await?;
     Ok(())
 }

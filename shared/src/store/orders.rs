@@ -10,7 +10,11 @@ use sqlx::{PgConnection, PgPool};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
+use super::Db;
 use crate::Shutdown;
+use crate::bus::{HandleError, Handler, Message, Outgoing};
+use crate::envelope::Envelope;
+use crate::events::Event;
 
 /// The channel on which committed changes to orders are announced.
 pub const CHANGES_CHANNEL: &str = "orderflow_orders";
@@ -143,4 +147,98 @@ pub async fn finish(
             .await?,
         };
     Ok(won.rows_affected() == 1)
+}
+
+/// A terminal transition an event asks for: the outcome, and the event
+/// announcing it when the transition wins.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Transition {
+    pub outcome: Terminal,
+    pub announce: Event,
+}
+
+/// A worker of terminal transitions (order-completed, order-cancelled): for
+/// each message `decide` maps to a transition, [`finish`] it and, if it won,
+/// announce it (the event, through the outbox; the long polls, through the
+/// [`Announcer`]). Batches of waiting messages share one transaction (rows
+/// locked in order-id order, one inbox statement).
+pub struct TerminalWorker {
+    service: &'static str,
+    db: Db,
+    announcer: Announcer,
+    decide: fn(&Event) -> Option<Transition>,
+}
+
+impl std::fmt::Debug for TerminalWorker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TerminalWorker")
+            .field("service", &self.service)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Deliveries one unit of work of a [`TerminalWorker`] takes at most.
+const TERMINAL_BATCH: usize = 32;
+
+impl TerminalWorker {
+    pub fn new(
+        service: &'static str,
+        db: Db,
+        announcer: Announcer,
+        decide: fn(&Event) -> Option<Transition>,
+    ) -> Self {
+        Self {
+            service,
+            db,
+            announcer,
+            decide,
+        }
+    }
+
+    async fn apply_all(&self, messages: &[&Message]) -> Result<(), HandleError> {
+        let mut sorted: Vec<&Message> = messages.to_vec();
+        sorted.sort_by(|a, b| a.order_id().cmp(b.order_id()));
+        let mut unit = self.db.begin_unit_without_inbox().await?;
+        let envelopes: Vec<&Envelope> = sorted.iter().map(|m| &m.envelope).collect();
+        let admitted = unit.admit_all(self.service, &envelopes).await?;
+        let mut won = Vec::new();
+        for (message, admitted) in sorted.into_iter().zip(admitted) {
+            let Some(transition) = admitted.then(|| (self.decide)(&message.event)).flatten() else {
+                continue;
+            };
+            let order_id = message.order_id();
+            if finish(unit.conn(), order_id, &transition.outcome).await? {
+                tracing::info!(service = self.service, %order_id, outcome = ?transition.outcome, "order ended");
+                unit.emit(Outgoing::event(
+                    &transition.announce,
+                    Some(&message.envelope),
+                ));
+                won.push(order_id);
+            } else {
+                tracing::info!(service = self.service, %order_id, kind = %message.envelope.kind, "order already ended; nothing to do (a capture that lost to a cancellation is refunded)");
+            }
+        }
+        unit.commit().await?;
+        for order_id in won {
+            // The order shows its end now: long polls need not wait for the
+            // announcing event to reach the order API.
+            self.announcer.changed(order_id);
+        }
+        Ok(())
+    }
+}
+
+impl Handler for TerminalWorker {
+    async fn handle(&self, message: &Message) -> Result<(), HandleError> {
+        self.apply_all(&[message]).await
+    }
+
+    fn batch_size(&self) -> usize {
+        TERMINAL_BATCH
+    }
+
+    async fn handle_batch(&self, messages: &[Message]) -> Result<(), HandleError> {
+        let messages: Vec<&Message> = messages.iter().collect();
+        self.apply_all(&messages).await
+    }
 }
