@@ -209,3 +209,89 @@ async fn a_coordinator_batch_applies_two_events_of_one_order_in_order_and_a_dupl
     db.close().await;
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_provider_batch_charges_each_decision_once_and_a_forged_one_fails_alone() {
+    use orderflow_shared::events::{Event, PaymentSelected};
+    let workers = orderflow_tests::system::Workers {
+        without_providers: vec!["weixin"],
+        ..orderflow_tests::system::Workers::default()
+    };
+    let system = orderflow_tests::system::System::start_with(|_| {}, workers).await;
+    // Three orders the coordinator accepted for weixin; nobody charged them yet.
+    let mut decisions = Vec::new();
+    for sku in ["tea", "noodles", "tofu"] {
+        let order_id = system.place("noodle-bar", &[(sku, 1)]).await;
+        let order = system.wait_for(&order_id, "awaiting_payment").await;
+        let token = order["payment_token"].as_str().unwrap();
+        assert_eq!(system.submit(&order_id, token, "weixin").await, 202);
+        let order = system.wait_for(&order_id, "paying").await;
+        decisions.push((order_id, order["amount_cents"].as_i64().unwrap()));
+    }
+    let payments = orderflow_shared::store::Db::for_context(
+        &system.env.database_url,
+        orderflow_shared::store::Context::Payments,
+        4,
+    )
+    .await
+    .unwrap();
+    let provider = payment_provider::ProviderWorker::new(
+        &system.ctx,
+        "weixin",
+        payments.clone(),
+        payments.clone(),
+    )
+    .unwrap();
+    let selected = |order_id: &str, amount: i64| {
+        message(
+            Event::PaymentSelected(PaymentSelected {
+                order_id: order_id.to_owned(),
+                method: "weixin".into(),
+                amount_cents: amount,
+            }),
+            None,
+        )
+    };
+    let first = selected(&decisions[0].0, decisions[0].1);
+    let batch = vec![
+        first.clone(),
+        selected(&decisions[1].0, decisions[1].1),
+        // Another copy of the first decision, and the first message again.
+        selected(&decisions[0].0, decisions[0].1),
+        first,
+        selected(&decisions[2].0, decisions[2].1),
+    ];
+    provider.handle_batch(&batch).await.unwrap();
+    provider.handle_batch(&batch).await.unwrap();
+    for (order_id, amount) in &decisions {
+        assert_eq!(system.gateway(order_id).await, (1, 0), "{order_id}");
+        let (status, charged): (String, Option<i64>) =
+            sqlx::query_as("SELECT status, charged_cents FROM captures WHERE order_id = $1")
+                .bind(order_id)
+                .fetch_one(payments.pool())
+                .await
+                .unwrap();
+        assert_eq!((status.as_str(), charged), ("captured", Some(amount / 2)));
+    }
+    let captured: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM outbox WHERE routing_key = 'payment.captured'")
+            .fetch_one(payments.pool())
+            .await
+            .unwrap();
+    assert_eq!(captured, 3, "one payment.captured per order");
+    // A decision the coordinator did not make fails the batch it is in; one
+    // at a time (the runtime's fallback) it alone is refused.
+    let forged = selected(&decisions[0].0, 1);
+    let error = provider
+        .handle_batch(std::slice::from_ref(&forged))
+        .await
+        .unwrap_err();
+    assert!(!error.is_transient(), "{error}");
+    assert!(
+        error.to_string().contains("the coordinator accepted"),
+        "{error}"
+    );
+    assert_eq!(system.gateway(&decisions[0].0).await, (1, 0));
+    payments.close().await;
+    system.stop().await;
+}

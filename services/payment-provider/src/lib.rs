@@ -128,24 +128,17 @@ impl ProviderWorker {
         .await
     }
 
-    /// What this provider may charge for `selected`: the amount the
-    /// coordinator recorded when it accepted this method for the order, its
-    /// discount applied. Nothing on the bus decides it: a `payment.selected`
-    /// the coordinator did not make, or with another amount, is refused.
-    async fn charge_for(
+    /// What this provider may charge for `selected`, given the amount the
+    /// coordinator recorded when it accepted this method for the order
+    /// (`accepted`): that amount with its discount. Nothing on the bus decides
+    /// it: a `payment.selected` the coordinator did not make, or with another
+    /// amount, is refused.
+    fn expected_charge(
         &self,
-        conn: &mut sqlx::PgConnection,
         selected: &PaymentSelected,
+        accepted: Option<i64>,
     ) -> Result<i64, HandleError> {
         let order_id = &selected.order_id;
-        let accepted: Option<i64> = sqlx::query_scalar(
-            "SELECT amount_cents FROM coordinator.payment_steps \
-             WHERE order_id = $1 AND accepted_method = $2",
-        )
-        .bind(order_id)
-        .bind(&self.method)
-        .fetch_optional(conn)
-        .await?;
         let refuse = |why: String| {
             Err(HandleError::permanent(anyhow::anyhow!(
                 "payment.selected.{} for order {order_id} not charged: {why}",
@@ -172,87 +165,172 @@ impl ProviderWorker {
         }
     }
 
-    /// `payment.selected`: records the intent to charge (committed before the
-    /// gateway is called), charges, then records the outcome with the inbox
-    /// row and the event. A duplicate delivery, or an order cancelled first,
-    /// charges nothing; a delivery that finds an intent left by a crashed
-    /// attempt charges again with the same idempotency key (the gateway
-    /// charges once).
-    async fn capture(
-        &self,
-        message: &Message,
-        selected: &PaymentSelected,
-    ) -> Result<(), HandleError> {
-        let order_id = selected.order_id.as_str();
-        let charge_key = format!("charge:{order_id}");
+    /// `payment.selected`, for one message or a batch: records the intents
+    /// to charge (committed before the gateway is called), charges (the
+    /// batch's calls concurrently, outside any transaction), then records the
+    /// outcomes with the inbox rows and the events. A duplicate delivery, a
+    /// second decision for an order, or an order cancelled first charges
+    /// nothing; a delivery that finds an intent left by a crashed attempt
+    /// charges again with the same idempotency key (the gateway charges
+    /// once). A decision the coordinator did not make fails the call (and a
+    /// batch falls back to one message at a time, so only that one is
+    /// dead-lettered).
+    async fn capture(&self, selected: &[(&Message, &PaymentSelected)]) -> Result<(), HandleError> {
+        let mut selected = selected.to_vec();
+        selected.sort_by(|a, b| a.1.order_id.cmp(&b.1.order_id));
         let mut intent = self.db.begin_unit_without_inbox().await?;
-        if intent.seen(&self.service, &message.envelope).await? {
+        let message_ids: Vec<&str> = selected
+            .iter()
+            .map(|(m, _)| m.envelope.message_id.as_str())
+            .collect();
+        let seen: Vec<String> = sqlx::query_scalar(
+            "SELECT message_id FROM inbox WHERE consumer = $1 AND message_id = ANY($2)",
+        )
+        .bind(&self.service)
+        .bind(&message_ids)
+        .fetch_all(intent.conn())
+        .await?;
+        // Applied before, or the same message twice in this batch: once.
+        let mut once = std::collections::HashSet::new();
+        selected.retain(|(m, _)| {
+            !seen.contains(&m.envelope.message_id) && once.insert(m.envelope.message_id.as_str())
+        });
+        if selected.is_empty() {
             return Ok(());
         }
-        let expected = self.charge_for(intent.conn(), selected).await?;
-        sqlx::query(
-            "INSERT INTO captures (order_id, provider, amount_cents, status, charge_key) \
-             VALUES ($1, $2, $3, 'charging', $4) ON CONFLICT (order_id) DO NOTHING",
+        let orders: Vec<&str> = selected.iter().map(|(_, s)| s.order_id.as_str()).collect();
+        let accepted: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT order_id, amount_cents FROM coordinator.payment_steps \
+             WHERE order_id = ANY($1) AND accepted_method = $2",
         )
-        .bind(order_id)
+        .bind(&orders)
         .bind(&self.method)
-        .bind(selected.amount_cents)
-        .bind(&charge_key)
-        .execute(intent.conn())
+        .fetch_all(intent.conn())
         .await?;
-        let capture = Self::lock_capture(intent.conn(), order_id).await?;
-        if !capture.is_open() || capture.provider != self.method {
-            tracing::warn!(
-                %order_id,
-                provider = %capture.provider,
-                status = %capture.status,
-                "payment already handled for this order (or cancelled first); not charging"
-            );
-            intent.admit(&self.service, &message.envelope).await?;
-            intent.commit().await?;
-            return Ok(());
+        let mut charges: Vec<Charge<'_>> = Vec::with_capacity(selected.len());
+        let mut copies: Vec<&Message> = Vec::new();
+        for (message, decision) in selected {
+            let amount = accepted
+                .iter()
+                .find(|(order, _)| *order == decision.order_id)
+                .map(|(_, amount)| *amount);
+            let expected = self.expected_charge(decision, amount)?;
+            if charges.iter().any(|c| c.order_id == decision.order_id) {
+                copies.push(message); // a second copy of a decision in one batch
+                continue;
+            }
+            charges.push(Charge {
+                message,
+                order_id: &decision.order_id,
+                amount_cents: decision.amount_cents,
+                key: format!("charge:{}", decision.order_id),
+                expected,
+            });
+        }
+        let orders: Vec<&str> = charges.iter().map(|c| c.order_id).collect();
+        let amounts: Vec<i64> = charges.iter().map(|c| c.amount_cents).collect();
+        let keys: Vec<&str> = charges.iter().map(|c| c.key.as_str()).collect();
+        // One statement: the intents, and the rows they meet, locked in
+        // order-id order; an existing row comes back as it is.
+        let rows: Vec<(String, String, String)> = sqlx::query_as(
+            "INSERT INTO captures (order_id, provider, amount_cents, status, charge_key) \
+             SELECT o, $2, a, 'charging', k FROM unnest($1::text[], $3::int8[], $4::text[]) \
+               AS u(o, a, k) ORDER BY o \
+             ON CONFLICT (order_id) DO UPDATE SET order_id = EXCLUDED.order_id \
+             RETURNING order_id, provider, status",
+        )
+        .bind(&orders)
+        .bind(&self.method)
+        .bind(&amounts)
+        .bind(&keys)
+        .fetch_all(intent.conn())
+        .await?;
+        let open = |order_id: &str| {
+            rows.iter().any(|(order, provider, status)| {
+                order == order_id
+                    && *provider == self.method
+                    && matches!(status.as_str(), "charging" | "pending")
+            })
+        };
+        let (charges, handled): (Vec<Charge<'_>>, Vec<Charge<'_>>) =
+            charges.into_iter().partition(|c| open(c.order_id));
+        for charge in &handled {
+            tracing::warn!(order_id = %charge.order_id, "payment already handled for this order (or cancelled first); not charging");
+        }
+        let done: Vec<&Envelope> = handled
+            .iter()
+            .map(|c| &c.message.envelope)
+            .chain(copies.iter().map(|m| &m.envelope))
+            .collect();
+        if !done.is_empty() {
+            intent.admit_all(&self.service, &done).await?;
         }
         intent.commit().await?;
+        if charges.is_empty() {
+            return Ok(());
+        }
 
-        let outcome = match self
-            .at_gateway(order_id, || {
-                self.provider.charge(&charge_key, order_id, expected)
-            })
+        let outcomes = futures::future::join_all(charges.iter().map(|c| self.charge(c))).await;
+
+        let mut unit = self.db.begin_unit_without_inbox().await?;
+        let envelopes: Vec<&Envelope> = charges.iter().map(|c| &c.message.envelope).collect();
+        let admitted = unit.admit_all(&self.service, &envelopes).await?;
+        let orders: Vec<&str> = charges.iter().map(|c| c.order_id).collect();
+        let still_open: Vec<String> = sqlx::query_scalar(
+            "SELECT order_id FROM captures WHERE order_id = ANY($1) \
+               AND status IN ('charging', 'pending') ORDER BY order_id FOR UPDATE",
+        )
+        .bind(&orders)
+        .fetch_all(unit.conn())
+        .await?;
+        for ((charge, outcome), admitted) in charges.iter().zip(outcomes).zip(admitted) {
+            let outcome = outcome?;
+            if !admitted {
+                continue;
+            }
+            if still_open.iter().any(|o| o == charge.order_id) {
+                self.record(
+                    &mut unit,
+                    charge.order_id,
+                    &outcome,
+                    &charge.message.envelope,
+                )
+                .await?;
+            } else {
+                // The cancellation resolved the intent meanwhile (it refunded
+                // what was charged, or closed the key before the charge).
+                tracing::info!(order_id = %charge.order_id, "charge resolved by the cancellation meanwhile");
+            }
+        }
+        unit.commit().await?;
+        Ok(())
+    }
+
+    /// One charge at the gateway, resolved when the gateway gives up.
+    async fn charge(&self, charge: &Charge<'_>) -> Result<Outcome, HandleError> {
+        let (order_id, key, expected) = (charge.order_id, charge.key.as_str(), charge.expected);
+        match self
+            .at_gateway(order_id, || self.provider.charge(key, order_id, expected))
             .await
         {
-            Ok(receipt) if receipt.amount_cents == expected => Outcome::Captured(receipt),
+            Ok(receipt) if receipt.amount_cents == expected => Ok(Outcome::Captured(receipt)),
             Ok(receipt) => {
                 self.resolve_gave_up(
                     order_id,
-                    &charge_key,
+                    key,
                     expected,
                     format!(
                         "gateway confirmed {} cents, expected {expected}; not accepted",
                         receipt.amount_cents
                     ),
                 )
-                .await?
+                .await
             }
             Err(error) => {
-                self.resolve_gave_up(order_id, &charge_key, expected, error.to_string())
-                    .await?
+                self.resolve_gave_up(order_id, key, expected, error.to_string())
+                    .await
             }
-        };
-
-        let Some(mut unit) = self.db.begin_unit(&self.service, &message.envelope).await? else {
-            return Ok(());
-        };
-        let capture = Self::lock_capture(unit.conn(), order_id).await?;
-        if capture.is_open() {
-            self.record(&mut unit, order_id, &outcome, &message.envelope)
-                .await?;
-        } else {
-            // The cancellation resolved the intent meanwhile (it refunded
-            // what was charged, or closed the key before the charge).
-            tracing::info!(%order_id, status = %capture.status, "charge resolved by the cancellation meanwhile");
         }
-        unit.commit().await?;
-        Ok(())
     }
 
     /// The gateway gave up (or answered something unacceptable): closes the
@@ -516,7 +594,7 @@ impl Handler for ProviderWorker {
     async fn handle(&self, message: &Message) -> Result<(), HandleError> {
         match &message.event {
             Event::PaymentSelected(selected) if selected.method == self.method => {
-                self.capture(message, selected).await
+                self.capture(&[(message, selected)]).await
             }
             Event::OrderCancelled(cancelled) => {
                 let Some(mut unit) = self.db.begin_unit(&self.service, &message.envelope).await?
@@ -531,6 +609,50 @@ impl Handler for ProviderWorker {
             _ => Ok(()),
         }
     }
+
+    fn batch_size(&self) -> usize {
+        BATCH_SIZE
+    }
+
+    /// The payment decisions of the batch together ([`capture`]); the
+    /// cancellations each in its own unit of work (each may refund at the
+    /// gateway while holding its capture's lock). Each unit is idempotent,
+    /// so a batch that fails part-way is redone one message at a time.
+    ///
+    /// [`capture`]: ProviderWorker::capture
+    async fn handle_batch(&self, messages: &[Message]) -> Result<(), HandleError> {
+        let selected: Vec<(&Message, &PaymentSelected)> = messages
+            .iter()
+            .filter_map(|m| match &m.event {
+                Event::PaymentSelected(s) if s.method == self.method => Some((m, s)),
+                _ => None,
+            })
+            .collect();
+        if !selected.is_empty() {
+            self.capture(&selected).await?;
+        }
+        for message in messages
+            .iter()
+            .filter(|m| !matches!(&m.event, Event::PaymentSelected(s) if s.method == self.method))
+        {
+            self.handle(message).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Deliveries a provider takes at once at most.
+const BATCH_SIZE: usize = 32;
+
+/// One payment decision being charged.
+#[derive(Debug)]
+struct Charge<'a> {
+    message: &'a Message,
+    order_id: &'a str,
+    amount_cents: i64,
+    key: String,
+    /// What the gateway must charge (the discount applied).
+    expected: i64,
 }
 
 /// Connections of the simulated gateway's ledger (one statement per call).
