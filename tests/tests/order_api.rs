@@ -1583,3 +1583,32 @@ async fn a_zero_bound_stops_the_api_at_start_with_a_clear_error() {
     );
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn the_same_order_posted_at_once_many_times_is_created_once() {
+    // Creation is one statement (`INSERT … ON CONFLICT DO NOTHING` and the
+    // outbox row with it); a request that loses the race reads the winner's
+    // row in a statement of its own and answers as for a repeat.
+    let api = Api::start().await;
+    let mut body = hotpot_order();
+    body["order_id"] = json!("order-raced");
+    let answers = futures::future::join_all((0..12).map(|_| api.post("/orders", &body))).await;
+    for (status, answer) in &answers {
+        assert_eq!(*status, StatusCode::ACCEPTED, "{answer}");
+        assert_eq!(answer["order_id"], "order-raced");
+    }
+    assert_eq!(api.outbox_count("order.started").await, 1);
+    // And a payment submitted many times at once for it: each is handed on
+    // (the coordinator's ledger decides), none lost.
+    let payment = json!({"token": "v1.x.y", "method": "zhifubao"});
+    let answers = futures::future::join_all(
+        (0..6).map(|_| api.post("/orders/order-raced/payment", &payment)),
+    )
+    .await;
+    assert!(
+        answers.iter().all(|(s, _)| *s == StatusCode::ACCEPTED),
+        "{answers:?}"
+    );
+    assert_eq!(api.outbox_count("payment.submitted").await, 6);
+    api.stop().await;
+}

@@ -53,8 +53,8 @@ pub enum Creation {
     Conflict,
 }
 
-/// Creates `order` unless its id exists; in one transaction with its
-/// `order.started` outbox row.
+/// Creates `order` unless its id exists, with its `order.started` outbox
+/// row, in one statement.
 pub async fn create(db: &Db, order: &ValidOrder) -> Result<Creation, sqlx::Error> {
     let OrderStarted {
         order_id,
@@ -62,34 +62,32 @@ pub async fn create(db: &Db, order: &ValidOrder) -> Result<Creation, sqlx::Error
         products,
         address,
     } = &order.started;
-    let mut unit = db.begin_unit_without_inbox().await?;
-    let inserted = sqlx::query(
-        "INSERT INTO orders (order_id, request_hash, supplier, products, address) \
-         VALUES ($1, $2, $3, $4, $5) ON CONFLICT (order_id) DO NOTHING",
-    )
-    .bind(order_id)
-    .bind(&order.request_hash)
-    .bind(supplier)
-    .bind(sqlx::types::Json(products))
-    .bind(address)
-    .execute(unit.conn())
-    .await?
-    .rows_affected()
-        == 1;
-    if inserted {
-        unit.emit(Outgoing::event(
-            &Event::OrderStarted(order.started.clone()),
-            None,
-        ));
-        unit.commit().await?;
+    let started = Outgoing::event(&Event::OrderStarted(order.started.clone()), None);
+    let created = db
+        .change_and_emit(
+            "INSERT INTO orders (order_id, request_hash, supplier, products, address) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (order_id) DO NOTHING RETURNING order_id",
+            5,
+            |query| {
+                query
+                    .bind(order_id)
+                    .bind(&order.request_hash)
+                    .bind(supplier)
+                    .bind(sqlx::types::Json(products))
+                    .bind(address)
+            },
+            vec![started],
+        )
+        .await?;
+    if created {
         return Ok(Creation::Created);
     }
-    // The conflicting row is committed (an INSERT waits for a concurrent one),
-    // so this statement sees it. Nothing was written: the unit rolls back.
+    // The conflicting row is committed (an INSERT waits for a concurrent
+    // one), so this statement, with a snapshot of its own, sees it.
     let existing: Option<(Option<String>, String)> =
         sqlx::query_as("SELECT request_hash, status FROM orders WHERE order_id = $1")
             .bind(order_id)
-            .fetch_optional(unit.conn())
+            .fetch_optional(db.pool())
             .await?;
     Ok(match existing {
         Some((Some(hash), status)) if hash == order.request_hash => Creation::Repeated { status },
@@ -126,27 +124,41 @@ pub enum Submission {
     Finished(Status),
 }
 
-/// Emits `payment.submitted` for an existing, unfinished order. The row is
-/// share-locked so that the order cannot end between the check and the commit.
+/// Emits `payment.submitted` for an existing, unfinished order, in one
+/// statement that share-locks the row, so the order cannot end between the
+/// check and the commit.
 pub async fn submit_payment(
     db: &Db,
     submission: PaymentSubmitted,
 ) -> Result<Submission, sqlx::Error> {
-    let mut unit = db.begin_unit_without_inbox().await?;
-    let status: Option<String> =
-        sqlx::query_scalar("SELECT status FROM orders WHERE order_id = $1 FOR SHARE")
-            .bind(&submission.order_id)
-            .fetch_optional(unit.conn())
+    let order_id = submission.order_id.clone();
+    let event = Event::PaymentSubmitted(submission);
+    // A second try only when the order appeared between the two statements.
+    for _ in 0..2 {
+        let emitted = db
+            .change_and_emit(
+                "SELECT order_id FROM orders WHERE order_id = $1 \
+                 AND status NOT IN ('completed', 'cancelled') FOR SHARE",
+                1,
+                |query| query.bind(&order_id),
+                vec![Outgoing::event(&event, None)],
+            )
             .await?;
-    let Some(status) = status else {
-        return Ok(Submission::NotFound);
-    };
-    if let Ok(status) = status.parse::<Status>()
-        && status.is_terminal()
-    {
-        return Ok(Submission::Finished(status));
+        if emitted {
+            return Ok(Submission::Submitted);
+        }
+        let status: Option<String> =
+            sqlx::query_scalar("SELECT status FROM orders WHERE order_id = $1")
+                .bind(&order_id)
+                .fetch_optional(db.pool())
+                .await?;
+        match status.map(|s| s.parse::<Status>()) {
+            None => return Ok(Submission::NotFound),
+            Some(Ok(status)) if status.is_terminal() => return Ok(Submission::Finished(status)),
+            // The table's CHECK allows no other status; say so rather than guess.
+            Some(Err(error)) => return Err(sqlx::Error::Decode(Box::new(error))),
+            Some(Ok(_)) => {}
+        }
     }
-    unit.emit(Outgoing::event(&Event::PaymentSubmitted(submission), None));
-    unit.commit().await?;
-    Ok(Submission::Submitted)
+    Ok(Submission::NotFound)
 }

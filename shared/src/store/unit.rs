@@ -121,58 +121,141 @@ impl UnitOfWork {
             self.tx.commit().await?;
             return Ok(());
         }
-        let count = self.outgoing.len();
-        let mut message_ids = Vec::with_capacity(count);
-        let mut routing_keys = Vec::with_capacity(count);
-        let mut correlation_ids = Vec::with_capacity(count);
-        let mut causation_ids = Vec::with_capacity(count);
-        let mut traceparents = Vec::with_capacity(count);
-        let mut occurred_at = Vec::with_capacity(count);
-        let mut bodies = Vec::with_capacity(count);
-        for message in &self.outgoing {
-            let envelope = &message.envelope;
-            message_ids.push(envelope.message_id.as_str());
-            routing_keys.push(message.routing_key.as_str());
-            correlation_ids.push(envelope.correlation_id.as_str());
-            causation_ids.push(envelope.causation_id.as_deref());
-            traceparents.push(envelope.traceparent.as_str());
-            occurred_at.push(i64::try_from(envelope.timestamp).unwrap_or(i64::MAX));
-            bodies.push(message.body.as_slice());
-        }
-        let written: Vec<(i64, String)> = sqlx::query_as(
-            "INSERT INTO outbox (message_id, routing_key, correlation_id, causation_id, \
-             traceparent, occurred_at, body) \
-             SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], \
-             $5::text[], $6::int8[], $7::bytea[]) RETURNING id, message_id",
-        )
-        .bind(&message_ids)
-        .bind(&routing_keys)
-        .bind(&correlation_ids)
-        .bind(&causation_ids)
-        .bind(&traceparents)
-        .bind(&occurred_at)
-        .bind(&bodies)
-        .fetch_all(&mut *self.tx)
-        .await?;
-        drop((
-            message_ids,
-            routing_keys,
-            correlation_ids,
-            causation_ids,
-            traceparents,
-            bodies,
-        ));
+        let columns = OutboxColumns::of(&self.outgoing);
+        let written: Vec<(i64, String)> = columns
+            .bind(sqlx::query_as(
+                "INSERT INTO outbox (message_id, routing_key, correlation_id, causation_id, \
+                 traceparent, occurred_at, body) \
+                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], \
+                 $5::text[], $6::int8[], $7::bytea[]) RETURNING id, message_id",
+            ))
+            .fetch_all(&mut *self.tx)
+            .await?;
+        drop(columns);
         self.tx.commit().await?;
-        let mut rows = Vec::with_capacity(count);
-        for message in self.outgoing {
-            if let Some((id, _)) = written
-                .iter()
-                .find(|(_, message_id)| *message_id == message.envelope.message_id)
-            {
-                rows.push((*id, message));
-            }
-        }
-        self.db.hand_over().hand_over(rows);
+        self.db.hand_over_written(self.outgoing, &written);
         Ok(())
+    }
+}
+
+/// The outbox's columns, in the order [`OutboxColumns`] binds them.
+const OUTBOX_COLUMNS: &str = "(message_id, routing_key, correlation_id, causation_id, \
+     traceparent, occurred_at, body)";
+
+/// Outgoing messages as the arrays an `UNNEST` of the outbox's columns takes.
+struct OutboxColumns<'a> {
+    message_ids: Vec<&'a str>,
+    routing_keys: Vec<&'a str>,
+    correlation_ids: Vec<&'a str>,
+    causation_ids: Vec<Option<&'a str>>,
+    traceparents: Vec<&'a str>,
+    occurred_at: Vec<i64>,
+    bodies: Vec<&'a [u8]>,
+}
+
+impl<'a> OutboxColumns<'a> {
+    fn of(outgoing: &'a [Outgoing]) -> Self {
+        let mut columns = Self {
+            message_ids: Vec::with_capacity(outgoing.len()),
+            routing_keys: Vec::with_capacity(outgoing.len()),
+            correlation_ids: Vec::with_capacity(outgoing.len()),
+            causation_ids: Vec::with_capacity(outgoing.len()),
+            traceparents: Vec::with_capacity(outgoing.len()),
+            occurred_at: Vec::with_capacity(outgoing.len()),
+            bodies: Vec::with_capacity(outgoing.len()),
+        };
+        for message in outgoing {
+            let envelope = &message.envelope;
+            columns.message_ids.push(envelope.message_id.as_str());
+            columns.routing_keys.push(message.routing_key.as_str());
+            columns
+                .correlation_ids
+                .push(envelope.correlation_id.as_str());
+            columns.causation_ids.push(envelope.causation_id.as_deref());
+            columns.traceparents.push(envelope.traceparent.as_str());
+            columns
+                .occurred_at
+                .push(i64::try_from(envelope.timestamp).unwrap_or(i64::MAX));
+            columns.bodies.push(message.body.as_slice());
+        }
+        columns
+    }
+
+    /// `UNNEST(...)` of the seven arrays, as parameters `$first`..`$first+6`.
+    fn unnest(first: usize) -> String {
+        let types = ["text", "text", "text", "text", "text", "int8", "bytea"];
+        let params: Vec<String> = types
+            .iter()
+            .enumerate()
+            .map(|(i, ty)| format!("${}::{ty}[]", first + i))
+            .collect();
+        format!("UNNEST({})", params.join(", "))
+    }
+
+    /// Binds the seven arrays, in order, after what `query` already binds.
+    fn bind<'q, O>(
+        &'q self,
+        query: sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments> {
+        query
+            .bind(&self.message_ids)
+            .bind(&self.routing_keys)
+            .bind(&self.correlation_ids)
+            .bind(&self.causation_ids)
+            .bind(&self.traceparents)
+            .bind(&self.occurred_at)
+            .bind(&self.bodies)
+    }
+}
+
+impl Db {
+    /// Hands the rows `written` (id, message id) of `outgoing` to the relay.
+    fn hand_over_written(&self, outgoing: Vec<Outgoing>, written: &[(i64, String)]) {
+        let rows: Vec<(i64, Outgoing)> = outgoing
+            .into_iter()
+            .filter_map(|message| {
+                written
+                    .iter()
+                    .find(|(_, message_id)| *message_id == message.envelope.message_id)
+                    .map(|(id, _)| (*id, message))
+            })
+            .collect();
+        self.hand_over().hand_over(rows);
+    }
+
+    /// A state change and the events it emits in **one statement** (one
+    /// round trip, its own transaction): `state` is a data-modifying query
+    /// whose rows say it happened (e.g. `INSERT … ON CONFLICT DO NOTHING
+    /// RETURNING …`), with parameters `$1`..`$params` that `bind` binds; the
+    /// outbox rows of `outgoing` are written only when it returns a row.
+    /// `true` when it did (the rows are then handed to the relay).
+    pub async fn change_and_emit<'q>(
+        &self,
+        state: &str,
+        params: usize,
+        bind: impl FnOnce(
+            sqlx::query::QueryAs<'q, sqlx::Postgres, (i64, String), sqlx::postgres::PgArguments>,
+        ) -> sqlx::query::QueryAs<
+            'q,
+            sqlx::Postgres,
+            (i64, String),
+            sqlx::postgres::PgArguments,
+        >,
+        outgoing: Vec<Outgoing>,
+    ) -> Result<bool, sqlx::Error> {
+        let columns = OutboxColumns::of(&outgoing);
+        let sql = format!(
+            "WITH state AS ({state}) INSERT INTO outbox {OUTBOX_COLUMNS} \
+             SELECT * FROM {} WHERE EXISTS (SELECT 1 FROM state) RETURNING id, message_id",
+            OutboxColumns::unnest(params + 1)
+        );
+        let written: Vec<(i64, String)> = {
+            let query = bind(sqlx::query_as(sqlx::AssertSqlSafe(sql)));
+            columns.bind(query).fetch_all(self.pool()).await?
+        };
+        drop(columns);
+        let emitted = !written.is_empty();
+        self.hand_over_written(outgoing, &written);
+        Ok(emitted)
     }
 }
