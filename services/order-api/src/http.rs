@@ -122,7 +122,7 @@ async fn create_order(
     let order_id = order.started.order_id.clone();
     match orders::create(&state.db, &order).await? {
         Creation::Created => {
-            state.watcher.changed(&order_id);
+            state.watcher.changed(&order_id, Some(Status::Started));
             state.metrics.orders_created.inc();
             tracing::info!(order_id = %order_id, supplier = %order.started.supplier, "order created");
             Ok(accepted(order_id, Status::Started.as_str()))
@@ -195,6 +195,7 @@ async fn wait_for(
     let deadline = tokio::time::Instant::now() + timeout;
     // Subscribed before the first read: no change can slip in between.
     let mut changes = state.watcher.subscribe(order_id);
+    let mut last_read_is_current = true;
     loop {
         let view = tokio::time::timeout(
             state.bounds.request_timeout(),
@@ -206,13 +207,34 @@ async fn wait_for(
             .as_ref()
             .and_then(OrderView::status)
             .is_some_and(|status| status.satisfies(wanted));
-        if done {
+        if done || !last_read_is_current {
             return Ok(view);
         }
-        tokio::select! {
-            () = changes.changed() => {}
-            () = tokio::time::sleep_until(deadline) => return Ok(view),
-            () = state.shutdown.cancelled() => return Ok(view),
+        // Changes the waiter does not care about (the status the one who made
+        // them reported is still short of `wanted`) need no read; the answer
+        // at the deadline is read afresh if such a change came meanwhile.
+        loop {
+            tokio::select! {
+                known = changes.changed() => match known {
+                    Some(status) if !status.satisfies(wanted) => last_read_is_current = false,
+                    _ => {
+                        last_read_is_current = true;
+                        break;
+                    }
+                },
+                () = tokio::time::sleep_until(deadline) => {
+                    if last_read_is_current {
+                        return Ok(view);
+                    }
+                    break;
+                }
+                () = state.shutdown.cancelled() => {
+                    if last_read_is_current {
+                        return Ok(view);
+                    }
+                    break;
+                }
+            }
         }
     }
 }

@@ -40,8 +40,8 @@ impl Handler for ReadModel {
         };
         let changed = apply(unit.conn(), &message.event).await?;
         unit.commit().await?;
-        if changed {
-            self.watcher.changed(message.event.order_id());
+        if let Some(status) = changed {
+            self.watcher.changed(message.event.order_id(), Some(status));
         }
         Ok(())
     }
@@ -61,13 +61,13 @@ impl Handler for ReadModel {
         let admitted = unit.admit_all(SERVICE, &envelopes).await?;
         let mut changed = Vec::with_capacity(sorted.len());
         for (message, admitted) in sorted.into_iter().zip(admitted) {
-            if admitted && apply(unit.conn(), &message.event).await? {
-                changed.push(message.event.order_id());
+            if admitted && let Some(status) = apply(unit.conn(), &message.event).await? {
+                changed.push((message.event.order_id(), status));
             }
         }
         unit.commit().await?;
-        for order_id in changed {
-            self.watcher.changed(order_id);
+        for (order_id, status) in changed {
+            self.watcher.changed(order_id, Some(status));
         }
         Ok(())
     }
@@ -85,12 +85,17 @@ macro_rules! forward_status {
     };
 }
 
-/// Applies `event` to its order; `false` when nothing changed for a reader
-/// (a terminal event the owner already applied, and announced).
-async fn apply(conn: &mut PgConnection, event: &Event) -> Result<bool, sqlx::Error> {
-    let changed = match event {
-        Event::OrderCompleted(e) => return order_completed(conn, e).await,
-        Event::OrderCancelled(e) => return order_cancelled(conn, e).await,
+/// Applies `event` to its order: the order's status after it, for the
+/// long polls; `None` when nothing changed for a reader (a terminal event the
+/// owner already applied, and announced, or an event not shown).
+async fn apply(conn: &mut PgConnection, event: &Event) -> Result<Option<Status>, sqlx::Error> {
+    let status = match event {
+        Event::OrderCompleted(e) => {
+            return Ok(order_completed(conn, e).await?.then_some(Status::Completed));
+        }
+        Event::OrderCancelled(e) => {
+            return Ok(order_cancelled(conn, e).await?.then_some(Status::Cancelled));
+        }
         Event::OrderStarted(e) => order_started(conn, e).await,
         Event::InfoGenerated(e) => info_generated(conn, e).await,
         Event::PaymentAwaiting(e) => payment_awaiting(conn, e).await,
@@ -103,59 +108,63 @@ async fn apply(conn: &mut PgConnection, event: &Event) -> Result<bool, sqlx::Err
         Event::PaymentRefunded(e) => payment_refunded(conn, e).await,
         // saga.timed-out: order-cancelled acts on it, the order shows the
         // resulting order.cancelled. The others are not bound to this queue.
-        Event::SagaTimedOut(_) | Event::PaymentSubmitted(_) | Event::PaymentFailed(_) => Ok(()),
-    };
-    changed.map(|()| true)
+        Event::SagaTimedOut(_) | Event::PaymentSubmitted(_) | Event::PaymentFailed(_) => {
+            return Ok(None);
+        }
+    }?;
+    // The table's CHECK allows only known statuses.
+    Ok(status.parse().ok())
 }
 
 /// The order's content. The first one known stays: an order's lines do not
 /// change, and the API's own row was written from the same request.
-async fn order_started(conn: &mut PgConnection, e: &OrderStarted) -> Result<(), sqlx::Error> {
-    sqlx::query(
+async fn order_started(conn: &mut PgConnection, e: &OrderStarted) -> Result<String, sqlx::Error> {
+    sqlx::query_scalar(
         "INSERT INTO orders (order_id, supplier, products, address) VALUES ($1, $2, $3, $4) \
          ON CONFLICT (order_id) DO UPDATE SET \
            supplier = COALESCE(orders.supplier, EXCLUDED.supplier), \
            products = COALESCE(orders.products, EXCLUDED.products), \
            address = COALESCE(orders.address, EXCLUDED.address), \
-           updated_at = now()",
+           updated_at = now() RETURNING status",
     )
     .bind(&e.order_id)
     .bind(&e.supplier)
     .bind(sqlx::types::Json(&e.products))
     .bind(&e.address)
-    .execute(conn)
-    .await?;
-    Ok(())
+    .fetch_one(conn)
+    .await
 }
 
 /// The order's price. An order is priced once: the first price known stays
 /// (generate-info never prices an order twice; a stray second price would
 /// not change what the customer sees, nor what the coordinator accepts).
-async fn info_generated(conn: &mut PgConnection, e: &InfoGenerated) -> Result<(), sqlx::Error> {
-    sqlx::query(
+async fn info_generated(conn: &mut PgConnection, e: &InfoGenerated) -> Result<String, sqlx::Error> {
+    sqlx::query_scalar(
         "INSERT INTO orders (order_id, supplier, payment_methods, amount_cents) \
          VALUES ($1, $2, $3, $4) \
          ON CONFLICT (order_id) DO UPDATE SET \
            supplier = COALESCE(orders.supplier, EXCLUDED.supplier), \
            payment_methods = COALESCE(orders.payment_methods, EXCLUDED.payment_methods), \
            amount_cents = COALESCE(orders.amount_cents, EXCLUDED.amount_cents), \
-           updated_at = now()",
+           updated_at = now() RETURNING status",
     )
     .bind(&e.order_id)
     .bind(&e.supplier)
     .bind(&e.payment_methods)
     .bind(e.amount_cents)
-    .execute(conn)
-    .await?;
-    Ok(())
+    .fetch_one(conn)
+    .await
 }
 
 /// The payment step is open. Its first token stays: the coordinator accepts
 /// only the token of the first payment step it saw, so a later one would only
 /// mislead the customer.
-async fn payment_awaiting(conn: &mut PgConnection, e: &PaymentAwaiting) -> Result<(), sqlx::Error> {
+async fn payment_awaiting(
+    conn: &mut PgConnection,
+    e: &PaymentAwaiting,
+) -> Result<String, sqlx::Error> {
     let next = Status::AwaitingPayment;
-    sqlx::query(concat!(
+    sqlx::query_scalar(concat!(
         "INSERT INTO orders (order_id, status, payment_token, token_expires_at, payment_methods, \
            amount_cents) VALUES ($1, $3, $4, $5, $6, $7) \
          ON CONFLICT (order_id) DO UPDATE SET ",
@@ -164,7 +173,7 @@ async fn payment_awaiting(conn: &mut PgConnection, e: &PaymentAwaiting) -> Resul
            token_expires_at = COALESCE(orders.token_expires_at, EXCLUDED.token_expires_at), \
            payment_methods = COALESCE(orders.payment_methods, EXCLUDED.payment_methods), \
            amount_cents = COALESCE(orders.amount_cents, EXCLUDED.amount_cents), \
-           updated_at = now()",
+           updated_at = now() RETURNING status",
     ))
     .bind(&e.order_id)
     .bind(next.predecessors())
@@ -173,74 +182,78 @@ async fn payment_awaiting(conn: &mut PgConnection, e: &PaymentAwaiting) -> Resul
     .bind(e.expires_at)
     .bind(&e.payment_methods)
     .bind(e.amount_cents)
-    .execute(conn)
-    .await?;
-    Ok(())
+    .fetch_one(conn)
+    .await
 }
 
 /// The customer's method was accepted. On a finished order (a late message)
 /// the method is only filled in if missing.
-async fn payment_selected(conn: &mut PgConnection, e: &PaymentSelected) -> Result<(), sqlx::Error> {
+async fn payment_selected(
+    conn: &mut PgConnection,
+    e: &PaymentSelected,
+) -> Result<String, sqlx::Error> {
     let next = Status::Paying;
-    sqlx::query(concat!(
+    sqlx::query_scalar(concat!(
         "INSERT INTO orders (order_id, status, method) VALUES ($1, $3, $4) \
          ON CONFLICT (order_id) DO UPDATE SET ",
         forward_status!(),
         ", method = CASE WHEN orders.status IN ('completed', 'cancelled') \
              THEN COALESCE(orders.method, EXCLUDED.method) ELSE EXCLUDED.method END, \
-           updated_at = now()",
+           updated_at = now() RETURNING status",
     ))
     .bind(&e.order_id)
     .bind(next.predecessors())
     .bind(next.as_str())
     .bind(&e.method)
-    .execute(conn)
-    .await?;
-    Ok(())
+    .fetch_one(conn)
+    .await
 }
 
 async fn last_rejection(
     conn: &mut PgConnection,
     order_id: &str,
     reason: &str,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
+) -> Result<String, sqlx::Error> {
+    sqlx::query_scalar(
         "INSERT INTO orders (order_id, last_rejection) VALUES ($1, $2) \
          ON CONFLICT (order_id) DO UPDATE SET last_rejection = EXCLUDED.last_rejection, \
-           updated_at = now()",
+           updated_at = now() RETURNING status",
     )
     .bind(order_id)
     .bind(reason)
-    .execute(conn)
-    .await?;
-    Ok(())
+    .fetch_one(conn)
+    .await
 }
 
-async fn payment_captured(conn: &mut PgConnection, e: &PaymentCaptured) -> Result<(), sqlx::Error> {
-    sqlx::query(
+async fn payment_captured(
+    conn: &mut PgConnection,
+    e: &PaymentCaptured,
+) -> Result<String, sqlx::Error> {
+    sqlx::query_scalar(
         "INSERT INTO orders (order_id, charged_cents, capture_id) VALUES ($1, $2, $3) \
          ON CONFLICT (order_id) DO UPDATE SET charged_cents = EXCLUDED.charged_cents, \
-           capture_id = EXCLUDED.capture_id, updated_at = now()",
+           capture_id = EXCLUDED.capture_id, updated_at = now() RETURNING status",
     )
     .bind(&e.order_id)
     .bind(e.charged_cents)
     .bind(&e.capture_id)
-    .execute(conn)
-    .await?;
-    Ok(())
+    .fetch_one(conn)
+    .await
 }
 
-async fn payment_refunded(conn: &mut PgConnection, e: &PaymentRefunded) -> Result<(), sqlx::Error> {
-    sqlx::query(
+async fn payment_refunded(
+    conn: &mut PgConnection,
+    e: &PaymentRefunded,
+) -> Result<String, sqlx::Error> {
+    sqlx::query_scalar(
         "INSERT INTO orders (order_id, refunded_cents) VALUES ($1, $2) \
          ON CONFLICT (order_id) DO UPDATE SET refunded_cents = EXCLUDED.refunded_cents, \
-           updated_at = now()",
+           updated_at = now() RETURNING status",
     )
     .bind(&e.order_id)
     .bind(e.refunded_cents)
-    .execute(conn)
-    .await?;
-    Ok(())
+    .fetch_one(conn)
+    .await
 }
 
 /// Terminal: the same conditional transition the owner (order-completed)

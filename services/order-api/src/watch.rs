@@ -23,6 +23,8 @@ use std::time::Duration;
 
 use orderflow_shared::Shutdown;
 use orderflow_shared::store::orders::{Announcer, CHANGES_CHANNEL};
+
+use crate::status::Status;
 use sqlx::PgPool;
 use sqlx::postgres::PgListener;
 use tokio::sync::watch;
@@ -38,7 +40,9 @@ pub const FALLBACK_POLL: Duration = Duration::from_millis(500);
 /// watch it (the entry goes when the last one does).
 #[derive(Debug)]
 struct Waiters {
-    changes: watch::Sender<u64>,
+    /// A change counter, and the order's status after the latest change
+    /// when the one who made it knew it (`None`: read it).
+    changes: watch::Sender<(u64, Option<Status>)>,
     subscriptions: usize,
 }
 
@@ -65,9 +69,11 @@ impl Shared {
         self.orders.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn wake_order(&self, order_id: &str) {
+    fn wake_order(&self, order_id: &str, status: Option<Status>) {
         if let Some(waiters) = self.orders().get(order_id) {
-            waiters.changes.send_modify(|n| *n = n.wrapping_add(1));
+            waiters
+                .changes
+                .send_modify(|(n, known)| (*n, *known) = (n.wrapping_add(1), status));
         }
     }
 
@@ -89,7 +95,7 @@ pub struct Watcher {
 pub struct Subscription {
     shared: Arc<Shared>,
     order_id: Arc<str>,
-    changes: watch::Receiver<u64>,
+    changes: watch::Receiver<(u64, Option<Status>)>,
     everyone: watch::Receiver<u64>,
 }
 
@@ -111,8 +117,11 @@ impl Watcher {
 
     /// `order_id` changed (committed): wakes its waiters here and, through
     /// the next batched NOTIFY, in the other API instances.
-    pub fn changed(&self, order_id: &str) {
-        self.shared.wake_order(order_id);
+    /// `status`: the order's status after the change, when the caller knows
+    /// it (its statement returned it): waiters for a later status then need
+    /// not read the row.
+    pub fn changed(&self, order_id: &str, status: Option<Status>) {
+        self.shared.wake_order(order_id, status);
         self.announcer.changed(order_id);
     }
 
@@ -122,7 +131,7 @@ impl Watcher {
         let order_id: Arc<str> = order_id.into();
         let mut orders = self.shared.orders();
         let waiters = orders.entry(order_id.clone()).or_insert_with(|| Waiters {
-            changes: watch::channel(0).0,
+            changes: watch::channel((0, None)).0,
             subscriptions: 0,
         });
         waiters.subscriptions += 1;
@@ -173,7 +182,7 @@ impl Watcher {
                         };
                         match received {
                             Ok(Some(notification)) => {
-                                self.shared.wake_order(notification.payload());
+                                self.shared.wake_order(notification.payload(), None);
                             }
                             // The connection was lost and is back (sqlx reconnects
                             // eagerly): what was notified meanwhile is gone.
@@ -207,14 +216,16 @@ impl Watcher {
 impl Subscription {
     /// Waits until the order may have changed: it was notified, notifications
     /// may have been missed, or (listener down) the fallback interval passed.
-    pub async fn changed(&mut self) {
+    /// The order's status after the change when the one who changed it said
+    /// so; `None` when the row must be read to know.
+    pub async fn changed(&mut self) -> Option<Status> {
         let polling = !self.shared.listening.load(Ordering::SeqCst);
         // The senders live as long as this subscription (in `shared`), so
         // `changed` only returns when a value was sent.
         tokio::select! {
-            _ = self.changes.changed() => {}
-            _ = self.everyone.changed() => {}
-            () = tokio::time::sleep(FALLBACK_POLL), if polling => {}
+            _ = self.changes.changed() => self.changes.borrow_and_update().1,
+            _ = self.everyone.changed() => None,
+            () = tokio::time::sleep(FALLBACK_POLL), if polling => None,
         }
     }
 }
@@ -254,7 +265,7 @@ mod tests {
         let mut a1 = watcher.subscribe("a");
         let mut a2 = watcher.subscribe("a");
         let mut b = watcher.subscribe("b");
-        watcher.shared.wake_order("a");
+        watcher.shared.wake_order("a", None);
         assert!(woke(&mut a1).await);
         assert!(woke(&mut a2).await);
         assert!(!woke(&mut b).await, "b was not notified");
@@ -266,16 +277,29 @@ mod tests {
     async fn a_local_change_wakes_at_once_and_is_queued_for_the_others() {
         let watcher = watcher();
         let mut a = watcher.subscribe("a");
-        watcher.changed("a");
+        watcher.changed("a", None);
         assert!(woke(&mut a).await);
         assert_eq!(watcher.announcer.queued(), vec!["a".to_owned()]);
+    }
+
+    #[tokio::test]
+    async fn a_change_carries_the_status_its_maker_knew_and_a_notification_none() {
+        let watcher = watcher();
+        let mut a = watcher.subscribe("a");
+        watcher.changed("a", Some(Status::Paying));
+        assert_eq!(a.changed().await, Some(Status::Paying));
+        // From another instance (LISTEN) the status is not known: read it.
+        watcher.shared.wake_order("a", None);
+        assert_eq!(a.changed().await, None);
+        watcher.shared.wake_everyone();
+        assert_eq!(a.changed().await, None);
     }
 
     #[tokio::test]
     async fn a_change_before_the_wait_is_not_lost() {
         let watcher = watcher();
         let mut a = watcher.subscribe("a");
-        watcher.shared.wake_order("a");
+        watcher.shared.wake_order("a", None);
         tokio::task::yield_now().await;
         assert!(woke(&mut a).await);
     }
@@ -301,6 +325,6 @@ mod tests {
         drop(a2);
         assert_eq!(watcher.watched_orders(), 0);
         // A change for an order nobody watches is a no-op.
-        watcher.shared.wake_order("a");
+        watcher.shared.wake_order("a", None);
     }
 }
