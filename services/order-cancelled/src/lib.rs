@@ -4,13 +4,10 @@
 //! won, `order.cancelled` with the reason, which the payment providers
 //! answer with a refund when they had captured.
 
-use std::sync::Arc;
-
 use orderflow_shared::Shutdown;
-use orderflow_shared::app::{Ctx, run_worker};
+use orderflow_shared::app::Ctx;
 use orderflow_shared::events::{Event, OrderCancelled, Step};
-use orderflow_shared::store::Context;
-use orderflow_shared::store::orders::{Announcer, Terminal, TerminalWorker, Transition};
+use orderflow_shared::store::orders::{Terminal, TerminalWorker, Transition};
 
 pub const SERVICE: &str = "order-cancelled";
 
@@ -48,17 +45,7 @@ pub fn transition(event: &Event) -> Option<Transition> {
 
 /// Runs order-cancelled until `shutdown`.
 pub async fn run(ctx: Ctx, shutdown: Shutdown) -> anyhow::Result<()> {
-    let db = ctx.db(Context::Orders).await?;
-    let (announcer, announcing) = Announcer::spawn(db.pool().clone(), shutdown.clone());
-    let worker = Arc::new(TerminalWorker::new(
-        SERVICE,
-        db.clone(),
-        announcer,
-        transition,
-    ));
-    run_worker(&ctx, SERVICE, worker, Some(db), shutdown).await?;
-    announcing.await?;
-    Ok(())
+    TerminalWorker::run(ctx, SERVICE, transition, shutdown).await
 }
 
 #[cfg(test)]

@@ -458,14 +458,7 @@ impl ProviderWorker {
                 .execute(unit.conn())
                 .await?;
                 if let Some((_, refund)) = refund {
-                    unit.emit(Outgoing::event(
-                        &Event::PaymentRefunded(PaymentRefunded {
-                            order_id: order_id.to_owned(),
-                            provider: self.method.clone(),
-                            refunded_cents: refund.amount_cents,
-                        }),
-                        Some(cause),
-                    ));
+                    self.emit_refunded(unit, order_id, refund, cause);
                 }
                 unit.emit(Outgoing::event(
                     &Event::PaymentFailed(PaymentFailed {
@@ -547,6 +540,19 @@ impl ProviderWorker {
         .bind(&charge.reference)
         .execute(unit.conn())
         .await?;
+        self.emit_refunded(unit, order_id, &refund, cause);
+        tracing::info!(%order_id, provider = %self.method, refunded_cents = refund.amount_cents, "payment refunded (order cancelled)");
+        Ok(())
+    }
+
+    /// `payment.refunded` for `refund` of `order_id`, when `unit` commits.
+    fn emit_refunded(
+        &self,
+        unit: &mut UnitOfWork,
+        order_id: &str,
+        refund: &Receipt,
+        cause: &Envelope,
+    ) {
         unit.emit(Outgoing::event(
             &Event::PaymentRefunded(PaymentRefunded {
                 order_id: order_id.to_owned(),
@@ -555,8 +561,6 @@ impl ProviderWorker {
             }),
             Some(cause),
         ));
-        tracing::info!(%order_id, provider = %self.method, refunded_cents = refund.amount_cents, "payment refunded (order cancelled)");
-        Ok(())
     }
 }
 

@@ -195,6 +195,22 @@ impl TerminalWorker {
         }
     }
 
+    /// Runs the terminal worker `service` (its queue, the relay of the
+    /// `orders` outbox, the announcer) with `decide` until `shutdown`.
+    pub async fn run(
+        ctx: crate::app::Ctx,
+        service: &'static str,
+        decide: fn(&Event) -> Option<Transition>,
+        shutdown: Shutdown,
+    ) -> anyhow::Result<()> {
+        let db = ctx.db(super::Context::Orders).await?;
+        let (announcer, announcing) = Announcer::spawn(db.pool().clone(), shutdown.clone());
+        let worker = Arc::new(Self::new(service, db.clone(), announcer, decide));
+        crate::app::run_worker(&ctx, service, worker, Some(db), shutdown).await?;
+        announcing.await?;
+        Ok(())
+    }
+
     async fn apply_all(&self, messages: &[&Message]) -> Result<(), HandleError> {
         let mut sorted: Vec<&Message> = messages.to_vec();
         sorted.sort_by(|a, b| a.order_id().cmp(b.order_id()));
