@@ -281,7 +281,7 @@ async fn each_context_has_a_role_that_owns_its_schema_and_reads_only_what_it_nee
     let role = |context: Context| context.role(&prefix);
     let url = &env.database_url;
     let denied = "42501";
-    let checks: [(Context, &str, Result<(), &str>); 13] = [
+    let checks: [(Context, &str, Result<(), &str>); 14] = [
         (
             Context::Orders,
             "SELECT count(*) FROM orders.orders",
@@ -294,7 +294,12 @@ async fn each_context_has_a_role_that_owns_its_schema_and_reads_only_what_it_nee
         ),
         (
             Context::Orders,
-            "SELECT count(*) FROM coordinator.sagas",
+            "SELECT count(*) FROM coordinator.sagas JOIN coordinator.timers USING (order_id)",
+            Ok(()),
+        ),
+        (
+            Context::Orders,
+            "UPDATE coordinator.timers SET state = 'fired'",
             Err(denied),
         ),
         (
