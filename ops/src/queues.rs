@@ -2,11 +2,12 @@
 //! rates, dead letters, whether the service is paused, and a status that
 //! flags a queue that backs up or has no consumer.
 //!
-//! Read from the RabbitMQ management HTTP API when it answers (it has the
-//! rates), else with passive declarations (depth and consumers; no rates),
-//! which need no permission and work whether the management plugin is on or
-//! not. The management API's figures are refreshed by the broker every few
-//! seconds; passive declarations are exact at the time of asking.
+//! Depth and consumers come from passive declarations, which need no
+//! permission, work whether the management plugin is on or not, and are
+//! exact at the time of asking; the RabbitMQ management HTTP API adds the
+//! message rates (and unacknowledged messages) when it answers. (Its own
+//! figures are refreshed by the broker every few seconds: a queue declared
+//! a moment ago has none yet.)
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -45,7 +46,7 @@ pub enum Status {
 pub struct QueueStats {
     pub service: String,
     pub queue: String,
-    /// Ready messages (passive declarations count these only).
+    /// Ready messages.
     pub messages_ready: u64,
     /// Delivered, not yet acknowledged (management API only).
     pub messages_unacknowledged: Option<u64>,
@@ -65,7 +66,7 @@ pub struct QueueStats {
 /// Every service queue, and where the figures came from.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Stats {
-    /// `management` or `passive`.
+    /// `management` (with rates) or `passive` (without).
     pub source: &'static str,
     /// Why the management API was not used, when it was asked.
     pub management_error: Option<String>,
@@ -121,10 +122,7 @@ impl Management {
             .client
             .get(&url)
             .basic_auth(&self.user, Some(self.password.expose_secret()))
-            .query(&[(
-                "columns",
-                "name,messages_ready,messages_unacknowledged,consumers,message_stats",
-            )])
+            .query(&[("columns", "name,messages_unacknowledged,message_stats")])
             .send()
             .await
             .map_err(|e| {
@@ -152,11 +150,7 @@ impl Management {
 struct ApiQueue {
     name: String,
     #[serde(default)]
-    messages_ready: Option<u64>,
-    #[serde(default)]
     messages_unacknowledged: Option<u64>,
-    #[serde(default)]
-    consumers: Option<u64>,
     #[serde(default)]
     message_stats: Option<MessageStats>,
 }
@@ -245,42 +239,27 @@ pub async fn stats(broker: &Broker, management: Option<&Management>) -> Result<S
             let (dead_letters, _) = declare(&channel, &name_of(&QueueRole::DeadLetter)).await?;
             let (markers, _) = declare(&channel, &name_of(&QueueRole::Pause)).await?;
             let paused = markers > 0;
+            // Depth and consumers exact at the time of asking; the
+            // management API (its figures lag by its collection interval)
+            // adds the rates.
+            let (ready, consumers) = declare(&channel, &queue).await?;
             let from_api = api.as_ref().and_then(|queues| queues.get(&queue));
-            let stats = if let Some(found) = from_api {
-                let rates = found.message_stats.as_ref();
-                let rate = |pick: fn(&MessageStats) -> Option<&Rate>| {
-                    Some(rates.and_then(pick).map_or(0.0, |r| r.rate))
-                };
-                let ready = found.messages_ready.unwrap_or_default();
-                let consumers = found.consumers.unwrap_or_default();
-                QueueStats {
-                    service: service.to_owned(),
-                    queue,
-                    messages_ready: ready,
-                    messages_unacknowledged: found.messages_unacknowledged,
-                    consumers,
-                    publish_rate: rate(|s| s.publish_details.as_ref()),
-                    deliver_rate: rate(|s| s.deliver_get_details.as_ref()),
-                    ack_rate: rate(|s| s.ack_details.as_ref()),
-                    dead_letters,
-                    paused,
-                    status: status(paused, consumers, ready),
-                }
-            } else {
-                let (ready, consumers) = declare(&channel, &queue).await?;
-                QueueStats {
-                    service: service.to_owned(),
-                    queue,
-                    messages_ready: ready,
-                    messages_unacknowledged: None,
-                    consumers,
-                    publish_rate: None,
-                    deliver_rate: None,
-                    ack_rate: None,
-                    dead_letters,
-                    paused,
-                    status: status(paused, consumers, ready),
-                }
+            let rates = from_api.and_then(|found| found.message_stats.as_ref());
+            let rate = |pick: fn(&MessageStats) -> Option<&Rate>| {
+                from_api.map(|_| rates.and_then(pick).map_or(0.0, |r| r.rate))
+            };
+            let stats = QueueStats {
+                service: service.to_owned(),
+                messages_ready: ready,
+                messages_unacknowledged: from_api.and_then(|found| found.messages_unacknowledged),
+                consumers,
+                publish_rate: rate(|s| s.publish_details.as_ref()),
+                deliver_rate: rate(|s| s.deliver_get_details.as_ref()),
+                ack_rate: rate(|s| s.ack_details.as_ref()),
+                dead_letters,
+                paused,
+                status: status(paused, consumers, ready),
+                queue,
             };
             queues.push(stats);
         }
