@@ -241,7 +241,7 @@ async function orderPage(orderId) {
         });
         pay.replaceChildren(h("h2", {}, "Pay"), h("label", { for: "pay-method" }, "Payment method"), method, " ", button, problem);
       }
-    } else if (pay.querySelector("#pay")) {
+    } else if (pay.querySelector("#pay") || ["completed", "cancelled"].includes(order.status)) {
       pay.replaceChildren();
     }
   };
@@ -459,7 +459,7 @@ async function deadLettersPage() {
         h("td", {}, h("div", { class: "reason" }, m.reason), h("pre", { class: "body" }, m.body)),
         h("td", {}, m.message_id ? h("button", { class: "replay-one", onclick: () => replay(s.service, m.message_id) }, "Replay") : null)))))));
   main.replaceChildren(h("h1", {}, "Dead letters"),
-    cards.length ? cards : h("p", { id: "no-dead-letters" }, "No dead letters: every service handled what it was sent."));
+    ...(cards.length ? cards : [h("p", { id: "no-dead-letters" }, "No dead letters: every service handled what it was sent.")]));
 }
 
 // ---- stuck sagas -----------------------------------------------------------
