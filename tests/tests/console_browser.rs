@@ -315,8 +315,7 @@ async fn an_operator_sees_a_stopped_service_back_up_and_replays_a_dead_letter() 
             "generate-info drains its queue",
             &format!(
                 "document.querySelector('{generate_info_row} .depth').textContent === '0' && \
-                 document.querySelector('{generate_info_row} .status').textContent === 'ok'",
-                generate_info_row = generate_info_row
+                 document.querySelector('{generate_info_row} .status').textContent === 'ok'"
             ),
         )
         .await;

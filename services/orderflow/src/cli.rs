@@ -478,10 +478,12 @@ pub enum TopologyCommand {
         nothing; read its own queue; write only the events exchange and its own delay \
         and dead-letter exchanges (never amq.default); on the events exchange publish \
         only the routing keys it owns (topic permissions). Plus an administrator for \
-        operators (the management UI, `orderflow dlq replay`, `topology declare`).\n\n\
+        operators (the management UI, `orderflow dlq replay`, `topology declare`), and the \
+        console's user (the order API's ORDERFLOW_OPERATOR_AMQP_URL): it may take and replay \
+        dead letters and pause and resume services, and nothing else.\n\n\
         Passwords come from ORDERFLOW_BROKER_PASSWORD_<USER> (the service name \
         upper-cased, `-` as `_`: ORDERFLOW_BROKER_PASSWORD_GENERATE_INFO, \
-        ORDERFLOW_BROKER_PASSWORD_ADMIN); every one must be set, there are no defaults. \
+        ORDERFLOW_BROKER_PASSWORD_ADMIN, ORDERFLOW_BROKER_PASSWORD_CONSOLE); every one must be set, there are no defaults. \
         The file holds salted SHA-256 hashes only. Load it with `rabbitmqctl \
         import_definitions FILE` or the broker's load_definitions directory."
     )]
@@ -563,6 +565,11 @@ pub struct UsersArgs {
     /// The operators' user (tagged administrator, every permission).
     #[arg(long, value_name = "NAME", default_value = "admin")]
     pub admin: String,
+
+    /// The console's user (the order API's ORDERFLOW_OPERATOR_AMQP_URL): takes and replays
+    /// dead letters, pauses and resumes services, reads queue rates (tagged management)
+    #[arg(long, value_name = "NAME", default_value = "console")]
+    pub console: String,
 
     #[command(flatten)]
     pub deployment: DeploymentArgs,
