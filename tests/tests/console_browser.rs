@@ -2,12 +2,15 @@
 //! (`chromium`, `chromium-driver`; `./scripts/test` installs them), driven
 //! over WebDriver with fantoccini. A customer places an order through the
 //! form, pays it, and sees its timeline reach `order.completed` without a
-//! reload; an operator sees a stopped service's queue depth rise on the
+//! reload; an operator pauses a step from the choreography page and the
+//! customer's order times out there and shows its refund on the timeline;
+//! an operator sees a stopped service's queue depth rise on the
 //! choreography page and drain when it comes back, and a message that
 //! failed while its cause lasted under dead letters with its reason,
 //! replayed after a confirmation.
 //!
-//! `ORDERFLOW_CONSOLE_SCREENSHOTS=DIR` saves a screenshot of each page there.
+//! `ORDERFLOW_CONSOLE_SCREENSHOTS=DIR` (absolute: tests run in `tests/`)
+//! saves a screenshot of each page there.
 
 #![allow(
     clippy::unwrap_used,
@@ -387,6 +390,108 @@ async fn an_operator_sees_a_stopped_service_back_up_and_replays_a_dead_letter() 
     assert_eq!(order["amount_cents"], 900, "{order:#}");
     worker.cancel();
     generate_info.await.unwrap().unwrap();
+    browser.close().await;
+    system.stop().await;
+}
+
+#[tokio::test]
+async fn a_paused_step_times_out_and_the_refund_shows_on_the_timeline() {
+    let system = System::start_with(
+        |settings| {
+            settings.pause_check_ms = 100;
+            settings.flow_timeout_secs = 12;
+        },
+        Workers::default(),
+    )
+    .await;
+    let browser = Browser::start().await;
+    browser
+        .client
+        .goto(&format!("{}/console#/choreography", system.api))
+        .await
+        .unwrap();
+    browser
+        .find("#token")
+        .await
+        .send_keys(TEST_OPERATOR_TOKEN)
+        .await
+        .unwrap();
+    browser.find("#token-save").await.click().await.unwrap();
+    // Pause order-completed from the page: captures wait in its queue.
+    let row = "#queues tr[data-service=\"order-completed\"]";
+    browser
+        .find(&format!("{row} button[data-action=\"pause\"]"))
+        .await
+        .click()
+        .await
+        .unwrap();
+    assert!(
+        browser
+            .text("#confirm-text")
+            .await
+            .contains("Pause order-completed")
+    );
+    browser.find("#confirm-yes").await.click().await.unwrap();
+    browser
+        .until(
+            "order-completed shows paused",
+            &format!("document.querySelector('{row} .status')?.textContent === 'paused'"),
+        )
+        .await;
+    let queue = system.env.queue("order-completed");
+    eventually(PATIENCE, "order-completed stops consuming", || async {
+        system.env.consumer_count(&queue).await == 0
+    })
+    .await;
+
+    // A customer places and pays an order; it is captured, then its flow
+    // timer fires while the completion waits, and the capture is refunded.
+    browser
+        .client
+        .goto(&format!("{}/console#/", system.api))
+        .await
+        .unwrap();
+    let quantity = browser.find("#qty-tea").await;
+    quantity.clear().await.unwrap();
+    quantity.send_keys("1").await.unwrap();
+    browser.find("#place").await.click().await.unwrap();
+    browser.find("#pay").await;
+    browser
+        .find("#pay-method")
+        .await
+        .select_by_value("weixin")
+        .await
+        .unwrap();
+    browser.find("#pay").await.click().await.unwrap();
+    browser
+        .until(
+            "the capture shows",
+            "document.querySelector('#timeline li[data-name=\"payment.captured\"]')",
+        )
+        .await;
+    assert_eq!(browser.text("#waits-on").await, "paying");
+    browser
+        .until(
+            "the flow timer fires and the refund follows",
+            "document.querySelector('#timeline li[data-kind=\"timer\"][data-name=\"saga.timed-out\"]') \
+             && document.querySelector('#timeline li[data-kind=\"compensation\"][data-name=\"payment.refunded\"]') \
+             && document.querySelector('#status').textContent.includes('cancelled')",
+        )
+        .await;
+    assert!(browser.text("#facts").await.contains("Refunded"));
+    browser.screenshot("order-cancelled-refunded").await;
+    let (status, body) = system
+        .operator(
+            reqwest::Method::POST,
+            "/services/order-completed/resume",
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    eventually(PATIENCE, "order-completed drains its queue", || async {
+        system.env.message_count(&queue).await == 0
+    })
+    .await;
     browser.close().await;
     system.stop().await;
 }

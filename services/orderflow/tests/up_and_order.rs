@@ -79,7 +79,12 @@ async fn up_serves_orders_and_survives_sigkill() {
     let queues = format!("{api}/console/api/queues");
     let answer = http.get(&queues).bearer_auth(&token).send().await.unwrap();
     assert_eq!(answer.status(), 200);
-    let answer = http.get(&queues).bearer_auth("dev-guess").send().await.unwrap();
+    let answer = http
+        .get(&queues)
+        .bearer_auth("dev-guess")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(answer.status(), 403);
 
     let (code, out, err) = cli(&[
