@@ -14,7 +14,11 @@
 use std::time::Duration;
 
 use lapin::BasicProperties;
+use lapin::types::{AMQPValue, FieldTable};
 use orderflow_shared::Shutdown;
+use orderflow_shared::bus::Outgoing;
+use orderflow_shared::envelope::headers;
+use orderflow_shared::events::{Event, OrderStarted, ProductLine};
 use orderflow_shared::metadata::Metadata;
 use orderflow_shared::topology::{ServiceSpec, orderflow_services};
 use orderflow_tests::system::{System, Workers};
@@ -246,6 +250,14 @@ impl Sse {
         }
     }
 
+    /// The data of the last event named `event`.
+    fn last(&self, event: &str) -> Option<Value> {
+        self.events
+            .iter()
+            .rfind(|(name, _, _)| name == event)
+            .map(|(_, _, data)| serde_json::from_str(data).unwrap())
+    }
+
     fn entries(&self) -> Vec<Value> {
         self.events
             .iter()
@@ -295,10 +307,15 @@ async fn an_orders_live_stream_sends_its_state_saga_and_each_history_entry_once(
 
     // Open while the order waits for its payment, then pay it.
     let awaiting = system.wait_for(&order_id, "awaiting_payment").await;
+    // The saga and its history are read apart: the saga that follows an
+    // entry may come a tick later.
     let sse = read_live(&system, &order_id, None, |sse| {
         sse.entries()
             .iter()
             .any(|e| e["name"] == "payment.awaiting")
+            && sse
+                .last("saga")
+                .is_some_and(|saga| saga["step"] == "payment")
     })
     .await;
     let order = sse
@@ -308,12 +325,7 @@ async fn an_orders_live_stream_sends_its_state_saga_and_each_history_entry_once(
         .map(|(_, _, data)| serde_json::from_str::<Value>(data).unwrap())
         .unwrap();
     assert_eq!(order["status"], "awaiting_payment");
-    let saga = sse
-        .events
-        .iter()
-        .find(|(event, _, _)| event == "saga")
-        .map(|(_, _, data)| serde_json::from_str::<Value>(data).unwrap())
-        .unwrap();
+    let saga = sse.last("saga").unwrap();
     assert_eq!(saga["step"], "payment", "{saga}");
     let steps: Vec<&str> = saga["deadlines"]
         .as_array()
@@ -655,5 +667,120 @@ async fn stuck_sagas_are_listed_with_the_step_they_wait_on() {
         .operator(Method::GET, "/sagas/stuck?limit=0", None)
         .await;
     assert_eq!(status, 400);
+    system.stop().await;
+}
+
+#[tokio::test]
+async fn a_dead_letter_older_than_the_retention_is_replayed_from_the_console_only_with_force() {
+    let system = System::start().await;
+    let dead = system.env.dead_letter_queue("generate-info");
+    // First published 40 days ago: longer than the default retention of 30.
+    let mut old = Outgoing::event(
+        &Event::OrderStarted(OrderStarted {
+            order_id: "replay-old".into(),
+            supplier: "haidilao".into(),
+            products: vec![ProductLine {
+                sku: "tea".into(),
+                quantity: 1,
+            }],
+            address: "6 Dock".into(),
+        }),
+        None,
+    );
+    old.envelope.timestamp -= 40 * 86_400;
+    let mut reason = FieldTable::default();
+    reason.insert(
+        headers::REASON.into(),
+        AMQPValue::LongString("catalogue unavailable".into()),
+    );
+    system
+        .ctx
+        .broker
+        .publisher()
+        .publish_raw(
+            &dead,
+            "order.started",
+            &old.body,
+            old.envelope.to_properties(reason).unwrap(),
+        )
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(10), "the dead letter", || async {
+        system.env.message_count(&dead).await == 1
+    })
+    .await;
+    let (status, body) = system
+        .operator(
+            Method::POST,
+            "/dead-letters/generate-info/replay",
+            Some(&json!({})),
+        )
+        .await;
+    assert_eq!(status, 409, "{body}");
+    let error = body["error"].as_str().unwrap();
+    assert!(error.contains("retention of 30 day(s)"), "{error}");
+    assert!(
+        body["report"]["refused"][0]
+            .as_str()
+            .unwrap()
+            .contains("replay-old"),
+        "{body}"
+    );
+    assert_eq!(
+        system.env.message_count(&dead).await,
+        1,
+        "left where it was"
+    );
+    let (status, body) = system
+        .operator(
+            Method::POST,
+            "/dead-letters/generate-info/replay",
+            Some(&json!({"force": true})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body["report"]["replayed"][0]["forced"].is_string(),
+        "{body}"
+    );
+    system.wait_for("replay-old", "awaiting_payment").await;
+    // A body the endpoint does not know is refused.
+    let (status, body) = system
+        .operator(
+            Method::POST,
+            "/dead-letters/generate-info/replay",
+            Some(&json!({"all": true})),
+        )
+        .await;
+    assert_eq!(status, 422, "{body}");
+    system.stop().await;
+}
+
+#[tokio::test]
+async fn a_broker_the_operator_cannot_reach_is_a_503_that_says_so() {
+    let system = System::start_with(
+        |settings| {
+            settings.operator_amqp_url = Some(secrecy::SecretString::from(
+                "amqp://nobody:wrong@127.0.0.1:5672/%2f".to_owned(),
+            ));
+        },
+        Workers::default(),
+    )
+    .await;
+    for (method, path) in [
+        (Method::GET, "/dead-letters"),
+        (Method::POST, "/services/generate-info/pause"),
+        (Method::GET, "/queues"),
+    ] {
+        let (status, body) = system.operator(method, path, None).await;
+        assert_eq!(status, 503, "{path}: {body}");
+        assert!(
+            body["error"].as_str().unwrap().contains("RabbitMQ"),
+            "{path}: {body}"
+        );
+    }
+    // The customers' side does not depend on it.
+    let order_id = system.place("haidilao", &[("tea", 1)]).await;
+    system.wait_for(&order_id, "awaiting_payment").await;
     system.stop().await;
 }

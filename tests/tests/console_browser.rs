@@ -197,7 +197,12 @@ async fn a_customer_places_and_pays_an_order_and_sees_its_timeline_complete_with
         .await
         .unwrap();
     browser.find("#pay").await;
-    assert_eq!(browser.text("#waits-on").await, "payment");
+    browser
+        .until(
+            "the saga waits on the payment",
+            "document.querySelector('#waits-on')?.textContent === 'payment'",
+        )
+        .await;
     browser
         .find("#pay-method")
         .await
@@ -469,7 +474,12 @@ async fn a_paused_step_times_out_and_the_refund_shows_on_the_timeline() {
             "document.querySelector('#timeline li[data-name=\"payment.captured\"]')",
         )
         .await;
-    assert_eq!(browser.text("#waits-on").await, "paying");
+    browser
+        .until(
+            "the saga waits on the paused step",
+            "document.querySelector('#waits-on')?.textContent === 'paying'",
+        )
+        .await;
     browser
         .until(
             "the flow timer fires and the refund follows",
