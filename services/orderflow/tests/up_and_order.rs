@@ -59,8 +59,10 @@ async fn up(env: &TestEnv) -> (Child, String, String) {
     let token = token_line
         .strip_prefix("console operator token (development, this run only; set ")
         .and_then(|rest| rest.rsplit_once(": "))
-        .map(|(_, token)| token.to_owned())
-        .unwrap_or_else(|| panic!("no operator token in {token_line:?}"));
+        .map_or_else(
+            || panic!("no operator token in {token_line:?}"),
+            |(_, token)| token.to_owned(),
+        );
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     (child, url, token)
 }
