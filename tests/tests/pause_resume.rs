@@ -237,3 +237,27 @@ async fn get(system: &System, path: &str) -> (u16, Value) {
     let status = response.status().as_u16();
     (status, response.json().await.unwrap_or(Value::Null))
 }
+
+#[tokio::test]
+async fn a_paused_order_api_stays_healthy_and_says_it_is_paused() {
+    let system =
+        System::start_with(|settings| settings.pause_check_ms = 100, Workers::default()).await;
+    pause(&system, "order-api").await;
+    eventually(Duration::from_secs(10), "/healthz says paused", || async {
+        let (status, body) = get(&system, "/healthz").await;
+        status == 200
+            && body["checks"]["broker"]
+                .as_str()
+                .is_some_and(|broker| broker.contains("paused by an operator"))
+    })
+    .await;
+    // The read model waits; the API answers.
+    let order_id = system.place("haidilao", &[("tea", 1)]).await;
+    assert_eq!(system.get_order(&order_id, None).await["status"], "started");
+    resume(&system, "order-api").await;
+    system.wait_for(&order_id, "awaiting_payment").await;
+    let (status, body) = get(&system, "/healthz").await;
+    assert_eq!(status, 200);
+    assert_eq!(body["checks"]["broker"], "ok", "{body}");
+    system.stop().await;
+}
