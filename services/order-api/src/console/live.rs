@@ -203,7 +203,8 @@ impl Live {
             }
             if !self.first {
                 tokio::select! {
-                    () = self.changes.changed() => {}
+                    // Whatever the change was: every part is read again.
+                    _changed = self.changes.changed() => {}
                     () = tokio::time::sleep(TICK) => {}
                     () = tokio::time::sleep_until(self.ends) => return None,
                     () = self.state.shutdown.cancelled() => return None,
