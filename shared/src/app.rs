@@ -117,6 +117,7 @@ impl Ctx {
         ConsumerOptions {
             prefetch: self.settings.prefetch,
             concurrency: self.settings.concurrency,
+            pause_check: self.settings.pause_check(),
             ..ConsumerOptions::new(service)
         }
     }

@@ -91,7 +91,28 @@ pub struct Settings {
     /// time. The retention is therefore counted in days (default 30), and
     /// `dlq replay` refuses, without `--force`, a dead letter older than it.
     pub retention_days: u32,
+    /// `ORDERFLOW_PAUSE_CHECK_MS`: how often a consumer looks whether an
+    /// operator paused its service (at least 1; a passive declaration each).
+    pub pause_check_ms: u64,
+    /// `ORDERFLOW_OPERATOR_TOKEN`: the bearer token of the order API's
+    /// operator console (replays, pauses, dead letters, stuck sagas); at
+    /// least 16 characters. None: the console's operator side is off (403).
+    pub operator_token: Option<SecretString>,
+    /// `ORDERFLOW_OPERATOR_AMQP_URL`: the broker user the console's operator
+    /// actions use (reading and replaying dead letters, pausing services);
+    /// by default the service's own `ORDERFLOW_AMQP_URL`, which in a
+    /// deployment may do none of it (the `console` user of `orderflow
+    /// topology users` may, and nothing more).
+    pub operator_amqp_url: Option<SecretString>,
+    /// `ORDERFLOW_MANAGEMENT_URL`: the RabbitMQ management HTTP API the
+    /// console reads queue rates from, with the operator's broker user; when
+    /// it does not answer, the console counts messages and consumers with
+    /// passive declarations instead.
+    pub management_url: String,
 }
+
+/// Shortest operator token accepted (`ORDERFLOW_OPERATOR_TOKEN`).
+pub const MIN_OPERATOR_TOKEN_CHARS: usize = 16;
 
 /// The default of `ORDERFLOW_RETENTION_DAYS`.
 pub const DEFAULT_RETENTION_DAYS: u32 = 30;
@@ -165,7 +186,9 @@ impl Settings {
             .set_default("gateway_latency_ms", 20)?
             .set_default("gateway_failure_rate", 0.0)?
             .set_default("gateway_retries", 3)?
-            .set_default("retention_days", DEFAULT_RETENTION_DAYS)?;
+            .set_default("retention_days", DEFAULT_RETENTION_DAYS)?
+            .set_default("pause_check_ms", 1000)?
+            .set_default("management_url", "http://127.0.0.1:15672")?;
         if let Some(file) = file {
             builder = builder.add_source(config::File::from(file).required(false));
         }
@@ -269,6 +292,13 @@ impl Settings {
                 self.publish_timeout_ms.to_string(),
             ),
             (
+                "pause_check_ms",
+                "ORDERFLOW_PAUSE_CHECK_MS",
+                self.pause_check_ms >= 1,
+                AT_LEAST_ONE.to_owned(),
+                self.pause_check_ms.to_string(),
+            ),
+            (
                 "gateway_latency_ms",
                 "ORDERFLOW_GATEWAY_LATENCY_MS",
                 self.gateway_latency_ms <= MAX_GATEWAY_LATENCY_MS,
@@ -289,6 +319,15 @@ impl Settings {
         {
             return Err(invalid(format!(
                 "{field} ({variable}) must be {accepted}, not {value}"
+            )));
+        }
+        if let Some(token) = &self.operator_token
+            && token.expose_secret().chars().count() < MIN_OPERATOR_TOKEN_CHARS
+        {
+            return Err(invalid(format!(
+                "operator_token (ORDERFLOW_OPERATOR_TOKEN) must be at least \
+                 {MIN_OPERATOR_TOKEN_CHARS} characters, not {}",
+                token.expose_secret().chars().count()
             )));
         }
         if self.retention_days == 0 {
@@ -312,6 +351,17 @@ impl Settings {
     /// How long inbox rows and finished sagas are kept (`retention_days`).
     pub fn retention(&self) -> std::time::Duration {
         std::time::Duration::from_secs(u64::from(self.retention_days) * 86_400)
+    }
+
+    /// How often a consumer looks whether its service is paused.
+    pub fn pause_check(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.pause_check_ms)
+    }
+
+    /// The broker URL of operator actions: `ORDERFLOW_OPERATOR_AMQP_URL`,
+    /// else the service's own.
+    pub fn operator_amqp_url(&self) -> &SecretString {
+        self.operator_amqp_url.as_ref().unwrap_or(&self.amqp_url)
     }
 
     /// The AMQP URL with its password masked, for logs and error messages.
@@ -567,6 +617,35 @@ mod tests {
             "k1:s3cret"
         );
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn the_operator_token_is_a_secret_of_sixteen_characters_or_more() {
+        let settings = Settings::load_from(None, env(&[])).unwrap();
+        assert!(settings.operator_token.is_none());
+        assert_eq!(settings.pause_check_ms, 1000);
+        let err = Settings::load_from(None, env(&[("ORDERFLOW_OPERATOR_TOKEN", "short")]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("ORDERFLOW_OPERATOR_TOKEN")
+                && err.contains("16")
+                && !err.contains("short"),
+            "{err}"
+        );
+        let settings = Settings::load_from(
+            None,
+            env(&[(
+                "ORDERFLOW_OPERATOR_TOKEN",
+                "an-operator-token-of-some-length",
+            )]),
+        )
+        .unwrap();
+        assert!(!format!("{settings:?}").contains("an-operator-token"));
+        assert_eq!(
+            settings.operator_amqp_url().expose_secret(),
+            settings.amqp_url.expose_secret()
+        );
     }
 
     #[test]

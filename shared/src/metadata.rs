@@ -192,6 +192,16 @@ impl Metadata {
             .payment_methods
     }
 
+    /// The merchants with their own entry, by name.
+    pub fn merchants(&self) -> impl Iterator<Item = (&str, &Merchant)> {
+        self.merchants.iter().map(|(name, m)| (name.as_str(), m))
+    }
+
+    /// The catalogue, by sku.
+    pub fn products(&self) -> impl Iterator<Item = (&str, &Product)> {
+        self.products.iter().map(|(sku, p)| (sku.as_str(), p))
+    }
+
     pub fn merchant(&self, supplier: &str) -> Option<&Merchant> {
         self.merchants.get(supplier)
     }

@@ -27,6 +27,9 @@ use tokio::task::JoinHandle;
 /// The token keys the tests sign with.
 pub const TEST_TOKEN_KEYS: &str = "test:orderflow-test-signing-key";
 
+/// The console's operator token in the tests.
+pub const TEST_OPERATOR_TOKEN: &str = "orderflow-test-operator-token";
+
 /// Short delay tiers so that tests of the retry ladder take a second, not minutes.
 pub const TEST_RETRY_TIERS: [Duration; 2] =
     [Duration::from_millis(300), Duration::from_millis(600)];
@@ -123,13 +126,15 @@ impl TestEnv {
     }
 
     /// Settings pointing at this test's namespace and database; token keys
-    /// set to a test key.
+    /// set to a test key, the console's operator token to
+    /// [`TEST_OPERATOR_TOKEN`].
     pub fn settings(&self) -> Settings {
         let mut settings = Settings::defaults().expect("default settings");
         settings.amqp_url = self.amqp_url.clone();
         settings.database_url = self.database_url.clone();
         settings.namespace.clone_from(&self.namespace);
         settings.token_keys = Some(SecretString::from(TEST_TOKEN_KEYS.to_owned()));
+        settings.operator_token = Some(SecretString::from(TEST_OPERATOR_TOKEN.to_owned()));
         "off".clone_into(&mut settings.log);
         settings
     }

@@ -274,6 +274,26 @@ impl System {
         order
     }
 
+    /// A console operator call: `method` on `/console/api{path}` with the
+    /// test operator token (and `body` as JSON); (status, body).
+    pub async fn operator(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> (u16, Value) {
+        let mut request = self
+            .client
+            .request(method, format!("{}/console/api{path}", self.api))
+            .bearer_auth(crate::TEST_OPERATOR_TOKEN);
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        let response = request.send().await.expect("console API call");
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
     /// A store on `schema` of this system's database.
     pub async fn db(&self, schema: &str) -> Db {
         self.env.db(schema).await

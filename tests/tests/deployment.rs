@@ -41,7 +41,9 @@ fn references(text: &str) -> Vec<(String, String)> {
 }
 
 fn is_secret(variable: &str) -> bool {
-    variable.contains("PASSWORD") || variable == "ORDERFLOW_TOKEN_KEYS"
+    variable.contains("PASSWORD")
+        || variable == "ORDERFLOW_TOKEN_KEYS"
+        || variable == "ORDERFLOW_OPERATOR_TOKEN"
 }
 
 /// The lines of service `name` in docker-compose.yml: from its header
@@ -126,6 +128,28 @@ fn each_worker_has_its_own_broker_user_and_its_contexts_database_role() {
                 service.name
             ),
         }
+    }
+}
+
+#[test]
+fn only_the_order_api_gets_the_operator_token_and_the_console_user() {
+    let compose = repository_file("docker-compose.yml");
+    let api = service_block(&compose, "order-api");
+    assert!(api.contains("ORDERFLOW_OPERATOR_TOKEN: \"${ORDERFLOW_OPERATOR_TOKEN:?"));
+    assert!(
+        api.contains("ORDERFLOW_OPERATOR_AMQP_URL: \"${ORDERFLOW_BROKER_SCHEME:-amqp}://console:")
+    );
+    let metadata = Metadata::embedded().unwrap();
+    for service in orderflow_services(&metadata.methods()) {
+        if service.name == "order-api" {
+            continue;
+        }
+        let block = service_block(&compose, &service.name);
+        assert!(
+            !block.contains("OPERATOR") && !block.contains("PASSWORD_CONSOLE"),
+            "{} gets no operator credential:\n{block}",
+            service.name
+        );
     }
 }
 

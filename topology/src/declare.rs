@@ -185,6 +185,25 @@ pub async fn check(
             name: queue.name.clone(),
             cause: Box::new(cause),
         })?;
+    // The pause marker: the consumer reads its message count (a passive
+    // declaration) to know whether an operator paused the service.
+    if let Some(pause) = topology.queue(service, &QueueRole::Pause) {
+        channel
+            .queue_declare(
+                pause.name.as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|cause| DeclareError::Missing {
+                what: "queue",
+                name: pause.name.clone(),
+                cause: Box::new(cause),
+            })?;
+    }
     let used = topology
         .exchanges
         .iter()

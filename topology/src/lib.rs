@@ -3,12 +3,17 @@
 //! start, the exported `definitions.json` and the consumer runtime agree on names
 //! and arguments.
 
+mod choreography;
 mod declare;
 mod definitions;
 mod model;
 mod names;
 mod permissions;
 
+pub use choreography::{
+    Choreography, ClientSpec, Finding, FindingKind, TimerSpec, WaitSpec, lint,
+    orderflow_choreography, topic_matches,
+};
 pub use declare::{DeclareError, check, declare, delete, field_table};
 pub use definitions::to_definitions;
 pub use model::{
@@ -16,4 +21,4 @@ pub use model::{
     ExchangeRole, Queue, QueueRole, ServiceSpec, Topology, orderflow_services,
 };
 pub use names::Names;
-pub use permissions::{Permissions, escape, service_permissions};
+pub use permissions::{Permissions, console_permissions, escape, service_permissions};

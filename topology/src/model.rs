@@ -11,7 +11,10 @@
 //!   where the service (or the broker) parks what cannot be handled;
 //! - per delay tier, queue `orderflow.<svc>.retry.<tier>` behind the fanout
 //!   exchange of that name, whose messages expire into the fanout exchange
-//!   `orderflow.<svc>.redeliver`, bound to the service queue.
+//!   `orderflow.<svc>.redeliver`, bound to the service queue;
+//! - queue `orderflow.<svc>.pause` behind the fanout exchange of that name:
+//!   it holds a marker message while an operator has paused the service's
+//!   consumption (`orderflow pause`), and nothing otherwise.
 //!
 //! Every hop keeps the routing key the message was first published with (no
 //! `x-dead-letter-routing-key` anywhere), so a consumer reads the event type
@@ -180,6 +183,8 @@ pub enum ExchangeRole {
     DeadLetter,
     /// Leads into one of a service's delay queues.
     Delay(Duration),
+    /// Leads into a service's pause queue (operators only).
+    Pause,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -199,6 +204,8 @@ pub enum QueueRole {
     Service,
     DeadLetter,
     Delay(Duration),
+    /// Holds a marker while an operator has paused the service.
+    Pause,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -316,6 +323,21 @@ impl Topology {
                 ExchangeRole::Redeliver,
                 name,
                 &queue,
+            );
+            let pause = names.pause_queue(name);
+            queues.push(Queue {
+                name: pause.clone(),
+                service: name.to_owned(),
+                role: QueueRole::Pause,
+                arguments: Arguments::from([("x-queue-type".to_owned(), s("quorum"))]),
+            });
+            fanout(
+                &mut exchanges,
+                &mut bindings,
+                &pause,
+                ExchangeRole::Pause,
+                name,
+                &pause,
             );
             for &delay in retry_tiers {
                 let delay_queue = names.delay_queue(name, delay);

@@ -53,6 +53,14 @@ impl Names {
         self.prefixed(&format!("orderflow.{service}.redeliver"))
     }
 
+    /// Where an operator's pause of a service is kept: a queue that holds a
+    /// marker message while the service is paused (empty otherwise), behind
+    /// the fanout exchange of the same name. Its consumers look at its
+    /// message count with a passive declaration, which needs no right.
+    pub fn pause_queue(&self, service: &str) -> String {
+        self.prefixed(&format!("orderflow.{service}.pause"))
+    }
+
     /// A delay queue: messages wait `delay` there, then dead-letter back to the
     /// service queue. The fanout exchange that leads there has the same name.
     pub fn delay_queue(&self, service: &str, delay: Duration) -> String {

@@ -12,7 +12,7 @@
 //!   permissions), and bind nothing.
 
 use crate::Topology;
-use crate::model::ExchangeRole;
+use crate::model::{ExchangeRole, QueueRole};
 
 /// One service's permissions on the deployment's vhost.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -62,7 +62,7 @@ pub fn service_permissions(topology: &Topology) -> Vec<Permissions> {
                 ExchangeRole::DeadLetter | ExchangeRole::Delay(_) => {
                     e.service.as_deref() == Some(service)
                 }
-                ExchangeRole::Redeliver => false,
+                ExchangeRole::Redeliver | ExchangeRole::Pause => false,
             });
             Permissions {
                 service: service.to_owned(),
@@ -74,6 +74,31 @@ pub fn service_permissions(topology: &Topology) -> Vec<Permissions> {
             }
         })
         .collect()
+}
+
+/// The broker user of the operators' console (`ORDERFLOW_OPERATOR_AMQP_URL`
+/// of the order API): what replaying dead letters and pausing services
+/// needs, and nothing else. It configures nothing; reads (takes from) the
+/// dead-letter queues and the pause queues (a resume purges its marker);
+/// writes only the redeliver exchanges (a replayed dead letter goes back to
+/// its own service) and the pause exchanges; publishes no event.
+pub fn console_permissions(topology: &Topology, user: &str) -> Permissions {
+    let write = topology
+        .exchanges
+        .iter()
+        .filter(|e| matches!(e.role, ExchangeRole::Redeliver | ExchangeRole::Pause));
+    let read = topology
+        .queues
+        .iter()
+        .filter(|q| matches!(q.role, QueueRole::DeadLetter | QueueRole::Pause));
+    Permissions {
+        service: user.to_owned(),
+        configure: "^$".to_owned(),
+        write: exactly(write.map(|e| e.name.as_str())),
+        read: exactly(read.map(|q| q.name.as_str())),
+        topic_write: "^$".to_owned(),
+        topic_read: "^$".to_owned(),
+    }
 }
 
 #[cfg(test)]
@@ -101,6 +126,42 @@ mod tests {
         assert!(!wait.write.contains("amq"));
         assert_eq!(wait.topic_write, "^(payment\\.awaiting)$");
         assert_eq!(all.len(), topology.services().len());
+    }
+
+    #[test]
+    fn the_console_replays_and_pauses_and_does_nothing_else() {
+        let topology = Topology::build(
+            Names::new("t1"),
+            &orderflow_services(&["weixin"]),
+            &DEFAULT_RETRY_TIERS,
+        );
+        let console = console_permissions(&topology, "console");
+        assert_eq!(console.configure, "^$");
+        assert_eq!(console.topic_write, "^$");
+        assert!(
+            console
+                .write
+                .contains("t1\\.orderflow\\.generate-info\\.redeliver")
+        );
+        assert!(
+            console
+                .write
+                .contains("t1\\.orderflow\\.generate-info\\.pause")
+        );
+        assert!(!console.write.contains("events"), "{}", console.write);
+        assert!(!console.write.contains(".dead"), "{}", console.write);
+        assert!(console.read.contains("t1\\.orderflow\\.order-api\\.dead"));
+        assert!(console.read.contains("t1\\.orderflow\\.order-api\\.pause"));
+        assert!(
+            !console.read.contains("t1\\.orderflow\\.order-api|"),
+            "{}",
+            console.read
+        );
+        // A service may neither write nor read its pause marker.
+        for service in service_permissions(&topology) {
+            assert!(!service.write.contains("pause"), "{}", service.write);
+            assert!(!service.read.contains("pause"), "{}", service.read);
+        }
     }
 
     #[test]

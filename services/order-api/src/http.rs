@@ -1,6 +1,7 @@
 //! The HTTP routes of docs/design.md §7 (axum): start an order, read it (also by
 //! long poll), submit a payment, the saga's execution history, merchant
-//! payment methods, health and metrics.
+//! payment methods, health and metrics; and the console's (`console/`): its
+//! page, the catalogue, the saga's state and live stream, the operator API.
 //! Every error is JSON `{"error": "..."}`; no input makes a handler panic.
 //! Every route runs under the bounds of `bounds.rs` (timeout, concurrency
 //! limit, waiter cap).
@@ -19,11 +20,13 @@ use orderflow_shared::bus::Consuming;
 use orderflow_shared::events::PaymentSubmitted;
 use orderflow_shared::metadata::Metadata;
 use orderflow_shared::store::Db;
+use orderflow_shared::topology::Topology;
 use saga_coordinator::history;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::bounds::{self, Bounds};
+use crate::console::{self, Operator, live};
 use crate::error::{ApiError, error_body};
 use crate::input::{NewOrder, PaymentSubmission};
 use crate::metrics::{self, Metrics};
@@ -65,10 +68,18 @@ pub struct AppState {
     pub consuming: Consuming,
     /// Long polls answer at once when the server shuts down.
     pub shutdown: Shutdown,
+    /// The topology this server runs on (the console's choreography).
+    pub topology: Arc<Topology>,
+    /// The console's operator side; `None` without `ORDERFLOW_OPERATOR_TOKEN`.
+    pub operator: Option<Arc<Operator>>,
 }
 
 pub fn router(state: AppState) -> Router {
     Router::new()
+        .merge(console::router(&state))
+        .route("/catalogue", get(live::catalogue))
+        .route("/orders/{id}/saga", get(live::saga))
+        .route(live::LIVE_ROUTE, get(live::live))
         .route("/orders", post(create_order))
         .route(ORDER_ROUTE, get(get_order))
         .route("/orders/{id}/payment", post(submit_payment))
@@ -140,13 +151,15 @@ struct WaitQuery {
     timeout_ms: Option<u64>,
 }
 
-/// Whether `request` is a long poll (`GET /orders/{id}` with `wait_for`), as
-/// [`get_order`] will read its query; the bounds treat long polls apart.
+/// Whether `request` is a long poll (`GET /orders/{id}` with `wait_for`, as
+/// [`get_order`] will read its query, or a live stream of the console);
+/// the bounds treat long polls apart.
 pub fn is_long_poll(request: &Request) -> bool {
-    request
-        .extensions()
-        .get::<MatchedPath>()
-        .is_some_and(|route| route.as_str() == ORDER_ROUTE)
+    let route = request.extensions().get::<MatchedPath>();
+    if route.is_some_and(|route| route.as_str() == live::LIVE_ROUTE) {
+        return true;
+    }
+    route.is_some_and(|route| route.as_str() == ORDER_ROUTE)
         && Query::<WaitQuery>::try_from_uri(request.uri())
             .is_ok_and(|Query(query)| query.wait_for.is_some())
 }
@@ -366,10 +379,13 @@ async fn healthz(State(state): State<AppState>) -> Response {
     };
     let broker = if state.consuming.is_consuming() {
         "ok".to_owned()
+    } else if state.consuming.is_paused() {
+        // Connected (it looks at its pause marker), not consuming on purpose.
+        "ok (the read model is paused by an operator)".to_owned()
     } else {
         "unavailable: the read-model consumer has no channel (reconnecting)".to_owned()
     };
-    let healthy = database == "ok" && broker == "ok";
+    let healthy = database == "ok" && broker.starts_with("ok");
     let body = json!({
         "status": if healthy { "ok" } else { "degraded" },
         "checks": { "database": database, "broker": broker },

@@ -8,6 +8,9 @@
 //! commits) and the axum server; plus the long-poll watcher (`watch.rs`),
 //! which every committed change to an order goes through.
 //!
+//! The console (`console/`, at `/console`) is served from here too: its
+//! assets are compiled in; its operator side needs `ORDERFLOW_OPERATOR_TOKEN`.
+//!
 //! `GET /orders/{id}/history` shows the saga coordinator's execution history:
 //! the coordinator owns that data; the API only reads it, through the
 //! coordinator crate's own read function, on a pool of the `coordinator`
@@ -46,6 +49,7 @@
 //! consuming.
 
 mod bounds;
+mod console;
 mod error;
 mod http;
 mod input;
@@ -131,6 +135,11 @@ pub async fn serve(ctx: Ctx, listener: TcpListener, shutdown: Shutdown) -> anyho
         relay.await;
         Ok::<(), std::convert::Infallible>(())
     });
+    let topology = Arc::new(ctx.broker.topology().clone());
+    let operator = console::Operator::from_settings(settings, &topology)?.map(Arc::new);
+    if operator.is_some() {
+        tracing::info!("the console's operator side is on (ORDERFLOW_OPERATOR_TOKEN)");
+    }
     let app = http::router(http::AppState {
         metadata: ctx.metadata.clone(),
         db: db.clone(),
@@ -140,6 +149,8 @@ pub async fn serve(ctx: Ctx, listener: TcpListener, shutdown: Shutdown) -> anyho
         bounds: Arc::new(bounds::Bounds::new(settings)),
         consuming,
         shutdown: stop.clone(),
+        topology,
+        operator: operator.clone(),
     });
     let server = supervise(
         "HTTP server",
@@ -157,6 +168,9 @@ pub async fn serve(ctx: Ctx, listener: TcpListener, shutdown: Shutdown) -> anyho
     let watcher = watcher_task
         .await
         .map_err(|error| anyhow::anyhow!("the long-poll listener task panicked: {error}"));
+    if let Some(operator) = operator {
+        operator.broker.close();
+    }
     db.close().await;
     events.close().await;
     coordinator.close().await;

@@ -128,6 +128,25 @@ pub enum Command {
     )]
     Dlq(DlqCommand),
 
+    /// Pause one service's consumption: its queue fills, its orders wait at its step
+    #[command(
+        long_about = "Pause one service's consumption (an operator's step).\n\n\
+        Every consumer of SERVICE, in every process, stops taking messages within \
+        ORDERFLOW_PAUSE_CHECK_MS (1 s by default), after finishing what it holds. Its queue \
+        fills; orders wait at its step; the saga's timers go on running, so orders whose \
+        deadline passes meanwhile are cancelled as usual. The pause is kept on the broker \
+        (a marker in the queue orderflow.<SERVICE>.pause): it survives restarts of the \
+        workers and of the broker, and a worker started meanwhile starts paused. Uses \
+        ORDERFLOW_AMQP_URL (an operator's broker user) and ORDERFLOW_NAMESPACE. Idempotent."
+    )]
+    Pause(PauseArgs),
+
+    /// Resume a paused service's consumption
+    #[command(long_about = "Resume a paused service's consumption.\n\n\
+        Removes the pause marker of SERVICE; its consumers take messages again within \
+        ORDERFLOW_PAUSE_CHECK_MS and drain what waited in its queue. Idempotent.")]
+    Resume(PauseArgs),
+
     /// Drive orderflow like its clients do and report throughput and latency
     #[command(
         long_about = "Drive orderflow like its clients do and report throughput and latency.\n\n\
@@ -149,6 +168,13 @@ pub enum Command {
         and fraction_of_ceiling."
     )]
     Bench(BenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PauseArgs {
+    /// The service, e.g. payment-provider-zhifubao or generate-info
+    #[arg(value_name = "SERVICE")]
+    pub service: String,
 }
 
 #[derive(Debug, Args)]
@@ -409,14 +435,18 @@ pub enum TopologyCommand {
     )]
     Export(ExportArgs),
 
-    /// Check that the committed definitions file matches the model
+    /// Check that the committed definitions file matches the model, and the choreography
     #[command(
         long_about = "Check that the committed definitions file matches the model.\n\n\
         Compares the file with what `orderflow topology export` would write (as data: \
         order and formatting do not matter) and lists every exchange, queue or binding \
         that is missing from the file, extra in it, or different.\n\n\
-        Exit status: 0 when they match, 1 when they differ, 2 when the check cannot run \
-        (unreadable or malformed file)."
+        Then checks the choreography itself, from the model: every routing key a service \
+        (or a declared client) publishes is consumed by some service, every key a service \
+        consumes is published by someone, and every step that waits on the outside has a \
+        timer and a compensation that follows from it.\n\n\
+        Exit status: 0 when they match and the choreography has no finding, 1 when they \
+        differ or it has one, 2 when the check cannot run (unreadable or malformed file)."
     )]
     Lint(LintArgs),
 
@@ -448,10 +478,12 @@ pub enum TopologyCommand {
         nothing; read its own queue; write only the events exchange and its own delay \
         and dead-letter exchanges (never amq.default); on the events exchange publish \
         only the routing keys it owns (topic permissions). Plus an administrator for \
-        operators (the management UI, `orderflow dlq replay`, `topology declare`).\n\n\
+        operators (the management UI, `orderflow dlq replay`, `topology declare`), and the \
+        console's user (the order API's ORDERFLOW_OPERATOR_AMQP_URL): it may take and replay \
+        dead letters and pause and resume services, and nothing else.\n\n\
         Passwords come from ORDERFLOW_BROKER_PASSWORD_<USER> (the service name \
         upper-cased, `-` as `_`: ORDERFLOW_BROKER_PASSWORD_GENERATE_INFO, \
-        ORDERFLOW_BROKER_PASSWORD_ADMIN); every one must be set, there are no defaults. \
+        ORDERFLOW_BROKER_PASSWORD_ADMIN, ORDERFLOW_BROKER_PASSWORD_CONSOLE); every one must be set, there are no defaults. \
         The file holds salted SHA-256 hashes only. Load it with `rabbitmqctl \
         import_definitions FILE` or the broker's load_definitions directory."
     )]
@@ -533,6 +565,11 @@ pub struct UsersArgs {
     /// The operators' user (tagged administrator, every permission).
     #[arg(long, value_name = "NAME", default_value = "admin")]
     pub admin: String,
+
+    /// The console's user (the order API's ORDERFLOW_OPERATOR_AMQP_URL): takes and replays
+    /// dead letters, pauses and resumes services, reads queue rates (tagged management)
+    #[arg(long, value_name = "NAME", default_value = "console")]
+    pub console: String,
 
     #[command(flatten)]
     pub deployment: DeploymentArgs,

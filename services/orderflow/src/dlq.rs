@@ -11,6 +11,9 @@
 //! kinds are entries of one array, told apart by `"source"` (`"queue"` or
 //! `"outbox"`), so existing readers of the queue entries keep working.
 //!
+//! The dead-letter queues are read and replayed by `orderflow_ops::dlq`,
+//! the same functions the order API's console calls.
+//!
 //! Retention: services prune inbox rows (and finished sagas) older than
 //! `ORDERFLOW_RETENTION_DAYS`. A dead letter first published longer ago
 //! than that may be one a service had already applied, whose inbox row is
@@ -24,16 +27,12 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use chrono::{DateTime, Utc};
-use lapin::Channel;
-use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
+use orderflow_ops::dlq;
 use orderflow_shared::app::topology_for;
 use orderflow_shared::bus::Broker;
 use orderflow_shared::config::Settings;
-use orderflow_shared::envelope::{header_int, header_str, headers};
 use orderflow_shared::metadata::Metadata;
 use orderflow_shared::store::{Context, DEAD_AFTER_REFUSALS, Db, StoreError};
-use orderflow_shared::topology::QueueRole;
 use serde_json::{Value, json};
 
 use crate::cli::{DlqCommand, DlqListArgs, DlqReplayArgs};
@@ -60,7 +59,7 @@ pub fn run(command: DlqCommand) -> anyhow::Result<ExitCode> {
     })
 }
 
-fn broker(settings: &Settings) -> anyhow::Result<Broker> {
+pub(crate) fn broker(settings: &Settings) -> anyhow::Result<Broker> {
     let metadata = Metadata::from_env()?;
     let topology = topology_for(settings, &metadata);
     Ok(Broker::new(
@@ -73,78 +72,7 @@ fn broker(settings: &Settings) -> anyhow::Result<Broker> {
 
 /// The services to look at: one, or all of the topology's.
 fn services(broker: &Broker, only: Option<&str>) -> anyhow::Result<Vec<String>> {
-    let all: Vec<String> = broker
-        .topology()
-        .services()
-        .into_iter()
-        .map(str::to_owned)
-        .collect();
-    match only {
-        None => Ok(all),
-        Some(service) if all.iter().any(|s| s == service) => Ok(vec![service.to_owned()]),
-        Some(service) => bail!("unknown service `{service}`; services: {}", all.join(", ")),
-    }
-}
-
-async fn count(channel: &Channel, queue: &str) -> anyhow::Result<u32> {
-    let declared = channel
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .with_context(|| format!("queue {queue} does not exist; has orderflow declared its topology here (ORDERFLOW_NAMESPACE)?"))?;
-    Ok(declared.message_count())
-}
-
-/// The header in which orderflow versions before the per-service exchanges
-/// kept a dead letter's routing key (their dead letters went through
-/// `amq.default`, which replaced it with the queue name).
-const LEGACY_ROUTING_KEY: &str = "x-orderflow-routing-key";
-
-/// The routing key a dead letter was first published with: the delivery's own
-/// (every hop keeps it), or, for a dead letter left by an older version (whose
-/// routing key is the dead-letter queue's name), its legacy header.
-fn original_routing_key(delivery: &lapin::message::Delivery, dead_queue: &str) -> String {
-    let key = delivery.routing_key.as_str();
-    if key != dead_queue {
-        return key.to_owned();
-    }
-    delivery
-        .properties
-        .headers()
-        .as_ref()
-        .and_then(|table| header_str(table, LEGACY_ROUTING_KEY))
-        .unwrap_or_else(|| key.to_owned())
-}
-
-fn describe(service: &str, dead_queue: &str, delivery: &lapin::message::Delivery) -> Value {
-    let properties = &delivery.properties;
-    let table = properties.headers().clone().unwrap_or_default();
-    let text =
-        |value: &Option<lapin::types::ShortString>| value.as_ref().map(|v| v.as_str().to_owned());
-    let reason = header_str(&table, headers::REASON).unwrap_or_else(|| {
-        if table.contains_key("x-death") {
-            "dead-lettered by the broker: delivered too often without an ack (a consumer crashed on it?)".to_owned()
-        } else {
-            "unknown".to_owned()
-        }
-    });
-    json!({
-        "source": "queue",
-        "service": service,
-        "routing_key": original_routing_key(delivery, dead_queue),
-        "order_id": text(properties.correlation_id()),
-        "message_id": text(properties.message_id()),
-        "reason": reason,
-        "failed_at": header_str(&table, headers::FAILED_AT),
-        "retries": header_int(&table, headers::RETRIES),
-        "body": String::from_utf8_lossy(&delivery.data),
-    })
+    Ok(orderflow_ops::services(broker, only)?)
 }
 
 async fn list(args: &DlqListArgs) -> anyhow::Result<ExitCode> {
@@ -169,41 +97,34 @@ async fn list_queues(
     listed: &mut Vec<Value>,
 ) -> anyhow::Result<()> {
     let broker = broker(settings)?;
-    let channel = broker.channel().await?;
-    for service in services(&broker, args.service.as_deref())? {
-        let queue = dead_queue(&broker, &service)?;
-        let waiting = count(&channel, &queue).await?;
-        if !args.json {
-            println!("{service:<28} {waiting:>6} dead letter(s)   {queue}");
-        }
-        // Peek: take without acking, then close the channel: the broker
-        // puts them back.
-        let mut taken = 0;
-        while taken < args.limit.min(waiting as usize) {
-            let Some(message) = channel
-                .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: false })
-                .await?
-            else {
-                break;
-            };
-            taken += 1;
-            let entry = describe(&service, &queue, &message.delivery);
+    let listing = async {
+        for service in services(&broker, args.service.as_deref())? {
+            let dead = dlq::list(&broker, &service, args.limit).await?;
             if !args.json {
                 println!(
-                    "    {}  {}  order {}  message {}\n      reason: {}",
-                    entry["failed_at"].as_str().unwrap_or("-"),
-                    entry["routing_key"].as_str().unwrap_or("-"),
-                    entry["order_id"].as_str().unwrap_or("-"),
-                    entry["message_id"].as_str().unwrap_or("-"),
-                    entry["reason"].as_str().unwrap_or("-"),
+                    "{service:<28} {:>6} dead letter(s)   {}",
+                    dead.count, dead.queue
                 );
             }
-            listed.push(entry);
+            for entry in dead.messages {
+                if !args.json {
+                    println!(
+                        "    {}  {}  order {}  message {}\n      reason: {}",
+                        entry.failed_at.as_deref().unwrap_or("-"),
+                        entry.routing_key,
+                        entry.order_id.as_deref().unwrap_or("-"),
+                        entry.message_id.as_deref().unwrap_or("-"),
+                        entry.reason,
+                    );
+                }
+                listed.push(serde_json::to_value(entry)?);
+            }
         }
+        Ok::<_, anyhow::Error>(())
     }
-    let _ = channel.close(200, "peeked".into()).await;
+    .await;
     broker.close();
-    Ok(())
+    listing
 }
 
 /// The schemas to look at: one, or all of them.
@@ -342,14 +263,6 @@ async fn list_outboxes(
     Ok(())
 }
 
-fn dead_queue(broker: &Broker, service: &str) -> anyhow::Result<String> {
-    broker
-        .topology()
-        .queue(service, &QueueRole::DeadLetter)
-        .map(|q| q.name.clone())
-        .with_context(|| format!("service `{service}` has no dead-letter queue"))
-}
-
 /// Moves dead outbox row `$1` back into the outbox, in one statement: a
 /// fresh row for the relay (no refusals, committed now) with the same id,
 /// message id and body.
@@ -406,55 +319,6 @@ async fn replay_outbox_row(settings: &Settings, schema: &str, id: i64) -> anyhow
     );
     Ok(ExitCode::SUCCESS)
 }
-
-/// When a dead letter was first published: its timestamp, else the time in
-/// its (version 7) message id, else when it was dead-lettered.
-fn first_published(delivery: &lapin::message::Delivery) -> Option<DateTime<Utc>> {
-    let properties = &delivery.properties;
-    let stamped = properties
-        .timestamp()
-        .filter(|secs| *secs > 0)
-        .and_then(|secs| DateTime::from_timestamp(i64::try_from(secs).ok()?, 0));
-    let from_id = || {
-        let id = uuid::Uuid::parse_str(properties.message_id().as_ref()?.as_str()).ok()?;
-        let (secs, nanos) = id.get_timestamp()?.to_unix();
-        DateTime::from_timestamp(i64::try_from(secs).ok()?, nanos)
-    };
-    let failed_at = || {
-        let table = properties.headers().as_ref()?;
-        let text = header_str(table, headers::FAILED_AT)?;
-        DateTime::parse_from_rfc3339(&text)
-            .ok()
-            .map(|at| at.with_timezone(&Utc))
-    };
-    stamped.or_else(from_id).or_else(failed_at)
-}
-
-/// Why `delivery`, first published `age` ago, is not replayed without --force.
-fn too_old(
-    delivery: &lapin::message::Delivery,
-    routing_key: &str,
-    age: chrono::Duration,
-    retention_days: u32,
-) -> String {
-    fn text(value: Option<&lapin::types::ShortString>) -> &str {
-        value.map_or("-", lapin::types::ShortString::as_str)
-    }
-    let order_id = text(delivery.properties.correlation_id().as_ref());
-    let age = humantime::format_duration(std::time::Duration::from_secs(
-        u64::try_from(age.num_seconds()).unwrap_or_default() / 3600 * 3600,
-    ));
-    format!(
-        "dead letter {} ({routing_key}, order {order_id}) was first published {age} ago, longer \
-         than the retention of {retention_days} day(s) (ORDERFLOW_RETENTION_DAYS): the inbox rows \
-         that make a service skip a message it already applied, and the saga of the order, may \
-         have been pruned, so replaying it could apply it twice or start the order again. Check \
-         the order first (`orderflow saga history {order_id}`), then replay it with --force if \
-         it must be applied",
-        text(delivery.properties.message_id().as_ref()),
-    )
-}
-
 async fn replay(args: &DlqReplayArgs) -> anyhow::Result<ExitCode> {
     let settings = Settings::load(None)?;
     if args.outbox {
@@ -467,109 +331,48 @@ async fn replay(args: &DlqReplayArgs) -> anyhow::Result<ExitCode> {
         bail!("--service is needed (or --outbox with --schema and --id)");
     };
     let broker = broker(&settings)?;
-    services(&broker, Some(service))?;
-    let retention =
-        chrono::Duration::from_std(settings.retention()).unwrap_or(chrono::Duration::MAX);
-    let dead = dead_queue(&broker, service)?;
-    // Back into the service's queue through its redeliver exchange, with the
-    // routing key it was first published with.
-    let target = broker.names().redeliver_exchange(service);
-    let channel = broker.channel().await?;
-    let publisher = broker.publisher();
-    let waiting = count(&channel, &dead).await? as usize;
-    let mut replayed = 0;
-    let mut refused = 0;
-    for _ in 0..waiting {
-        if replayed >= args.limit {
-            break;
-        }
-        let Some(message) = channel
-            .basic_get(dead.as_str().into(), BasicGetOptions { no_ack: false })
-            .await?
-        else {
-            break;
-        };
-        let delivery = message.delivery;
-        let message_id = delivery
-            .properties
-            .message_id()
-            .as_ref()
-            .map(|id| id.as_str().to_owned());
-        if args.message_id.is_some() && args.message_id != message_id {
-            continue; // left unacked: back in the queue when the channel closes
-        }
-        let routing_key = original_routing_key(&delivery, &dead);
-        if let Some(age) = first_published(&delivery)
-            .map(|at| Utc::now() - at)
-            .filter(|age| *age > retention)
-        {
-            let why = too_old(&delivery, &routing_key, age, settings.retention_days);
-            if !args.force {
-                eprintln!("not replayed: {why}");
-                refused += 1;
-                continue; // left unacked: back in the queue when the channel closes
-            }
+    let request = dlq::Replay {
+        message_id: args.message_id.clone(),
+        limit: Some(args.limit),
+        force: args.force,
+        retention_days: settings.retention_days,
+    };
+    let report = dlq::replay(&broker, service, &request).await;
+    broker.close();
+    let report = report?;
+    for why in &report.refused {
+        eprintln!("not replayed: {why}");
+    }
+    for message in &report.replayed {
+        if let Some(why) = &message.forced {
             eprintln!("warning: replayed anyway (--force): {why}");
         }
-        let mut table = FieldTable::default();
-        for (key, value) in delivery
-            .properties
-            .headers()
-            .clone()
-            .unwrap_or_default()
-            .inner()
-        {
-            if ![
-                headers::REASON,
-                headers::SERVICE,
-                headers::FAILED_AT,
-                headers::RETRIES,
-                LEGACY_ROUTING_KEY,
-                "x-death",
-                "x-first-death-exchange",
-                "x-first-death-queue",
-                "x-first-death-reason",
-                "x-delivery-count",
-            ]
-            .contains(&key.as_str())
-            {
-                table.insert(key.clone(), value.clone());
-            }
-        }
-        let properties = delivery.properties.clone().with_headers(table);
-        publisher
-            .publish_raw(&target, &routing_key, &delivery.data, properties)
-            .await
-            .with_context(|| {
-                format!(
-                    "replaying {} to {target}",
-                    message_id.as_deref().unwrap_or("a message")
-                )
-            })?;
-        delivery.ack(BasicAckOptions::default()).await?;
-        replayed += 1;
         println!(
-            "replayed {} ({routing_key}) to {target}",
-            message_id.as_deref().unwrap_or("a message without id")
+            "replayed {} ({}) to {}",
+            message
+                .message_id
+                .as_deref()
+                .unwrap_or("a message without id"),
+            message.routing_key,
+            report.target
         );
     }
-    let _ = channel.close(200, "replayed".into()).await;
-    broker.close();
-    println!(
-        "{replayed} message(s) replayed to {target}; {} left in {dead}",
-        waiting - replayed
-    );
-    if refused > 0 {
+    println!("{}", report.summary());
+    if !report.refused.is_empty() {
         bail!(
-            "{refused} dead letter(s) older than the retention of {} day(s) not replayed and left \
-             in {dead} (see above); check their orders, then replay with --force",
-            settings.retention_days
+            "{} dead letter(s) older than the retention of {} day(s) not replayed and left \
+             in {} (see above); check their orders, then replay with --force",
+            report.refused.len(),
+            settings.retention_days,
+            report.queue
         );
     }
-    if args.message_id.is_some() && replayed == 0 {
+    if let Some(message_id) = &args.message_id
+        && report.replayed.is_empty()
+    {
         bail!(
-            "no dead letter with message id {} in {dead}",
-            args.message_id.as_deref().unwrap_or_default()
+            "no dead letter with message id {message_id} in {}",
+            report.queue
         );
     }
     Ok(ExitCode::SUCCESS)

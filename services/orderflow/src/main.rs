@@ -7,6 +7,7 @@ mod cli;
 mod db;
 mod dlq;
 mod order;
+mod pause;
 mod providers;
 mod saga;
 mod topology;
@@ -49,6 +50,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Order(command) => order::run(command),
         Command::Saga(command) => saga::run(command),
         Command::Dlq(command) => dlq::run(command),
+        Command::Pause(args) => pause::run(&args, true),
+        Command::Resume(args) => pause::run(&args, false),
         Command::Bench(args) => bench::run(&args),
     }
 }

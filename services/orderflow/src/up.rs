@@ -1,5 +1,8 @@
 //! `orderflow up`: every worker and the order API in one process, from the
-//! same libraries the separate binaries use.
+//! same libraries the separate binaries use. Development mode: without
+//! `ORDERFLOW_TOKEN_KEYS` it signs tokens with a public development key, and
+//! without `ORDERFLOW_OPERATOR_TOKEN` it makes a console operator token for
+//! the run and prints it.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -35,6 +38,17 @@ async fn up(args: &UpArgs) -> anyhow::Result<()> {
         tracing::warn!("dev mode: signing payment tokens with the public development key");
         settings.token_keys = Some(SecretString::from(DEV_KEYS.to_owned()));
     }
+    let development_operator_token = settings.operator_token.is_none().then(|| {
+        // Random for this run: the console's operator side needs a token,
+        // and nothing but this process and whoever reads its output knows it.
+        let token = format!(
+            "dev-{}{}",
+            uuid::Uuid::now_v7().simple(),
+            uuid::Uuid::now_v7().simple()
+        );
+        settings.operator_token = Some(SecretString::from(token.clone()));
+        token
+    });
     orderflow_shared::store::Db::migrate_all(&settings.database_url)
         .await
         .with_context(|| {
@@ -60,6 +74,13 @@ async fn up(args: &UpArgs) -> anyhow::Result<()> {
         "orderflow is up: API on http://{address} (namespace `{}`); Ctrl-C to stop",
         ctx.settings.namespace
     );
+    println!("console: http://{address}/console");
+    if let Some(token) = development_operator_token {
+        println!(
+            "console operator token (development, this run only; set ORDERFLOW_OPERATOR_TOKEN \
+             to choose one): {token}"
+        );
+    }
     run_all(tasks, &shutdown).await?;
     println!("orderflow stopped");
     Ok(())

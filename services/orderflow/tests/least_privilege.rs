@@ -14,7 +14,8 @@
 use std::sync::Arc;
 
 use lapin::options::{
-    BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
+    BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
+    QueueDeleteOptions, QueuePurgeOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
@@ -56,7 +57,7 @@ async fn import_users(env: &TestEnv) -> Vec<String> {
         "--out",
         file.to_str().unwrap(),
     ]);
-    let mut users = vec!["admin".to_owned()];
+    let mut users = vec!["admin".to_owned(), "console".to_owned()];
     users.extend(env.topology.services().into_iter().map(str::to_owned));
     for user in &users {
         command.env(password_variable(user), format!("{user}-pw"));
@@ -244,6 +245,83 @@ async fn a_service_can_do_its_job_on_the_broker_and_nothing_else() {
     env.cleanup().await;
 }
 
+#[tokio::test]
+async fn the_console_user_may_replay_and_pause_and_nothing_else() {
+    let env = TestEnv::deployment().await;
+    let users = import_users(&env).await;
+    let names = env.topology.names.clone();
+    let refused = |answer: Result<(), String>, what: &str| {
+        let error = answer.expect_err(what);
+        assert!(error.contains("ACCESS_REFUSED"), "{what}: {error}");
+    };
+    // Replays go back through a service's redeliver exchange; pauses into
+    // its pause exchange; a resume purges the pause queue.
+    broker_answer(&env, "console", |channel| {
+        publish(
+            channel,
+            names.redeliver_exchange("generate-info"),
+            "order.started",
+        )
+    })
+    .await
+    .unwrap();
+    broker_answer(&env, "console", |channel| {
+        publish(channel, names.pause_queue("generate-info"), "")
+    })
+    .await
+    .unwrap();
+    let pause = names.pause_queue("generate-info");
+    broker_answer(&env, "console", |channel| async move {
+        channel
+            .queue_purge(pause.as_str().into(), QueuePurgeOptions::default())
+            .await
+            .map(drop)
+    })
+    .await
+    .unwrap();
+    let dead = names.dead_letter_queue("generate-info");
+    broker_answer(&env, "console", |channel| async move {
+        channel
+            .basic_get(dead.as_str().into(), BasicGetOptions { no_ack: false })
+            .await
+            .map(drop)
+    })
+    .await
+    .unwrap();
+    // No event, no service queue, nothing declared or deleted.
+    refused(
+        broker_answer(&env, "console", |channel| {
+            publish(channel, names.events_exchange(), "order.started")
+        })
+        .await,
+        "publishing an event",
+    );
+    let queue = names.service_queue("generate-info");
+    refused(
+        broker_answer(&env, "console", |channel| async move {
+            channel
+                .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: false })
+                .await
+                .map(drop)
+        })
+        .await,
+        "taking from a service's queue",
+    );
+    let dead = names.dead_letter_queue("generate-info");
+    refused(
+        broker_answer(&env, "console", |channel| async move {
+            channel
+                .queue_delete(dead.as_str().into(), QueueDeleteOptions::default())
+                .await
+                .map(drop)
+        })
+        .await,
+        "deleting a dead-letter queue",
+    );
+    drop_users(&users).await;
+    env.cleanup().await;
+}
+
 /// Runs `sql` as `role` on `database_url`; the SQLSTATE when refused.
 async fn as_role(database_url: &SecretString, role: &str, sql: &str) -> Result<(), String> {
     let url = with_user(database_url.expose_secret(), role, "pw");
@@ -281,7 +359,7 @@ async fn each_context_has_a_role_that_owns_its_schema_and_reads_only_what_it_nee
     let role = |context: Context| context.role(&prefix);
     let url = &env.database_url;
     let denied = "42501";
-    let checks: [(Context, &str, Result<(), &str>); 13] = [
+    let checks: [(Context, &str, Result<(), &str>); 14] = [
         (
             Context::Orders,
             "SELECT count(*) FROM orders.orders",
@@ -294,7 +372,12 @@ async fn each_context_has_a_role_that_owns_its_schema_and_reads_only_what_it_nee
         ),
         (
             Context::Orders,
-            "SELECT count(*) FROM coordinator.sagas",
+            "SELECT count(*) FROM coordinator.sagas JOIN coordinator.timers USING (order_id)",
+            Ok(()),
+        ),
+        (
+            Context::Orders,
+            "UPDATE coordinator.timers SET state = 'fired'",
             Err(denied),
         ),
         (
@@ -418,6 +501,14 @@ async fn the_saga_runs_with_each_service_as_its_own_broker_user_and_database_rol
         let context = Context::of_service(service).unwrap_or(Context::Pricing);
         settings.database_url =
             SecretString::from(with_user(&database, &context.role(&roles), "pw"));
+        // The console acts as the console user.
+        if service == "order-api" {
+            settings.operator_amqp_url = Some(SecretString::from(with_user(
+                &amqp,
+                &format!("{namespace}-console"),
+                "console-pw",
+            )));
+        }
     };
     let workers = Workers {
         deployment_tiers: true,
@@ -439,6 +530,31 @@ async fn the_saga_runs_with_each_service_as_its_own_broker_user_and_database_rol
         .await
         .unwrap();
     assert_eq!(history.status(), 200);
+    // The console reads the saga's state with the API's role, and pauses,
+    // lists dead letters and resumes as the console user.
+    let saga = system
+        .client
+        .get(format!("{}/orders/{order_id}/saga", system.api))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(saga.status(), 200);
+    for (method, path) in [
+        (
+            reqwest::Method::POST,
+            "/services/payment-provider-weixin/pause",
+        ),
+        (reqwest::Method::GET, "/dead-letters"),
+        (reqwest::Method::GET, "/queues"),
+        (
+            reqwest::Method::POST,
+            "/services/payment-provider-weixin/resume",
+        ),
+        (reqwest::Method::GET, "/sagas/stuck"),
+    ] {
+        let (status, body) = system.operator(method, path, None).await;
+        assert_eq!(status, 200, "{path}: {body}");
+    }
     // A poison message is dead-lettered through the service's own exchange.
     system
         .env

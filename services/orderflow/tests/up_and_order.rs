@@ -19,8 +19,8 @@ use tokio::process::{Child, Command};
 const BIN: &str = env!("CARGO_BIN_EXE_orderflow");
 
 /// Starts `orderflow up` on the test's namespace and database; returns the
-/// child and the API URL it printed.
-async fn up(env: &TestEnv) -> (Child, String) {
+/// child, the API URL it printed and the console's development operator token.
+async fn up(env: &TestEnv) -> (Child, String, String) {
     let mut child = Command::new(BIN)
         .arg("up")
         .env("ORDERFLOW_AMQP_URL", env.amqp_url.expose_secret())
@@ -46,8 +46,25 @@ async fn up(env: &TestEnv) -> (Child, String) {
         .find(|word| word.starts_with("http://"))
         .unwrap_or_else(|| panic!("no API address in {line:?}"))
         .to_owned();
+    // Then where the console is, and its development operator token.
+    let mut next = async || {
+        tokio::time::timeout(Duration::from_secs(10), lines.next_line())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap()
+    };
+    assert_eq!(next().await, format!("console: {url}/console"));
+    let token_line = next().await;
+    let token = token_line
+        .strip_prefix("console operator token (development, this run only; set ")
+        .and_then(|rest| rest.rsplit_once(": "))
+        .map_or_else(
+            || panic!("no operator token in {token_line:?}"),
+            |(_, token)| token.to_owned(),
+        );
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    (child, url)
+    (child, url, token)
 }
 
 /// Runs `orderflow <args>`; (exit code, stdout, stderr).
@@ -58,7 +75,19 @@ async fn cli(args: &[&str]) -> (i32, String, String) {
 #[tokio::test]
 async fn up_serves_orders_and_survives_sigkill() {
     let env = TestEnv::deployment().await;
-    let (mut first, api) = up(&env).await;
+    let (mut first, api, token) = up(&env).await;
+    // The console's operator side works with the printed token, only.
+    let http = reqwest::Client::new();
+    let queues = format!("{api}/console/api/queues");
+    let answer = http.get(&queues).bearer_auth(&token).send().await.unwrap();
+    assert_eq!(answer.status(), 200);
+    let answer = http
+        .get(&queues)
+        .bearer_auth("dev-guess")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 403);
 
     let (code, out, err) = cli(&[
         "order",
@@ -81,7 +110,8 @@ async fn up_serves_orders_and_survives_sigkill() {
     // Killed without warning while the order waits for its payment.
     first.start_kill().unwrap();
     first.wait().await.unwrap();
-    let (mut second, api) = up(&env).await;
+    let (mut second, api, second_token) = up(&env).await;
+    assert_ne!(second_token, token, "a development token is for one run");
 
     let (code, out, err) = cli(&[
         "order", "pay", &order_id, "--method", "zhifubao", "--json", "--api", &api,

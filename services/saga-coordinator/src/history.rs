@@ -2,7 +2,10 @@
 //! (its own decisions and timers included, since it consumes everything),
 //! classified, in the order it saw them, with message and causation ids.
 //! Read by `GET /orders/{id}/history` (a page at a time, [`read_page`]) and
-//! `orderflow saga history` (all of it, [`read`]).
+//! `orderflow saga history` (all of it, [`read`]); the saga's status, step
+//! and timers by the console's order page ([`saga_state`]), running sagas
+//! that stopped moving by `orderflow saga stuck` and the console
+//! ([`stuck`]).
 
 use std::collections::HashSet;
 
@@ -247,6 +250,62 @@ pub async fn stuck(
     .bind(limit)
     .fetch_all(pool)
     .await
+}
+
+/// A saga as the console shows it: its status, the step it waits on, and
+/// its timers (a step is open while its timer is armed; `due_at` is its
+/// deadline).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct SagaState {
+    pub order_id: String,
+    /// `running`, `completed` or `cancelled`.
+    pub status: String,
+    /// The step it waits on (`generate-info`, `payment-wait`, `payment`,
+    /// `paying`), while it runs.
+    pub step: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub timers: Vec<Timer>,
+}
+
+/// One timer of a saga.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct Timer {
+    /// `generate-info`, `payment` or `flow`.
+    pub step: String,
+    pub due_at: DateTime<Utc>,
+    /// `armed`, `fired` or `disarmed`.
+    pub state: String,
+}
+
+/// The saga of `order_id` with its timers (earliest deadline first); `None`
+/// when the coordinator has not seen the order.
+pub async fn saga_state(pool: &PgPool, order_id: &str) -> Result<Option<SagaState>, sqlx::Error> {
+    type Row = (String, Option<String>, DateTime<Utc>, DateTime<Utc>);
+    let saga: Option<Row> = sqlx::query_as(
+        "SELECT status, step, created_at, updated_at FROM sagas WHERE order_id = $1",
+    )
+    .bind(order_id)
+    .fetch_optional(pool)
+    .await?;
+    let Some((status, step, created_at, updated_at)) = saga else {
+        return Ok(None);
+    };
+    let timers: Vec<Timer> = sqlx::query_as(
+        "SELECT step, due_at, state FROM timers WHERE order_id = $1 ORDER BY due_at, step",
+    )
+    .bind(order_id)
+    .fetch_all(pool)
+    .await?;
+    Ok(Some(SagaState {
+        order_id: order_id.to_owned(),
+        // The step is only waited on while the saga runs.
+        step: step.filter(|_| status == "running"),
+        status,
+        created_at,
+        updated_at,
+        timers,
+    }))
 }
 
 #[cfg(test)]

@@ -16,21 +16,38 @@
 //! A message is acked only after the handler returned (its effects committed)
 //! or after its copy in a delay/dead-letter queue is confirmed. Nothing is
 //! requeued forever: the service queue also has a broker-side delivery limit.
+//!
+//! # Pausing
+//!
+//! An operator may pause a service's consumption (`orderflow pause SERVICE`,
+//! or the console): its queue fills, its orders wait at its step, and the
+//! saga's timers go on running. The paused state lives on the broker, in the
+//! service's pause queue `orderflow.<svc>.pause`, which holds a marker
+//! message while the service is paused. Every consumer of the service, in
+//! every process, looks at that queue's message count with a passive
+//! declaration (which needs no permission: a service's broker user still
+//! configures nothing and reads only its own queue) before it consumes, and
+//! then every [`ConsumerOptions::pause_check`] while it consumes. When it
+//! finds the marker, it cancels its consumer, handles what the broker had
+//! already delivered to it (nothing is handed back, so no delivery count
+//! rises), and waits, looking again at the same interval, until the marker
+//! is gone. A worker started while its service is paused starts paused.
 
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
 use futures::{FutureExt, StreamExt};
-use lapin::BasicProperties;
 use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+    QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
@@ -175,26 +192,43 @@ pub struct ConsumerOptions {
     pub retry_min_delay: Duration,
     pub retry_max_delay: Duration,
     /// Raised while the consumer has a channel consuming its queue; lowered
-    /// while it reconnects and once it stopped. Clone it before starting the
-    /// consumer to watch it (health checks).
+    /// while it reconnects and once it stopped; "paused" while an operator
+    /// paused the service. Clone it before starting the consumer to watch it
+    /// (health checks).
     pub consuming: Consuming,
+    /// How often a consumer looks at its service's pause queue (see the
+    /// module's documentation): before it consumes, and this often while it
+    /// consumes or is paused.
+    pub pause_check: Duration,
 }
 
 /// Whether a consumer has a channel consuming its queue right now: a cheap
 /// health signal. It drops as soon as the consumer notices its channel or
 /// connection is gone (a closed connection at once, a silent one when the
-/// AMQP heartbeat misses) and rises again once it consumes anew.
+/// AMQP heartbeat misses) and rises again once it consumes anew. While an
+/// operator has paused the service, the consumer is connected but not
+/// consuming: [`is_paused`](Self::is_paused).
 #[derive(Clone, Debug, Default)]
-pub struct Consuming(Arc<AtomicBool>);
+pub struct Consuming(Arc<AtomicU8>);
+
+const STOPPED: u8 = 0;
+const CONSUMING: u8 = 1;
+const PAUSED: u8 = 2;
 
 impl Consuming {
     pub fn is_consuming(&self) -> bool {
-        self.0.load(Ordering::Acquire)
+        self.0.load(Ordering::Acquire) == CONSUMING
     }
 
-    /// Raises the flag until the returned guard is dropped.
-    fn raise(&self) -> ConsumingGuard<'_> {
-        self.0.store(true, Ordering::Release);
+    /// Connected to the broker, and not consuming because an operator
+    /// paused the service.
+    pub fn is_paused(&self) -> bool {
+        self.0.load(Ordering::Acquire) == PAUSED
+    }
+
+    /// Sets `state` until the returned guard is dropped.
+    fn set(&self, state: u8) -> ConsumingGuard<'_> {
+        self.0.store(state, Ordering::Release);
         ConsumingGuard(self)
     }
 }
@@ -204,9 +238,12 @@ struct ConsumingGuard<'a>(&'a Consuming);
 
 impl Drop for ConsumingGuard<'_> {
     fn drop(&mut self) {
-        self.0.0.store(false, Ordering::Release);
+        self.0.0.store(STOPPED, Ordering::Release);
     }
 }
+
+/// How often a consumer looks whether its service is paused, by default.
+pub const DEFAULT_PAUSE_CHECK: Duration = Duration::from_secs(1);
 
 impl ConsumerOptions {
     pub fn new(service: impl Into<String>) -> Self {
@@ -218,6 +255,7 @@ impl ConsumerOptions {
             retry_min_delay: Duration::from_millis(50),
             retry_max_delay: Duration::from_secs(1),
             consuming: Consuming::default(),
+            pause_check: DEFAULT_PAUSE_CHECK,
         }
     }
 }
@@ -235,6 +273,8 @@ struct Context<H> {
     redeliver_exchange: String,
     /// The delay exchanges (fanout to the delay queues), in tier order.
     delay_exchanges: Vec<String>,
+    /// Holds a marker while an operator has paused the service.
+    pause_queue: String,
 }
 
 /// Consumes the service queue until `shutdown`, coming back by itself when the
@@ -260,6 +300,7 @@ pub async fn run_consumer<H: Handler>(
             .ok_or_else(|| BusError::UnknownService(service.clone()))
     };
     let queue = queue_of(&QueueRole::Service)?;
+    let pause_queue = queue_of(&QueueRole::Pause)?;
     let dead_exchange = exchange_of(ExchangeRole::DeadLetter)?;
     let redeliver_exchange = exchange_of(ExchangeRole::Redeliver)?;
     let delay_exchanges = topology
@@ -277,6 +318,7 @@ pub async fn run_consumer<H: Handler>(
         dead_exchange,
         redeliver_exchange,
         delay_exchanges,
+        pause_queue,
     });
     let mut tasks = JoinSet::new();
     let mut delays = reconnect_backoff();
@@ -315,9 +357,41 @@ enum SessionError {
     Amqp(#[from] lapin::Error),
     #[error("the broker cancelled the consumer (queue deleted?)")]
     Cancelled,
+    #[error(
+        "cannot tell whether the service is paused: its pause queue {queue} cannot be read \
+         ({cause}); declare the topology of this version (`orderflow topology declare`)"
+    )]
+    PauseQueue { queue: String, cause: lapin::Error },
 }
 
-/// One channel's life: consume until shutdown (Ok) or until the channel dies.
+/// Why a consuming stretch ended without an error.
+enum Stop {
+    Shutdown,
+    Paused,
+}
+
+/// Whether an operator has paused the service: its pause queue holds a
+/// marker (a passive declaration, which needs no permission).
+async fn paused<H: Handler>(context: &Context<H>, channel: &Channel) -> Result<bool, SessionError> {
+    let declared = channel
+        .queue_declare(
+            context.pause_queue.as_str().into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|cause| SessionError::PauseQueue {
+            queue: context.pause_queue.clone(),
+            cause,
+        })?;
+    Ok(declared.message_count() > 0)
+}
+
+/// One channel's life: consume until shutdown (Ok) or until the channel
+/// dies; while the service is paused, wait instead of consuming.
 async fn session<H: Handler>(
     context: &Arc<Context<H>>,
     permits: &Arc<Semaphore>,
@@ -328,6 +402,59 @@ async fn session<H: Handler>(
     channel
         .basic_qos(context.options.prefetch, BasicQosOptions::default())
         .await?;
+    loop {
+        if !wait_while_paused(context, &channel, shutdown).await? {
+            break;
+        }
+        match consume(context, &channel, permits, tasks, shutdown).await? {
+            Stop::Shutdown => break,
+            Stop::Paused => {}
+        }
+    }
+    let _ = channel.close(200, "shutting down".into()).await;
+    Ok(())
+}
+
+/// Returns `true` once the service is not paused (at once when it is not),
+/// `false` on shutdown.
+async fn wait_while_paused<H: Handler>(
+    context: &Context<H>,
+    channel: &Channel,
+    shutdown: &Shutdown,
+) -> Result<bool, SessionError> {
+    let service = &context.options.service;
+    let mut guard = None;
+    while paused(context, channel).await? {
+        if guard.is_none() {
+            tracing::warn!(
+                %service,
+                queue = %context.queue,
+                "paused by an operator: not consuming; messages wait in the queue, the saga's \
+                 timers go on (`orderflow resume {service}` resumes)"
+            );
+            guard = Some(context.options.consuming.set(PAUSED));
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(false),
+            () = tokio::time::sleep(context.options.pause_check) => {}
+        }
+    }
+    if guard.is_some() {
+        tracing::info!(%service, "resumed by an operator: consuming again");
+    }
+    Ok(!shutdown.is_cancelled())
+}
+
+/// Consumes on `channel` until shutdown or a pause; either way, returns once
+/// what is in flight is finished (and, on a pause, what the broker had
+/// already delivered is handled).
+async fn consume<H: Handler>(
+    context: &Arc<Context<H>>,
+    channel: &Channel,
+    permits: &Arc<Semaphore>,
+    tasks: &mut JoinSet<()>,
+    shutdown: &Shutdown,
+) -> Result<Stop, SessionError> {
     let tag = format!("{}-{}", context.options.service, uuid::Uuid::now_v7());
     let mut consumer = channel
         .basic_consume(
@@ -337,23 +464,37 @@ async fn session<H: Handler>(
             FieldTable::default(),
         )
         .await?;
-    let _consuming = context.options.consuming.raise();
+    let _consuming = context.options.consuming.set(CONSUMING);
     tracing::info!(service = %context.options.service, queue = %context.queue, "consuming");
-    loop {
+    let period = context.options.pause_check;
+    let mut checks = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    checks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Cancelled for a pause: the stream yields what was delivered, then ends.
+    let mut pausing = false;
+    let stop = loop {
         while let Some(result) = tasks.try_join_next() {
             if let Err(error) = result {
                 tracing::error!(%error, "message task failed to complete");
             }
         }
         let permit = tokio::select! {
-            () = shutdown.cancelled() => break,
+            () = shutdown.cancelled() => break Stop::Shutdown,
+            _ = checks.tick(), if !pausing => {
+                pausing = pause_if_paused(context, channel, &tag).await?;
+                continue;
+            }
             permit = permits.clone().acquire_owned() => permit.expect("semaphore is never closed"),
         };
         let delivery = tokio::select! {
-            () = shutdown.cancelled() => break,
+            () = shutdown.cancelled() => break Stop::Shutdown,
+            _ = checks.tick(), if !pausing => {
+                pausing = pause_if_paused(context, channel, &tag).await?;
+                continue;
+            }
             next = consumer.next() => match next {
                 Some(Ok(delivery)) => delivery,
                 Some(Err(error)) => return Err(error.into()),
+                None if pausing => break Stop::Paused,
                 None => return Err(SessionError::Cancelled),
             },
         };
@@ -364,11 +505,15 @@ async fn session<H: Handler>(
             match consumer.next().now_or_never() {
                 Some(Some(Ok(delivery))) => batch.push(delivery),
                 Some(Some(Err(error))) => {
-                    ended = Some(error.into());
+                    ended = Some(Err(error.into()));
+                    break;
+                }
+                Some(None) if pausing => {
+                    ended = Some(Ok(Stop::Paused));
                     break;
                 }
                 Some(None) => {
-                    ended = Some(SessionError::Cancelled);
+                    ended = Some(Err(SessionError::Cancelled));
                     break;
                 }
                 None => break,
@@ -384,21 +529,43 @@ async fn session<H: Handler>(
             }
             drop(permit);
         });
-        if let Some(error) = ended {
-            return Err(error);
+        match ended {
+            Some(Ok(stop)) => break stop,
+            Some(Err(error)) => return Err(error),
+            None => {}
         }
+    };
+    // Take nothing more (already done for a pause), finish what is in flight.
+    if matches!(stop, Stop::Shutdown) && !pausing {
+        let _ = channel
+            .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+            .await;
     }
-    // Graceful stop: take nothing more, finish what is in flight, then close.
-    let _ = channel
-        .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
-        .await;
     while let Some(result) = tasks.join_next().await {
         if let Err(error) = result {
             tracing::error!(%error, "message task failed to complete");
         }
     }
-    let _ = channel.close(200, "shutting down".into()).await;
-    Ok(())
+    Ok(stop)
+}
+
+/// Cancels the consumer `tag` when the service is paused; whether it did.
+async fn pause_if_paused<H: Handler>(
+    context: &Context<H>,
+    channel: &Channel,
+    tag: &str,
+) -> Result<bool, SessionError> {
+    if !paused(context, channel).await? {
+        return Ok(false);
+    }
+    tracing::info!(
+        service = %context.options.service,
+        "an operator paused the service: stopping consumption after what was delivered"
+    );
+    channel
+        .basic_cancel(tag.into(), BasicCancelOptions::default())
+        .await?;
+    Ok(true)
 }
 
 /// Calls the handler; a panic becomes a permanent error instead of a lost message.

@@ -18,7 +18,8 @@ use secrecy::{ExposeSecret, SecretString};
 use crate::topology::{self, Names, Topology};
 
 pub use consumer::{
-    ConsumerOptions, Consuming, HandleError, Handler, deliveries_received, run_consumer,
+    ConsumerOptions, Consuming, DEFAULT_PAUSE_CHECK, HandleError, Handler, deliveries_received,
+    run_consumer,
 };
 pub use message::{Message, Outgoing};
 pub use publisher::{PublishError, Publisher};

@@ -46,11 +46,16 @@ impl Context {
     }
 
     /// Tables of other contexts this one may read, and nothing else there:
-    /// the order API serves the coordinator's execution history; payment
-    /// providers charge exactly what the coordinator accepted.
+    /// the order API serves the coordinator's execution history, and its
+    /// console the saga's step and deadlines (sagas, timers) and stuck
+    /// sagas; payment providers charge exactly what the coordinator accepted.
     pub fn reads(self) -> &'static [(Self, &'static str)] {
         match self {
-            Self::Orders => &[(Self::Coordinator, "history")],
+            Self::Orders => &[
+                (Self::Coordinator, "history"),
+                (Self::Coordinator, "sagas"),
+                (Self::Coordinator, "timers"),
+            ],
             Self::Payments => &[(Self::Coordinator, "payment_steps")],
             Self::Coordinator | Self::Pricing => &[],
         }

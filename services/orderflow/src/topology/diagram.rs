@@ -1,6 +1,6 @@
 //! The topology as a Mermaid flowchart: the events exchange, each service queue
-//! with the routing keys it is bound to, and each service's dead-letter and delay
-//! queues.
+//! with the routing keys it is bound to, and each service's dead-letter, delay
+//! and pause queues.
 
 use std::fmt::Write as _;
 use std::time::Duration;
@@ -60,6 +60,12 @@ pub fn mermaid(topology: &Topology) -> String {
         if let Some(dead) = topology.queue(service, &QueueRole::DeadLetter) {
             let _ = writeln!(out, "        s{s}d[(\"{}\")]", escape(&dead.name));
             edges.push(format!("s{s}q -.->|\"dead letter\"| s{s}d"));
+        }
+        if let Some(pause) = topology.queue(service, &QueueRole::Pause) {
+            let _ = writeln!(out, "        s{s}p[/\"{}\"/]", escape(&pause.name));
+            edges.push(format!(
+                "s{s}p -.-|\"pauses while it holds a marker\"| s{s}q"
+            ));
         }
         for (t, &tier) in topology.retry_tiers.iter().enumerate() {
             if let Some(delay) = topology.queue(service, &QueueRole::Delay(tier)) {

@@ -2,6 +2,9 @@
 //! data: entries are matched by identity (an exchange or queue by vhost and name,
 //! a binding by vhost, source, destination and routing key), so order and
 //! formatting do not matter, and each difference names the entry it is about.
+//! Also the report of the choreography's own findings
+//! (`orderflow_topology::lint`: unconsumed and unpublished events, waits
+//! without a timer or a compensation).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -93,6 +96,29 @@ pub fn report(path: &Path, differences: &[Difference]) -> String {
         let _ = writeln!(text, "  ... and {} more", differences.len() - MAX_REPORTED);
     }
     text.push_str("Regenerate it with `orderflow topology export` (and commit it).\n");
+    text
+}
+
+/// The text `lint` prints about the choreography: that it is sound, or each
+/// finding on a line.
+pub fn choreography_report(findings: &[orderflow_topology::Finding]) -> String {
+    if findings.is_empty() {
+        return "the choreography is sound: every event published is consumed, every event \
+                consumed is published, every wait has a timer and a compensation\n"
+            .to_owned();
+    }
+    let mut text = format!(
+        "the choreography has {} finding{}:\n",
+        findings.len(),
+        if findings.len() == 1 { "" } else { "s" }
+    );
+    for finding in findings {
+        let kind = serde_json::to_value(finding.kind)
+            .ok()
+            .and_then(|kind| kind.as_str().map(str::to_owned))
+            .unwrap_or_default();
+        let _ = writeln!(text, "  {kind:<26} {}", finding.message);
+    }
     text
 }
 
@@ -299,6 +325,28 @@ mod tests {
         )));
         assert!(differences.contains(&Difference::Extra("top-level `users`".to_owned())));
         assert_eq!(differences.len(), 5, "{differences:#?}");
+    }
+
+    #[test]
+    fn choreography_findings_are_reported_one_per_line() {
+        let methods = ["zhifubao"];
+        let mut services = orderflow_services(&methods);
+        services[0].publishes.push("order.shipped".to_owned());
+        let mut choreography = orderflow_topology::orderflow_choreography(&methods);
+        choreography.waits[0].timer = None;
+        let findings = orderflow_topology::lint(&services, &choreography);
+        let text = choreography_report(&findings);
+        assert!(
+            text.starts_with("the choreography has 2 findings:\n"),
+            "{text}"
+        );
+        assert!(text.contains("  unconsumed "), "{text}");
+        assert!(
+            text.contains("order.shipped is published by order-api"),
+            "{text}"
+        );
+        assert!(text.contains("  wait-without-timer "), "{text}");
+        assert!(choreography_report(&[]).starts_with("the choreography is sound"));
     }
 
     #[test]

@@ -71,6 +71,7 @@ fn export(args: &ExportArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn lint(args: &LintArgs) -> anyhow::Result<ExitCode> {
+    let methods = load_payment_methods(&args.model.providers)?;
     let topology = build_model(&args.model)?;
     let model = orderflow_topology::to_definitions(&topology, VHOST);
     let text = std::fs::read_to_string(&args.file).with_context(|| {
@@ -82,12 +83,21 @@ fn lint(args: &LintArgs) -> anyhow::Result<ExitCode> {
     let committed: Value = serde_json::from_str(&text)
         .with_context(|| format!("{} is not valid JSON", args.file.display()))?;
     let differences = lint::diff(&committed, &model);
+    let findings = orderflow_topology::lint(
+        &topology.services,
+        &orderflow_topology::orderflow_choreography(&methods),
+    );
     if differences.is_empty() {
         write_stdout(&format!("{} matches the model\n", args.file.display()))?;
-        return Ok(ExitCode::SUCCESS);
+    } else {
+        write_stdout(&lint::report(&args.file, &differences))?;
     }
-    write_stdout(&lint::report(&args.file, &differences))?;
-    Ok(ExitCode::from(1))
+    write_stdout(&lint::choreography_report(&findings))?;
+    if differences.is_empty() && findings.is_empty() {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        Ok(ExitCode::from(1))
+    }
 }
 
 fn diagram(args: &DiagramArgs) -> anyhow::Result<ExitCode> {

@@ -1,7 +1,9 @@
 //! `orderflow topology users`: the deployment's broker users as a RabbitMQ
 //! definitions file. One user per service with the least-privilege
 //! permissions of the topology model (`orderflow_topology::service_permissions`),
-//! plus an administrator for operators. Passwords come from the environment
+//! plus an administrator for operators and the console's user (replaying
+//! dead letters and pausing services, nothing else: the order API's
+//! `ORDERFLOW_OPERATOR_AMQP_URL`). Passwords come from the environment
 //! and must all be given (no defaults: a deployment fails closed); the file
 //! holds only RabbitMQ's salted SHA-256 hashes.
 
@@ -84,6 +86,14 @@ pub fn users_document(
         "user": format!("{}{admin}", args.user_prefix), "vhost": args.vhost,
         "configure": ".*", "write": ".*", "read": ".*",
     })];
+    // The operators' console (the order API's ORDERFLOW_OPERATOR_AMQP_URL):
+    // replays and pauses, nothing else; `management` to read queue rates.
+    let console = orderflow_topology::console_permissions(&topology, &args.console);
+    users.push(user(&args.console, &["management"]));
+    permissions.push(json!({
+        "user": format!("{}{}", args.user_prefix, args.console), "vhost": args.vhost,
+        "configure": console.configure, "write": console.write, "read": console.read,
+    }));
     let mut topic_permissions = Vec::new();
     let events = topology.names.events_exchange();
     for service in &services {
@@ -137,6 +147,7 @@ mod tests {
             vhost: "/".into(),
             user_prefix: "p-".into(),
             admin: "admin".into(),
+            console: "console".into(),
             deployment: DeploymentArgs {
                 namespace: "ns".into(),
             },
@@ -183,6 +194,18 @@ mod tests {
             .unwrap();
         assert_eq!(wait["write"], "^(payment\\.awaiting)$");
         assert_eq!(wait["exchange"], "ns.orderflow.events");
+        let console = permissions
+            .iter()
+            .find(|p| p["user"] == "p-console")
+            .unwrap();
+        assert_eq!(console["configure"], "^$");
+        assert!(
+            !console["write"].as_str().unwrap().contains("events"),
+            "{console}"
+        );
+        let users = document["users"].as_array().unwrap();
+        let console = users.iter().find(|u| u["name"] == "p-console").unwrap();
+        assert_eq!(console["tags"], serde_json::json!(["management"]));
         let printed = document.to_string();
         assert!(!printed.contains("secret"), "only hashes");
     }
