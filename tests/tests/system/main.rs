@@ -1,0 +1,23 @@
+//! The system tests, one binary: every module starts the real services against
+//! the real RabbitMQ and PostgreSQL, each in its own topology namespace and
+//! database (see `orderflow_tests::TestEnv`). One binary links once.
+
+mod batches;
+mod broker_connection_loss;
+mod console_api;
+mod console_browser;
+mod deployment;
+mod envelope_round_trip;
+mod graceful_shutdown;
+mod history_api;
+mod hostile_messages;
+mod inbox_outbox;
+mod money_safety;
+mod order_api;
+mod pause_resume;
+mod publish_and_topology;
+mod retention;
+mod retries_and_dead_letters;
+mod saga_coordinator;
+mod saga_end_to_end;
+mod timers;
