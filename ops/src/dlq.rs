@@ -12,11 +12,11 @@
 
 use chrono::{DateTime, Utc};
 use lapin::Channel;
-use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions};
+use lapin::options::{BasicAckOptions, BasicGetOptions};
 use lapin::types::FieldTable;
 use orderflow_shared::bus::Broker;
 use orderflow_shared::envelope::{header_int, header_str, headers};
-use orderflow_shared::topology::QueueRole;
+use orderflow_shared::topology::{QueueRole, inspect_queue};
 use serde::Serialize;
 
 use crate::OpsError;
@@ -66,15 +66,7 @@ pub fn dead_queue(broker: &Broker, service: &str) -> Result<String, OpsError> {
 
 /// How many messages `queue` holds (a passive declaration).
 pub(crate) async fn count(channel: &Channel, queue: &str) -> Result<u32, OpsError> {
-    let declared = channel
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
+    let declared = inspect_queue(channel, queue)
         .await
         .map_err(|cause| OpsError::MissingQueue {
             queue: queue.to_owned(),

@@ -12,10 +12,8 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use lapin::options::QueueDeclareOptions;
-use lapin::types::FieldTable;
 use orderflow_shared::bus::Broker;
-use orderflow_shared::topology::QueueRole;
+use orderflow_shared::topology::{QueueRole, inspect_queue};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
@@ -189,15 +187,7 @@ pub fn status(paused: bool, consumers: u64, messages_ready: u64) -> Status {
 
 /// (ready messages, consumers) of `queue`, by a passive declaration.
 async fn declare(channel: &lapin::Channel, queue: &str) -> Result<(u64, u64), OpsError> {
-    let declared = channel
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
+    let declared = inspect_queue(channel, queue)
         .await
         .map_err(|cause| OpsError::MissingQueue {
             queue: queue.to_owned(),
