@@ -105,14 +105,39 @@ pub struct PaymentRefunded {
     pub refunded_cents: i64,
 }
 
-/// The saga step whose timer fired.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// A saga step with a timer: the step whose timer fired in `saga.timed-out`,
+/// and the `step` of the coordinator's timers table. One spelling (kebab
+/// case) for JSON, the table and [`as_str`](Self::as_str); one parser
+/// ([`FromStr`](std::str::FromStr)).
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    Serialize,
+    Deserialize,
+    strum::EnumString,
+    strum::IntoStaticStr,
+    strum::Display,
+    strum::VariantArray,
+)]
 #[serde(rename_all = "kebab-case")]
+#[strum(serialize_all = "kebab-case")]
 pub enum Step {
     GenerateInfo,
     Payment,
     Flow,
 }
+
+impl Step {
+    /// The step's name: `generate-info`, `payment` or `flow`.
+    pub fn as_str(self) -> &'static str {
+        self.into()
+    }
+}
+
+crate::text_column!(Step);
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SagaTimedOut {
@@ -391,6 +416,20 @@ mod tests {
                 step: Step::GenerateInfo
             })
         );
+    }
+
+    #[test]
+    fn a_step_has_one_spelling_in_json_text_and_parse() {
+        use strum::VariantArray as _;
+        for step in Step::VARIANTS {
+            let json = serde_json::to_value(step).unwrap();
+            assert_eq!(json, serde_json::Value::from(step.as_str()));
+            assert_eq!(step.as_str().parse::<Step>().unwrap(), *step);
+            assert_eq!(step.to_string(), step.as_str());
+        }
+        assert_eq!(Step::GenerateInfo.as_str(), "generate-info");
+        assert!("Payment".parse::<Step>().is_err());
+        assert!("payment-wait".parse::<Step>().is_err());
     }
 
     #[test]

@@ -8,6 +8,7 @@ pub mod orders;
 mod outbox;
 pub mod retention;
 pub mod roles;
+mod text;
 mod unit;
 
 use std::str::FromStr;
