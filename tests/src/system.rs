@@ -46,6 +46,18 @@ impl std::fmt::Debug for Workers {
     }
 }
 
+impl Workers {
+    /// Whether the worker `name` runs in-process.
+    pub fn runs(&self, name: &str) -> bool {
+        (self.generate_info || name != generate_info::SERVICE)
+            && (self.coordinator || name != saga_coordinator::SERVICE)
+            && !self
+                .without_providers
+                .iter()
+                .any(|method| payment_provider::service_name(method) == name)
+    }
+}
+
 impl Default for Workers {
     fn default() -> Self {
         Self {
@@ -114,40 +126,19 @@ impl System {
             .await
             .expect("bind the API");
         let api = format!("http://{}", listener.local_addr().expect("address"));
-        tasks.spawn(order_api::serve(
-            ctx_of(order_api::SERVICE),
-            listener,
-            shutdown.clone(),
-        ));
-        if workers.generate_info {
-            tasks.spawn(generate_info::run(
-                ctx_of(generate_info::SERVICE),
-                shutdown.clone(),
-            ));
-        }
-        tasks.spawn(payment_wait::run(
-            ctx_of(payment_wait::SERVICE),
-            shutdown.clone(),
-        ));
-        if workers.coordinator {
-            tasks.spawn(saga_coordinator::run(
-                ctx_of(saga_coordinator::SERVICE),
-                shutdown.clone(),
-            ));
-        }
-        tasks.spawn(order_completed::run(
-            ctx_of(order_completed::SERVICE),
-            shutdown.clone(),
-        ));
-        tasks.spawn(order_cancelled::run(
-            ctx_of(order_cancelled::SERVICE),
-            shutdown.clone(),
-        ));
-        for method in ctx.metadata.methods() {
-            if !workers.without_providers.contains(&method.as_str()) {
-                let provider = ctx_of(&payment_provider::service_name(&method));
-                tasks.spawn(payment_provider::run(provider, method, shutdown.clone()));
+        let mut listener = Some(listener);
+        for name in orderflow_workers::names(&ctx.metadata) {
+            if !workers.runs(&name) {
+                continue;
             }
+            let listener = if name == order_api::SERVICE {
+                listener.take()
+            } else {
+                None
+            };
+            let task = orderflow_workers::start(&name, ctx_of(&name), listener, shutdown.clone())
+                .expect("the registry runs every worker it lists");
+            tasks.spawn(task);
         }
         let system = Self {
             env,
