@@ -29,7 +29,7 @@ use orderflow_shared::store::{Context, Db};
 pub const SERVICE: &str = "generate-info";
 
 /// The handler; public so tests can drive it.
-pub struct GenerateInfo {
+pub struct GenerateInfoHandler {
     metadata: Arc<Metadata>,
     publisher: Publisher,
     db: Db,
@@ -73,7 +73,7 @@ pub fn decide(metadata: &Metadata, order: &OrderStarted) -> Event {
     }
 }
 
-impl GenerateInfo {
+impl GenerateInfoHandler {
     pub fn new(ctx: &Ctx, db: Db) -> Self {
         Self {
             metadata: ctx.metadata.clone(),
@@ -116,7 +116,7 @@ impl GenerateInfo {
     }
 }
 
-impl Handler for GenerateInfo {
+impl Handler for GenerateInfoHandler {
     async fn handle(&self, message: &Message) -> Result<(), HandleError> {
         let Event::OrderStarted(order) = &message.event else {
             return Ok(());
@@ -163,7 +163,7 @@ impl Handler for GenerateInfo {
 /// Runs generate-info until `shutdown`.
 pub async fn run(ctx: Ctx, shutdown: Shutdown) -> anyhow::Result<()> {
     let db = ctx.db(Context::Pricing).await?;
-    let handler = Arc::new(GenerateInfo::new(&ctx, db));
+    let handler = Arc::new(GenerateInfoHandler::new(&ctx, db));
     run_worker(&ctx, SERVICE, handler, None, shutdown).await
 }
 

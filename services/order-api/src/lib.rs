@@ -68,7 +68,7 @@ use orderflow_shared::store::{Context, Db, Relay, Retention};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
-pub use read_model::ReadModel;
+pub use read_model::ReadModelHandler;
 pub use status::Status;
 
 /// The service name: its queue is `orderflow.order-api`, its inbox rows carry it.
@@ -123,7 +123,7 @@ pub async fn serve(ctx: Ctx, listener: TcpListener, shutdown: Shutdown) -> anyho
         orderflow_shared::bus::run_consumer(
             ctx.broker.clone(),
             options,
-            Arc::new(ReadModel::new(events.clone(), watcher.clone())),
+            Arc::new(ReadModelHandler::new(events.clone(), watcher.clone())),
             stop.clone(),
         ),
     );

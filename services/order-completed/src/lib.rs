@@ -7,7 +7,7 @@
 use orderflow_shared::Shutdown;
 use orderflow_shared::app::Ctx;
 use orderflow_shared::events::{Event, OrderCompleted};
-use orderflow_shared::store::orders::{Terminal, TerminalWorker, Transition};
+use orderflow_shared::store::orders::{Terminal, TerminalHandler, Transition};
 
 pub const SERVICE: &str = "order-completed";
 
@@ -32,5 +32,5 @@ pub fn transition(event: &Event) -> Option<Transition> {
 
 /// Runs order-completed until `shutdown`.
 pub async fn run(ctx: Ctx, shutdown: Shutdown) -> anyhow::Result<()> {
-    TerminalWorker::run(ctx, SERVICE, transition, shutdown).await
+    TerminalHandler::run(ctx, SERVICE, transition, shutdown).await
 }

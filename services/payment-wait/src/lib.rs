@@ -20,7 +20,7 @@ pub const SERVICE: &str = "payment-wait";
 /// The step name in the token's claims.
 pub const PAYMENT_STEP: &str = "payment";
 
-pub struct PaymentWait {
+pub struct PaymentWaitHandler {
     keys: TokenKeys,
     timeout_secs: u64,
     publisher: Publisher,
@@ -108,7 +108,7 @@ pub fn open_step(
     })
 }
 
-impl PaymentWait {
+impl PaymentWaitHandler {
     pub fn new(ctx: &Ctx) -> anyhow::Result<Self> {
         Ok(Self {
             keys: ctx.require_token_keys()?.clone(),
@@ -128,7 +128,7 @@ impl PaymentWait {
     }
 }
 
-impl Handler for PaymentWait {
+impl Handler for PaymentWaitHandler {
     async fn handle(&self, message: &Message) -> Result<(), HandleError> {
         let Event::InfoGenerated(info) = &message.event else {
             return Ok(());
@@ -157,7 +157,7 @@ impl Handler for PaymentWait {
 
 /// Runs payment-wait until `shutdown`.
 pub async fn run(ctx: Ctx, shutdown: Shutdown) -> anyhow::Result<()> {
-    let handler = Arc::new(PaymentWait::new(&ctx)?);
+    let handler = Arc::new(PaymentWaitHandler::new(&ctx)?);
     run_worker(&ctx, SERVICE, handler, None, shutdown).await
 }
 

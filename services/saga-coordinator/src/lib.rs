@@ -65,7 +65,7 @@ pub struct Timeouts {
     pub flow: Duration,
 }
 
-pub struct Coordinator {
+pub struct CoordinatorHandler {
     db: Db,
     keys: TokenKeys,
     timeouts: Timeouts,
@@ -143,7 +143,7 @@ fn awaiting_mismatch(
     None
 }
 
-impl Coordinator {
+impl CoordinatorHandler {
     pub fn new(db: Db, keys: TokenKeys, timeouts: Timeouts, wake: Arc<TimerWake>) -> Self {
         Self {
             db,
@@ -438,7 +438,7 @@ impl Coordinator {
     }
 }
 
-impl Handler for Coordinator {
+impl Handler for CoordinatorHandler {
     async fn handle(&self, message: &Message) -> Result<(), HandleError> {
         self.apply_all(&[message]).await
     }
@@ -468,7 +468,7 @@ pub async fn run(ctx: Ctx, shutdown: Shutdown) -> anyhow::Result<()> {
         generate_info: Duration::from_secs(ctx.settings.generate_info_timeout_secs),
         flow: Duration::from_secs(ctx.settings.flow_timeout_secs),
     };
-    let handler = Arc::new(Coordinator::new(
+    let handler = Arc::new(CoordinatorHandler::new(
         db.clone(),
         ctx.require_token_keys()?.clone(),
         timeouts,
