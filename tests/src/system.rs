@@ -1,8 +1,6 @@
 //! The whole orderflow system in-process, as `orderflow up` runs it, on one
 //! test's namespace and database, with an HTTP client for its API.
 
-use std::time::Duration;
-
 use orderflow_shared::Shutdown;
 use orderflow_shared::app::Ctx;
 use orderflow_shared::config::Settings;
@@ -148,23 +146,20 @@ impl System {
             shutdown,
             tasks,
         };
-        system.wait_healthy().await;
+        crate::api::wait_healthy(&system.client, &system.api).await;
         system
     }
 
-    async fn wait_healthy(&self) {
-        crate::eventually(
-            Duration::from_secs(30),
-            "the API answers /healthz",
-            || async {
-                self.client
-                    .get(format!("{}/healthz", self.api))
-                    .send()
-                    .await
-                    .is_ok_and(|r| r.status().is_success())
-            },
-        )
-        .await;
+    /// GET `path` of the API; (status, body: `null` unless JSON).
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        let response = self
+            .client
+            .get(format!("{}{path}", self.api))
+            .send()
+            .await
+            .expect("GET");
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
     }
 
     /// Starts one more coordinator instance; stop it with the returned token.
