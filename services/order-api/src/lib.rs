@@ -6,7 +6,9 @@
 //! any order of arrival), the outbox relay of the `orders` schema (which
 //! publishes the `order.started` and `payment.submitted` events the API
 //! commits) and the axum server; plus the long-poll watcher (`watch.rs`),
-//! which every committed change to an order goes through.
+//! which every committed change to an order reaches: the API's own at once,
+//! the terminal workers' and other API instances' through their batched
+//! NOTIFY.
 //!
 //! The console (`console/`, at `/console`) is served from here too: its
 //! assets are compiled in; its operator side needs `ORDERFLOW_OPERATOR_TOKEN`.

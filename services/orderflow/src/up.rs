@@ -1,5 +1,7 @@
 //! `orderflow up`: every worker and the order API in one process, from the
-//! same libraries the separate binaries use. Development mode: without
+//! same libraries the separate binaries use (the workers the registry,
+//! `orderflow-workers`, lists); `orderflow worker NAME` runs one of them as
+//! its own binary would. Development mode: without
 //! `ORDERFLOW_TOKEN_KEYS` it signs tokens with a public development key, and
 //! without `ORDERFLOW_OPERATOR_TOKEN` it makes a console operator token for
 //! the run and prints it.
