@@ -105,39 +105,16 @@ pub struct PaymentRefunded {
     pub refunded_cents: i64,
 }
 
-/// A saga step with a timer: the step whose timer fired in `saga.timed-out`,
-/// and the `step` of the coordinator's timers table. One spelling (kebab
-/// case) for JSON, the table and [`as_str`](Self::as_str); one parser
-/// ([`FromStr`](std::str::FromStr)).
-#[derive(
-    Clone,
-    Copy,
-    Debug,
-    PartialEq,
-    Eq,
-    Serialize,
-    Deserialize,
-    strum::EnumString,
-    strum::IntoStaticStr,
-    strum::Display,
-    strum::VariantArray,
-)]
-#[serde(rename_all = "kebab-case")]
-#[strum(serialize_all = "kebab-case")]
-pub enum Step {
-    GenerateInfo,
-    Payment,
-    Flow,
-}
-
-impl Step {
-    /// The step's name: `generate-info`, `payment` or `flow`.
-    pub fn as_str(self) -> &'static str {
-        self.into()
+crate::text_enum! {
+    /// A saga step with a timer: the step whose timer fired in
+    /// `saga.timed-out`, and the `step` of the coordinator's timers table
+    /// (`generate-info`, `payment` or `flow`).
+    pub enum Step {
+        GenerateInfo,
+        Payment,
+        Flow,
     }
 }
-
-crate::text_column!(Step);
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SagaTimedOut {

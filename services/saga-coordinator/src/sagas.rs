@@ -4,77 +4,34 @@
 //! written back together before it commits (one statement). Every message of
 //! one order therefore applies one at a time, whichever unit or coordinator
 //! handles it, and a batch of messages costs two statements for its sagas
-//! however many there are.
+//! however many there are. A saga's status and the step it waits on are
+//! [`SagaStatus`] and [`SagaStep`], stored as text.
 
 use std::collections::HashMap;
 
-use serde::Serialize;
 use sqlx::PgConnection;
 
-/// Where a saga is: running until its first terminal event.
-#[derive(
-    Clone,
-    Copy,
-    Debug,
-    PartialEq,
-    Eq,
-    Serialize,
-    strum::EnumString,
-    strum::IntoStaticStr,
-    strum::Display,
-    strum::VariantArray,
-)]
-#[serde(rename_all = "kebab-case")]
-#[strum(serialize_all = "kebab-case")]
-pub enum SagaStatus {
-    Running,
-    Completed,
-    Cancelled,
-}
-
-impl SagaStatus {
-    /// `running`, `completed` or `cancelled`.
-    pub fn as_str(self) -> &'static str {
-        self.into()
+orderflow_shared::text_enum! {
+    /// Where a saga is: running until its first terminal event.
+    pub enum SagaStatus {
+        Running,
+        Completed,
+        Cancelled,
     }
 }
 
-orderflow_shared::text_column!(SagaStatus);
-
-/// The step a running saga waits on, declared in the order it passes them:
-/// the order of the variants is the order of the steps, and a saga's step
-/// only moves forward.
-#[derive(
-    Clone,
-    Copy,
-    Debug,
-    PartialEq,
-    Eq,
-    PartialOrd,
-    Ord,
-    Serialize,
-    strum::EnumString,
-    strum::IntoStaticStr,
-    strum::Display,
-    strum::VariantArray,
-)]
-#[serde(rename_all = "kebab-case")]
-#[strum(serialize_all = "kebab-case")]
-pub enum SagaStep {
-    GenerateInfo,
-    PaymentWait,
-    Payment,
-    Paying,
-}
-
-impl SagaStep {
-    /// `generate-info`, `payment-wait`, `payment` or `paying`.
-    pub fn as_str(self) -> &'static str {
-        self.into()
+orderflow_shared::text_enum! {
+    /// The step a running saga waits on, declared in the order it passes
+    /// them: the order of the variants is the order of the steps, and a
+    /// saga's step only moves forward.
+    #[derive(PartialOrd, Ord)]
+    pub enum SagaStep {
+        GenerateInfo,
+        PaymentWait,
+        Payment,
+        Paying,
     }
 }
-
-orderflow_shared::text_column!(SagaStep);
 
 /// One saga as the unit of work sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -209,11 +166,6 @@ impl Sagas {
 
 #[cfg(test)]
 mod tests {
-    #![allow(
-        clippy::unwrap_used,
-        reason = "a test fails loudly on the first surprise"
-    )]
-
     use strum::VariantArray as _;
 
     use super::*;

@@ -17,36 +17,16 @@ use orderflow_shared::store::Db;
 use sqlx::PgConnection;
 use tokio::sync::Notify;
 
-/// Where a timer is: `armed` while its step is open, then `fired` (its
-/// deadline passed first) or `disarmed` (its step completed, or the saga
-/// ended).
-#[derive(
-    Clone,
-    Copy,
-    Debug,
-    PartialEq,
-    Eq,
-    serde::Serialize,
-    strum::EnumString,
-    strum::IntoStaticStr,
-    strum::Display,
-)]
-#[serde(rename_all = "kebab-case")]
-#[strum(serialize_all = "kebab-case")]
-pub enum TimerState {
-    Armed,
-    Fired,
-    Disarmed,
-}
-
-impl TimerState {
-    /// `armed`, `fired` or `disarmed`.
-    pub fn as_str(self) -> &'static str {
-        self.into()
+orderflow_shared::text_enum! {
+    /// Where a timer is: `armed` while its step is open, then `fired` (its
+    /// deadline passed first) or `disarmed` (its step completed, or the saga
+    /// ended).
+    pub enum TimerState {
+        Armed,
+        Fired,
+        Disarmed,
     }
 }
-
-orderflow_shared::text_column!(TimerState);
 
 /// Arms `step`'s timer for `order_id` at `due_at`, unless it was armed before
 /// (a redelivered or replayed event does not move a deadline).

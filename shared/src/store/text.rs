@@ -1,7 +1,52 @@
-//! Enums stored as PostgreSQL `text`: [`text_column!`](crate::text_column)
-//! gives a type with `as_str()` and `FromStr` (one spelling, one parser) the
+//! Enums stored as PostgreSQL `text`: [`text_enum!`](crate::text_enum)
+//! declares one with its one spelling (kebab case: `as_str`, `FromStr`,
+//! `Display`, serde) and [`text_column!`](crate::text_column) gives it the
 //! sqlx traits, so it binds and reads as itself, arrays included, while the
 //! schema keeps its text columns.
+
+/// Declares a fieldless enum spelled in kebab case everywhere: `as_str`,
+/// `FromStr` and `Display` (strum), JSON (serde), and PostgreSQL `text`
+/// ([`text_column!`](crate::text_column)); `VARIANTS` lists them in
+/// declaration order. Attributes given (docs, more derives) are kept. The
+/// caller depends on `serde`, `strum` and `sqlx`.
+#[macro_export]
+macro_rules! text_enum {
+    (
+        $(#[$meta:meta])*
+        $vis:vis enum $name:ident {
+            $($(#[$variant_meta:meta])* $variant:ident),+ $(,)?
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(
+            Clone,
+            Copy,
+            Debug,
+            PartialEq,
+            Eq,
+            ::serde::Serialize,
+            ::serde::Deserialize,
+            ::strum::EnumString,
+            ::strum::IntoStaticStr,
+            ::strum::Display,
+            ::strum::VariantArray,
+        )]
+        #[serde(rename_all = "kebab-case")]
+        #[strum(serialize_all = "kebab-case")]
+        $vis enum $name {
+            $($(#[$variant_meta])* $variant),+
+        }
+
+        impl $name {
+            /// Its one spelling, as JSON and the tables have it.
+            pub fn as_str(self) -> &'static str {
+                self.into()
+            }
+        }
+
+        $crate::text_column!($name);
+    };
+}
 
 /// Implements sqlx's `Type`, `PgHasArrayType`, `Encode` and `Decode` for
 /// `$ty` as `text`: encoded as `$ty::as_str`, decoded with `$ty`'s `FromStr`
