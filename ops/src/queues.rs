@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use orderflow_shared::bus::Broker;
-use orderflow_shared::topology::{QueueRole, inspect_queue};
+use orderflow_shared::topology::QueueRole;
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
@@ -187,12 +187,7 @@ pub fn status(paused: bool, consumers: u64, messages_ready: u64) -> Status {
 
 /// (ready messages, consumers) of `queue`, by a passive declaration.
 async fn declare(channel: &lapin::Channel, queue: &str) -> Result<(u64, u64), OpsError> {
-    let declared = inspect_queue(channel, queue)
-        .await
-        .map_err(|cause| OpsError::MissingQueue {
-            queue: queue.to_owned(),
-            cause: Box::new(cause),
-        })?;
+    let declared = crate::inspect(channel, queue).await?;
     Ok((
         u64::from(declared.message_count()),
         u64::from(declared.consumer_count()),

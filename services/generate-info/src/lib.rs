@@ -169,11 +169,6 @@ pub async fn run(ctx: Ctx, shutdown: Shutdown) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    #![allow(
-        clippy::unwrap_used,
-        reason = "a test fails loudly on the first surprise"
-    )]
-
     use orderflow_shared::events::ProductLine;
     use orderflow_shared::strategies;
     use proptest::prelude::*;

@@ -486,22 +486,12 @@ pub async fn run(ctx: Ctx, shutdown: Shutdown) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    #![allow(
-        clippy::unwrap_used,
-        reason = "a test fails loudly on the first surprise"
-    )]
-
     use orderflow_shared::events::PaymentAwaiting;
     use orderflow_shared::strategies;
     use orderflow_shared::token::Claims;
     use proptest::prelude::*;
-    use secrecy::SecretString;
 
     use super::*;
-
-    fn keys() -> TokenKeys {
-        TokenKeys::parse(&SecretString::from("test:orderflow-test-signing-key")).unwrap()
-    }
 
     fn timeout() -> impl Strategy<Value = Duration> {
         prop_oneof![
@@ -540,7 +530,7 @@ mod tests {
                     };
                     let mut awaiting = PaymentAwaiting {
                         order_id,
-                        token: keys().mint(&claims).unwrap(),
+                        token: strategies::token_keys().mint(&claims).unwrap(),
                         payment_methods: methods,
                         amount_cents: amount,
                         expires_at,
@@ -594,7 +584,7 @@ mod tests {
         /// positive.
         #[test]
         fn an_awaiting_opens_the_step_only_with_its_own_token((awaiting, changed) in awaiting()) {
-            let mismatch = awaiting_mismatch(&keys(), &awaiting);
+            let mismatch = awaiting_mismatch(&strategies::token_keys(), &awaiting);
             prop_assert_eq!(mismatch.is_none(), !changed && awaiting.amount_cents > 0, "{:?}", mismatch);
         }
 
@@ -602,7 +592,7 @@ mod tests {
         #[test]
         fn any_awaiting_is_judged(event in strategies::event()) {
             if let Event::PaymentAwaiting(awaiting) = event {
-                prop_assert!(awaiting_mismatch(&keys(), &awaiting).is_some());
+                prop_assert!(awaiting_mismatch(&strategies::token_keys(), &awaiting).is_some());
             }
         }
     }
