@@ -157,7 +157,8 @@ pub struct Transition {
     pub announce: Event,
 }
 
-/// A worker of terminal transitions (order-completed, order-cancelled): for
+/// The handler of terminal transitions (the order-completed and
+/// order-cancelled workers each run one with their own `decide`): for
 /// each message `decide` maps to a transition, [`finish`] it and, if it won,
 /// announce it (the event, through the outbox; the long polls, through the
 /// [`Announcer`]). Batches of waiting messages share one transaction (rows
