@@ -124,18 +124,14 @@ impl System {
             .await
             .expect("bind the API");
         let api = format!("http://{}", listener.local_addr().expect("address"));
-        let mut listener = Some(listener);
-        for name in orderflow_workers::names(&ctx.metadata) {
-            if !workers.runs(&name) {
-                continue;
-            }
-            let listener = if name == order_api::SERVICE {
-                listener.take()
-            } else {
-                None
-            };
-            let task = orderflow_workers::start(&name, ctx_of(&name), listener, shutdown.clone())
-                .expect("the registry runs every worker it lists");
+        let running = orderflow_workers::start_all(
+            &ctx.metadata,
+            ctx_of,
+            |name| workers.runs(name),
+            listener,
+            &shutdown,
+        );
+        for (_, task) in running {
             tasks.spawn(task);
         }
         let system = Self {

@@ -61,6 +61,32 @@ pub fn start(
     Some(task)
 }
 
+/// Every worker `runs` keeps, in the order of [`names`], each on the
+/// [`Ctx`] `ctx_of` gives for its name, the order API on `listener`: the
+/// workers of a whole system in one process (`orderflow up`, the
+/// benchmarks, the test harness).
+pub fn start_all(
+    metadata: &Metadata,
+    ctx_of: impl Fn(&str) -> Ctx,
+    runs: impl Fn(&str) -> bool,
+    listener: TcpListener,
+    shutdown: &Shutdown,
+) -> Vec<(String, Task)> {
+    let mut listener = Some(listener);
+    names(metadata)
+        .into_iter()
+        .filter(|name| runs(name))
+        .filter_map(|name| {
+            let listener = if name == order_api::SERVICE {
+                listener.take()
+            } else {
+                None
+            };
+            start(&name, ctx_of(&name), listener, shutdown.clone()).map(|task| (name, task))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(

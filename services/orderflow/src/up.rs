@@ -92,19 +92,7 @@ pub(crate) fn system(
     listener: tokio::net::TcpListener,
     shutdown: &Shutdown,
 ) -> Vec<(String, Task)> {
-    let mut listener = Some(listener);
-    orderflow_workers::names(&ctx.metadata)
-        .into_iter()
-        .filter_map(|name| {
-            let listener = if name == order_api::SERVICE {
-                listener.take()
-            } else {
-                None
-            };
-            orderflow_workers::start(&name, ctx.clone(), listener, shutdown.clone())
-                .map(|task| (name, task))
-        })
-        .collect()
+    orderflow_workers::start_all(&ctx.metadata, |_| ctx.clone(), |_| true, listener, shutdown)
 }
 
 /// `orderflow worker NAME`: one worker, as its own binary runs it (settings
