@@ -123,6 +123,12 @@ pub async fn settle_all(conn: &mut PgConnection, order_id: &str) -> Result<(), s
     Ok(())
 }
 
+/// How many due timers one firing claims at most.
+pub const FIRE_BATCH: i64 = 500;
+
+/// When the next armed timer is due (the loop sleeps until then, capped).
+pub const UNTIL_NEXT: &str = "SELECT min(due_at) FROM timers WHERE state = 'armed'";
+
 /// Claims up to `$1` due timers (`SKIP LOCKED`: several coordinators share
 /// the work) and settles them in one statement: per order, the earliest due
 /// timer fires if its saga still runs; the order's other claimed timers, and
@@ -131,7 +137,7 @@ pub async fn settle_all(conn: &mut PgConnection, order_id: &str) -> Result<(), s
 /// the other order could deadlock; the timer row, locked by the claim, is
 /// what decides between firing and completing. Returns the claimed timers
 /// with their new state.
-const FIRE_DUE: &str = "\
+pub const FIRE_DUE: &str = "\
 WITH claimed AS (
     SELECT order_id, step, due_at FROM timers WHERE state = 'armed' AND due_at <= now()
     ORDER BY due_at LIMIT $1 FOR UPDATE SKIP LOCKED
@@ -149,7 +155,7 @@ WITH claimed AS (
     UPDATE timers t SET state = 'disarmed', settled_at = now()
     FROM (SELECT DISTINCT order_id FROM decided WHERE fire) f
     WHERE t.order_id = f.order_id AND t.state = 'armed'
-      AND NOT EXISTS (SELECT 1 FROM claimed c WHERE c.order_id = t.order_id AND c.step = t.step)
+      AND (t.order_id, t.step) NOT IN (SELECT order_id, step FROM claimed)
 )
 SELECT order_id, step, state FROM settled";
 
@@ -216,15 +222,15 @@ impl TimerLoop {
         Self {
             db,
             wake,
-            batch: 500,
+            batch: FIRE_BATCH,
             max_sleep: Duration::from_secs(1),
         }
     }
 
     /// Fires up to one batch of due timers in one unit of work: one
-    /// statement claims and settles them (`FIRE_DUE`), each fired one's
-    /// `saga.timed-out` goes into the outbox and the history, and one commit
-    /// makes it all happen; returns how many fired.
+    /// statement claims, settles and disarms them (`FIRE_DUE`), each fired
+    /// one's `saga.timed-out` goes into the outbox and the history, and one
+    /// commit makes it all happen; returns how many fired.
     pub async fn fire_due(&self) -> Result<usize, sqlx::Error> {
         let mut unit = self.db.begin_unit_without_inbox().await?;
         let settled: Vec<(String, Step, TimerState)> = sqlx::query_as(FIRE_DUE)
@@ -256,10 +262,9 @@ impl TimerLoop {
 
     /// How long until the next armed timer is due (capped).
     async fn until_next(&self) -> Duration {
-        let next: Result<Option<DateTime<Utc>>, _> =
-            sqlx::query_scalar("SELECT min(due_at) FROM timers WHERE state = 'armed'")
-                .fetch_one(self.db.pool())
-                .await;
+        let next: Result<Option<DateTime<Utc>>, _> = sqlx::query_scalar(UNTIL_NEXT)
+            .fetch_one(self.db.pool())
+            .await;
         match next {
             Ok(Some(due)) => (due - Utc::now())
                 .to_std()
