@@ -4,7 +4,11 @@
 //! (`cargo bench -p orderflow-bench --bench timers`). What each measures and
 //! the figures: BENCHMARKS.md.
 
+pub mod baseline;
 pub mod machine;
+pub mod saga;
 pub mod scratch;
 pub mod stats;
 pub mod timers;
+
+pub use saga::BenchArgs;

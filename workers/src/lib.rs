@@ -11,6 +11,8 @@
 use std::future::Future;
 use std::pin::Pin;
 
+use anyhow::Context as _;
+
 use orderflow_shared::Shutdown;
 use orderflow_shared::app::Ctx;
 use orderflow_shared::metadata::Metadata;
@@ -85,6 +87,33 @@ pub fn start_all(
             start(&name, ctx_of(&name), listener, shutdown.clone()).map(|task| (name, task))
         })
         .collect()
+}
+
+/// Runs every task; the first that fails stops the others, and its error is returned.
+pub async fn run_all(tasks: Vec<(String, Task)>, shutdown: &Shutdown) -> anyhow::Result<()> {
+    let mut set = tokio::task::JoinSet::new();
+    for (name, task) in tasks {
+        let shutdown = shutdown.clone();
+        set.spawn(async move {
+            let result = task.await.with_context(|| format!("{name} stopped"));
+            if result.is_err() {
+                shutdown.cancel();
+            }
+            result
+        });
+    }
+    let mut first_error = None;
+    while let Some(joined) = set.join_next().await {
+        let result = joined.context("a worker task panicked").and_then(|r| r);
+        if let Err(error) = result {
+            tracing::error!(error = %format!("{error:#}"), "worker failed; stopping orderflow");
+            first_error.get_or_insert(error);
+        }
+    }
+    if let Some(error) = first_error {
+        return Err(error);
+    }
+    Ok(())
 }
 
 #[cfg(test)]

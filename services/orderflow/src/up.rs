@@ -9,14 +9,11 @@
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use orderflow_shared::Shutdown;
 use orderflow_shared::app::{Ctx, shutdown_on_signal};
 use orderflow_shared::config::Settings;
 use orderflow_shared::metadata::Metadata;
 use orderflow_shared::token::DEV_KEYS;
 use secrecy::SecretString;
-
-use orderflow_workers::Task;
 
 use crate::cli::{UpArgs, WorkerArgs};
 
@@ -69,7 +66,13 @@ async fn up(args: &UpArgs) -> anyhow::Result<()> {
     let address = listener.local_addr()?;
     let ctx = Ctx::declare(settings, metadata, "orderflow-up").await?;
     let shutdown = shutdown_on_signal();
-    let tasks = system(&ctx, listener, &shutdown);
+    let tasks = orderflow_workers::start_all(
+        &ctx.metadata,
+        |_| ctx.clone(),
+        |_| true,
+        listener,
+        &shutdown,
+    );
     println!(
         "orderflow is up: API on http://{address} (namespace `{}`); Ctrl-C to stop",
         ctx.settings.namespace
@@ -81,18 +84,9 @@ async fn up(args: &UpArgs) -> anyhow::Result<()> {
              to choose one): {token}"
         );
     }
-    run_all(tasks, &shutdown).await?;
+    orderflow_workers::run_all(tasks, &shutdown).await?;
     println!("orderflow stopped");
     Ok(())
-}
-
-/// Every worker and the order API (on `listener`), as tasks of this process.
-pub(crate) fn system(
-    ctx: &Ctx,
-    listener: tokio::net::TcpListener,
-    shutdown: &Shutdown,
-) -> Vec<(String, Task)> {
-    orderflow_workers::start_all(&ctx.metadata, |_| ctx.clone(), |_| true, listener, shutdown)
 }
 
 /// `orderflow worker NAME`: one worker, as its own binary runs it (settings
@@ -118,31 +112,4 @@ pub fn run_one(args: &WorkerArgs) -> anyhow::Result<ExitCode> {
             }
         })),
     )
-}
-
-/// Runs every task; the first that fails stops the others, and its error is returned.
-pub(crate) async fn run_all(tasks: Vec<(String, Task)>, shutdown: &Shutdown) -> anyhow::Result<()> {
-    let mut set = tokio::task::JoinSet::new();
-    for (name, task) in tasks {
-        let shutdown = shutdown.clone();
-        set.spawn(async move {
-            let result = task.await.with_context(|| format!("{name} stopped"));
-            if result.is_err() {
-                shutdown.cancel();
-            }
-            result
-        });
-    }
-    let mut first_error = None;
-    while let Some(joined) = set.join_next().await {
-        let result = joined.context("a worker task panicked").and_then(|r| r);
-        if let Err(error) = result {
-            tracing::error!(error = %format!("{error:#}"), "worker failed; stopping orderflow");
-            first_error.get_or_insert(error);
-        }
-    }
-    if let Some(error) = first_error {
-        return Err(error);
-    }
-    Ok(())
 }
