@@ -2,6 +2,7 @@
 //! and its own PostgreSQL database on the real local services, and removes
 //! both when it ends (also when it fails).
 
+pub mod private_broker;
 pub mod proxy;
 pub mod system;
 
