@@ -3,6 +3,7 @@
 
 mod baseline;
 mod bench;
+mod chaos;
 mod cli;
 mod db;
 mod dlq;
@@ -53,6 +54,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Pause(args) => pause::run(&args, true),
         Command::Resume(args) => pause::run(&args, false),
         Command::Bench(args) => bench::run(&args),
+        Command::Chaos(args) => chaos::run(&args),
     }
 }
 
