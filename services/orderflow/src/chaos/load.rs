@@ -177,7 +177,8 @@ impl Load {
                     None,
                 );
                 let publisher = self.publisher.clone();
-                let jitter = Duration::from_millis(rng.u64(0..40));
+                // Sometimes before the capture, sometimes after it.
+                let jitter = Duration::from_millis(rng.u64(0..600));
                 tokio::spawn(async move {
                     tokio::time::sleep(jitter).await;
                     publish_patiently(&publisher, &cancel).await;

@@ -435,6 +435,7 @@ async fn chaos(
         .iter()
         .map(|(k, ids)| (k.clone(), ids.len()))
         .collect();
+    let queues = routed_per_queue(&broker, &events, &duplicates, &poison, &remaining);
     let completed = placed
         .iter()
         .filter(|p| p.status.as_deref() == Some("completed"))
@@ -480,12 +481,90 @@ async fn chaos(
         "poison_published": poison.iter().map(|(q, ids)| (q.clone(), ids.len())).collect::<BTreeMap<_, _>>(),
         "dead_letters": dead_letters,
         "events_published": events,
-        "queues_remaining": remaining,
+        "queues": queues,
         "worker_exits": unexpected,
         "worker_log_tails": worker_logs,
         "invariants": invariants,
         "violations": invariants.values().map(|i| i.violations).sum::<usize>() + open.len(),
     }))
+}
+
+/// Per service queue, the messages routed to it (the distinct events
+/// published with a routing key it is bound to, the duplicates of those,
+/// the poison sent to it) and what it still holds: everything routed was
+/// consumed (or dead-lettered) when nothing remains.
+fn routed_per_queue(
+    broker: &Broker,
+    events: &BTreeMap<String, usize>,
+    duplicates: &BTreeMap<String, u64>,
+    poison: &BTreeMap<String, Vec<String>>,
+    remaining: &BTreeMap<String, u32>,
+) -> serde_json::Value {
+    let topology = broker.topology();
+    let mut queues = serde_json::Map::new();
+    for service in topology.services() {
+        let queue = topology.names.service_queue(service);
+        let patterns: Vec<&str> = topology
+            .event_bindings(service)
+            .map(|b| b.routing_key.as_str())
+            .collect();
+        let bound = |key: &str| patterns.iter().any(|p| topic_matches(p, key));
+        let events: usize = events
+            .iter()
+            .filter(|(k, _)| bound(k))
+            .map(|(_, n)| n)
+            .sum();
+        let copies: u64 = duplicates
+            .iter()
+            .filter(|(k, _)| bound(k))
+            .map(|(_, n)| n)
+            .sum();
+        let poisoned = poison
+            .get(&topology.names.dead_letter_queue(service))
+            .map_or(0, Vec::len);
+        queues.insert(
+            queue.clone(),
+            json!({
+                "events": events,
+                "duplicates": copies,
+                "poison": poisoned,
+                "routed": events as u64 + copies + poisoned as u64,
+                "remaining": remaining.get(&queue),
+            }),
+        );
+    }
+    serde_json::Value::Object(queues)
+}
+
+/// Whether the topic `pattern` (`*` one word, `#` any number) matches `key`.
+fn topic_matches(pattern: &str, key: &str) -> bool {
+    fn matches(pattern: &[&str], key: &[&str]) -> bool {
+        match (pattern.first(), key.first()) {
+            (None, None) => true,
+            (Some(&"#"), _) => {
+                matches(&pattern[1..], key) || (!key.is_empty() && matches(pattern, &key[1..]))
+            }
+            (Some(p), Some(k)) if *p == "*" || p == k => matches(&pattern[1..], &key[1..]),
+            _ => false,
+        }
+    }
+    let pattern: Vec<&str> = pattern.split('.').collect();
+    let key: Vec<&str> = key.split('.').collect();
+    matches(&pattern, &key)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn topic_patterns_match_as_rabbitmq_matches_them() {
+        use super::topic_matches as m;
+        assert!(m("payment.selected.*", "payment.selected.zhifubao"));
+        assert!(!m("payment.selected.*", "payment.selected"));
+        assert!(m("#", "order.started"));
+        assert!(m("order.#", "order.started"));
+        assert!(m("order.started", "order.started"));
+        assert!(!m("order.started", "order.cancelled"));
+    }
 }
 
 /// Every kind of fault the run promised was injected, and none failed.
