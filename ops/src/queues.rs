@@ -85,8 +85,13 @@ impl Management {
     /// The API at `base_url` (e.g. `http://127.0.0.1:15672`), with the user,
     /// password and vhost of the broker URL `amqp_url`.
     pub fn new(base_url: &str, amqp_url: &SecretString) -> Result<Self, String> {
+        // A list of cluster nodes shares one user: the first URL says which.
         let uri: lapin::uri::AMQPUri = amqp_url
             .expose_secret()
+            .split(',')
+            .next()
+            .unwrap_or_default()
+            .trim()
             .parse()
             .map_err(|e| format!("the operator's broker URL is invalid: {e}"))?;
         let client = reqwest::Client::builder()

@@ -104,15 +104,34 @@ impl Ctx {
     }
 
     /// `context`'s schema, migrated (the database is created if missing).
+    /// Waits up to a minute for PostgreSQL to come up, as for the broker
+    /// ([`store::patiently`](crate::store::patiently)).
     pub async fn db(&self, context: Context) -> anyhow::Result<Db> {
-        crate::store::ensure_database(&self.settings.database_url).await?;
-        Db::for_context(
-            &self.settings.database_url,
-            context,
-            self.settings.db_pool_size.max(1),
+        let url = &self.settings.database_url;
+        let size = self.settings.db_pool_size.max(1);
+        crate::store::patiently(
+            &format!("opening the `{}` schema", context.schema()),
+            crate::store::START_PATIENCE,
+            || async move {
+                crate::store::ensure_database(url).await?;
+                Db::for_context(url, context, size).await
+            },
         )
         .await
         .with_context(|| format!("opening the `{}` schema", context.schema()))
+    }
+
+    /// Another pool on the existing `schema` (no migration), of
+    /// `max_connections`; waits for PostgreSQL like [`db`](Self::db).
+    pub async fn open_db(&self, schema: &str, max_connections: u32) -> anyhow::Result<Db> {
+        let url = &self.settings.database_url;
+        crate::store::patiently(
+            &format!("connecting to the `{schema}` schema"),
+            crate::store::START_PATIENCE,
+            || Db::open(url, schema, max_connections),
+        )
+        .await
+        .with_context(|| format!("connecting to the `{schema}` schema"))
     }
 
     /// Consumer options for `service` from the settings.

@@ -375,12 +375,25 @@ impl Settings {
     }
 }
 
-/// `scheme://user:secret@host/..` → `scheme://user:***@host/..`.
+/// `scheme://user:secret@host/..` → `scheme://user:***@host/..`; each URL
+/// of a comma-separated list (the nodes of a broker cluster).
 pub fn redact_url(url: &str) -> String {
+    // A list of broker nodes (comma-separated): each redacted.
+    if url.contains(',') {
+        return url
+            .split(',')
+            .map(redact_one_url)
+            .collect::<Vec<_>>()
+            .join(",");
+    }
+    redact_one_url(url)
+}
+
+fn redact_one_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
-    let Some((userinfo, host)) = rest.split_once('@') else {
+    let Some((userinfo, host)) = rest.rsplit_once('@') else {
         return url.to_owned();
     };
     match userinfo.split_once(':') {
@@ -665,6 +678,23 @@ mod tests {
             settings.amqp_url_redacted(),
             "amqp://svc:***@broker:5672/%2f"
         );
+    }
+
+    #[test]
+    fn every_node_of_a_broker_list_is_redacted() {
+        let settings = Settings::load_from(
+            None,
+            env(&[(
+                "ORDERFLOW_AMQP_URL",
+                "amqp://svc:hunter2@n1:5701/%2f,amqp://svc:hunter3@n2:5702/%2f",
+            )]),
+        )
+        .unwrap();
+        assert_eq!(
+            settings.amqp_url_redacted(),
+            "amqp://svc:***@n1:5701/%2f,amqp://svc:***@n2:5702/%2f"
+        );
+        assert!(!format!("{settings:?}").contains("hunter3"));
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! both when it ends (also when it fails).
 
 pub mod api;
+pub mod private_broker;
 pub mod proxy;
 pub mod system;
 

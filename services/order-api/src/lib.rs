@@ -66,7 +66,7 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use orderflow_shared::Shutdown;
 use orderflow_shared::app::Ctx;
-use orderflow_shared::store::{Context, Db, Relay, Retention};
+use orderflow_shared::store::{Context, Relay, Retention};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
@@ -96,22 +96,16 @@ pub async fn serve(ctx: Ctx, listener: TcpListener, shutdown: Shutdown) -> anyho
     // The event pool: the read model and the watcher (migrates the schema).
     let events = ctx.db(Context::Orders).await?;
     // The HTTP pool: every request, and the relay of what requests commit.
-    let db = Db::open(
-        &settings.database_url,
-        Context::Orders.schema(),
-        settings.http_db_pool_size,
-    )
-    .await
-    .context("opening the HTTP pool of the `orders` schema")?;
+    let db = ctx
+        .open_db(Context::Orders.schema(), settings.http_db_pool_size)
+        .await
+        .context("opening the HTTP pool of the `orders` schema")?;
     // Read-only use: the execution history the coordinator writes (the
     // coordinator migrates its schema; the API's role may only read it).
-    let coordinator = Db::open(
-        &settings.database_url,
-        Context::Coordinator.schema(),
-        settings.http_db_pool_size,
-    )
-    .await
-    .context("opening the `coordinator` schema (read only)")?;
+    let coordinator = ctx
+        .open_db(Context::Coordinator.schema(), settings.http_db_pool_size)
+        .await
+        .context("opening the `coordinator` schema (read only)")?;
     // Stops everything on shutdown, or when one part ends by itself.
     let stop = shutdown.child_token();
     let metrics = Arc::new(metrics::Metrics::new());

@@ -171,6 +171,25 @@ pub enum Command {
         and fraction_of_ceiling."
     )]
     Bench(orderflow_bench::BenchArgs),
+
+    /// Run the whole system under faults and check that nothing was lost (docs/chaos.md)
+    #[command(
+        long_about = "Run the whole system under faults, then check it from outside.\n\n\
+        Starts its own PostgreSQL and its own RabbitMQ (one node, or with --cluster three \
+        nodes with quorum queues on all three) on loopback ports of their own, beside the \
+        machine's, and every worker as its own process (two of some). Places and pays \
+        --orders orders through the API and straight onto the exchange while it closes \
+        every broker connection, stops and starts the broker, kills a cluster node with \
+        SIGKILL, restarts PostgreSQL (fast and immediate), kills each worker type with \
+        SIGKILL, and publishes duplicates and malformed messages on every service queue; a \
+        few orders pay around their deadline or race a cancellation. Then it checks: every \
+        accepted order ended, each completed order was charged once the server's amount, \
+        each cancelled order was refunded what it was charged, none both, every queue \
+        drained, the dead letters exactly the injected poison, every fault really \
+        injected. Prints one JSON summary; exit status 1 on any violation, 2 when the run \
+        could not run. Needs RabbitMQ and PostgreSQL 15 installed (not running)."
+    )]
+    Chaos(crate::chaos::ChaosArgs),
 }
 
 #[derive(Debug, Args)]

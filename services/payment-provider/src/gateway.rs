@@ -30,12 +30,35 @@ pub enum Voided {
 
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
-    /// Try again later.
+    /// The gateway answered that it cannot serve now: try again later; after
+    /// a few tries the provider gives up on the payment (it closes the key).
     #[error("gateway unavailable: {0}")]
     Unavailable(String),
+    /// No answer at all (the call may or may not have happened): never a
+    /// reason to give up a payment, only to try the same key again later.
+    /// The simulated gateway answers this when its own ledger, which lives
+    /// in orderflow's PostgreSQL, cannot be reached (a database restart).
+    #[error("no answer from the gateway: {0}")]
+    Unreachable(String),
     /// Will not succeed (a key reused with another amount, a closed key).
     #[error("gateway declined: {0}")]
     Declined(String),
+}
+
+impl GatewayError {
+    /// Worth calling again with the same key: it did not answer, or said to.
+    pub fn worth_retrying(&self) -> bool {
+        matches!(self, Self::Unavailable(_) | Self::Unreachable(_))
+    }
+
+    /// As a handler's error: a decline is permanent, the rest may heal.
+    pub fn into_handle_error(self) -> orderflow_shared::bus::HandleError {
+        if self.worth_retrying() {
+            orderflow_shared::bus::HandleError::transient(self)
+        } else {
+            orderflow_shared::bus::HandleError::permanent(self)
+        }
+    }
 }
 
 /// The kind of ledger entry.
@@ -107,7 +130,7 @@ impl SimulatedGateway {
         .bind(&reference)
         .fetch_one(self.db.pool())
         .await
-        .map_err(|e| GatewayError::Unavailable(e.to_string()))
+        .map_err(|e| GatewayError::Unreachable(format!("its ledger did not answer: {e}")))
     }
 
     /// Charges or refunds `amount_cents` once per `idempotency_key`.

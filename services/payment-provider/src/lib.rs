@@ -92,9 +92,9 @@ impl ProviderHandler {
         })
     }
 
-    /// Calls the gateway, retrying while it is unavailable (backoff from
-    /// 50 ms, `ORDERFLOW_GATEWAY_RETRIES` times), as a provider integration
-    /// retries a flaky gateway before giving up.
+    /// Calls the gateway, retrying while it is unavailable or does not
+    /// answer (backoff from 50 ms, `ORDERFLOW_GATEWAY_RETRIES` times), as a
+    /// provider integration retries a flaky gateway before giving up.
     async fn at_gateway<F, Fut>(&self, order_id: &str, call: F) -> Result<Receipt, GatewayError>
     where
         F: FnMut() -> Fut,
@@ -107,7 +107,7 @@ impl ProviderHandler {
             .with_jitter();
         call.retry(backoff)
             .sleep(tokio::time::sleep)
-            .when(|e| matches!(e, GatewayError::Unavailable(_)))
+            .when(GatewayError::worth_retrying)
             .notify(|error, delay| {
                 tracing::warn!(%order_id, %error, ?delay, "gateway call failed, retrying");
             })
@@ -306,7 +306,10 @@ impl ProviderHandler {
         Ok(())
     }
 
-    /// One charge at the gateway, resolved when the gateway gives up.
+    /// One charge at the gateway, resolved when the gateway gives up. No
+    /// answer at all is a transient error: the intent stays open and the
+    /// message comes back to charge again with the same key (a database
+    /// restart must not fail payments).
     async fn charge(&self, charge: &Charge<'_>) -> Result<Outcome, HandleError> {
         let (order_id, key, expected) = (charge.order_id, charge.key.as_str(), charge.expected);
         match self
@@ -326,6 +329,9 @@ impl ProviderHandler {
                 )
                 .await
             }
+            Err(error @ GatewayError::Unreachable(_)) => Err(HandleError::transient(
+                anyhow::anyhow!("order {order_id}: charge left open, trying again: {error}"),
+            )),
             Err(error) => {
                 self.resolve_gave_up(order_id, key, expected, error.to_string())
                     .await
@@ -344,9 +350,15 @@ impl ProviderHandler {
         expected: i64,
         reason: String,
     ) -> Result<Outcome, HandleError> {
-        let voided = match self.void(order_id, charge_key).await {
+        let voided = match self.void_at_gateway(order_id, charge_key).await {
             Ok(voided) => voided,
-            Err(error) if error.is_transient() => {
+            Err(error @ GatewayError::Unreachable(_)) => {
+                return Err(HandleError::transient(anyhow::anyhow!(
+                    "order {order_id}: the gateway gave up the charge and did not answer its \
+                     void; the charge stays open, trying again: {error}"
+                )));
+            }
+            Err(error @ GatewayError::Unavailable(_)) => {
                 tracing::warn!(%order_id, %error, "the gateway cannot say whether it charged; the charge stays open for the cancellation to resolve");
                 return Ok(Outcome::Failed {
                     reason,
@@ -354,7 +366,7 @@ impl ProviderHandler {
                     resolved: false,
                 });
             }
-            Err(error) => return Err(error),
+            Err(error) => return Err(error.into_handle_error()),
         };
         match voided {
             Voided::NothingCharged => Ok(Outcome::Failed {
@@ -380,6 +392,17 @@ impl ProviderHandler {
     /// away afterwards is a transient error: the intent stays open and is
     /// resolved by a later attempt or by the cancellation).
     async fn void(&self, order_id: &str, charge_key: &str) -> Result<Voided, HandleError> {
+        self.void_at_gateway(order_id, charge_key)
+            .await
+            .map_err(GatewayError::into_handle_error)
+    }
+
+    /// [`void`](Self::void) with the gateway's own error.
+    async fn void_at_gateway(
+        &self,
+        order_id: &str,
+        charge_key: &str,
+    ) -> Result<Voided, GatewayError> {
         let backoff = ExponentialBuilder::default()
             .with_min_delay(Duration::from_millis(50))
             .with_max_delay(Duration::from_secs(1))
@@ -388,12 +411,11 @@ impl ProviderHandler {
         (|| self.provider.void(charge_key, order_id))
             .retry(backoff)
             .sleep(tokio::time::sleep)
-            .when(|e| matches!(e, GatewayError::Unavailable(_)))
-            .await
-            .map_err(|error| match error {
-                GatewayError::Unavailable(_) => HandleError::transient(error),
-                GatewayError::Declined(_) => HandleError::permanent(error),
+            .when(GatewayError::worth_retrying)
+            .notify(|error, delay| {
+                tracing::warn!(%order_id, %error, ?delay, "gateway void failed, retrying");
             })
+            .await
     }
 
     /// Refunds `charge` (once per order: the key is `refund:<order>`).
@@ -403,10 +425,7 @@ impl ProviderHandler {
             self.provider.refund(&key, order_id, charge.amount_cents)
         })
         .await
-        .map_err(|error| match error {
-            GatewayError::Unavailable(_) => HandleError::transient(error),
-            GatewayError::Declined(_) => HandleError::permanent(error),
-        })
+        .map_err(GatewayError::into_handle_error)
     }
 
     /// Writes `outcome` of a charge on the open capture of `order_id`.
@@ -665,13 +684,10 @@ const GATEWAY_CONNECTIONS: u32 = 4;
 /// Runs the provider for `method` until `shutdown`.
 pub async fn run(ctx: Ctx, method: String, shutdown: Shutdown) -> anyhow::Result<()> {
     let db = ctx.db(Context::Payments).await?;
-    let gateway_db = Db::open(
-        &ctx.settings.database_url,
-        Context::Payments.schema(),
-        GATEWAY_CONNECTIONS,
-    )
-    .await
-    .context("connecting the simulated gateway to its ledger")?;
+    let gateway_db = ctx
+        .open_db(Context::Payments.schema(), GATEWAY_CONNECTIONS)
+        .await
+        .context("connecting the simulated gateway to its ledger")?;
     let worker = Arc::new(ProviderHandler::new(&ctx, &method, db.clone(), gateway_db)?);
     let service = worker.service.clone();
     run_worker(&ctx, &service, worker, Some(db), shutdown).await

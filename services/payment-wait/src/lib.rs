@@ -56,8 +56,16 @@ pub enum StepError {
 /// message was sent: a redelivery mints the same token. A message cannot be
 /// sent after it is handled, so a time later than now (a publisher's absurd
 /// AMQP timestamp) counts as now, as the coordinator's deadlines do, and a
-/// token never lives longer than the timeout from now. An amount that is
-/// not positive, or a deadline no date can hold, is a [`StepError`].
+/// token never lives longer than the timeout from now.
+///
+/// A late cause (an `order.info-generated` priced long after its order
+/// started, stamped with the order's time, that waited out a broker or
+/// worker outage) would open a step already expired, or about to: the
+/// customer could not pay and the order would time out. When less than half
+/// the timeout would be left, the timeout counts from now instead. (A
+/// redelivery then may mint another token, but it carries the same message
+/// id: the coordinator and the read model keep the first.) An amount that
+/// is not positive, or a deadline no date can hold, is a [`StepError`].
 pub fn open_step(
     keys: &TokenKeys,
     timeout_secs: u64,
@@ -71,11 +79,22 @@ pub fn open_step(
             amount_cents: info.amount_cents,
         });
     }
-    let start_secs = i64::try_from(sent_millis)
-        .unwrap_or(i64::MAX)
-        .min(now_millis)
-        .saturating_add(999)
-        .div_euclid(1000);
+    let ceil_secs = |millis: i64| millis.saturating_add(999).div_euclid(1000);
+    let now_secs = ceil_secs(now_millis);
+    let sent_secs = ceil_secs(
+        i64::try_from(sent_millis)
+            .unwrap_or(i64::MAX)
+            .min(now_millis),
+    );
+    let half = i64::try_from(timeout_secs / 2).unwrap_or(i64::MAX);
+    let left_from_sent = i64::try_from(timeout_secs)
+        .ok()
+        .and_then(|timeout| sent_secs.checked_add(timeout))
+        .map(|deadline| deadline.saturating_sub(now_secs));
+    let start_secs = match left_from_sent {
+        Some(left) if left < half => now_secs,
+        _ => sent_secs,
+    };
     let out_of_range = || StepError::OutOfRange {
         order_id: info.order_id.clone(),
         start_secs,
@@ -224,10 +243,20 @@ mod tests {
                     prop_assert_eq!(claims.amount_cents, info.amount_cents);
                     let latest = i128::from(now).div_euclid(1000) + 1 + i128::from(timeout);
                     prop_assert!(i128::from(claims.expires_at) <= latest);
+                    let now_secs = i128::from(now).div_euclid(1000) + i128::from(now.rem_euclid(1000) > 0);
                     if let Ok(sent) = i64::try_from(sent) && sent <= now {
-                        let from_sent = sent.div_euclid(1000) + i64::from(sent.rem_euclid(1000) > 0);
-                        prop_assert_eq!(i128::from(claims.expires_at), i128::from(from_sent) + i128::from(timeout));
+                        let from_sent = i128::from(sent.div_euclid(1000) + i64::from(sent.rem_euclid(1000) > 0))
+                            + i128::from(timeout);
+                        if from_sent - now_secs >= i128::from(timeout / 2) {
+                            // Fresh enough: the timeout from when it was sent (a redelivery mints the same).
+                            prop_assert_eq!(i128::from(claims.expires_at), from_sent);
+                        } else {
+                            // A late cause: the whole timeout from now.
+                            prop_assert_eq!(i128::from(claims.expires_at), now_secs + i128::from(timeout));
+                        }
                     }
+                    // Never a step with less than half its timeout left.
+                    prop_assert!(i128::from(claims.expires_at) - now_secs >= i128::from(timeout / 2));
                 }
                 Err(StepError::NotPositive { amount_cents, .. }) => prop_assert!(amount_cents <= 0),
                 Err(error) => prop_assert!(info.amount_cents > 0, "{}", error),
@@ -253,6 +282,48 @@ mod tests {
             let awaiting = open_step(&strategies::token_keys(), 300, &info, absurd, now).unwrap();
             assert_eq!(awaiting.expires_at.timestamp(), now / 1000 + 300);
         }
+    }
+
+    #[test]
+    fn a_late_cause_opens_a_step_with_its_whole_timeout_from_now() {
+        let info = InfoGenerated {
+            order_id: "o-late".to_owned(),
+            supplier: "haidilao".to_owned(),
+            payment_methods: vec!["zhifubao".to_owned()],
+            amount_cents: 12_800,
+        };
+        let now = 1_741_064_767_000;
+        // Sent 10 minutes ago with a 5-minute timeout: it would have expired
+        // 5 minutes ago.
+        let late = open_step(
+            &strategies::token_keys(),
+            300,
+            &info,
+            1_741_064_167_000,
+            now,
+        )
+        .unwrap();
+        assert_eq!(late.expires_at.timestamp(), now / 1000 + 300);
+        // Sent 4 minutes ago: a minute left, less than half; from now too.
+        let nearly = open_step(
+            &strategies::token_keys(),
+            300,
+            &info,
+            1_741_064_527_000,
+            now,
+        )
+        .unwrap();
+        assert_eq!(nearly.expires_at.timestamp(), now / 1000 + 300);
+        // Sent 2 minutes ago: 3 minutes left, counted from when it was sent.
+        let fresh = open_step(
+            &strategies::token_keys(),
+            300,
+            &info,
+            1_741_064_647_000,
+            now,
+        )
+        .unwrap();
+        assert_eq!(fresh.expires_at.timestamp(), 1_741_064_647 + 300);
     }
 
     #[test]

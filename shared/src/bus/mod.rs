@@ -3,6 +3,7 @@
 //! runtime [`run_consumer`] (manual ack, bounded prefetch, retries, dead letters).
 
 mod consumer;
+mod failover;
 mod message;
 mod publisher;
 
@@ -10,7 +11,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
-use deadpool_lapin::{Pool, PoolConfig, Runtime, Timeouts};
+use deadpool::Runtime;
+use deadpool::managed::{Pool, PoolConfig, Timeouts};
 use lapin::options::ConfirmSelectOptions;
 use lapin::{Channel, ConnectionProperties};
 use secrecy::{ExposeSecret, SecretString};
@@ -21,6 +23,7 @@ pub use consumer::{
     ConsumerOptions, Consuming, DEFAULT_PAUSE_CHECK, HandleError, Handler, deliveries_received,
     run_consumer,
 };
+pub use failover::{FailoverManager, NoNode, parse_urls};
 pub use message::{Message, Outgoing};
 pub use publisher::{PublishError, Publisher};
 
@@ -67,7 +70,7 @@ fn check_names(topology: &Topology) -> Result<(), BusError> {
 }
 
 struct Inner {
-    pool: Pool,
+    pool: Pool<FailoverManager>,
     url_redacted: String,
     topology: Topology,
     publish_timeout: Duration,
@@ -89,6 +92,10 @@ impl std::fmt::Debug for Broker {
     }
 }
 
+/// How long one broker node may take to open a connection before the next
+/// node of the list is tried.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// The backoff used to come back after the broker went away: 100 ms doubling
 /// to 5 s, with jitter, for as long as it takes.
 pub(crate) fn reconnect_backoff() -> impl Iterator<Item = Duration> {
@@ -101,9 +108,12 @@ pub(crate) fn reconnect_backoff() -> impl Iterator<Item = Duration> {
 }
 
 impl Broker {
-    /// A broker handle; connects lazily. `connection_name` shows in the
-    /// management UI and `rabbitmqctl list_connections client_properties`.
-    /// A topology with a name AMQP cannot carry is [`BusError::NameTooLong`].
+    /// A broker handle; connects lazily. `url` is one broker URL or several
+    /// nodes of a cluster, comma-separated: a connection goes to the node
+    /// that answered last, else the next in the list ([`FailoverManager`]).
+    /// `connection_name` shows in the management UI and `rabbitmqctl
+    /// list_connections client_properties`. A topology with a name AMQP
+    /// cannot carry is [`BusError::NameTooLong`].
     pub fn new(
         url: &SecretString,
         connection_name: &str,
@@ -112,10 +122,18 @@ impl Broker {
     ) -> Result<Self, BusError> {
         check_names(&topology)?;
         let url_redacted = crate::config::redact_url(url.expose_secret());
+        let urls = parse_urls(url).map_err(|detail| BusError::Pool {
+            url: url_redacted.clone(),
+            detail,
+        })?;
         let name = connection_name.to_owned();
-        let config = deadpool_lapin::Config {
-            url: Some(url.expose_secret().to_owned()),
-            pool: Some(PoolConfig {
+        let manager = FailoverManager::new(
+            urls,
+            move || ConnectionProperties::default().with_connection_name(name.as_str().into()),
+            CONNECT_TIMEOUT,
+        );
+        let pool = Pool::builder(manager)
+            .config(PoolConfig {
                 max_size: 8,
                 timeouts: Timeouts {
                     wait: Some(Duration::from_secs(10)),
@@ -123,13 +141,9 @@ impl Broker {
                     recycle: Some(Duration::from_secs(5)),
                 },
                 ..PoolConfig::default()
-            }),
-        };
-        let pool = config
-            .create_pool(
-                move || ConnectionProperties::default().with_connection_name(name.as_str().into()),
-                Runtime::Tokio1,
-            )
+            })
+            .runtime(Runtime::Tokio1)
+            .build()
             .map_err(|e| BusError::Pool {
                 url: url_redacted.clone(),
                 detail: e.to_string(),

@@ -46,6 +46,71 @@ pub enum StoreError {
     Sql(#[from] sqlx::Error),
 }
 
+impl StoreError {
+    /// The server is not there, or not yet or no longer taking work: it
+    /// cannot be reached, it is starting up or shutting down (SQLSTATE class
+    /// 08, 57P01-57P03), it has no connection slot left (53300), or the pool
+    /// gave up waiting. Waiting may heal these; nothing else here.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            Self::Connect { .. } => true,
+            Self::Sql(error)
+            | Self::Migrate {
+                cause: sqlx::migrate::MigrateError::Execute(error),
+                ..
+            } => sql_unavailable(error),
+            _ => false,
+        }
+    }
+}
+
+/// See [`StoreError::is_unavailable`].
+pub fn sql_unavailable(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::Tls(_) => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            code.starts_with("08") || matches!(code.as_ref(), "57P01" | "57P02" | "57P03" | "53300")
+        }),
+        _ => false,
+    }
+}
+
+/// How long a worker waits for PostgreSQL at start before it gives up, as
+/// long as it waits for the broker.
+pub const START_PATIENCE: Duration = Duration::from_mins(1);
+
+/// Runs `attempt` until it succeeds, fails with an error that waiting will
+/// not heal, or `patience` is over (then the last error): a worker started
+/// while PostgreSQL is still starting up ("the database system is starting
+/// up"), restarting or briefly away waits for it, with the broker's backoff
+/// (100 ms doubling to 5 s), instead of exiting.
+pub async fn patiently<T, F, Fut>(
+    what: &str,
+    patience: Duration,
+    mut attempt: F,
+) -> Result<T, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, StoreError>>,
+{
+    let deadline = tokio::time::Instant::now() + patience;
+    let mut delays = crate::bus::reconnect_backoff();
+    loop {
+        match attempt().await {
+            Ok(value) => return Ok(value),
+            Err(error) if error.is_unavailable() => {
+                let delay = delays.next().unwrap_or(Duration::from_secs(5));
+                if tokio::time::Instant::now() + delay > deadline {
+                    return Err(error);
+                }
+                tracing::warn!(%error, ?delay, "{what}: PostgreSQL is not available yet; trying again");
+                tokio::time::sleep(delay).await;
+            }
+            Err(error) => return Err(error),
+        }
+    }
+}
+
 fn check_name(name: &str) -> Result<(), StoreError> {
     let mut chars = name.chars();
     let valid = chars

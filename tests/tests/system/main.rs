@@ -4,14 +4,17 @@
 
 mod batches;
 mod broker_connection_loss;
+mod broker_failover;
 mod console_api;
 mod console_browser;
+mod database_restart;
 mod deployment;
 mod envelope_round_trip;
 mod graceful_shutdown;
 mod history_api;
 mod hostile_messages;
 mod inbox_outbox;
+mod late_payment_step;
 mod money_safety;
 mod order_api;
 mod pause_resume;

@@ -2,6 +2,7 @@
 //! binary as a user would, against the real RabbitMQ and PostgreSQL.
 
 mod bench_cli;
+mod chaos;
 mod dlq_cli;
 mod least_privilege;
 mod pause_cli;
