@@ -106,13 +106,7 @@ impl InProcess {
         let base = format!("http://{}", listener.local_addr()?);
         let ctx = Ctx::declare(settings, Metadata::from_env()?, "orderflow-bench").await?;
         let shutdown = Shutdown::new();
-        let tasks = orderflow_workers::start_all(
-            &ctx.metadata,
-            |_| ctx.clone(),
-            |_| true,
-            listener,
-            &shutdown,
-        );
+        let tasks = orderflow_workers::whole_system(&ctx, listener, &shutdown);
         let system = tokio::spawn({
             let shutdown = shutdown.clone();
             async move { orderflow_workers::run_all(tasks, &shutdown).await }

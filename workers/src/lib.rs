@@ -89,6 +89,12 @@ pub fn start_all(
         .collect()
 }
 
+/// Every worker on one [`Ctx`], the order API on `listener`: a whole
+/// orderflow in this process (`orderflow up`, `orderflow bench`).
+pub fn whole_system(ctx: &Ctx, listener: TcpListener, shutdown: &Shutdown) -> Vec<(String, Task)> {
+    start_all(&ctx.metadata, |_| ctx.clone(), |_| true, listener, shutdown)
+}
+
 /// Runs every task; the first that fails stops the others, and its error is returned.
 pub async fn run_all(tasks: Vec<(String, Task)>, shutdown: &Shutdown) -> anyhow::Result<()> {
     let mut set = tokio::task::JoinSet::new();

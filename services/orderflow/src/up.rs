@@ -66,13 +66,7 @@ async fn up(args: &UpArgs) -> anyhow::Result<()> {
     let address = listener.local_addr()?;
     let ctx = Ctx::declare(settings, metadata, "orderflow-up").await?;
     let shutdown = shutdown_on_signal();
-    let tasks = orderflow_workers::start_all(
-        &ctx.metadata,
-        |_| ctx.clone(),
-        |_| true,
-        listener,
-        &shutdown,
-    );
+    let tasks = orderflow_workers::whole_system(&ctx, listener, &shutdown);
     println!(
         "orderflow is up: API on http://{address} (namespace `{}`); Ctrl-C to stop",
         ctx.settings.namespace
