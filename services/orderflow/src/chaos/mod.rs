@@ -107,11 +107,10 @@ pub fn run(args: &ChaosArgs) -> anyhow::Result<ExitCode> {
     anyhow::ensure!(args.concurrency > 0, "--concurrency must be at least 1");
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     let seed = args.seed.unwrap_or_else(|| fastrand::u64(..));
-    let mut rng = fastrand::Rng::with_seed(seed);
     let run_id = args.run_id.clone().unwrap_or_else(|| {
         format!(
             "chaos{}",
-            (0..6).map(|_| rng.lowercase()).collect::<String>()
+            (0..6).map(|_| fastrand::lowercase()).collect::<String>()
         )
     });
     let dir = args
@@ -123,7 +122,7 @@ pub fn run(args: &ChaosArgs) -> anyhow::Result<ExitCode> {
     let outcome = runtime.block_on(async {
         let timeout = Duration::from_secs(args.timeout_secs);
         tokio::select! {
-            result = tokio::time::timeout(timeout, chaos(args, seed, &run_id, &dir, rng)) => {
+            result = tokio::time::timeout(timeout, chaos(args, seed, &run_id, &dir)) => {
                 result.unwrap_or_else(|_| Err(anyhow::anyhow!("the run took longer than --timeout-secs {}", args.timeout_secs)))
             }
             _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
@@ -163,7 +162,6 @@ async fn chaos(
     seed: u64,
     run_id: &str,
     dir: &std::path::Path,
-    mut rng: fastrand::Rng,
 ) -> anyhow::Result<serde_json::Value> {
     let clock = Clock::new();
     let nodes = if args.cluster { 3 } else { 1 };
@@ -174,13 +172,17 @@ async fn chaos(
         dir.display()
     );
     // The broker nodes boot while PostgreSQL is made and started.
-    let mut rabbit = Rabbit::prepare(&dir.join("rabbit"), nodes, &mut rng, run_id)?;
+    // Names, ports and secrets are this run's own whatever the seed: two runs
+    // with one seed at once (a test beside a full run) must not share a node
+    // name in epmd or a port. The seed decides the load and the faults only.
+    let mut fresh = fastrand::Rng::new();
+    let mut rabbit = Rabbit::prepare(&dir.join("rabbit"), nodes, &mut fresh, run_id)?;
     for i in 0..nodes {
         rabbit.spawn(i)?;
     }
     let mut pg = Postgres::init(
         &dir.join("pg"),
-        free_port_in(25_000..27_000, &mut rng),
+        free_port_in(25_000..27_000, &mut fresh),
         run_id,
     )?;
     pg.start().await?;
@@ -225,9 +227,9 @@ async fn chaos(
     let tap = declare_tap(&broker).await?;
 
     let api_addrs: Vec<String> = (0..2)
-        .map(|_| format!("127.0.0.1:{}", free_port_in(27_000..29_000, &mut rng)))
+        .map(|_| format!("127.0.0.1:{}", free_port_in(27_000..29_000, &mut fresh)))
         .collect();
-    let token_keys: String = (0..32).map(|_| rng.alphanumeric()).collect();
+    let token_keys: String = (0..32).map(|_| fresh.alphanumeric()).collect();
     let env = vec![
         ("ORDERFLOW_AMQP_URL".to_owned(), urls.clone()),
         ("ORDERFLOW_DATABASE_URL".to_owned(), pg.url("orderflow")),
