@@ -94,7 +94,7 @@ pub async fn orders(
     metadata: &Metadata,
     placed: &[Placed],
     http: &reqwest::Client,
-    api: &str,
+    apis: &[String],
 ) -> anyhow::Result<(BTreeMap<&'static str, Invariant>, Value)> {
     let accepted: Vec<String> = placed
         .iter()
@@ -199,20 +199,25 @@ pub async fn orders(
         futures::stream::iter(placed.iter().filter(|p| p.accepted))
             .map(|order| async move {
                 let id = order.order_id.as_str();
-                let response = http
-                    .get(format!("{api}/orders/{id}"))
-                    .send()
-                    .await
-                    .ok()
-                    .filter(|r| r.status().is_success());
-                let status = match response {
-                    Some(response) => response
-                        .json::<Value>()
+                // Either instance of the API; 10 s each at most.
+                let mut status = None;
+                for api in apis {
+                    let response = http
+                        .get(format!("{api}/orders/{id}"))
+                        .timeout(Duration::from_secs(10))
+                        .send()
                         .await
                         .ok()
-                        .and_then(|o| o["status"].as_str().map(str::to_owned)),
-                    None => None,
-                };
+                        .filter(|r| r.status().is_success());
+                    if let Some(response) = response {
+                        status = response
+                            .json::<Value>()
+                            .await
+                            .ok()
+                            .and_then(|o| o["status"].as_str().map(str::to_owned));
+                        break;
+                    }
+                }
                 (id, status)
             })
             .buffer_unordered(16)

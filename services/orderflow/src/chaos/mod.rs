@@ -381,7 +381,7 @@ async fn chaos(
     phase(&format!("settled ({} not terminal)", open.len()));
     let (mut invariants, outcomes) = tokio::time::timeout(
         Duration::from_mins(3),
-        check::orders(&admin, &metadata, &placed, &http, &apis[0]),
+        check::orders(&admin, &metadata, &placed, &http, &apis),
     )
     .await
     .context("checking the orders took over 3 minutes")??;
