@@ -12,7 +12,7 @@
 
 use chrono::{DateTime, Utc};
 use lapin::Channel;
-use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions};
+use lapin::options::{BasicAckOptions, BasicGetOptions};
 use lapin::types::FieldTable;
 use orderflow_shared::bus::Broker;
 use orderflow_shared::envelope::{header_int, header_str, headers};
@@ -66,21 +66,7 @@ pub fn dead_queue(broker: &Broker, service: &str) -> Result<String, OpsError> {
 
 /// How many messages `queue` holds (a passive declaration).
 pub(crate) async fn count(channel: &Channel, queue: &str) -> Result<u32, OpsError> {
-    let declared = channel
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|cause| OpsError::MissingQueue {
-            queue: queue.to_owned(),
-            cause: Box::new(cause),
-        })?;
-    Ok(declared.message_count())
+    Ok(crate::inspect(channel, queue).await?.message_count())
 }
 
 /// The routing key a dead letter was first published with: the delivery's own

@@ -23,6 +23,7 @@ pub mod queues;
 pub use error::OpsError;
 
 use orderflow_shared::bus::Broker;
+use orderflow_shared::topology::inspect_queue;
 
 /// The services of `broker`'s topology, or only `service` when given (an
 /// unknown one is [`OpsError::UnknownService`]).
@@ -41,4 +42,18 @@ pub fn services(broker: &Broker, only: Option<&str>) -> Result<Vec<String>, OpsE
             known: all.join(", "),
         }),
     }
+}
+
+/// `queue` as the broker has it (a passive declaration); a queue that does
+/// not exist is [`OpsError::MissingQueue`].
+pub(crate) async fn inspect(
+    channel: &lapin::Channel,
+    queue: &str,
+) -> Result<lapin::Queue, OpsError> {
+    inspect_queue(channel, queue)
+        .await
+        .map_err(|cause| OpsError::MissingQueue {
+            queue: queue.to_owned(),
+            cause: Box::new(cause),
+        })
 }

@@ -12,8 +12,6 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use lapin::options::QueueDeclareOptions;
-use lapin::types::FieldTable;
 use orderflow_shared::bus::Broker;
 use orderflow_shared::topology::QueueRole;
 use secrecy::{ExposeSecret, SecretString};
@@ -194,20 +192,7 @@ pub fn status(paused: bool, consumers: u64, messages_ready: u64) -> Status {
 
 /// (ready messages, consumers) of `queue`, by a passive declaration.
 async fn declare(channel: &lapin::Channel, queue: &str) -> Result<(u64, u64), OpsError> {
-    let declared = channel
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|cause| OpsError::MissingQueue {
-            queue: queue.to_owned(),
-            cause: Box::new(cause),
-        })?;
+    let declared = crate::inspect(channel, queue).await?;
     Ok((
         u64::from(declared.message_count()),
         u64::from(declared.consumer_count()),

@@ -1,6 +1,9 @@
 //! What every service starts from: a [`Ctx`] (settings, metadata, the broker
-//! with its topology declared, token keys) and a shutdown signal; plus
-//! [`main`], the whole body of each thin worker binary.
+//! whose topology an operator declared and the worker checked, token keys)
+//! and a shutdown signal; plus [`main`], the whole body of each thin worker
+//! binary, and [`run_worker`], which runs a worker's consumer with its outbox
+//! relay and retention. `Ctx` is the handle a service runs with, not a
+//! context: that word means a bounded context (`store::Context`).
 
 use std::future::Future;
 use std::process::ExitCode;

@@ -105,13 +105,15 @@ pub struct PaymentRefunded {
     pub refunded_cents: i64,
 }
 
-/// The saga step whose timer fired.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Step {
-    GenerateInfo,
-    Payment,
-    Flow,
+crate::text_enum! {
+    /// A saga step with a timer: the step whose timer fired in
+    /// `saga.timed-out`, and the `step` of the coordinator's timers table
+    /// (`generate-info`, `payment` or `flow`).
+    pub enum Step {
+        GenerateInfo,
+        Payment,
+        Flow,
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -391,6 +393,20 @@ mod tests {
                 step: Step::GenerateInfo
             })
         );
+    }
+
+    #[test]
+    fn a_step_has_one_spelling_in_json_text_and_parse() {
+        use strum::VariantArray as _;
+        for step in Step::VARIANTS {
+            let json = serde_json::to_value(step).unwrap();
+            assert_eq!(json, serde_json::Value::from(step.as_str()));
+            assert_eq!(step.as_str().parse::<Step>().unwrap(), *step);
+            assert_eq!(step.to_string(), step.as_str());
+        }
+        assert_eq!(Step::GenerateInfo.as_str(), "generate-info");
+        assert!("Payment".parse::<Step>().is_err());
+        assert!("payment-wait".parse::<Step>().is_err());
     }
 
     #[test]

@@ -39,6 +39,14 @@ pub const CATALOGUE: [&str; 16] = [
     "order.cancelled",
 ];
 
+/// The token keys the property tests sign and verify with (kid `test`).
+pub fn token_keys() -> crate::token::TokenKeys {
+    crate::token::TokenKeys::parse(&secrecy::SecretString::from(
+        "test:orderflow-test-signing-key",
+    ))
+    .expect("the test keys parse")
+}
+
 /// Strings of any content: empty, NUL and control characters, any Unicode,
 /// id-like, and long (up to 16 KiB).
 pub fn text() -> impl Strategy<Value = String> {

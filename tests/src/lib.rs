@@ -2,6 +2,7 @@
 //! and its own PostgreSQL database on the real local services, and removes
 //! both when it ends (also when it fails).
 
+pub mod api;
 pub mod private_broker;
 pub mod proxy;
 pub mod system;
@@ -11,8 +12,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use lapin::options::{BasicGetOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
+use lapin::options::BasicGetOptions;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use orderflow_shared::app::Ctx;
 use orderflow_shared::bus::{Broker, ConsumerOptions, Handler, run_consumer};
@@ -235,15 +235,7 @@ impl TestEnv {
     /// (ready messages, consumers) of `queue`.
     async fn queue_counts(&self, queue: &str) -> (u32, u32) {
         let (connection, channel) = self.raw_channel().await;
-        let declared = channel
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
+        let declared = orderflow_topology::inspect_queue(&channel, queue)
             .await
             .expect("queue exists");
         let _ = connection.close(200, "done".into()).await;

@@ -1,8 +1,6 @@
 //! The whole orderflow system in-process, as `orderflow up` runs it, on one
 //! test's namespace and database, with an HTTP client for its API.
 
-use std::time::Duration;
-
 use orderflow_shared::Shutdown;
 use orderflow_shared::app::Ctx;
 use orderflow_shared::config::Settings;
@@ -43,6 +41,18 @@ impl std::fmt::Debug for Workers {
             .field("deployment_tiers", &self.deployment_tiers)
             .field("per_service", &self.per_service.is_some())
             .finish()
+    }
+}
+
+impl Workers {
+    /// Whether the worker `name` runs in-process.
+    pub fn runs(&self, name: &str) -> bool {
+        (self.generate_info || name != generate_info::SERVICE)
+            && (self.coordinator || name != saga_coordinator::SERVICE)
+            && !self
+                .without_providers
+                .iter()
+                .any(|method| payment_provider::service_name(method) == name)
     }
 }
 
@@ -114,40 +124,15 @@ impl System {
             .await
             .expect("bind the API");
         let api = format!("http://{}", listener.local_addr().expect("address"));
-        tasks.spawn(order_api::serve(
-            ctx_of(order_api::SERVICE),
+        let running = orderflow_workers::start_all(
+            &ctx.metadata,
+            ctx_of,
+            |name| workers.runs(name),
             listener,
-            shutdown.clone(),
-        ));
-        if workers.generate_info {
-            tasks.spawn(generate_info::run(
-                ctx_of(generate_info::SERVICE),
-                shutdown.clone(),
-            ));
-        }
-        tasks.spawn(payment_wait::run(
-            ctx_of(payment_wait::SERVICE),
-            shutdown.clone(),
-        ));
-        if workers.coordinator {
-            tasks.spawn(saga_coordinator::run(
-                ctx_of(saga_coordinator::SERVICE),
-                shutdown.clone(),
-            ));
-        }
-        tasks.spawn(order_completed::run(
-            ctx_of(order_completed::SERVICE),
-            shutdown.clone(),
-        ));
-        tasks.spawn(order_cancelled::run(
-            ctx_of(order_cancelled::SERVICE),
-            shutdown.clone(),
-        ));
-        for method in ctx.metadata.methods() {
-            if !workers.without_providers.contains(&method.as_str()) {
-                let provider = ctx_of(&payment_provider::service_name(&method));
-                tasks.spawn(payment_provider::run(provider, method, shutdown.clone()));
-            }
+            &shutdown,
+        );
+        for (_, task) in running {
+            tasks.spawn(task);
         }
         let system = Self {
             env,
@@ -157,23 +142,20 @@ impl System {
             shutdown,
             tasks,
         };
-        system.wait_healthy().await;
+        crate::api::wait_healthy(&system.client, &system.api).await;
         system
     }
 
-    async fn wait_healthy(&self) {
-        crate::eventually(
-            Duration::from_secs(30),
-            "the API answers /healthz",
-            || async {
-                self.client
-                    .get(format!("{}/healthz", self.api))
-                    .send()
-                    .await
-                    .is_ok_and(|r| r.status().is_success())
-            },
-        )
-        .await;
+    /// GET `path` of the API; (status, body: `null` unless JSON).
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        let response = self
+            .client
+            .get(format!("{}{path}", self.api))
+            .send()
+            .await
+            .expect("GET");
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
     }
 
     /// Starts one more coordinator instance; stop it with the returned token.

@@ -162,6 +162,21 @@ pub async fn declare(channel: &Channel, topology: &Topology) -> Result<(), Decla
 /// permission), that what `service` uses exists: the events exchange, its
 /// queue, and its delay and dead-letter exchanges. Each passive declaration
 /// that fails closes the channel, so this takes a channel it may spend.
+/// `queue` as the broker has it (its message and consumer counts), by a
+/// passive declaration: it must exist, and no right is needed.
+pub async fn inspect_queue(channel: &Channel, queue: &str) -> Result<lapin::Queue, lapin::Error> {
+    channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+}
+
 pub async fn check(
     channel: &Channel,
     topology: &Topology,
@@ -170,37 +185,15 @@ pub async fn check(
     let queue = topology
         .queue(service, &QueueRole::Service)
         .ok_or_else(|| DeclareError::UnknownService(service.to_owned()))?;
-    channel
-        .queue_declare(
-            queue.name.as_str().into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|cause| DeclareError::Missing {
-            what: "queue",
-            name: queue.name.clone(),
-            cause: Box::new(cause),
-        })?;
-    // The pause marker: the consumer reads its message count (a passive
+    // The pause marker too: the consumer reads its message count (a passive
     // declaration) to know whether an operator paused the service.
-    if let Some(pause) = topology.queue(service, &QueueRole::Pause) {
-        channel
-            .queue_declare(
-                pause.name.as_str().into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
+    let pause = topology.queue(service, &QueueRole::Pause);
+    for queue in std::iter::once(queue).chain(pause) {
+        inspect_queue(channel, &queue.name)
             .await
             .map_err(|cause| DeclareError::Missing {
                 what: "queue",
-                name: pause.name.clone(),
+                name: queue.name.clone(),
                 cause: Box::new(cause),
             })?;
     }

@@ -14,7 +14,7 @@ pub use choreography::{
     Choreography, ClientSpec, Finding, FindingKind, TimerSpec, WaitSpec, lint,
     orderflow_choreography, topic_matches,
 };
-pub use declare::{DeclareError, check, declare, delete, field_table};
+pub use declare::{DeclareError, check, declare, delete, field_table, inspect_queue};
 pub use definitions::to_definitions;
 pub use model::{
     ArgValue, Arguments, Binding, DEFAULT_DELIVERY_LIMIT, DEFAULT_RETRY_TIERS, Exchange,

@@ -29,7 +29,7 @@ use orderflow_shared::store::{Context, Db};
 pub const SERVICE: &str = "generate-info";
 
 /// The handler; public so tests can drive it.
-pub struct GenerateInfo {
+pub struct GenerateInfoHandler {
     metadata: Arc<Metadata>,
     publisher: Publisher,
     db: Db,
@@ -73,7 +73,7 @@ pub fn decide(metadata: &Metadata, order: &OrderStarted) -> Event {
     }
 }
 
-impl GenerateInfo {
+impl GenerateInfoHandler {
     pub fn new(ctx: &Ctx, db: Db) -> Self {
         Self {
             metadata: ctx.metadata.clone(),
@@ -116,7 +116,7 @@ impl GenerateInfo {
     }
 }
 
-impl Handler for GenerateInfo {
+impl Handler for GenerateInfoHandler {
     async fn handle(&self, message: &Message) -> Result<(), HandleError> {
         let Event::OrderStarted(order) = &message.event else {
             return Ok(());
@@ -163,17 +163,12 @@ impl Handler for GenerateInfo {
 /// Runs generate-info until `shutdown`.
 pub async fn run(ctx: Ctx, shutdown: Shutdown) -> anyhow::Result<()> {
     let db = ctx.db(Context::Pricing).await?;
-    let handler = Arc::new(GenerateInfo::new(&ctx, db));
+    let handler = Arc::new(GenerateInfoHandler::new(&ctx, db));
     run_worker(&ctx, SERVICE, handler, None, shutdown).await
 }
 
 #[cfg(test)]
 mod tests {
-    #![allow(
-        clippy::unwrap_used,
-        reason = "a test fails loudly on the first surprise"
-    )]
-
     use orderflow_shared::events::ProductLine;
     use orderflow_shared::strategies;
     use proptest::prelude::*;
@@ -200,6 +195,77 @@ mod tests {
                 products,
                 address,
             })
+    }
+
+    fn started(supplier: &str, products: &[(&str, u32)]) -> OrderStarted {
+        OrderStarted {
+            order_id: "o1".to_owned(),
+            supplier: supplier.to_owned(),
+            products: products
+                .iter()
+                .map(|(sku, quantity)| ProductLine {
+                    sku: (*sku).to_owned(),
+                    quantity: *quantity,
+                })
+                .collect(),
+            address: "1 Harbour Road".to_owned(),
+        }
+    }
+
+    /// The catalogue's prices (hotpot-set 128.00, tea 9.00) times the
+    /// quantities, and the merchant's own methods.
+    #[test]
+    fn an_order_is_priced_from_the_catalogue_with_the_merchants_methods() {
+        let metadata = Metadata::embedded().unwrap();
+        let outcome = decide(
+            &metadata,
+            &started("haidilao", &[("hotpot-set", 2), ("tea", 1)]),
+        );
+        assert_eq!(
+            outcome,
+            Event::InfoGenerated(InfoGenerated {
+                order_id: "o1".to_owned(),
+                supplier: "haidilao".to_owned(),
+                payment_methods: vec!["zhifubao".to_owned(), "weixin".to_owned()],
+                amount_cents: 2 * 12_800 + 900,
+            })
+        );
+    }
+
+    /// A merchant without an entry takes every method.
+    #[test]
+    fn an_unknown_merchant_takes_the_default_methods() {
+        let metadata = Metadata::embedded().unwrap();
+        let Event::InfoGenerated(info) = decide(&metadata, &started("corner-shop", &[("tea", 3)]))
+        else {
+            panic!("priced");
+        };
+        assert_eq!(info.payment_methods, ["zhifubao", "weixin", "unionpay"]);
+        assert_eq!(info.amount_cents, 2700);
+    }
+
+    /// What cannot be priced is rejected with the reason, for this order.
+    #[test]
+    fn an_order_that_cannot_be_priced_is_rejected_with_the_reason() {
+        let metadata = Metadata::embedded().unwrap();
+        for (products, reason) in [
+            (&[("caviar", 1)][..], "unknown sku `caviar`"),
+            (&[][..], "the order has no products"),
+            (&[("tea", 0)][..], "quantity"),
+        ] {
+            match decide(&metadata, &started("haidilao", products)) {
+                Event::InfoRejected(rejected) => {
+                    assert_eq!(rejected.order_id, "o1");
+                    assert!(
+                        rejected.reason.starts_with("cannot price the order: ")
+                            && rejected.reason.contains(reason),
+                        "{products:?}: {}",
+                        rejected.reason
+                    );
+                }
+                other => panic!("{products:?} was priced: {other:?}"),
+            }
+        }
     }
 
     proptest! {

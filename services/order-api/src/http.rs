@@ -194,8 +194,9 @@ async fn get_order(
 }
 
 /// Reads the order until it satisfies `wanted`, `timeout` passes or the
-/// server shuts down; woken by the watcher when the order changes (here or,
-/// through its batched NOTIFY, in another API instance). Holds a waiter slot
+/// server shuts down; woken by the watcher when the order changes (here, or
+/// in a terminal worker or another API instance, through their batched
+/// NOTIFY). Holds a waiter slot
 /// throughout (503 when none is free); each read is bounded by the request
 /// timeout.
 async fn wait_for(

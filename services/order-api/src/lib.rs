@@ -6,7 +6,9 @@
 //! any order of arrival), the outbox relay of the `orders` schema (which
 //! publishes the `order.started` and `payment.submitted` events the API
 //! commits) and the axum server; plus the long-poll watcher (`watch.rs`),
-//! which every committed change to an order goes through.
+//! which every committed change to an order reaches: the API's own at once,
+//! the terminal workers' and other API instances' through their batched
+//! NOTIFY.
 //!
 //! The console (`console/`, at `/console`) is served from here too: its
 //! assets are compiled in; its operator side needs `ORDERFLOW_OPERATOR_TOKEN`.
@@ -68,7 +70,7 @@ use orderflow_shared::store::{Context, Relay, Retention};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
-pub use read_model::ReadModel;
+pub use read_model::ReadModelHandler;
 pub use status::Status;
 
 /// The service name: its queue is `orderflow.order-api`, its inbox rows carry it.
@@ -117,7 +119,7 @@ pub async fn serve(ctx: Ctx, listener: TcpListener, shutdown: Shutdown) -> anyho
         orderflow_shared::bus::run_consumer(
             ctx.broker.clone(),
             options,
-            Arc::new(ReadModel::new(events.clone(), watcher.clone())),
+            Arc::new(ReadModelHandler::new(events.clone(), watcher.clone())),
             stop.clone(),
         ),
     );

@@ -21,19 +21,19 @@ use crate::watch::Watcher;
 
 /// The consumer of the order API's queue.
 #[derive(Clone, Debug)]
-pub struct ReadModel {
+pub struct ReadModelHandler {
     db: Db,
     watcher: Watcher,
 }
 
-impl ReadModel {
+impl ReadModelHandler {
     /// `watcher` hears of every committed change (long polls).
     pub fn new(db: Db, watcher: Watcher) -> Self {
         Self { db, watcher }
     }
 }
 
-impl Handler for ReadModel {
+impl Handler for ReadModelHandler {
     async fn handle(&self, message: &Message) -> Result<(), HandleError> {
         let Some(mut unit) = self.db.begin_unit(SERVICE, &message.envelope).await? else {
             return Ok(()); // applied before

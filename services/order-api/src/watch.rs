@@ -1,12 +1,15 @@
 //! Wake-ups for long-polling readers (`GET /orders/{id}?wait_for=`), routed
-//! to the waiters of the changed order only. Every change to `orders` is made
-//! by an order API (its HTTP handlers or its read-model consumer), which
-//! calls [`Watcher::changed`] after the commit: that wakes this server's
-//! waiters at once and queues the order id for one batched
-//! `NOTIFY orderflow_orders` that reaches the other API instances through
-//! their `LISTEN` (one notifying transaction per batch, not per change: each
-//! NOTIFY holds PostgreSQL's database-wide notification lock until its commit
-//! is flushed).
+//! to the waiters of the changed order only. Whoever changes `orders`
+//! announces it after the commit: the order API (its HTTP handlers and its
+//! read-model consumer) through [`Watcher::changed`], which wakes this
+//! server's waiters at once and queues the order id; the terminal workers
+//! (order-completed, order-cancelled) through their own
+//! [`Announcer`](orderflow_shared::store::orders::Announcer). Queued ids go
+//! out in one batched `NOTIFY orderflow_orders` that reaches every API
+//! instance through its `LISTEN` (one notifying transaction per batch, not
+//! per change: each NOTIFY holds PostgreSQL's database-wide notification
+//! lock until its commit is flushed). No trigger notifies: a change made
+//! any other way wakes no one, and its long polls answer at their timeout.
 //!
 //! A waiter subscribes before it reads the row, so a change between its read
 //! and its wait still wakes it. When the listener is down (or notifications

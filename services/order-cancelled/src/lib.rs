@@ -7,7 +7,7 @@
 use orderflow_shared::Shutdown;
 use orderflow_shared::app::Ctx;
 use orderflow_shared::events::{Event, OrderCancelled, Step};
-use orderflow_shared::store::orders::{Terminal, TerminalWorker, Transition};
+use orderflow_shared::store::orders::{Terminal, TerminalHandler, Transition};
 
 pub const SERVICE: &str = "order-cancelled";
 
@@ -45,7 +45,7 @@ pub fn transition(event: &Event) -> Option<Transition> {
 
 /// Runs order-cancelled until `shutdown`.
 pub async fn run(ctx: Ctx, shutdown: Shutdown) -> anyhow::Result<()> {
-    TerminalWorker::run(ctx, SERVICE, transition, shutdown).await
+    TerminalHandler::run(ctx, SERVICE, transition, shutdown).await
 }
 
 #[cfg(test)]
@@ -54,6 +54,90 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+
+    fn timed_out(step: Step) -> Event {
+        Event::SagaTimedOut(orderflow_shared::events::SagaTimedOut {
+            order_id: "o1".to_owned(),
+            step,
+        })
+    }
+
+    /// Each cancelling event gives the reason customers read on the order.
+    #[test]
+    fn each_cancelling_event_says_why() {
+        use orderflow_shared::events::{InfoRejected, PaymentFailed, PaymentRejected};
+        let cases = [
+            (
+                Event::PaymentRejected(PaymentRejected {
+                    order_id: "o1".to_owned(),
+                    method: "unionpay".to_owned(),
+                    reason: "method not allowed".to_owned(),
+                }),
+                "method not allowed",
+            ),
+            (
+                Event::PaymentFailed(PaymentFailed {
+                    order_id: "o1".to_owned(),
+                    provider: "weixin".to_owned(),
+                    reason: "card declined".to_owned(),
+                }),
+                "payment failed at weixin: card declined",
+            ),
+            (
+                Event::InfoRejected(InfoRejected {
+                    order_id: "o1".to_owned(),
+                    reason: "cannot price the order: unknown sku `caviar`".to_owned(),
+                }),
+                "cannot price the order: unknown sku `caviar`",
+            ),
+            (
+                timed_out(Step::GenerateInfo),
+                "timed out waiting for the order information",
+            ),
+            (
+                timed_out(Step::Payment),
+                "timed out waiting for the payment",
+            ),
+            (
+                timed_out(Step::Flow),
+                "timed out: the order took longer than the flow allows",
+            ),
+        ];
+        for (event, reason) in cases {
+            assert_eq!(
+                cancellation_reason(&event).as_deref(),
+                Some(reason),
+                "{event:?}"
+            );
+            let transition = transition(&event).unwrap();
+            assert_eq!(
+                transition.outcome,
+                Terminal::Cancelled {
+                    reason: reason.to_owned()
+                }
+            );
+            assert_eq!(
+                transition.announce,
+                Event::OrderCancelled(OrderCancelled {
+                    order_id: "o1".to_owned(),
+                    reason: reason.to_owned(),
+                })
+            );
+        }
+    }
+
+    /// Events that do not cancel give no transition (a capture completes).
+    #[test]
+    fn other_events_do_not_cancel() {
+        let captured = Event::PaymentCaptured(orderflow_shared::events::PaymentCaptured {
+            order_id: "o1".to_owned(),
+            provider: "weixin".to_owned(),
+            charged_cents: 100,
+            capture_id: "c1".to_owned(),
+        });
+        assert_eq!(cancellation_reason(&captured), None);
+        assert_eq!(transition(&captured), None);
+    }
 
     proptest! {
         /// Any event, strings of any content: the cancelling ones give their

@@ -150,24 +150,27 @@ pub enum Command {
     /// Drive orderflow like its clients do and report throughput and latency
     #[command(
         long_about = "Drive orderflow like its clients do and report throughput and latency.\n\n\
-        Each order: POST /orders, wait (long poll) until it awaits payment, pay with the \
-        methods round-robin (every 20th with a method no provider has, haidilao never \
-        accepting unionpay), wait until it is completed or cancelled. An outcome other \
+        Each order: POST /orders, wait (long poll) until it awaits payment, pay, wait until \
+        it is completed or cancelled. The mix: exactly every 20th order (5 %) pays with a \
+        method its merchant does not take and must be cancelled (haidilao is offered \
+        unionpay, which it refuses; the others a method nobody has); the rest pay with \
+        their merchant's methods round-robin and must complete. An outcome other \
         than the expected one, or a charge other than the discounted server amount, \
-        counts as a failure. Prints one JSON line: orders, concurrency, completed, \
+        counts as a failure. Prints one JSON line: orders, concurrency, mix, completed, \
         cancelled, failures, orders_per_s, p50_ms, p95_ms, p99_ms, wall_s (latency is \
         per order, from the start call to the terminal state the client saw). \
         Exits 1 when any order failed.\n\n\
         Without --api the bench starts the whole system in this process (namespace \
         `bench-<id>`, database `orderflow_bench_<id>` on ORDERFLOW_AMQP_URL / \
         ORDERFLOW_DATABASE_URL's server, both removed at the end, also on Ctrl-C) and \
-        adds mode, gateway_latency_ms and db_write_transactions_per_order (server-wide: bench \
-        on a quiet server) to the report. With \
+        adds mode, gateway_latency_ms, db_write_transactions_per_order, deliveries_per_order \
+        and sql_statements_per_order (server-wide counters, the last from pg_stat_statements \
+        when the server loads it, else null: bench on a quiet server) to the report. With \
         --baseline it then measures the ceiling on the same broker and database and \
         adds baseline {broker_orders_per_s, db_orders_per_s, ceiling_orders_per_s, ...} \
         and fraction_of_ceiling."
     )]
-    Bench(BenchArgs),
+    Bench(orderflow_bench::BenchArgs),
 
     /// Run the whole system under faults and check that nothing was lost (docs/chaos.md)
     #[command(
@@ -194,32 +197,6 @@ pub struct PauseArgs {
     /// The service, e.g. payment-provider-zhifubao or generate-info
     #[arg(value_name = "SERVICE")]
     pub service: String,
-}
-
-#[derive(Debug, Args)]
-pub struct BenchArgs {
-    /// How many orders to run
-    #[arg(long, default_value_t = 200)]
-    pub orders: usize,
-    /// How many orders are in flight at once
-    #[arg(long, default_value_t = 10)]
-    pub concurrency: usize,
-    /// Bench a running orderflow at this base URL (e.g. http://127.0.0.1:8080).
-    /// Without it, the bench starts every worker and the API in this process,
-    /// in a throwaway namespace and database that it removes afterwards.
-    #[arg(long)]
-    pub api: Option<String>,
-    /// Latency of the simulated payment gateway in the in-process system
-    /// (the gateway's time, not orderflow's; `--api` uses the server's setting)
-    #[arg(long, default_value_t = 0)]
-    pub gateway_latency_ms: u64,
-    /// Also measure the ceiling on the same broker and database: a chain of
-    /// persistent, confirmed hops through a topic exchange (as many messages
-    /// per order as a completed order publishes) and the commit rate for as
-    /// many transactions per order as the system used; prints orders/s as a
-    /// fraction of it
-    #[arg(long)]
-    pub baseline: bool,
 }
 
 #[derive(Debug, Subcommand)]

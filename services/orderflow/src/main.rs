@@ -1,8 +1,6 @@
 //! `orderflow`: the operator command line of orderflow. Thin entry point: parse
 //! the arguments, run the command, report errors.
 
-mod baseline;
-mod bench;
 mod chaos;
 mod cli;
 mod db;
@@ -53,7 +51,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Dlq(command) => dlq::run(command),
         Command::Pause(args) => pause::run(&args, true),
         Command::Resume(args) => pause::run(&args, false),
-        Command::Bench(args) => bench::run(&args),
+        Command::Bench(args) => orderflow_bench::saga::run(&args),
         Command::Chaos(args) => chaos::run(&args),
     }
 }

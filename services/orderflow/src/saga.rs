@@ -161,7 +161,7 @@ fn stuck_table(stuck: &[Stuck], now: DateTime<Utc>) -> String {
             let idle = (now - saga.updated_at).num_seconds().max(0);
             vec![
                 clean(&saga.order_id),
-                saga.step.as_deref().map_or("-".to_owned(), clean),
+                saga.step.map_or("-", |step| step.as_str()).to_owned(),
                 format!("{} ({idle} s ago)", utc(saga.updated_at)),
                 utc(saga.created_at),
             ]

@@ -1,15 +1,14 @@
 //! `orderflow up`: every worker and the order API in one process, from the
-//! same libraries the separate binaries use. Development mode: without
+//! same libraries the separate binaries use (the workers the registry,
+//! `orderflow-workers`, lists); `orderflow worker NAME` runs one of them as
+//! its own binary would. Development mode: without
 //! `ORDERFLOW_TOKEN_KEYS` it signs tokens with a public development key, and
 //! without `ORDERFLOW_OPERATOR_TOKEN` it makes a console operator token for
 //! the run and prints it.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use orderflow_shared::Shutdown;
 use orderflow_shared::app::{Ctx, shutdown_on_signal};
 use orderflow_shared::config::Settings;
 use orderflow_shared::metadata::Metadata;
@@ -17,8 +16,6 @@ use orderflow_shared::token::DEV_KEYS;
 use secrecy::SecretString;
 
 use crate::cli::{UpArgs, WorkerArgs};
-
-type Task = Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>>;
 
 pub fn run(args: &UpArgs) -> anyhow::Result<ExitCode> {
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
@@ -69,7 +66,7 @@ async fn up(args: &UpArgs) -> anyhow::Result<()> {
     let address = listener.local_addr()?;
     let ctx = Ctx::declare(settings, metadata, "orderflow-up").await?;
     let shutdown = shutdown_on_signal();
-    let tasks = system(&ctx, listener, &shutdown);
+    let tasks = orderflow_workers::whole_system(&ctx, listener, &shutdown);
     println!(
         "orderflow is up: API on http://{address} (namespace `{}`); Ctrl-C to stop",
         ctx.settings.namespace
@@ -81,90 +78,16 @@ async fn up(args: &UpArgs) -> anyhow::Result<()> {
              to choose one): {token}"
         );
     }
-    run_all(tasks, &shutdown).await?;
+    orderflow_workers::run_all(tasks, &shutdown).await?;
     println!("orderflow stopped");
     Ok(())
-}
-
-/// The workers of orderflow, by service name: the order API, then every
-/// worker, one payment provider per configured method. The one list `up`,
-/// `orderflow worker` and the benchmarks start workers from.
-pub(crate) fn worker_names(metadata: &Metadata) -> Vec<String> {
-    let mut names: Vec<String> = [
-        order_api::SERVICE,
-        generate_info::SERVICE,
-        payment_wait::SERVICE,
-        saga_coordinator::SERVICE,
-        order_completed::SERVICE,
-        order_cancelled::SERVICE,
-    ]
-    .map(str::to_owned)
-    .to_vec();
-    names.extend(
-        metadata
-            .methods()
-            .iter()
-            .map(|m| payment_provider::service_name(m)),
-    );
-    names
-}
-
-/// The task running the worker `name` (the order API on `listener`, or on
-/// ORDERFLOW_HTTP_ADDR without one); `None` for an unknown name.
-pub(crate) fn worker(
-    ctx: &Ctx,
-    name: &str,
-    listener: Option<tokio::net::TcpListener>,
-    shutdown: &Shutdown,
-) -> Option<Task> {
-    let (ctx, shutdown) = (ctx.clone(), shutdown.clone());
-    let task: Task = match name {
-        order_api::SERVICE => match listener {
-            Some(listener) => Box::pin(order_api::serve(ctx, listener, shutdown)),
-            None => Box::pin(order_api::run(ctx, shutdown)),
-        },
-        generate_info::SERVICE => Box::pin(generate_info::run(ctx, shutdown)),
-        payment_wait::SERVICE => Box::pin(payment_wait::run(ctx, shutdown)),
-        saga_coordinator::SERVICE => Box::pin(saga_coordinator::run(ctx, shutdown)),
-        order_completed::SERVICE => Box::pin(order_completed::run(ctx, shutdown)),
-        order_cancelled::SERVICE => Box::pin(order_cancelled::run(ctx, shutdown)),
-        provider => {
-            let method = ctx
-                .metadata
-                .methods()
-                .into_iter()
-                .find(|m| payment_provider::service_name(m) == provider)?;
-            Box::pin(payment_provider::run(ctx, method, shutdown))
-        }
-    };
-    Some(task)
-}
-
-/// Every worker and the order API (on `listener`), as tasks of this process.
-pub(crate) fn system(
-    ctx: &Ctx,
-    listener: tokio::net::TcpListener,
-    shutdown: &Shutdown,
-) -> Vec<(String, Task)> {
-    let mut listener = Some(listener);
-    worker_names(&ctx.metadata)
-        .into_iter()
-        .filter_map(|name| {
-            let listener = if name == order_api::SERVICE {
-                listener.take()
-            } else {
-                None
-            };
-            worker(ctx, &name, listener, shutdown).map(|task| (name, task))
-        })
-        .collect()
 }
 
 /// `orderflow worker NAME`: one worker, as its own binary runs it (settings
 /// from the environment, its part of the topology checked, not declared).
 pub fn run_one(args: &WorkerArgs) -> anyhow::Result<ExitCode> {
     let metadata = Metadata::from_env()?;
-    let names = worker_names(&metadata);
+    let names = orderflow_workers::names(&metadata);
     if !names.contains(&args.name) {
         anyhow::bail!(
             "unknown worker `{}`; the workers are: {}",
@@ -177,37 +100,10 @@ pub fn run_one(args: &WorkerArgs) -> anyhow::Result<ExitCode> {
         runtime.block_on(orderflow_shared::app::main(&args.name, |ctx, shutdown| {
             let name = args.name.clone();
             async move {
-                let task = worker(&ctx, &name, None, &shutdown)
+                let task = orderflow_workers::start(&name, ctx, None, shutdown)
                     .with_context(|| format!("no worker `{name}` in this configuration"))?;
                 task.await
             }
         })),
     )
-}
-
-/// Runs every task; the first that fails stops the others, and its error is returned.
-pub(crate) async fn run_all(tasks: Vec<(String, Task)>, shutdown: &Shutdown) -> anyhow::Result<()> {
-    let mut set = tokio::task::JoinSet::new();
-    for (name, task) in tasks {
-        let shutdown = shutdown.clone();
-        set.spawn(async move {
-            let result = task.await.with_context(|| format!("{name} stopped"));
-            if result.is_err() {
-                shutdown.cancel();
-            }
-            result
-        });
-    }
-    let mut first_error = None;
-    while let Some(joined) = set.join_next().await {
-        let result = joined.context("a worker task panicked").and_then(|r| r);
-        if let Err(error) = result {
-            tracing::error!(error = %format!("{error:#}"), "worker failed; stopping orderflow");
-            first_error.get_or_insert(error);
-        }
-    }
-    if let Some(error) = first_error {
-        return Err(error);
-    }
-    Ok(())
 }

@@ -49,7 +49,7 @@ pub fn service_name(method: &str) -> String {
     format!("payment-provider-{method}")
 }
 
-pub struct ProviderWorker {
+pub struct ProviderHandler {
     method: String,
     service: String,
     provider: Box<dyn PaymentProvider>,
@@ -58,7 +58,7 @@ pub struct ProviderWorker {
     retries: usize,
 }
 
-impl ProviderWorker {
+impl ProviderHandler {
     /// The worker for `method`: it must be configured (discount) and registered.
     /// `gateway_db` is the simulated gateway's own pool: a handler holds a
     /// connection of `db` (its unit of work) while it calls the gateway, so
@@ -613,7 +613,7 @@ enum Outcome {
     },
 }
 
-impl Handler for ProviderWorker {
+impl Handler for ProviderHandler {
     async fn handle(&self, message: &Message) -> Result<(), HandleError> {
         match &message.event {
             Event::PaymentSelected(selected) if selected.method == self.method => {
@@ -642,7 +642,7 @@ impl Handler for ProviderWorker {
     /// gateway while holding its capture's lock). Each unit is idempotent,
     /// so a batch that fails part-way is redone one message at a time.
     ///
-    /// [`capture`]: ProviderWorker::capture
+    /// [`capture`]: ProviderHandler::capture
     async fn handle_batch(&self, messages: &[Message]) -> Result<(), HandleError> {
         let selected: Vec<(&Message, &PaymentSelected)> = messages
             .iter()
@@ -688,7 +688,7 @@ pub async fn run(ctx: Ctx, method: String, shutdown: Shutdown) -> anyhow::Result
         .open_db(Context::Payments.schema(), GATEWAY_CONNECTIONS)
         .await
         .context("connecting the simulated gateway to its ledger")?;
-    let worker = Arc::new(ProviderWorker::new(&ctx, &method, db.clone(), gateway_db)?);
+    let worker = Arc::new(ProviderHandler::new(&ctx, &method, db.clone(), gateway_db)?);
     let service = worker.service.clone();
     run_worker(&ctx, &service, worker, Some(db), shutdown).await
 }

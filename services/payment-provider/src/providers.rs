@@ -46,6 +46,26 @@ struct Simulated {
     gateway: SimulatedGateway,
 }
 
+impl Simulated {
+    /// `operation` at the gateway under this provider's name and references.
+    fn execute<'a>(
+        &'a self,
+        operation: Operation,
+        idempotency_key: &'a str,
+        order_id: &'a str,
+        amount_cents: i64,
+    ) -> BoxFuture<'a, Result<Receipt, GatewayError>> {
+        Box::pin(self.gateway.execute(
+            operation,
+            self.name,
+            self.reference_prefix,
+            idempotency_key,
+            order_id,
+            amount_cents,
+        ))
+    }
+}
+
 impl PaymentProvider for Simulated {
     fn name(&self) -> &'static str {
         self.name
@@ -57,14 +77,7 @@ impl PaymentProvider for Simulated {
         order_id: &'a str,
         amount_cents: i64,
     ) -> BoxFuture<'a, Result<Receipt, GatewayError>> {
-        Box::pin(self.gateway.execute(
-            Operation::Charge,
-            self.name,
-            self.reference_prefix,
-            idempotency_key,
-            order_id,
-            amount_cents,
-        ))
+        self.execute(Operation::Charge, idempotency_key, order_id, amount_cents)
     }
 
     fn refund<'a>(
@@ -73,14 +86,7 @@ impl PaymentProvider for Simulated {
         order_id: &'a str,
         amount_cents: i64,
     ) -> BoxFuture<'a, Result<Receipt, GatewayError>> {
-        Box::pin(self.gateway.execute(
-            Operation::Refund,
-            self.name,
-            self.reference_prefix,
-            idempotency_key,
-            order_id,
-            amount_cents,
-        ))
+        self.execute(Operation::Refund, idempotency_key, order_id, amount_cents)
     }
 
     fn void<'a>(

@@ -20,7 +20,7 @@ pub const SERVICE: &str = "payment-wait";
 /// The step name in the token's claims.
 pub const PAYMENT_STEP: &str = "payment";
 
-pub struct PaymentWait {
+pub struct PaymentWaitHandler {
     keys: TokenKeys,
     timeout_secs: u64,
     publisher: Publisher,
@@ -127,7 +127,7 @@ pub fn open_step(
     })
 }
 
-impl PaymentWait {
+impl PaymentWaitHandler {
     pub fn new(ctx: &Ctx) -> anyhow::Result<Self> {
         Ok(Self {
             keys: ctx.require_token_keys()?.clone(),
@@ -147,7 +147,7 @@ impl PaymentWait {
     }
 }
 
-impl Handler for PaymentWait {
+impl Handler for PaymentWaitHandler {
     async fn handle(&self, message: &Message) -> Result<(), HandleError> {
         let Event::InfoGenerated(info) = &message.event else {
             return Ok(());
@@ -176,26 +176,16 @@ impl Handler for PaymentWait {
 
 /// Runs payment-wait until `shutdown`.
 pub async fn run(ctx: Ctx, shutdown: Shutdown) -> anyhow::Result<()> {
-    let handler = Arc::new(PaymentWait::new(&ctx)?);
+    let handler = Arc::new(PaymentWaitHandler::new(&ctx)?);
     run_worker(&ctx, SERVICE, handler, None, shutdown).await
 }
 
 #[cfg(test)]
 mod tests {
-    #![allow(
-        clippy::unwrap_used,
-        reason = "a test fails loudly on the first surprise"
-    )]
-
     use orderflow_shared::strategies;
     use proptest::prelude::*;
-    use secrecy::SecretString;
 
     use super::*;
-
-    fn keys() -> TokenKeys {
-        TokenKeys::parse(&SecretString::from("test:orderflow-test-signing-key")).unwrap()
-    }
 
     fn info() -> impl Strategy<Value = InfoGenerated> {
         (
@@ -244,10 +234,10 @@ mod tests {
             sent in strategies::extreme_u64(),
             now in now_millis(),
         ) {
-            match open_step(&keys(), timeout, &info, sent, now) {
+            match open_step(&strategies::token_keys(), timeout, &info, sent, now) {
                 Ok(awaiting) => {
                     prop_assert!(awaiting.amount_cents > 0);
-                    let claims = keys().verify(&awaiting.token, i64::MIN).unwrap();
+                    let claims = strategies::token_keys().verify(&awaiting.token, i64::MIN).unwrap();
                     prop_assert_eq!(claims.expires_at, awaiting.expires_at.timestamp());
                     prop_assert_eq!(&claims.order_id, &info.order_id);
                     prop_assert_eq!(claims.amount_cents, info.amount_cents);
@@ -284,12 +274,12 @@ mod tests {
         };
         let now = 1_741_064_767_000;
         let sent = 1_741_064_700_001_u64;
-        let first = open_step(&keys(), 300, &info, sent, now).unwrap();
-        let again = open_step(&keys(), 300, &info, sent, now + 60_000).unwrap();
+        let first = open_step(&strategies::token_keys(), 300, &info, sent, now).unwrap();
+        let again = open_step(&strategies::token_keys(), 300, &info, sent, now + 60_000).unwrap();
         assert_eq!(first, again);
         assert_eq!(first.expires_at.timestamp(), 1_741_064_701 + 300);
         for absurd in [u64::MAX, 8_000_000_000_000_000] {
-            let awaiting = open_step(&keys(), 300, &info, absurd, now).unwrap();
+            let awaiting = open_step(&strategies::token_keys(), 300, &info, absurd, now).unwrap();
             assert_eq!(awaiting.expires_at.timestamp(), now / 1000 + 300);
         }
     }
@@ -305,13 +295,34 @@ mod tests {
         let now = 1_741_064_767_000;
         // Sent 10 minutes ago with a 5-minute timeout: it would have expired
         // 5 minutes ago.
-        let late = open_step(&keys(), 300, &info, 1_741_064_167_000, now).unwrap();
+        let late = open_step(
+            &strategies::token_keys(),
+            300,
+            &info,
+            1_741_064_167_000,
+            now,
+        )
+        .unwrap();
         assert_eq!(late.expires_at.timestamp(), now / 1000 + 300);
         // Sent 4 minutes ago: a minute left, less than half; from now too.
-        let nearly = open_step(&keys(), 300, &info, 1_741_064_527_000, now).unwrap();
+        let nearly = open_step(
+            &strategies::token_keys(),
+            300,
+            &info,
+            1_741_064_527_000,
+            now,
+        )
+        .unwrap();
         assert_eq!(nearly.expires_at.timestamp(), now / 1000 + 300);
         // Sent 2 minutes ago: 3 minutes left, counted from when it was sent.
-        let fresh = open_step(&keys(), 300, &info, 1_741_064_647_000, now).unwrap();
+        let fresh = open_step(
+            &strategies::token_keys(),
+            300,
+            &info,
+            1_741_064_647_000,
+            now,
+        )
+        .unwrap();
         assert_eq!(fresh.expires_at.timestamp(), 1_741_064_647 + 300);
     }
 
@@ -324,7 +335,7 @@ mod tests {
                 payment_methods: vec![],
                 amount_cents,
             };
-            let error = open_step(&keys(), 300, &info, 0, 0).unwrap_err();
+            let error = open_step(&strategies::token_keys(), 300, &info, 0, 0).unwrap_err();
             assert!(
                 error.to_string().contains("not a positive amount"),
                 "{error}"

@@ -11,9 +11,12 @@ use std::collections::HashSet;
 
 use chrono::{DateTime, Utc};
 use orderflow_shared::envelope::Envelope;
-use orderflow_shared::events::Event;
+use orderflow_shared::events::{Event, Step};
 use serde::Serialize;
 use sqlx::{PgConnection, PgPool};
+
+use crate::sagas::{SagaStatus, SagaStep};
+use crate::timers::TimerState;
 
 /// One line of an order's history.
 #[derive(Clone, Debug, PartialEq, Serialize, sqlx::FromRow)]
@@ -33,8 +36,11 @@ pub struct Entry {
 }
 
 /// How `event` is classified, given the saga's status before it.
-pub fn classify(event: &Event, status_before: Option<&str>) -> &'static str {
-    let ended = matches!(status_before, Some("completed" | "cancelled"));
+pub fn classify(event: &Event, status_before: Option<SagaStatus>) -> &'static str {
+    let ended = matches!(
+        status_before,
+        Some(SagaStatus::Completed | SagaStatus::Cancelled)
+    );
     match event {
         Event::PaymentRefunded(_) => "compensation",
         Event::SubmissionRejected(_) | Event::PaymentRejected(_) | Event::InfoRejected(_) => {
@@ -230,8 +236,8 @@ fn causal_order(mut remaining: Vec<Entry>) -> Vec<Entry> {
 #[derive(Clone, Debug, PartialEq, Serialize, sqlx::FromRow)]
 pub struct Stuck {
     pub order_id: String,
-    /// The step it waits on (`generate-info`, `payment-wait`, `payment`, `paying`).
-    pub step: Option<String>,
+    /// The step it waits on.
+    pub step: Option<SagaStep>,
     pub updated_at: DateTime<Utc>,
     pub created_at: DateTime<Utc>,
 }
@@ -258,11 +264,9 @@ pub async fn stuck(
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct SagaState {
     pub order_id: String,
-    /// `running`, `completed` or `cancelled`.
-    pub status: String,
-    /// The step it waits on (`generate-info`, `payment-wait`, `payment`,
-    /// `paying`), while it runs.
-    pub step: Option<String>,
+    pub status: SagaStatus,
+    /// The step it waits on, while it runs.
+    pub step: Option<SagaStep>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub timers: Vec<Timer>,
@@ -271,17 +275,15 @@ pub struct SagaState {
 /// One timer of a saga.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, sqlx::FromRow)]
 pub struct Timer {
-    /// `generate-info`, `payment` or `flow`.
-    pub step: String,
+    pub step: Step,
     pub due_at: DateTime<Utc>,
-    /// `armed`, `fired` or `disarmed`.
-    pub state: String,
+    pub state: TimerState,
 }
 
 /// The saga of `order_id` with its timers (earliest deadline first); `None`
 /// when the coordinator has not seen the order.
 pub async fn saga_state(pool: &PgPool, order_id: &str) -> Result<Option<SagaState>, sqlx::Error> {
-    type Row = (String, Option<String>, DateTime<Utc>, DateTime<Utc>);
+    type Row = (SagaStatus, Option<SagaStep>, DateTime<Utc>, DateTime<Utc>);
     let saga: Option<Row> = sqlx::query_as(
         "SELECT status, step, created_at, updated_at FROM sagas WHERE order_id = $1",
     )
@@ -300,7 +302,7 @@ pub async fn saga_state(pool: &PgPool, order_id: &str) -> Result<Option<SagaStat
     Ok(Some(SagaState {
         order_id: order_id.to_owned(),
         // The step is only waited on while the saga runs.
-        step: step.filter(|_| status == "running"),
+        step: step.filter(|_| status == SagaStatus::Running),
         status,
         created_at,
         updated_at,

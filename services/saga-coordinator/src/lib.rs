@@ -30,6 +30,8 @@ pub mod retention;
 mod sagas;
 pub mod timers;
 
+pub use sagas::{SagaStatus, SagaStep};
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -51,7 +53,7 @@ use crate::timers::{Settled, TimerLoop, TimerWake};
 pub const SERVICE: &str = "saga-coordinator";
 
 /// The step a payment token must be for.
-const PAYMENT_STEP: &str = "payment";
+const PAYMENT_STEP: Step = Step::Payment;
 
 /// The reason of `payment.rejected` when the merchant does not accept the method.
 pub const METHOD_NOT_ALLOWED: &str = "method not allowed";
@@ -63,7 +65,7 @@ pub struct Timeouts {
     pub flow: Duration,
 }
 
-pub struct Coordinator {
+pub struct CoordinatorHandler {
     db: Db,
     keys: TokenKeys,
     timeouts: Timeouts,
@@ -123,7 +125,7 @@ fn awaiting_mismatch(
         Err(error) => return Some(format!("its token is not genuine: {error}")),
     };
     if claims.order_id != awaiting.order_id
-        || claims.step != PAYMENT_STEP
+        || claims.step != PAYMENT_STEP.as_str()
         || claims.amount_cents != awaiting.amount_cents
         || claims.methods != awaiting.payment_methods
         || claims.expires_at != awaiting.expires_at.timestamp()
@@ -141,7 +143,7 @@ fn awaiting_mismatch(
     None
 }
 
-impl Coordinator {
+impl CoordinatorHandler {
     pub fn new(db: Db, keys: TokenKeys, timeouts: Timeouts, wake: Arc<TimerWake>) -> Self {
         Self {
             db,
@@ -192,7 +194,7 @@ impl Coordinator {
         &self,
         unit: &mut UnitOfWork,
         submitted: &PaymentSubmitted,
-        status: &str,
+        status: SagaStatus,
     ) -> Result<Event, HandleError> {
         let reject = |reason: String| {
             Ok(Event::SubmissionRejected(SubmissionRejected {
@@ -208,7 +210,7 @@ impl Coordinator {
         if claims.order_id != submitted.order_id {
             return reject("token belongs to another order".to_owned());
         }
-        if claims.step != PAYMENT_STEP {
+        if claims.step != PAYMENT_STEP.as_str() {
             return reject(format!(
                 "token is for step `{}`, not `{PAYMENT_STEP}`",
                 claims.step
@@ -222,7 +224,7 @@ impl Coordinator {
         .fetch_optional(unit.conn())
         .await?;
         let Some(step) = step else {
-            if status != "running" {
+            if status != SagaStatus::Running {
                 return reject(format!("order is already {status}"));
             }
             // A genuine token whose payment.awaiting we have not seen yet.
@@ -243,7 +245,7 @@ impl Coordinator {
         if used {
             return reject("token already used".to_owned());
         }
-        if status != "running" {
+        if status != SagaStatus::Running {
             return reject(format!("order is already {status}"));
         }
         match timers::settle(unit.conn(), &submitted.order_id, Step::Payment).await? {
@@ -295,9 +297,9 @@ impl Coordinator {
                 "the saga of order {order_id} was not locked with its unit of work"
             )));
         };
-        let status = saga.status.clone();
+        let status = saga.status;
         let first_digest = saga.started_digest.clone();
-        let running = status == "running";
+        let running = status == SagaStatus::Running;
         let sent = message.envelope.time_millis();
         let now = Utc::now();
         let mut armed = None;
@@ -320,19 +322,19 @@ impl Coordinator {
                 let flow_due = deadline(sent, self.timeouts.flow, now);
                 timers::arm(conn, order_id, Step::GenerateInfo, info_due).await?;
                 timers::arm(conn, order_id, Step::Flow, flow_due).await?;
-                sagas.progress(order_id, Some("generate-info"));
+                sagas.progress(order_id, Some(SagaStep::GenerateInfo));
                 armed = Some(info_due.min(flow_due));
             }
             Event::InfoGenerated(_) | Event::InfoRejected(_) => {
                 timers::complete(unit.conn(), order_id, Step::GenerateInfo).await?;
-                sagas.progress(order_id, Some("payment-wait"));
+                sagas.progress(order_id, Some(SagaStep::PaymentWait));
             }
             Event::PaymentAwaiting(awaiting) if running => {
                 match self.open_payment_step(unit, awaiting).await? {
                     Ok(()) => {
                         timers::arm(unit.conn(), order_id, Step::Payment, awaiting.expires_at)
                             .await?;
-                        sagas.progress(order_id, Some("payment"));
+                        sagas.progress(order_id, Some(SagaStep::Payment));
                         armed = Some(awaiting.expires_at);
                     }
                     Err(reason) => {
@@ -342,11 +344,11 @@ impl Coordinator {
                 }
             }
             Event::PaymentSubmitted(submitted) => {
-                let decision = self.decide(unit, submitted, &status).await?;
+                let decision = self.decide(unit, submitted, status).await?;
                 match &decision {
                     Event::PaymentSelected(s) => {
                         tracing::info!(%order_id, method = %s.method, amount_cents = s.amount_cents, "payment accepted");
-                        sagas.progress(order_id, Some("paying"));
+                        sagas.progress(order_id, Some(SagaStep::Paying));
                     }
                     Event::PaymentRejected(r) => {
                         tracing::info!(%order_id, method = %r.method, reason = %r.reason, "payment method rejected");
@@ -360,9 +362,9 @@ impl Coordinator {
             }
             Event::OrderCompleted(_) | Event::OrderCancelled(_) => {
                 let ended = if matches!(message.event, Event::OrderCompleted(_)) {
-                    "completed"
+                    SagaStatus::Completed
                 } else {
-                    "cancelled"
+                    SagaStatus::Cancelled
                 };
                 if sagas.end(order_id, ended) {
                     timers::settle_all(unit.conn(), order_id).await?;
@@ -373,14 +375,14 @@ impl Coordinator {
         history.push(
             &message.envelope,
             &message.event,
-            history::classify(&message.event, Some(&status)),
+            history::classify(&message.event, Some(status)),
             rejected.as_deref(),
         );
         if let Some(decision) = decided {
             // The coordinator does not consume its own decisions: they go
             // into the history here, with the message id they are sent with.
             let outgoing = Outgoing::event(&decision, Some(&message.envelope));
-            let kind = history::classify(&decision, Some(&status));
+            let kind = history::classify(&decision, Some(status));
             history.push(&outgoing.envelope, &decision, kind, None);
             unit.emit(outgoing);
         }
@@ -436,7 +438,7 @@ impl Coordinator {
     }
 }
 
-impl Handler for Coordinator {
+impl Handler for CoordinatorHandler {
     async fn handle(&self, message: &Message) -> Result<(), HandleError> {
         self.apply_all(&[message]).await
     }
@@ -466,7 +468,7 @@ pub async fn run(ctx: Ctx, shutdown: Shutdown) -> anyhow::Result<()> {
         generate_info: Duration::from_secs(ctx.settings.generate_info_timeout_secs),
         flow: Duration::from_secs(ctx.settings.flow_timeout_secs),
     };
-    let handler = Arc::new(Coordinator::new(
+    let handler = Arc::new(CoordinatorHandler::new(
         db.clone(),
         ctx.require_token_keys()?.clone(),
         timeouts,
@@ -484,22 +486,12 @@ pub async fn run(ctx: Ctx, shutdown: Shutdown) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    #![allow(
-        clippy::unwrap_used,
-        reason = "a test fails loudly on the first surprise"
-    )]
-
     use orderflow_shared::events::PaymentAwaiting;
     use orderflow_shared::strategies;
     use orderflow_shared::token::Claims;
     use proptest::prelude::*;
-    use secrecy::SecretString;
 
     use super::*;
-
-    fn keys() -> TokenKeys {
-        TokenKeys::parse(&SecretString::from("test:orderflow-test-signing-key")).unwrap()
-    }
 
     fn timeout() -> impl Strategy<Value = Duration> {
         prop_oneof![
@@ -529,7 +521,7 @@ mod tests {
                 |(order_id, methods, amount, expires_at, change, text, number)| {
                     let claims = Claims {
                         order_id: order_id.clone(),
-                        step: PAYMENT_STEP.to_owned(),
+                        step: PAYMENT_STEP.as_str().to_owned(),
                         attempt: 1,
                         methods: methods.clone(),
                         amount_cents: amount,
@@ -538,7 +530,7 @@ mod tests {
                     };
                     let mut awaiting = PaymentAwaiting {
                         order_id,
-                        token: keys().mint(&claims).unwrap(),
+                        token: strategies::token_keys().mint(&claims).unwrap(),
                         payment_methods: methods,
                         amount_cents: amount,
                         expires_at,
@@ -592,7 +584,7 @@ mod tests {
         /// positive.
         #[test]
         fn an_awaiting_opens_the_step_only_with_its_own_token((awaiting, changed) in awaiting()) {
-            let mismatch = awaiting_mismatch(&keys(), &awaiting);
+            let mismatch = awaiting_mismatch(&strategies::token_keys(), &awaiting);
             prop_assert_eq!(mismatch.is_none(), !changed && awaiting.amount_cents > 0, "{:?}", mismatch);
         }
 
@@ -600,7 +592,7 @@ mod tests {
         #[test]
         fn any_awaiting_is_judged(event in strategies::event()) {
             if let Event::PaymentAwaiting(awaiting) = event {
-                prop_assert!(awaiting_mismatch(&keys(), &awaiting).is_some());
+                prop_assert!(awaiting_mismatch(&strategies::token_keys(), &awaiting).is_some());
             }
         }
     }

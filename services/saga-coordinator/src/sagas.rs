@@ -4,24 +4,43 @@
 //! written back together before it commits (one statement). Every message of
 //! one order therefore applies one at a time, whichever unit or coordinator
 //! handles it, and a batch of messages costs two statements for its sagas
-//! however many there are.
+//! however many there are. A saga's status and the step it waits on are
+//! [`SagaStatus`] and [`SagaStep`], stored as text.
 
 use std::collections::HashMap;
 
 use sqlx::PgConnection;
 
-/// The steps a saga waits on, in the order it passes them.
-pub const STEPS: &[&str] = &["generate-info", "payment-wait", "payment", "paying"];
+orderflow_shared::text_enum! {
+    /// Where a saga is: running until its first terminal event.
+    pub enum SagaStatus {
+        Running,
+        Completed,
+        Cancelled,
+    }
+}
+
+orderflow_shared::text_enum! {
+    /// The step a running saga waits on, declared in the order it passes
+    /// them: the order of the variants is the order of the steps, and a
+    /// saga's step only moves forward.
+    #[derive(PartialOrd, Ord)]
+    pub enum SagaStep {
+        GenerateInfo,
+        PaymentWait,
+        Payment,
+        Paying,
+    }
+}
 
 /// One saga as the unit of work sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Saga {
-    /// `running`, `completed` or `cancelled`.
-    pub status: String,
+    pub status: SagaStatus,
     /// The content digest of the order's first `order.started`.
     pub started_digest: Option<String>,
     /// The step it waits on (only moves forward).
-    pub step: Option<String>,
+    pub step: Option<SagaStep>,
     /// Written back when the unit commits (its `updated_at` moves).
     changed: bool,
 }
@@ -30,10 +49,6 @@ pub struct Saga {
 #[derive(Debug, Default)]
 pub struct Sagas {
     sagas: HashMap<String, Saga>,
-}
-
-fn rank(step: &str) -> usize {
-    STEPS.iter().position(|s| *s == step).map_or(0, |i| i + 1)
 }
 
 impl Sagas {
@@ -60,7 +75,7 @@ impl Sagas {
         let ids: Vec<&str> = first.iter().map(|(id, _)| *id).collect();
         let digests: Vec<Option<&str>> = first.iter().map(|(_, d)| *d).collect();
         // DO UPDATE rather than DO NOTHING: it locks an existing row too.
-        let rows: Vec<(String, String, Option<String>, Option<String>)> = sqlx::query_as(
+        let rows: Vec<(String, SagaStatus, Option<String>, Option<SagaStep>)> = sqlx::query_as(
             "INSERT INTO sagas (order_id, started_digest) \
              SELECT o, d FROM unnest($1::text[], $2::text[]) AS u(o, d) ORDER BY o \
              ON CONFLICT (order_id) DO UPDATE \
@@ -97,30 +112,29 @@ impl Sagas {
     /// A running saga moved: its time, and the step it now waits on when
     /// that is further along than the recorded one (events of one order may
     /// be handled out of order; the step never moves back).
-    pub fn progress(&mut self, order_id: &str, step: Option<&str>) {
+    pub fn progress(&mut self, order_id: &str, step: Option<SagaStep>) {
         let Some(saga) = self.sagas.get_mut(order_id) else {
             return;
         };
-        if saga.status != "running" {
+        if saga.status != SagaStatus::Running {
             return;
         }
         saga.changed = true;
-        if let Some(step) = step
-            && rank(step) > saga.step.as_deref().map_or(0, rank)
-        {
-            saga.step = Some(step.to_owned());
+        // `None` (no step yet) comes before every step.
+        if step > saga.step {
+            saga.step = step;
         }
     }
 
     /// A running saga ended with `status`; `true` when it was running.
-    pub fn end(&mut self, order_id: &str, status: &str) -> bool {
+    pub fn end(&mut self, order_id: &str, status: SagaStatus) -> bool {
         let Some(saga) = self.sagas.get_mut(order_id) else {
             return false;
         };
-        if saga.status != "running" {
+        if saga.status != SagaStatus::Running {
             return false;
         }
-        status.clone_into(&mut saga.status);
+        saga.status = status;
         saga.step = None;
         saga.changed = true;
         true
@@ -134,8 +148,8 @@ impl Sagas {
             return Ok(());
         }
         let ids: Vec<&str> = changed.iter().map(|(id, _)| id.as_str()).collect();
-        let statuses: Vec<&str> = changed.iter().map(|(_, s)| s.status.as_str()).collect();
-        let steps: Vec<Option<&str>> = changed.iter().map(|(_, s)| s.step.as_deref()).collect();
+        let statuses: Vec<SagaStatus> = changed.iter().map(|(_, s)| s.status).collect();
+        let steps: Vec<Option<SagaStep>> = changed.iter().map(|(_, s)| s.step).collect();
         sqlx::query(
             "UPDATE sagas SET status = u.status, step = u.step, updated_at = now() \
              FROM unnest($1::text[], $2::text[], $3::text[]) AS u(order_id, status, step) \
@@ -152,13 +166,15 @@ impl Sagas {
 
 #[cfg(test)]
 mod tests {
+    use strum::VariantArray as _;
+
     use super::*;
 
-    fn running(step: Option<&str>) -> Saga {
+    fn running(step: Option<SagaStep>) -> Saga {
         Saga {
-            status: "running".into(),
+            status: SagaStatus::Running,
             started_digest: None,
-            step: step.map(str::to_owned),
+            step,
             changed: false,
         }
     }
@@ -171,27 +187,48 @@ mod tests {
 
     #[test]
     fn the_step_only_moves_forward_and_only_while_running() {
-        let mut all = sagas(running(Some("payment")));
-        all.progress("o", Some("payment-wait"));
-        assert_eq!(all.get("o").unwrap().step.as_deref(), Some("payment"));
-        all.progress("o", Some("paying"));
-        assert_eq!(all.get("o").unwrap().step.as_deref(), Some("paying"));
-        assert!(all.end("o", "completed"));
-        assert!(!all.end("o", "cancelled"), "the first ending wins");
-        all.progress("o", Some("payment"));
-        let saga = all.get("o").unwrap();
-        assert_eq!(
-            (saga.status.as_str(), saga.step.as_deref()),
-            ("completed", None)
+        let mut all = sagas(running(Some(SagaStep::Payment)));
+        all.progress("o", Some(SagaStep::PaymentWait));
+        assert_eq!(all.get("o").unwrap().step, Some(SagaStep::Payment));
+        all.progress("o", Some(SagaStep::Paying));
+        assert_eq!(all.get("o").unwrap().step, Some(SagaStep::Paying));
+        assert!(all.end("o", SagaStatus::Completed));
+        assert!(
+            !all.end("o", SagaStatus::Cancelled),
+            "the first ending wins"
         );
+        all.progress("o", Some(SagaStep::Payment));
+        let saga = all.get("o").unwrap();
+        assert_eq!((saga.status, saga.step), (SagaStatus::Completed, None));
         assert!(saga.changed);
     }
 
     #[test]
-    fn an_unknown_step_ranks_first() {
-        let mut all = sagas(running(None));
-        all.progress("o", Some("no-such-step"));
-        assert_eq!(all.get("o").unwrap().step, None);
+    fn a_message_without_a_step_moves_only_the_time() {
+        let mut all = sagas(running(Some(SagaStep::PaymentWait)));
+        all.progress("o", None);
+        assert_eq!(all.get("o").unwrap().step, Some(SagaStep::PaymentWait));
         assert!(all.get("o").unwrap().changed, "its time still moves");
+    }
+
+    /// The steps in the order a saga passes them, spelled as the table
+    /// and the console have them.
+    #[test]
+    fn steps_are_ordered_and_spelled_as_stored() {
+        let names: Vec<&str> = SagaStep::VARIANTS.iter().map(|s| s.as_str()).collect();
+        assert_eq!(
+            names,
+            ["generate-info", "payment-wait", "payment", "paying"]
+        );
+        assert!(SagaStep::VARIANTS.is_sorted());
+        for step in SagaStep::VARIANTS {
+            assert_eq!(step.as_str().parse::<SagaStep>().unwrap(), *step);
+            assert_eq!(serde_json::to_value(step).unwrap(), step.as_str());
+        }
+        for status in SagaStatus::VARIANTS {
+            assert_eq!(status.as_str().parse::<SagaStatus>().unwrap(), *status);
+            assert_eq!(serde_json::to_value(status).unwrap(), status.as_str());
+        }
+        assert!("no-such-step".parse::<SagaStep>().is_err());
     }
 }

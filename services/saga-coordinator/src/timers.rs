@@ -17,21 +17,14 @@ use orderflow_shared::store::Db;
 use sqlx::PgConnection;
 use tokio::sync::Notify;
 
-/// The name of a step in the timers table (the spelling of `saga.timed-out`).
-pub fn step_name(step: Step) -> &'static str {
-    match step {
-        Step::GenerateInfo => "generate-info",
-        Step::Payment => "payment",
-        Step::Flow => "flow",
-    }
-}
-
-fn parse_step(name: &str) -> Option<Step> {
-    match name {
-        "generate-info" => Some(Step::GenerateInfo),
-        "payment" => Some(Step::Payment),
-        "flow" => Some(Step::Flow),
-        _ => None,
+orderflow_shared::text_enum! {
+    /// Where a timer is: `armed` while its step is open, then `fired` (its
+    /// deadline passed first) or `disarmed` (its step completed, or the saga
+    /// ended).
+    pub enum TimerState {
+        Armed,
+        Fired,
+        Disarmed,
     }
 }
 
@@ -48,7 +41,7 @@ pub async fn arm(
          ON CONFLICT (order_id, step) DO NOTHING",
     )
     .bind(order_id)
-    .bind(step_name(step))
+    .bind(step)
     .bind(due_at)
     .execute(conn)
     .await?;
@@ -77,7 +70,7 @@ pub async fn settle(
          WHERE order_id = $1 AND step = $2 AND state = 'armed'",
     )
     .bind(order_id)
-    .bind(step_name(step))
+    .bind(step)
     .execute(&mut *conn)
     .await?
     .rows_affected()
@@ -85,14 +78,14 @@ pub async fn settle(
     if won {
         return Ok(Settled::Won);
     }
-    let state: Option<String> =
+    let state: Option<TimerState> =
         sqlx::query_scalar("SELECT state FROM timers WHERE order_id = $1 AND step = $2")
             .bind(order_id)
-            .bind(step_name(step))
+            .bind(step)
             .fetch_optional(conn)
             .await?;
-    Ok(match state.as_deref() {
-        Some("fired") => Settled::TimedOut,
+    Ok(match state {
+        Some(TimerState::Fired) => Settled::TimedOut,
         _ => Settled::NotOpen,
     })
 }
@@ -112,7 +105,7 @@ pub async fn complete(
          WHERE timers.state = 'armed'",
     )
     .bind(order_id)
-    .bind(step_name(step))
+    .bind(step)
     .execute(conn)
     .await?;
     Ok(())
@@ -130,6 +123,12 @@ pub async fn settle_all(conn: &mut PgConnection, order_id: &str) -> Result<(), s
     Ok(())
 }
 
+/// How many due timers one firing claims at most.
+pub const FIRE_BATCH: i64 = 500;
+
+/// When the next armed timer is due (the loop sleeps until then, capped).
+pub const UNTIL_NEXT: &str = "SELECT min(due_at) FROM timers WHERE state = 'armed'";
+
 /// Claims up to `$1` due timers (`SKIP LOCKED`: several coordinators share
 /// the work) and settles them in one statement: per order, the earliest due
 /// timer fires if its saga still runs; the order's other claimed timers, and
@@ -138,7 +137,7 @@ pub async fn settle_all(conn: &mut PgConnection, order_id: &str) -> Result<(), s
 /// the other order could deadlock; the timer row, locked by the claim, is
 /// what decides between firing and completing. Returns the claimed timers
 /// with their new state.
-const FIRE_DUE: &str = "\
+pub const FIRE_DUE: &str = "\
 WITH claimed AS (
     SELECT order_id, step, due_at FROM timers WHERE state = 'armed' AND due_at <= now()
     ORDER BY due_at LIMIT $1 FOR UPDATE SKIP LOCKED
@@ -156,7 +155,7 @@ WITH claimed AS (
     UPDATE timers t SET state = 'disarmed', settled_at = now()
     FROM (SELECT DISTINCT order_id FROM decided WHERE fire) f
     WHERE t.order_id = f.order_id AND t.state = 'armed'
-      AND NOT EXISTS (SELECT 1 FROM claimed c WHERE c.order_id = t.order_id AND c.step = t.step)
+      AND (t.order_id, t.step) NOT IN (SELECT order_id, step FROM claimed)
 )
 SELECT order_id, step, state FROM settled";
 
@@ -223,25 +222,27 @@ impl TimerLoop {
         Self {
             db,
             wake,
-            batch: 500,
+            batch: FIRE_BATCH,
             max_sleep: Duration::from_secs(1),
         }
     }
 
-    /// Fires up to one batch of due timers, each in its own unit of work;
-    /// returns how many fired.
+    /// Fires up to one batch of due timers in one unit of work: one
+    /// statement claims, settles and disarms them (`FIRE_DUE`), each fired
+    /// one's `saga.timed-out` goes into the outbox and the history, and one
+    /// commit makes it all happen; returns how many fired.
     pub async fn fire_due(&self) -> Result<usize, sqlx::Error> {
         let mut unit = self.db.begin_unit_without_inbox().await?;
-        let settled: Vec<(String, String, String)> = sqlx::query_as(FIRE_DUE)
+        let settled: Vec<(String, Step, TimerState)> = sqlx::query_as(FIRE_DUE)
             .bind(self.batch)
             .fetch_all(unit.conn())
             .await?;
         let mut fired = 0;
         let mut history = crate::history::Pending::default();
-        for (order_id, step_name, state) in &settled {
-            let Some(step) = parse_step(step_name).filter(|_| state == "fired") else {
+        for (order_id, step, state) in settled {
+            if state != TimerState::Fired {
                 continue;
-            };
+            }
             let event = Event::SagaTimedOut(SagaTimedOut {
                 order_id: order_id.clone(),
                 step,
@@ -251,7 +252,7 @@ impl TimerLoop {
             // goes into the history with the message it is sent as.
             history.push(&outgoing.envelope, &event, "timer", None);
             unit.emit(outgoing);
-            tracing::warn!(%order_id, step = %step_name, "deadline passed; saga timed out");
+            tracing::warn!(%order_id, %step, "deadline passed; saga timed out");
             fired += 1;
         }
         history.write(unit.conn()).await?;
@@ -261,10 +262,9 @@ impl TimerLoop {
 
     /// How long until the next armed timer is due (capped).
     async fn until_next(&self) -> Duration {
-        let next: Result<Option<DateTime<Utc>>, _> =
-            sqlx::query_scalar("SELECT min(due_at) FROM timers WHERE state = 'armed'")
-                .fetch_one(self.db.pool())
-                .await;
+        let next: Result<Option<DateTime<Utc>>, _> = sqlx::query_scalar(UNTIL_NEXT)
+            .fetch_one(self.db.pool())
+            .await;
         match next {
             Ok(Some(due)) => (due - Utc::now())
                 .to_std()

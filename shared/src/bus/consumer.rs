@@ -260,7 +260,9 @@ impl ConsumerOptions {
     }
 }
 
-struct Context<H> {
+/// What every task of one consumer shares: its handler and options, and the
+/// queues and exchanges of its service it takes from and parks messages on.
+struct ConsumerState<H> {
     broker: Broker,
     options: ConsumerOptions,
     handler: Arc<H>,
@@ -309,7 +311,7 @@ pub async fn run_consumer<H: Handler>(
         .map(|tier| exchange_of(ExchangeRole::Delay(*tier)))
         .collect::<Result<Vec<_>, _>>()?;
     let permits = Arc::new(Semaphore::new(options.concurrency.max(1)));
-    let context = Arc::new(Context {
+    let state = Arc::new(ConsumerState {
         publisher: broker.publisher(),
         broker,
         options,
@@ -324,7 +326,7 @@ pub async fn run_consumer<H: Handler>(
     let mut delays = reconnect_backoff();
     while !shutdown.is_cancelled() {
         let started = tokio::time::Instant::now();
-        match session(&context, &permits, &mut tasks, &shutdown).await {
+        match session(&state, &permits, &mut tasks, &shutdown).await {
             Ok(()) => break,
             Err(error) => {
                 if started.elapsed() > Duration::from_secs(30) {
@@ -332,7 +334,7 @@ pub async fn run_consumer<H: Handler>(
                 }
                 let delay = delays.next().unwrap_or(Duration::from_secs(5));
                 tracing::warn!(
-                    service = %context.options.service,
+                    service = %state.options.service,
                     %error,
                     ?delay,
                     "consumer lost its channel; reconnecting (unacked messages will be redelivered)"
@@ -345,7 +347,7 @@ pub async fn run_consumer<H: Handler>(
         }
     }
     while tasks.join_next().await.is_some() {}
-    tracing::info!(service = %context.options.service, "consumer stopped");
+    tracing::info!(service = %state.options.service, "consumer stopped");
     Ok(())
 }
 
@@ -372,10 +374,13 @@ enum Stop {
 
 /// Whether an operator has paused the service: its pause queue holds a
 /// marker (a passive declaration, which needs no permission).
-async fn paused<H: Handler>(context: &Context<H>, channel: &Channel) -> Result<bool, SessionError> {
+async fn paused<H: Handler>(
+    state: &ConsumerState<H>,
+    channel: &Channel,
+) -> Result<bool, SessionError> {
     let declared = channel
         .queue_declare(
-            context.pause_queue.as_str().into(),
+            state.pause_queue.as_str().into(),
             QueueDeclareOptions {
                 passive: true,
                 ..QueueDeclareOptions::default()
@@ -384,7 +389,7 @@ async fn paused<H: Handler>(context: &Context<H>, channel: &Channel) -> Result<b
         )
         .await
         .map_err(|cause| SessionError::PauseQueue {
-            queue: context.pause_queue.clone(),
+            queue: state.pause_queue.clone(),
             cause,
         })?;
     Ok(declared.message_count() > 0)
@@ -393,20 +398,20 @@ async fn paused<H: Handler>(context: &Context<H>, channel: &Channel) -> Result<b
 /// One channel's life: consume until shutdown (Ok) or until the channel
 /// dies; while the service is paused, wait instead of consuming.
 async fn session<H: Handler>(
-    context: &Arc<Context<H>>,
+    state: &Arc<ConsumerState<H>>,
     permits: &Arc<Semaphore>,
     tasks: &mut JoinSet<()>,
     shutdown: &Shutdown,
 ) -> Result<(), SessionError> {
-    let channel = context.broker.channel().await?;
+    let channel = state.broker.channel().await?;
     channel
-        .basic_qos(context.options.prefetch, BasicQosOptions::default())
+        .basic_qos(state.options.prefetch, BasicQosOptions::default())
         .await?;
     loop {
-        if !wait_while_paused(context, &channel, shutdown).await? {
+        if !wait_while_paused(state, &channel, shutdown).await? {
             break;
         }
-        match consume(context, &channel, permits, tasks, shutdown).await? {
+        match consume(state, &channel, permits, tasks, shutdown).await? {
             Stop::Shutdown => break,
             Stop::Paused => {}
         }
@@ -418,25 +423,25 @@ async fn session<H: Handler>(
 /// Returns `true` once the service is not paused (at once when it is not),
 /// `false` on shutdown.
 async fn wait_while_paused<H: Handler>(
-    context: &Context<H>,
+    state: &ConsumerState<H>,
     channel: &Channel,
     shutdown: &Shutdown,
 ) -> Result<bool, SessionError> {
-    let service = &context.options.service;
+    let service = &state.options.service;
     let mut guard = None;
-    while paused(context, channel).await? {
+    while paused(state, channel).await? {
         if guard.is_none() {
             tracing::warn!(
                 %service,
-                queue = %context.queue,
+                queue = %state.queue,
                 "paused by an operator: not consuming; messages wait in the queue, the saga's \
                  timers go on (`orderflow resume {service}` resumes)"
             );
-            guard = Some(context.options.consuming.set(PAUSED));
+            guard = Some(state.options.consuming.set(PAUSED));
         }
         tokio::select! {
             () = shutdown.cancelled() => return Ok(false),
-            () = tokio::time::sleep(context.options.pause_check) => {}
+            () = tokio::time::sleep(state.options.pause_check) => {}
         }
     }
     if guard.is_some() {
@@ -449,24 +454,24 @@ async fn wait_while_paused<H: Handler>(
 /// what is in flight is finished (and, on a pause, what the broker had
 /// already delivered is handled).
 async fn consume<H: Handler>(
-    context: &Arc<Context<H>>,
+    state: &Arc<ConsumerState<H>>,
     channel: &Channel,
     permits: &Arc<Semaphore>,
     tasks: &mut JoinSet<()>,
     shutdown: &Shutdown,
 ) -> Result<Stop, SessionError> {
-    let tag = format!("{}-{}", context.options.service, uuid::Uuid::now_v7());
+    let tag = format!("{}-{}", state.options.service, uuid::Uuid::now_v7());
     let mut consumer = channel
         .basic_consume(
-            context.queue.as_str().into(),
+            state.queue.as_str().into(),
             tag.as_str().into(),
             BasicConsumeOptions::default(),
             FieldTable::default(),
         )
         .await?;
-    let _consuming = context.options.consuming.set(CONSUMING);
-    tracing::info!(service = %context.options.service, queue = %context.queue, "consuming");
-    let period = context.options.pause_check;
+    let _consuming = state.options.consuming.set(CONSUMING);
+    tracing::info!(service = %state.options.service, queue = %state.queue, "consuming");
+    let period = state.options.pause_check;
     let mut checks = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     checks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Cancelled for a pause: the stream yields what was delivered, then ends.
@@ -480,7 +485,7 @@ async fn consume<H: Handler>(
         let permit = tokio::select! {
             () = shutdown.cancelled() => break Stop::Shutdown,
             _ = checks.tick(), if !pausing => {
-                pausing = pause_if_paused(context, channel, &tag).await?;
+                pausing = pause_if_paused(state, channel, &tag).await?;
                 continue;
             }
             permit = permits.clone().acquire_owned() => permit.expect("semaphore is never closed"),
@@ -488,7 +493,7 @@ async fn consume<H: Handler>(
         let delivery = tokio::select! {
             () = shutdown.cancelled() => break Stop::Shutdown,
             _ = checks.tick(), if !pausing => {
-                pausing = pause_if_paused(context, channel, &tag).await?;
+                pausing = pause_if_paused(state, channel, &tag).await?;
                 continue;
             }
             next = consumer.next() => match next {
@@ -501,7 +506,7 @@ async fn consume<H: Handler>(
         // Whatever else is already waiting joins the batch (never waits).
         let mut batch = vec![delivery];
         let mut ended = None;
-        while batch.len() < context.handler.batch_size() {
+        while batch.len() < state.handler.batch_size() {
             match consumer.next().now_or_never() {
                 Some(Some(Ok(delivery))) => batch.push(delivery),
                 Some(Some(Err(error))) => {
@@ -520,12 +525,12 @@ async fn consume<H: Handler>(
             }
         }
         DELIVERIES.fetch_add(batch.len() as u64, std::sync::atomic::Ordering::Relaxed);
-        let context = context.clone();
+        let state = state.clone();
         tasks.spawn(async move {
             if batch.len() == 1 {
-                process(&context, batch.swap_remove(0)).await;
+                process(&state, batch.swap_remove(0)).await;
             } else {
-                process_batch(&context, batch).await;
+                process_batch(&state, batch).await;
             }
             drop(permit);
         });
@@ -551,15 +556,15 @@ async fn consume<H: Handler>(
 
 /// Cancels the consumer `tag` when the service is paused; whether it did.
 async fn pause_if_paused<H: Handler>(
-    context: &Context<H>,
+    state: &ConsumerState<H>,
     channel: &Channel,
     tag: &str,
 ) -> Result<bool, SessionError> {
-    if !paused(context, channel).await? {
+    if !paused(state, channel).await? {
         return Ok(false);
     }
     tracing::info!(
-        service = %context.options.service,
+        service = %state.options.service,
         "an operator paused the service: stopping consumption after what was delivered"
     );
     channel
@@ -590,32 +595,32 @@ async fn call_handler<H: Handler>(handler: &H, message: &Message) -> Result<(), 
 
 /// Several deliveries through [`Handler::handle_batch`]; acked together when
 /// it succeeds, else each one goes through [`process`] on its own.
-async fn process_batch<H: Handler>(context: &Context<H>, deliveries: Vec<Delivery>) {
+async fn process_batch<H: Handler>(state: &ConsumerState<H>, deliveries: Vec<Delivery>) {
     let mut messages = Vec::with_capacity(deliveries.len());
     let mut decoded = Vec::with_capacity(deliveries.len());
     for delivery in deliveries {
-        match Message::decode(&delivery, &context.redeliver_exchange) {
+        match Message::decode(&delivery, &state.redeliver_exchange) {
             Ok(message) => {
                 messages.push(message);
                 decoded.push(delivery);
             }
             Err(undecodable) => {
                 let reason = format!("undecodable message: {}", undecodable.error);
-                dead_letter(context, &delivery, &undecodable.envelope, 0, &reason).await;
+                dead_letter(state, &delivery, &undecodable.envelope, 0, &reason).await;
             }
         }
     }
     if messages.is_empty() {
         return;
     }
-    let handled = AssertUnwindSafe(context.handler.handle_batch(&messages))
+    let handled = AssertUnwindSafe(state.handler.handle_batch(&messages))
         .catch_unwind()
         .await;
     match handled {
         Ok(Ok(())) => {
             for (delivery, message) in decoded.iter().zip(&messages) {
                 tracing::debug!(
-                    service = %context.options.service,
+                    service = %state.options.service,
                     order_id = %message.envelope.correlation_id,
                     message_id = %message.envelope.message_id,
                     kind = %message.envelope.kind,
@@ -631,40 +636,36 @@ async fn process_batch<H: Handler>(context: &Context<H>, deliveries: Vec<Deliver
                 _ => "handler panicked".to_owned(),
             };
             tracing::debug!(
-                service = %context.options.service,
+                service = %state.options.service,
                 messages = messages.len(),
                 %error,
                 "batch failed as a whole; handling its messages one by one"
             );
             // Concurrently: one message may wait (a retry) for another of
             // the same batch to be applied first.
-            futures::future::join_all(
-                decoded
-                    .into_iter()
-                    .map(|delivery| process(context, delivery)),
-            )
-            .await;
+            futures::future::join_all(decoded.into_iter().map(|delivery| process(state, delivery)))
+                .await;
         }
     }
 }
 
-async fn process<H: Handler>(context: &Context<H>, delivery: Delivery) {
-    let service = &context.options.service;
-    let message = match Message::decode(&delivery, &context.redeliver_exchange) {
+async fn process<H: Handler>(state: &ConsumerState<H>, delivery: Delivery) {
+    let service = &state.options.service;
+    let message = match Message::decode(&delivery, &state.redeliver_exchange) {
         Ok(message) => message,
         Err(undecodable) => {
             let reason = format!("undecodable message: {}", undecodable.error);
-            dead_letter(context, &delivery, &undecodable.envelope, 0, &reason).await;
+            dead_letter(state, &delivery, &undecodable.envelope, 0, &reason).await;
             return;
         }
     };
     let envelope = &message.envelope;
     let backoff = ExponentialBuilder::default()
-        .with_min_delay(context.options.retry_min_delay)
-        .with_max_delay(context.options.retry_max_delay)
-        .with_max_times(context.options.in_process_retries)
+        .with_min_delay(state.options.retry_min_delay)
+        .with_max_delay(state.options.retry_max_delay)
+        .with_max_times(state.options.in_process_retries)
         .with_jitter();
-    let result = (|| call_handler(context.handler.as_ref(), &message))
+    let result = (|| call_handler(state.handler.as_ref(), &message))
         .retry(backoff)
         .sleep(tokio::time::sleep)
         .when(HandleError::is_transient)
@@ -694,17 +695,17 @@ async fn process<H: Handler>(context: &Context<H>, delivery: Delivery) {
         }
         Err(HandleError::Permanent(error)) => format!("permanent failure: {error:#}"),
         Err(HandleError::Transient(error)) => {
-            if let Some(delay_exchange) = context.delay_exchanges.get(message.retries as usize) {
-                delay(context, &delivery, &message, delay_exchange, &error).await;
+            if let Some(delay_exchange) = state.delay_exchanges.get(message.retries as usize) {
+                delay(state, &delivery, &message, delay_exchange, &error).await;
                 return;
             }
             format!(
                 "gave up after {} delayed retries: {error:#}",
-                context.delay_exchanges.len()
+                state.delay_exchanges.len()
             )
         }
     };
-    dead_letter(context, &delivery, envelope, message.retries, &reason).await;
+    dead_letter(state, &delivery, envelope, message.retries, &reason).await;
 }
 
 async fn ack(delivery: &Delivery, envelope: &Envelope) {
@@ -750,7 +751,7 @@ fn runtime_headers(retries: u32) -> FieldTable {
 }
 
 async fn delay<H: Handler>(
-    context: &Context<H>,
+    state: &ConsumerState<H>,
     delivery: &Delivery,
     message: &Message,
     delay_exchange: &str,
@@ -766,18 +767,11 @@ async fn delay<H: Handler>(
                 "transient failure ({error:#}), but the message cannot be parked for a retry: \
                  {too_long}"
             );
-            dead_letter(
-                context,
-                delivery,
-                &message.envelope,
-                message.retries,
-                &reason,
-            )
-            .await;
+            dead_letter(state, delivery, &message.envelope, message.retries, &reason).await;
             return;
         }
     };
-    match context
+    match state
         .publisher
         .publish_raw(
             delay_exchange,
@@ -789,7 +783,7 @@ async fn delay<H: Handler>(
     {
         Ok(()) => {
             tracing::warn!(
-                service = %context.options.service,
+                service = %state.options.service,
                 order_id = %message.envelope.correlation_id,
                 message_id = %message.envelope.message_id,
                 delay_queue = %delay_exchange,
@@ -811,7 +805,7 @@ async fn delay<H: Handler>(
 }
 
 async fn dead_letter<H: Handler>(
-    context: &Context<H>,
+    state: &ConsumerState<H>,
     delivery: &Delivery,
     envelope: &Envelope,
     retries: u32,
@@ -822,7 +816,7 @@ async fn dead_letter<H: Handler>(
     extra.insert(headers::REASON.into(), AMQPValue::LongString(reason.into()));
     extra.insert(
         headers::SERVICE.into(),
-        AMQPValue::LongString(context.options.service.as_str().into()),
+        AMQPValue::LongString(state.options.service.as_str().into()),
     );
     extra.insert(
         headers::FAILED_AT.into(),
@@ -833,10 +827,10 @@ async fn dead_letter<H: Handler>(
     let properties = envelope
         .to_properties(extra.clone())
         .unwrap_or_else(|_| with_headers(&delivery.properties, &extra));
-    match context
+    match state
         .publisher
         .publish_raw(
-            &context.dead_exchange,
+            &state.dead_exchange,
             routing_key,
             &delivery.data,
             properties,
@@ -845,12 +839,12 @@ async fn dead_letter<H: Handler>(
     {
         Ok(()) => {
             tracing::error!(
-                service = %context.options.service,
+                service = %state.options.service,
                 order_id = %envelope.correlation_id,
                 message_id = %envelope.message_id,
                 routing_key,
                 reason,
-                dead_letter_queue = %context.dead_exchange,
+                dead_letter_queue = %state.dead_exchange,
                 "message dead-lettered; inspect with `orderflow dlq list`, replay with `orderflow dlq replay`"
             );
             ack(delivery, envelope).await;

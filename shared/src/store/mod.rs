@@ -8,6 +8,7 @@ pub mod orders;
 mod outbox;
 pub mod retention;
 pub mod roles;
+mod text;
 mod unit;
 
 use std::str::FromStr;
@@ -463,24 +464,21 @@ mod tests {
                 .unwrap()
                 .get_ssl_mode()
         };
-        if std::env::var_os("PGSSLMODE").is_none() {
-            assert!(matches!(
-                mode("postgres://u@127.0.0.1/x"),
-                PgSslMode::Disable
-            ));
-            assert!(matches!(
-                mode("postgres://u@localhost:5432/x"),
-                PgSslMode::Disable
-            ));
-            assert!(matches!(
-                mode("postgres://u@db.example/x"),
-                PgSslMode::Prefer
-            ));
+        // (URL, mode, whether only without PGSSLMODE in the environment)
+        let table = [
+            ("postgres://u@127.0.0.1/x", "Disable", true),
+            ("postgres://u@localhost:5432/x", "Disable", true),
+            ("postgres://u@db.example/x", "Prefer", true),
+            ("postgres://u@127.0.0.1/x?sslmode=require", "Require", false),
+        ];
+        let environment_default = std::env::var_os("PGSSLMODE").is_none();
+        for (url, expected, by_default) in table {
+            if by_default && !environment_default {
+                continue;
+            }
+            let mode: PgSslMode = mode(url);
+            assert_eq!(format!("{mode:?}"), expected, "{url}");
         }
-        assert!(matches!(
-            mode("postgres://u@127.0.0.1/x?sslmode=require"),
-            PgSslMode::Require
-        ));
     }
 
     #[test]

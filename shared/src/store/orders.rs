@@ -157,30 +157,31 @@ pub struct Transition {
     pub announce: Event,
 }
 
-/// A worker of terminal transitions (order-completed, order-cancelled): for
+/// The handler of terminal transitions (the order-completed and
+/// order-cancelled workers each run one with their own `decide`): for
 /// each message `decide` maps to a transition, [`finish`] it and, if it won,
 /// announce it (the event, through the outbox; the long polls, through the
 /// [`Announcer`]). Batches of waiting messages share one transaction (rows
 /// locked in order-id order, one inbox statement).
-pub struct TerminalWorker {
+pub struct TerminalHandler {
     service: &'static str,
     db: Db,
     announcer: Announcer,
     decide: fn(&Event) -> Option<Transition>,
 }
 
-impl std::fmt::Debug for TerminalWorker {
+impl std::fmt::Debug for TerminalHandler {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TerminalWorker")
+        f.debug_struct("TerminalHandler")
             .field("service", &self.service)
             .finish_non_exhaustive()
     }
 }
 
-/// Deliveries one unit of work of a [`TerminalWorker`] takes at most.
+/// Deliveries one unit of work of a [`TerminalHandler`] takes at most.
 const TERMINAL_BATCH: usize = 32;
 
-impl TerminalWorker {
+impl TerminalHandler {
     pub fn new(
         service: &'static str,
         db: Db,
@@ -244,7 +245,7 @@ impl TerminalWorker {
     }
 }
 
-impl Handler for TerminalWorker {
+impl Handler for TerminalHandler {
     async fn handle(&self, message: &Message) -> Result<(), HandleError> {
         self.apply_all(&[message]).await
     }

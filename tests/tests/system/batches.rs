@@ -127,7 +127,7 @@ async fn a_coordinator_batch_applies_two_events_of_one_order_in_order_and_a_dupl
         orderflow_tests::TEST_TOKEN_KEYS.to_owned(),
     ))
     .unwrap();
-    let coordinator = saga_coordinator::Coordinator::new(
+    let coordinator = saga_coordinator::CoordinatorHandler::new(
         db.clone(),
         keys,
         saga_coordinator::Timeouts {
@@ -235,7 +235,7 @@ async fn a_provider_batch_charges_each_decision_once_and_a_forged_one_fails_alon
     )
     .await
     .unwrap();
-    let provider = payment_provider::ProviderWorker::new(
+    let provider = payment_provider::ProviderHandler::new(
         &system.ctx,
         "weixin",
         payments.clone(),

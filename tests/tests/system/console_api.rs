@@ -37,17 +37,6 @@ const OPERATOR_ROUTES: [(&str, &str); 7] = [
     ("GET", "/console/api/sagas/stuck"),
 ];
 
-async fn get(system: &System, path: &str) -> (u16, Value) {
-    let response = system
-        .client
-        .get(format!("{}{path}", system.api))
-        .send()
-        .await
-        .unwrap();
-    let status = response.status().as_u16();
-    (status, response.json().await.unwrap_or(Value::Null))
-}
-
 async fn call(
     system: &System,
     method: &str,
@@ -124,7 +113,7 @@ async fn the_page_and_its_assets_are_served_from_the_binary() {
 #[tokio::test]
 async fn the_catalogue_lists_merchants_with_their_methods_and_products_with_prices() {
     let system = System::start().await;
-    let (status, catalogue) = get(&system, "/catalogue").await;
+    let (status, catalogue) = system.get("/catalogue").await;
     assert_eq!(status, 200, "{catalogue}");
     let haidilao = catalogue["merchants"]
         .as_array()
@@ -302,7 +291,7 @@ async fn read_live(
 async fn an_orders_live_stream_sends_its_state_saga_and_each_history_entry_once() {
     let system = System::start().await;
     let order_id = system.place("haidilao", &[("hotpot-set", 1)]).await;
-    let (status, _) = get(&system, "/orders/unknown-order/live").await;
+    let (status, _) = system.get("/orders/unknown-order/live").await;
     assert_eq!(status, 404);
 
     // Open while the order waits for its payment, then pay it.
@@ -369,12 +358,12 @@ async fn an_orders_live_stream_sends_its_state_saga_and_each_history_entry_once(
         .unwrap();
     assert!(completed["causation_id"].is_string(), "{completed}");
 
-    let (status, saga) = get(&system, &format!("/orders/{order_id}/saga")).await;
+    let (status, saga) = system.get(&format!("/orders/{order_id}/saga")).await;
     assert_eq!(status, 200);
     assert_eq!(saga["status"], "completed");
     assert_eq!(saga["step"], Value::Null, "an ended saga waits on nothing");
     assert_eq!(saga["deadlines"], json!([]));
-    let (status, body) = get(&system, "/orders/unknown-order/saga").await;
+    let (status, body) = system.get("/orders/unknown-order/saga").await;
     assert_eq!(status, 404, "{body}");
     system.stop().await;
 }

@@ -187,7 +187,7 @@ async fn a_payment_whose_gateway_ledger_is_unreachable_is_retried_not_failed() {
     .await
     .unwrap();
     let worker = Arc::new(
-        payment_provider::ProviderWorker::new(&ctx, "zhifubao", db.clone(), gateway_db).unwrap(),
+        payment_provider::ProviderHandler::new(&ctx, "zhifubao", db.clone(), gateway_db).unwrap(),
     );
     let shutdown = Shutdown::new();
     let provider = tokio::spawn({

@@ -80,7 +80,7 @@ async fn a_paused_service_queue_fills_its_orders_wait_and_their_timers_run_then_
         || async { system.env.message_count(&queue).await >= 1 },
     )
     .await;
-    let (status, saga) = get(&system, &format!("/orders/{order_id}/saga")).await;
+    let (status, saga) = system.get(&format!("/orders/{order_id}/saga")).await;
     assert_eq!(status, 200, "{saga}");
     assert_eq!(
         saga["step"], "paying",
@@ -227,24 +227,13 @@ async fn pausing_an_unknown_service_is_a_404_that_names_the_services() {
     system.stop().await;
 }
 
-async fn get(system: &System, path: &str) -> (u16, Value) {
-    let response = system
-        .client
-        .get(format!("{}{path}", system.api))
-        .send()
-        .await
-        .unwrap();
-    let status = response.status().as_u16();
-    (status, response.json().await.unwrap_or(Value::Null))
-}
-
 #[tokio::test]
 async fn a_paused_order_api_stays_healthy_and_says_it_is_paused() {
     let system =
         System::start_with(|settings| settings.pause_check_ms = 100, Workers::default()).await;
     pause(&system, "order-api").await;
     eventually(Duration::from_secs(10), "/healthz says paused", || async {
-        let (status, body) = get(&system, "/healthz").await;
+        let (status, body) = system.get("/healthz").await;
         status == 200
             && body["checks"]["broker"]
                 .as_str()
@@ -256,7 +245,7 @@ async fn a_paused_order_api_stays_healthy_and_says_it_is_paused() {
     assert_eq!(system.get_order(&order_id, None).await["status"], "started");
     resume(&system, "order-api").await;
     system.wait_for(&order_id, "awaiting_payment").await;
-    let (status, body) = get(&system, "/healthz").await;
+    let (status, body) = system.get("/healthz").await;
     assert_eq!(status, 200);
     assert_eq!(body["checks"]["broker"], "ok", "{body}");
     system.stop().await;

@@ -28,6 +28,7 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use chrono::Utc;
 use saga_coordinator::history::{self, SagaState};
+use saga_coordinator::timers::TimerState;
 use serde_json::{Value, json};
 
 use crate::error::ApiError;
@@ -98,7 +99,7 @@ fn saga_view(saga: &SagaState) -> Value {
     let deadlines: Vec<Value> = saga
         .timers
         .iter()
-        .filter(|timer| timer.state == "armed")
+        .filter(|timer| timer.state == TimerState::Armed)
         .map(|timer| {
             json!({
                 "step": timer.step,

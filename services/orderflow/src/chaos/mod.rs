@@ -153,7 +153,7 @@ pub fn run(args: &ChaosArgs) -> anyhow::Result<ExitCode> {
 
 /// The workers of the run and how many processes of each.
 fn worker_plan(metadata: &Metadata) -> Vec<(String, usize)> {
-    crate::up::worker_names(metadata)
+    orderflow_workers::names(metadata)
         .into_iter()
         .map(|name| {
             let instances = match name.as_str() {
@@ -172,9 +172,6 @@ async fn chaos(
     run_id: &str,
     dir: &std::path::Path,
 ) -> anyhow::Result<serde_json::Value> {
-    // Ports, cookie and keys: never from the seed (two runs with one seed
-    // must not pick the same); the seed rules the load and the faults.
-    let mut rng = fastrand::Rng::new();
     let clock = Clock::new();
     let nodes = if args.cluster { 3 } else { 1 };
     eprintln!(
@@ -184,13 +181,17 @@ async fn chaos(
         dir.display()
     );
     // The broker nodes boot while PostgreSQL is made and started.
-    let mut rabbit = Rabbit::prepare(&dir.join("rabbit"), nodes, &mut rng, run_id)?;
+    // Names, ports and secrets are this run's own whatever the seed: two runs
+    // with one seed at once (a test beside a full run) must not share a node
+    // name in epmd or a port. The seed decides the load and the faults only.
+    let mut fresh = fastrand::Rng::new();
+    let mut rabbit = Rabbit::prepare(&dir.join("rabbit"), nodes, &mut fresh, run_id)?;
     for i in 0..nodes {
         rabbit.spawn(i)?;
     }
     let mut pg = Postgres::init(
         &dir.join("pg"),
-        free_port_in(25_000..27_000, &mut rng),
+        free_port_in(25_000..27_000, &mut fresh),
         run_id,
     )?;
     pg.start().await?;
@@ -235,9 +236,9 @@ async fn chaos(
     let tap = declare_tap(&broker).await?;
 
     let api_addrs: Vec<String> = (0..2)
-        .map(|_| format!("127.0.0.1:{}", free_port_in(27_000..29_000, &mut rng)))
+        .map(|_| format!("127.0.0.1:{}", free_port_in(27_000..29_000, &mut fresh)))
         .collect();
-    let token_keys: String = (0..32).map(|_| rng.alphanumeric()).collect();
+    let token_keys: String = (0..32).map(|_| fresh.alphanumeric()).collect();
     let env = vec![
         ("ORDERFLOW_AMQP_URL".to_owned(), urls.clone()),
         ("ORDERFLOW_DATABASE_URL".to_owned(), pg.url("orderflow")),

@@ -25,8 +25,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Value, json};
 
 use crate::baseline::{self, BaselineSpec};
-use crate::cli::BenchArgs;
-use crate::up;
+use crate::stats::{percentile, sorted_ms};
 
 /// Events a completed order publishes: started, info-generated, awaiting,
 /// submitted, selected, captured, completed. The baseline chain has as many hops.
@@ -59,6 +58,33 @@ fn method_for(index: usize, allowed: &[String], known: &[String]) -> String {
     allowed[(index / SUPPLIERS.len()) % allowed.len()].clone()
 }
 
+#[derive(Debug, clap::Args)]
+/// What `orderflow bench` runs (its arguments).
+pub struct BenchArgs {
+    /// How many orders to run
+    #[arg(long, default_value_t = 200)]
+    pub orders: usize,
+    /// How many orders are in flight at once
+    #[arg(long, default_value_t = 10)]
+    pub concurrency: usize,
+    /// Bench a running orderflow at this base URL (e.g. http://127.0.0.1:8080).
+    /// Without it, the bench starts every worker and the API in this process,
+    /// in a throwaway namespace and database that it removes afterwards.
+    #[arg(long)]
+    pub api: Option<String>,
+    /// Latency of the simulated payment gateway in the in-process system
+    /// (the gateway's time, not orderflow's; `--api` uses the server's setting)
+    #[arg(long, default_value_t = 0)]
+    pub gateway_latency_ms: u64,
+    /// Also measure the ceiling on the same broker and database: a chain of
+    /// persistent, confirmed hops through a topic exchange (as many messages
+    /// per order as a completed order publishes) and the commit rate for as
+    /// many transactions per order as the system used; prints orders/s as a
+    /// fraction of it
+    #[arg(long)]
+    pub baseline: bool,
+}
+
 pub fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(main(args))
@@ -80,10 +106,10 @@ impl InProcess {
         let base = format!("http://{}", listener.local_addr()?);
         let ctx = Ctx::declare(settings, Metadata::from_env()?, "orderflow-bench").await?;
         let shutdown = Shutdown::new();
-        let tasks = up::system(&ctx, listener, &shutdown);
+        let tasks = orderflow_workers::whole_system(&ctx, listener, &shutdown);
         let system = tokio::spawn({
             let shutdown = shutdown.clone();
-            async move { up::run_all(tasks, &shutdown).await }
+            async move { orderflow_workers::run_all(tasks, &shutdown).await }
         });
         let system = Self {
             base,
@@ -411,14 +437,6 @@ impl Client {
     }
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1].as_secs_f64() * 1000.0
-}
-
 /// Runs the orders against the API at `base`; the report without the mode.
 async fn bench(args: &BenchArgs, base: &str) -> anyhow::Result<Value> {
     let base = base.trim_end_matches('/').to_owned();
@@ -500,7 +518,7 @@ async fn bench(args: &BenchArgs, base: &str) -> anyhow::Result<Value> {
             }
         }
     }
-    latencies.sort();
+    let latencies = sorted_ms(latencies);
     let not_allowed = (0..args.orders).filter(|&i| pays_not_allowed(i)).count();
     let report = json!({
         "orders": args.orders,
@@ -552,14 +570,5 @@ mod tests {
         // takes every method, a method nobody has.
         assert_eq!(method_for(19, &haidilao, &known), "unionpay");
         assert_eq!(method_for(19, &known, &known), INVALID_METHOD);
-    }
-
-    #[test]
-    fn percentiles_are_nearest_rank() {
-        let samples: Vec<Duration> = (1..=100).map(Duration::from_millis).collect();
-        assert!((percentile(&samples, 50.0) - 50.0).abs() < 1e-9);
-        assert!((percentile(&samples, 99.0) - 99.0).abs() < 1e-9);
-        assert!((percentile(&samples[..1], 99.0) - 1.0).abs() < 1e-9);
-        assert!(percentile(&[], 50.0).abs() < 1e-9);
     }
 }

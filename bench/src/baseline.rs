@@ -44,6 +44,8 @@ use sqlx::{AssertSqlSafe, ConnectOptions as _, Connection as _, PgConnection};
 use tokio::sync::oneshot;
 use tokio::task::JoinSet;
 
+use crate::stats::percentile;
+
 /// The database part runs at most this many orders: its rate is steady long
 /// before that, and every order costs `transactions` fsyncs.
 pub const DB_ORDERS_CAP: usize = 2000;
@@ -156,15 +158,6 @@ fn with_cleanup<T>(result: anyhow::Result<T>, cleanup: anyhow::Result<()>) -> an
         (Err(error), Ok(())) => Err(error),
         (Err(error), Err(cleanup)) => Err(error.context(format!("and then {cleanup:#}"))),
     }
-}
-
-/// The value at percentile `p` (0–100) of sorted `values`, nearest rank.
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let rank = (p / 100.0 * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
 /// A ~300-byte JSON body carrying the order number.
@@ -817,16 +810,6 @@ async fn db_order(db: &Db, order: u64, transactions: usize) -> anyhow::Result<()
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn percentiles_are_nearest_rank() {
-        let values: Vec<f64> = (1..=100).map(f64::from).collect();
-        assert!((percentile(&values, 50.0) - 50.0).abs() < f64::EPSILON);
-        assert!((percentile(&values, 99.0) - 99.0).abs() < f64::EPSILON);
-        assert!((percentile(&[7.0], 99.0) - 7.0).abs() < f64::EPSILON);
-        assert!((percentile(&[1.0, 2.0, 3.0], 50.0) - 2.0).abs() < f64::EPSILON);
-        assert!(percentile(&[], 50.0).abs() < f64::EPSILON);
-    }
 
     #[test]
     fn bodies_are_about_an_event_long_and_carry_the_order() {

@@ -1,30 +1,17 @@
-//! Benchmark of the durable timers (`src/timers.rs`), on the real local
+//! Benchmark of the durable timers (`saga_coordinator::timers`), on the real
 //! PostgreSQL: how fast a million pending timers are armed, and how late a
 //! burst of timers that fall due at the same instant fires.
 //!
 //! ```sh
-//! cargo bench -p saga-coordinator --bench timers
-//! cargo bench -p saga-coordinator --bench timers -- --pending 100000 --burst 2000
+//! cargo bench -p orderflow-bench --bench timers
+//! cargo bench -p orderflow-bench --bench timers -- --pending 100000 --burst 2000
 //! ```
 //!
-//! Sizes come from the arguments or the environment (arguments win):
-//!
-//! | argument | variable | default | meaning |
-//! | --- | --- | --- | --- |
-//! | `--pending N` | `TIMERS_BENCH_PENDING` | 1000000 | timers armed far in the future (1–2 h) |
-//! | `--burst N` | `TIMERS_BENCH_BURST` | 10000 | timers due at the same instant, per burst |
-//! | `--arm-tx N` | `TIMERS_BENCH_ARM_TX` | 1000 | `timers::arm` calls per transaction |
-//! | `--connections N` | `TIMERS_BENCH_CONNECTIONS` | 2 | connections arming at once |
-//! | `--unnest-batch N` | `TIMERS_BENCH_UNNEST_BATCH` | 10000 | rows per `INSERT … SELECT FROM UNNEST` (the ceiling) |
-//! | `--lead-ms N` | `TIMERS_BENCH_LEAD_MS` | 2000 | how long after the burst is armed it falls due |
-//! | `--loops A,B` | `TIMERS_BENCH_LOOPS` | 1,2 | one burst per entry, fired by that many `TimerLoop`s |
-//! | `--no-what-if` | `TIMERS_BENCH_WHAT_IF=0` | on | skip the last burst, fired by a set-based prototype of `fire_due` |
-//! | `--what-if-batch N` | `TIMERS_BENCH_WHAT_IF_BATCH` | 500 | the prototype's claim batch (`TimerLoop`'s is 500) |
-//!
-//! The server is `ORDERFLOW_BENCH_DATABASE_URL` (default
+//! Sizes come from the arguments or from `TIMERS_BENCH_*` variables (see
+//! `--help`). The server is `ORDERFLOW_BENCH_DATABASE_URL` (default
 //! `postgres://postgres@127.0.0.1:5432/postgres`); the benchmark creates a
-//! database `orderflow_bench_<random>` on it and drops it at the end, also
-//! when a phase fails, panics or the run is interrupted (Ctrl-C, SIGTERM).
+//! database `orderflow_bench_timers_<tag>` on it and drops it at the end, also
+//! when a phase fails or the run is interrupted (Ctrl-C, SIGTERM).
 //!
 //! Lateness is measured two ways: `settled_at − due_at` (`fire` sets
 //! `settled_at = now()`, which PostgreSQL fixes at the *start* of the firing
@@ -32,32 +19,29 @@
 //! moment the timer's `saga.timed-out` row became visible in the outbox, which
 //! is when a relay could publish it. The commit moments are observed by reading
 //! `clock_timestamp()` and the count of committed `saga.timed-out` rows every
-//! 2 ms, so they are upper bounds by about 2 ms plus one round trip. Both clocks are the database server's.
+//! 2 ms, so they are upper bounds by about 2 ms plus one round trip. Both
+//! clocks are the database server's. The plans are those of the service's own
+//! queries (`timers::FIRE_DUE`, `timers::UNTIL_NEXT`).
 
-use std::collections::hash_map::RandomState;
-use std::hash::BuildHasher;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, bail};
+use anyhow::bail;
 use chrono::{DateTime, Utc};
 use orderflow_shared::Shutdown;
-use orderflow_shared::bus::Outgoing;
-use orderflow_shared::config::Settings;
-use orderflow_shared::events::{Event, SagaTimedOut, Step};
+use orderflow_shared::app::shutdown_on_signal;
+use orderflow_shared::events::Step;
 use orderflow_shared::store::{Context, Db};
-use saga_coordinator::timers::{self, TimerLoop, TimerWake};
+use saga_coordinator::timers::{self, FIRE_DUE, TimerLoop, TimerWake, UNTIL_NEXT};
+use secrecy::SecretString;
 use serde_json::{Value, json};
 use sqlx::{AssertSqlSafe, Connection, PgConnection};
 
-/// The claim query of `TimerLoop::fire_due` (kept identical to `src/timers.rs`,
-/// with its batch of 500 written in), for `EXPLAIN ANALYZE`.
-const CLAIM: &str = "SELECT order_id, step FROM timers WHERE state = 'armed' AND due_at <= now() \
-                     ORDER BY due_at LIMIT 500 FOR UPDATE SKIP LOCKED";
-/// `TimerLoop::until_next`'s query.
-const UNTIL_NEXT: &str = "SELECT min(due_at) FROM timers WHERE state = 'armed'";
+use crate::scratch::ScratchDatabase;
+use crate::stats::{percentile, rate};
+
 /// The batched insert whose speed is the ceiling for arming.
 const UNNEST_INSERT: &str = "INSERT INTO timers (order_id, step, due_at) \
                              SELECT o, 'flow', d FROM UNNEST($1::text[], $2::timestamptz[]) AS u(o, d) \
@@ -69,132 +53,60 @@ const BURST_PATIENCE: Duration = Duration::from_mins(5);
 /// How often the burst phase reads the count of committed `saga.timed-out` rows.
 const COMMIT_POLL: Duration = Duration::from_millis(2);
 
-#[derive(Clone, Debug)]
-struct Options {
-    pending: usize,
-    burst: usize,
-    arm_tx: usize,
-    connections: usize,
-    unnest_batch: usize,
-    lead: Duration,
-    loops: Vec<usize>,
-    what_if: bool,
-    what_if_batch: usize,
+/// The sizes of one run.
+#[derive(Clone, Debug, clap::Parser)]
+#[command(
+    name = "timers",
+    about = "Benchmark of the saga coordinator's durable timers on the real PostgreSQL"
+)]
+pub struct Options {
+    /// Timers armed far in the future (1–2 h) before the bursts
+    #[arg(long, env = "TIMERS_BENCH_PENDING", default_value_t = 1_000_000)]
+    pub pending: usize,
+    /// Timers due at the same instant, per burst
+    #[arg(long, env = "TIMERS_BENCH_BURST", default_value_t = 10_000, value_parser = at_least_one)]
+    pub burst: usize,
+    /// `timers::arm` calls per transaction
+    #[arg(long, env = "TIMERS_BENCH_ARM_TX", default_value_t = 1_000, value_parser = at_least_one)]
+    pub arm_tx: usize,
+    /// Connections arming at once
+    #[arg(long, env = "TIMERS_BENCH_CONNECTIONS", default_value_t = 2, value_parser = at_least_one)]
+    pub connections: usize,
+    /// Rows per `INSERT … SELECT FROM UNNEST` (the ceiling for arming)
+    #[arg(long, env = "TIMERS_BENCH_UNNEST_BATCH", default_value_t = 10_000, value_parser = at_least_one)]
+    pub unnest_batch: usize,
+    /// How long after the burst is armed it falls due (ms)
+    #[arg(long = "lead-ms", env = "TIMERS_BENCH_LEAD_MS", default_value = "2000", value_parser = parse_millis)]
+    pub lead: Duration,
+    /// One burst per entry, fired by that many `TimerLoop`s (e.g. 1,2)
+    #[arg(long, env = "TIMERS_BENCH_LOOPS", value_delimiter = ',', default_value = "1,2", value_parser = at_least_one)]
+    pub loops: Vec<usize>,
+    /// The server the benchmark's throwaway database is created on
+    #[arg(
+        long,
+        env = "ORDERFLOW_BENCH_DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres",
+        hide_env_values = true
+    )]
+    pub server: SecretString,
+    /// `cargo bench` passes `--bench` to every benchmark; ignored
+    #[arg(long, hide = true)]
+    pub bench: bool,
 }
 
-impl Options {
-    fn parse() -> anyhow::Result<Self> {
-        fn number(name: &str, value: &str) -> anyhow::Result<usize> {
-            let digits: String = value.chars().filter(|c| !matches!(c, '_' | ',')).collect();
-            let n: usize = digits
-                .parse()
-                .with_context(|| format!("{name}: `{value}` is not a number"))?;
-            Ok(n)
-        }
-        fn list(name: &str, value: &str) -> anyhow::Result<Vec<usize>> {
-            value
-                .split(',')
-                .filter(|part| !part.trim().is_empty())
-                .map(|part| number(name, part.trim()))
-                .collect()
-        }
-        let env = |name: &str| std::env::var(name).ok();
-        let mut options = Self {
-            pending: env("TIMERS_BENCH_PENDING")
-                .map_or(Ok(1_000_000), |v| number("pending", &v))?,
-            burst: env("TIMERS_BENCH_BURST").map_or(Ok(10_000), |v| number("burst", &v))?,
-            arm_tx: env("TIMERS_BENCH_ARM_TX").map_or(Ok(1_000), |v| number("arm-tx", &v))?,
-            connections: env("TIMERS_BENCH_CONNECTIONS")
-                .map_or(Ok(2), |v| number("connections", &v))?,
-            unnest_batch: env("TIMERS_BENCH_UNNEST_BATCH")
-                .map_or(Ok(10_000), |v| number("unnest-batch", &v))?,
-            lead: Duration::from_millis(
-                env("TIMERS_BENCH_LEAD_MS").map_or(Ok(2_000), |v| number("lead-ms", &v))? as u64,
-            ),
-            loops: env("TIMERS_BENCH_LOOPS").map_or(Ok(vec![1, 2]), |v| list("loops", &v))?,
-            what_if: env("TIMERS_BENCH_WHAT_IF").is_none_or(|v| v != "0"),
-            what_if_batch: env("TIMERS_BENCH_WHAT_IF_BATCH")
-                .map_or(Ok(500), |v| number("what-if-batch", &v))?,
-        };
-        let mut args = std::env::args().skip(1);
-        while let Some(arg) = args.next() {
-            // `cargo bench` passes `--bench`; filters and other flags are not ours.
-            let (flag, inline) = match arg.split_once('=') {
-                Some((flag, value)) => (flag.to_owned(), Some(value.to_owned())),
-                None => (arg.clone(), None),
-            };
-            let known = [
-                "--pending",
-                "--burst",
-                "--arm-tx",
-                "--connections",
-                "--unnest-batch",
-                "--lead-ms",
-                "--loops",
-                "--what-if-batch",
-            ];
-            if flag == "--no-what-if" {
-                options.what_if = false;
-                continue;
-            }
-            if !known.contains(&flag.as_str()) {
-                continue;
-            }
-            let value = match inline {
-                Some(value) => value,
-                None => args
-                    .next()
-                    .with_context(|| format!("{flag} needs a value"))?,
-            };
-            let name = flag.trim_start_matches('-');
-            match name {
-                "pending" => options.pending = number(name, &value)?,
-                "burst" => options.burst = number(name, &value)?,
-                "arm-tx" => options.arm_tx = number(name, &value)?,
-                "connections" => options.connections = number(name, &value)?,
-                "unnest-batch" => options.unnest_batch = number(name, &value)?,
-                "lead-ms" => options.lead = Duration::from_millis(number(name, &value)? as u64),
-                "what-if-batch" => options.what_if_batch = number(name, &value)?,
-                _ => options.loops = list(name, &value)?,
-            }
-        }
-        if options.arm_tx == 0
-            || options.connections == 0
-            || options.unnest_batch == 0
-            || options.burst == 0
-            || options.what_if_batch == 0
-            || options.loops.contains(&0)
-        {
-            bail!("arm-tx, connections, unnest-batch, burst and loops must be at least 1");
-        }
-        Ok(options)
+fn at_least_one(value: &str) -> Result<usize, String> {
+    match value.replace(['_', ','], "").parse::<usize>() {
+        Ok(0) => Err("must be at least 1".to_owned()),
+        Ok(n) => Ok(n),
+        Err(error) => Err(format!("`{value}` is not a number: {error}")),
     }
 }
 
-/// `url` (a server URL) pointing at database `database` instead.
-fn with_database(url: &str, database: &str) -> String {
-    let (base, query) = match url.split_once('?') {
-        Some((base, query)) => (base, Some(query)),
-        None => (url, None),
-    };
-    let authority_start = base.find("://").map_or(0, |i| i + 3);
-    let path_start = base[authority_start..]
-        .find('/')
-        .map_or(base.len(), |i| authority_start + i);
-    let mut out = format!("{}/{database}", &base[..path_start]);
-    if let Some(query) = query {
-        out.push('?');
-        out.push_str(query);
-    }
-    out
-}
-
-/// A random 64-bit number (std only: the hasher's per-process random keys).
-fn random_u64() -> u64 {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
-    RandomState::new().hash_one((nanos, std::process::id()))
+fn parse_millis(value: &str) -> Result<Duration, String> {
+    value
+        .parse::<u64>()
+        .map(Duration::from_millis)
+        .map_err(|error| format!("`{value}` is not a number of milliseconds: {error}"))
 }
 
 fn splitmix64(mut x: u64) -> u64 {
@@ -235,25 +147,8 @@ impl Ids {
 }
 
 /// Connects a pool to `schema` of the benchmark database.
-async fn connect(url: &str, schema: &str, max_connections: u32) -> anyhow::Result<Db> {
-    let mut settings = Settings::defaults()?;
-    settings.database_url = url.to_owned().into();
-    Ok(Db::connect(&settings.database_url, schema, max_connections).await?)
-}
-
-/// `percentile_cont` of sorted `values`.
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let rank = p * (sorted.len() - 1) as f64;
-    let low = rank.floor() as usize;
-    let high = rank.ceil() as usize;
-    sorted[low] + (sorted[high] - sorted[low]) * (rank - low as f64)
-}
-
-fn rate(count: usize, elapsed: Duration) -> f64 {
-    count as f64 / elapsed.as_secs_f64().max(f64::EPSILON)
+async fn connect(url: &SecretString, schema: &str, max_connections: u32) -> anyhow::Result<Db> {
+    Ok(Db::connect(url, schema, max_connections).await?)
 }
 
 fn mib(bytes: i64) -> f64 {
@@ -352,27 +247,38 @@ async fn sizes(db: &Db) -> anyhow::Result<Value> {
     }))
 }
 
-/// `EXPLAIN (ANALYZE, BUFFERS)` of `query`, line by line.
-async fn explain(conn: &mut PgConnection, query: &str) -> anyhow::Result<Vec<String>> {
-    Ok(
-        sqlx::query_scalar(AssertSqlSafe(format!("EXPLAIN (ANALYZE, BUFFERS) {query}")))
-            .fetch_all(conn)
-            .await?,
-    )
+/// `EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON)` of `query` (bound to the
+/// service's claim batch when it takes one): the plan as PostgreSQL gives it.
+async fn explain(
+    conn: &mut PgConnection,
+    query: &str,
+    batch: Option<i64>,
+) -> anyhow::Result<Value> {
+    let explain = format!("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {query}");
+    let mut statement = sqlx::query_scalar::<_, Value>(AssertSqlSafe(explain));
+    if let Some(batch) = batch {
+        statement = statement.bind(batch);
+    }
+    let plan = statement.fetch_one(conn).await?;
+    Ok(plan.get(0).cloned().unwrap_or(plan))
 }
 
-fn execution_ms(plan: &[String]) -> Option<f64> {
-    plan.iter().find_map(|line| {
-        line.trim()
-            .strip_prefix("Execution Time: ")?
-            .strip_suffix(" ms")?
-            .parse()
-            .ok()
-    })
+/// The execution time a JSON plan reports.
+fn execution_ms(plan: &Value) -> Option<f64> {
+    plan["Execution Time"].as_f64()
 }
 
-fn uses_due_index(plan: &[String]) -> bool {
-    plan.iter().any(|line| line.contains("using timers_due"))
+/// Whether any node of a JSON plan reads the partial index `timers_due`.
+fn uses_due_index(plan: &Value) -> bool {
+    match plan {
+        Value::Object(node) => {
+            node.get("Index Name")
+                .is_some_and(|name| name == "timers_due")
+                || node.values().any(uses_due_index)
+        }
+        Value::Array(nodes) => nodes.iter().any(uses_due_index),
+        _ => false,
+    }
 }
 
 /// Mean latency of one trivial statement on one pooled connection.
@@ -384,109 +290,6 @@ async fn round_trip_us(db: &Db) -> anyhow::Result<f64> {
         sqlx::query("SELECT 1").execute(&mut *conn).await?;
     }
     Ok(started.elapsed().as_secs_f64() * 1e6 / f64::from(rounds))
-}
-
-/// What fires a burst.
-#[derive(Clone, Copy, Debug)]
-enum Firing {
-    /// This many real `TimerLoop`s, each with its own pool, as separate
-    /// coordinators would run them.
-    TimerLoops(usize),
-    /// One loop running [`set_based_fire_due`], the what-if prototype, with
-    /// this claim batch.
-    SetBased(usize),
-}
-
-/// What-if prototype of `TimerLoop::fire_due` doing per batch what the real
-/// one does per timer, in one statement: claim the due timers, read their
-/// sagas, mark them (fired if the saga runs, else disarmed; of one order's
-/// claimed timers only the earliest fires) and disarm the fired orders' other
-/// armed timers; the `UnitOfWork` then writes the `saga.timed-out` outbox rows
-/// in the same transaction. Not used by the service; here to measure what
-/// `src/timers.rs` would gain.
-const SET_BASED_FIRE: &str = "\
-    WITH claimed AS ( \
-        SELECT order_id, step, due_at FROM timers WHERE state = 'armed' AND due_at <= now() \
-        ORDER BY due_at LIMIT $1 FOR UPDATE SKIP LOCKED \
-    ), decided AS ( \
-        SELECT c.order_id, c.step, \
-               (s.status IS NULL OR s.status = 'running') \
-               AND row_number() OVER (PARTITION BY c.order_id ORDER BY c.due_at, c.step) = 1 AS fire \
-        FROM claimed c LEFT JOIN sagas s ON s.order_id = c.order_id \
-    ), settled AS ( \
-        UPDATE timers t SET state = CASE WHEN d.fire THEN 'fired' ELSE 'disarmed' END, \
-                            settled_at = now() \
-        FROM decided d WHERE t.order_id = d.order_id AND t.step = d.step AND t.state = 'armed' \
-        RETURNING t.order_id, t.step, t.state \
-    ), others AS ( \
-        UPDATE timers t SET state = 'disarmed', settled_at = now() \
-        FROM (SELECT DISTINCT order_id FROM decided WHERE fire) f \
-        WHERE t.order_id = f.order_id AND t.state = 'armed' \
-          AND NOT EXISTS (SELECT 1 FROM claimed c WHERE c.order_id = t.order_id AND c.step = t.step) \
-    ) \
-    SELECT order_id, step, state FROM settled";
-
-/// One batch of the what-if prototype; returns how many timers it claimed.
-async fn set_based_fire_due(db: &Db, batch: usize) -> Result<usize, sqlx::Error> {
-    let mut unit = db.begin_unit_without_inbox().await?;
-    let settled: Vec<(String, String, String)> = sqlx::query_as(SET_BASED_FIRE)
-        .bind(batch as i64)
-        .fetch_all(unit.conn())
-        .await?;
-    let claimed = settled.len();
-    for (order_id, step, state) in settled {
-        if state != "fired" {
-            continue;
-        }
-        let step = match step.as_str() {
-            "generate-info" => Step::GenerateInfo,
-            "payment" => Step::Payment,
-            _ => Step::Flow,
-        };
-        unit.emit(Outgoing::event(
-            &Event::SagaTimedOut(SagaTimedOut { order_id, step }),
-            None,
-        ));
-    }
-    unit.commit().await?;
-    Ok(claimed)
-}
-
-/// `TimerLoop::run`'s schedule around [`set_based_fire_due`].
-async fn set_based_loop(db: Db, batch: usize, wake: Arc<TimerWake>, shutdown: Shutdown) {
-    let max_sleep = Duration::from_secs(1);
-    loop {
-        match set_based_fire_due(&db, batch).await {
-            Ok(n) if n >= batch => continue,
-            Ok(_) => {}
-            Err(error) => {
-                eprintln!("set-based firing failed: {error}; retrying");
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-        }
-        let next: Option<DateTime<Utc>> = sqlx::query_scalar(UNTIL_NEXT)
-            .fetch_one(db.pool())
-            .await
-            .ok()
-            .flatten();
-        let sleep = next.map_or(max_sleep, |due| {
-            (due - Utc::now())
-                .to_std()
-                .unwrap_or(Duration::ZERO)
-                .min(max_sleep)
-        });
-        if sleep.is_zero() {
-            continue;
-        }
-        let woken = wake.notified();
-        wake.sleeping_until(Utc::now() + chrono::Duration::from_std(sleep).unwrap_or_default());
-        tokio::select! {
-            () = shutdown.cancelled() => break,
-            () = woken => {}
-            () = tokio::time::sleep(sleep) => {}
-        }
-        wake.awake();
-    }
 }
 
 /// Median round trip (ms) of one statement whose parameter is 1 to 128 KiB.
@@ -517,18 +320,14 @@ async fn large_message_ms(db: &Db) -> anyhow::Result<Value> {
 /// Arms `options.burst` timers due at one instant, fires them with `firing`
 /// and measures their lateness.
 async fn burst(
-    url: &str,
+    url: &SecretString,
     db: &Db,
     options: &Options,
     ids: Ids,
     first: u64,
-    firing: Firing,
+    loops: usize,
     arm_rate: f64,
 ) -> anyhow::Result<Value> {
-    let loops = match firing {
-        Firing::TimerLoops(loops) => loops,
-        Firing::SetBased(_) => 1,
-    };
     let size = options.burst;
     let order_ids: Vec<String> = (0..size as u64).map(|j| ids.get(first + j)).collect();
     let outbox_before: i64 = sqlx::query_scalar("SELECT coalesce(max(id), 0) FROM outbox")
@@ -543,17 +342,9 @@ async fn burst(
     for _ in 0..loops {
         let loop_db = connect(url, Context::Coordinator.schema(), 4).await?;
         let wake = Arc::new(TimerWake::default());
-        handles.push(match firing {
-            Firing::TimerLoops(_) => {
-                tokio::spawn(TimerLoop::new(loop_db.clone(), wake.clone()).run(shutdown.clone()))
-            }
-            Firing::SetBased(batch) => tokio::spawn(set_based_loop(
-                loop_db.clone(),
-                batch,
-                wake.clone(),
-                shutdown.clone(),
-            )),
-        });
+        handles.push(tokio::spawn(
+            TimerLoop::new(loop_db.clone(), wake.clone()).run(shutdown.clone()),
+        ));
         loop_dbs.push(loop_db);
         wakes.push(wake);
     }
@@ -658,14 +449,6 @@ async fn burst(
     let drain = Duration::from_secs_f64((all_committed / 1e3).max(0.0));
     let pct = |i: usize| settled_pcts.get(i).copied().unwrap_or(f64::NAN);
     Ok(json!({
-        "firing": match firing {
-            Firing::TimerLoops(_) => "timer_loop",
-            Firing::SetBased(_) => "set_based_prototype",
-        },
-        "claim_batch": match firing {
-            Firing::TimerLoops(_) => 500,
-            Firing::SetBased(batch) => batch,
-        },
         "loops": loops,
         "burst": size,
         "armed_before_due_ms": (due_at - armed_at).as_seconds_f64() * 1e3,
@@ -675,9 +458,9 @@ async fn burst(
         },
         "commit_lateness_ms": {
             "first": first_commit,
-            "p50": percentile(&commit_lateness, 0.5),
-            "p95": percentile(&commit_lateness, 0.95),
-            "p99": percentile(&commit_lateness, 0.99),
+            "p50": percentile(&commit_lateness, 50.0),
+            "p95": percentile(&commit_lateness, 95.0),
+            "p99": percentile(&commit_lateness, 99.0),
             "max": all_committed,
         },
         "all_fired_after_due_ms": all_committed,
@@ -691,92 +474,15 @@ async fn burst(
     }))
 }
 
-/// Plans of the loop's two queries: idle (nothing due, `pending` armed) and
-/// with `due` timers due, the latter inside a transaction that is rolled back.
-async fn plans(db: &Db, ids: Ids, first: u64, due: usize) -> anyhow::Result<Value> {
-    let mut conn = db.pool().acquire().await?;
-    let idle_claim = explain(&mut conn, CLAIM).await?;
-    let idle_next = explain(&mut conn, UNTIL_NEXT).await?;
-    let mut tx = conn.begin().await?;
-    let order_ids: Vec<String> = (0..due as u64).map(|j| ids.get(first + j)).collect();
-    let due_ats = vec![Utc::now() - chrono::Duration::seconds(1); due];
-    sqlx::query(UNNEST_INSERT)
-        .bind(&order_ids)
-        .bind(&due_ats)
-        .execute(&mut *tx)
-        .await?;
-    let due_claim = explain(&mut tx, CLAIM).await?;
-    let due_next = explain(&mut tx, UNTIL_NEXT).await?;
-    tx.rollback().await?;
-    for (title, plan) in [
-        ("claim, nothing due", &idle_claim),
-        ("until_next, nothing due", &idle_next),
-        ("claim, burst due", &due_claim),
-        ("until_next, burst due", &due_next),
-    ] {
-        println!("\n-- EXPLAIN (ANALYZE, BUFFERS): {title}");
-        for line in plan {
-            println!("   {line}");
-        }
-    }
-    Ok(json!({
-        "claim_uses_due_index": uses_due_index(&idle_claim) && uses_due_index(&due_claim),
-        "claim_idle_ms": execution_ms(&idle_claim),
-        "claim_due_ms": execution_ms(&due_claim),
-        "until_next_idle_ms": execution_ms(&idle_next),
-        "until_next_due_ms": execution_ms(&due_next),
-    }))
-}
-
-/// The 1-, 5- and 15-minute load averages (other work on the machine skews
-/// every figure).
-fn load_average() -> Option<Vec<f64>> {
-    let text = std::fs::read_to_string("/proc/loadavg").ok()?;
-    text.split_whitespace()
-        .take(3)
-        .map(|part| part.parse().ok())
-        .collect()
-}
-
-/// What the benchmark ran on.
-async fn machine(db: &Db) -> anyhow::Result<Value> {
-    let postgres: String = sqlx::query_scalar("SHOW server_version")
-        .fetch_one(db.pool())
-        .await?;
-    let rustc = std::process::Command::new(std::env::var("RUSTC").unwrap_or("rustc".into()))
-        .arg("--version")
-        .output()
-        .ok()
-        .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_owned());
-    let memory_gib = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|text| {
-            let line = text.lines().find(|line| line.starts_with("MemTotal:"))?;
-            let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-            Some(kib / (1024.0 * 1024.0))
-        });
-    Ok(json!({
-        "cpus": std::thread::available_parallelism().map_or(0, std::num::NonZero::get),
-        "memory_gib": memory_gib,
-        "postgres": postgres,
-        "rustc": rustc,
-        "load_average_at_start": load_average(),
-        // A TCP_NODELAY shim, when the run measures what sqlx's fix would change.
-        "ld_preload": std::env::var("LD_PRELOAD").ok(),
-    }))
-}
-
 /// The whole benchmark, on the fresh database at `url`.
-async fn run(options: Options, url: String) -> anyhow::Result<Value> {
-    let mut settings = Settings::defaults()?;
-    settings.database_url = url.clone().into();
+async fn run(options: Options, url: SecretString) -> anyhow::Result<Value> {
     let pool_size = options.connections as u32 + 4;
-    let db = Db::for_context(&settings.database_url, Context::Coordinator, pool_size).await?;
+    let db = Db::for_context(&url, Context::Coordinator, pool_size).await?;
     let machine = machine(&db).await?;
     let round_trip = round_trip_us(&db).await?;
     let large_message = large_message_ms(&db).await?;
     let ids = Ids {
-        seed: random_u64(),
+        seed: fastrand::u64(..),
         base_ms: Utc::now().timestamp_millis() as u64,
     };
 
@@ -822,26 +528,13 @@ async fn run(options: Options, url: String) -> anyhow::Result<Value> {
             options.pending
         );
         let first = (options.pending + i * options.burst) as u64;
-        let firing = Firing::TimerLoops(loops);
-        bursts.push(burst(&url, &db, &options, ids, first, firing, per_call_rate).await?);
+        bursts.push(burst(&url, &db, &options, ids, first, loops, per_call_rate).await?);
     }
-    let mut first = (options.pending + options.loops.len() * options.burst) as u64;
-    if options.what_if {
-        println!(
-            "phase 2.{}: what-if: a burst of {} timers fired by one loop of the set-based \
-             prototype of fire_due (claim batch {})",
-            options.loops.len() + 1,
-            options.burst,
-            options.what_if_batch
-        );
-        let firing = Firing::SetBased(options.what_if_batch);
-        bursts.push(burst(&url, &db, &options, ids, first, firing, per_call_rate).await?);
-        first += options.burst as u64;
-    }
+    let first = (options.pending + options.loops.len() * options.burst) as u64;
     let plans = plans(&db, ids, first, options.burst).await?;
     db.close().await;
     let mut machine = machine;
-    machine["load_average_at_end"] = json!(load_average());
+    machine["load_average_at_end"] = json!(crate::machine::load_average());
 
     Ok(json!({
         "benchmark": "timers",
@@ -854,8 +547,6 @@ async fn run(options: Options, url: String) -> anyhow::Result<Value> {
             "unnest_batch": options.unnest_batch,
             "lead_ms": options.lead.as_millis() as u64,
             "loops": options.loops,
-            "what_if": options.what_if,
-            "what_if_batch": options.what_if_batch,
         },
         "round_trip_us": round_trip,
         "large_message_round_trip_ms": large_message,
@@ -890,11 +581,10 @@ fn print_summary(report: &Value) {
     let arm = &report["arm"];
     println!("\n== timers benchmark ==");
     println!(
-        "machine: {} cpus, {} GiB, PostgreSQL {}, {}",
+        "machine: {} cpus, {} GiB, PostgreSQL {}",
         report["machine"]["cpus"],
         f(&report["machine"]["memory_gib"]),
         report["machine"]["postgres"].as_str().unwrap_or("?"),
-        report["machine"]["rustc"].as_str().unwrap_or("?"),
     );
     println!(
         "load average at start {}, at end {}",
@@ -943,11 +633,7 @@ fn print_summary(report: &Value) {
         "firing", "lateness (ms)", "p50", "p95", "p99", "max", "all in", "fired/s", "once"
     );
     for burst in report["bursts"].as_array().into_iter().flatten() {
-        let firing = if burst["firing"] == "timer_loop" {
-            format!("{} loop(s)", burst["loops"])
-        } else {
-            format!("set-based/{}", burst["claim_batch"])
-        };
+        let firing = format!("{} loop(s)", burst["loops"]);
         for (name, key) in [
             ("settled_at − due_at", "settled_lateness_ms"),
             ("commit − due_at", "commit_lateness_ms"),
@@ -979,82 +665,79 @@ fn print_summary(report: &Value) {
     println!("\n{report}");
 }
 
-async fn drop_database(admin_url: &str, database: &str) -> anyhow::Result<()> {
-    let mut admin = PgConnection::connect(admin_url).await?;
-    sqlx::query(AssertSqlSafe(format!(
-        "DROP DATABASE IF EXISTS \"{database}\" WITH (FORCE)"
-    )))
-    .execute(&mut admin)
-    .await?;
-    admin.close().await?;
-    Ok(())
+/// Plans of the loop's two queries (the service's own): idle (nothing due,
+/// `pending` armed) and with `due` timers due, inside a transaction that is
+/// rolled back (the claim's `EXPLAIN ANALYZE` fires them).
+async fn plans(db: &Db, ids: Ids, first: u64, due: usize) -> anyhow::Result<Value> {
+    let mut conn = db.pool().acquire().await?;
+    let batch = Some(timers::FIRE_BATCH);
+    let mut idle = conn.begin().await?;
+    let idle_claim = explain(&mut idle, FIRE_DUE, batch).await?;
+    let idle_next = explain(&mut idle, UNTIL_NEXT, None).await?;
+    idle.rollback().await?;
+    let mut tx = conn.begin().await?;
+    let order_ids: Vec<String> = (0..due as u64).map(|j| ids.get(first + j)).collect();
+    let due_ats = vec![Utc::now() - chrono::Duration::seconds(1); due];
+    sqlx::query(UNNEST_INSERT)
+        .bind(&order_ids)
+        .bind(&due_ats)
+        .execute(&mut *tx)
+        .await?;
+    let due_claim = explain(&mut tx, FIRE_DUE, batch).await?;
+    let due_next = explain(&mut tx, UNTIL_NEXT, None).await?;
+    tx.rollback().await?;
+    Ok(json!({
+        "claim_uses_due_index": uses_due_index(&idle_claim) && uses_due_index(&due_claim),
+        "claim_idle_ms": execution_ms(&idle_claim),
+        "claim_due_ms": execution_ms(&due_claim),
+        "until_next_idle_ms": execution_ms(&idle_next),
+        "until_next_due_ms": execution_ms(&due_next),
+    }))
 }
 
-/// Ctrl-C or SIGTERM.
-async fn interrupted() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        if let Ok(mut term) =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        {
-            tokio::select! {
-                _ = ctrl_c => {}
-                _ = term.recv() => {}
-            }
-            return;
-        }
-    }
-    let _ = ctrl_c.await;
+/// What the benchmark ran on.
+async fn machine(db: &Db) -> anyhow::Result<Value> {
+    let postgres: String = sqlx::query_scalar("SHOW server_version")
+        .fetch_one(db.pool())
+        .await?;
+    let mut facts = crate::machine::facts();
+    facts["postgres"] = json!(postgres);
+    facts["load_average_at_start"] = facts["load_average"].take();
+    // A TCP_NODELAY shim, when the run measures what sqlx's fix would change.
+    facts["ld_preload"] = json!(std::env::var("LD_PRELOAD").ok());
+    Ok(facts)
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
-    let options = match Options::parse() {
-        Ok(options) => options,
+/// The whole benchmark: a throwaway database on `options.server`, the
+/// phases, the database dropped (also on failure or Ctrl-C), the summary.
+pub async fn main(options: Options) -> ExitCode {
+    let scratch = match ScratchDatabase::create(&options.server, "orderflow_bench_timers").await {
+        Ok(scratch) => scratch,
         Err(error) => {
             eprintln!("timers benchmark: {error:#}");
-            return ExitCode::from(2);
+            return ExitCode::FAILURE;
         }
     };
-    let admin_url = std::env::var("ORDERFLOW_BENCH_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned());
-    let database = format!("orderflow_bench_{:012x}", random_u64() & 0xffff_ffff_ffff);
-    let created = async {
-        let mut admin = PgConnection::connect(&admin_url).await?;
-        sqlx::query(AssertSqlSafe(format!("CREATE DATABASE \"{database}\"")))
-            .execute(&mut admin)
-            .await?;
-        admin.close().await?;
-        anyhow::Ok(())
-    }
-    .await;
-    if let Err(error) = created {
-        eprintln!("timers benchmark: cannot create database {database}: {error:#}");
-        return ExitCode::FAILURE;
-    }
-    eprintln!("timers benchmark: database {database}");
-
-    // The phases run in their own task, so that a panic or an interruption
+    eprintln!("timers benchmark: database {}", scratch.name());
+    // The phases run in their own task, so that a failure or an interruption
     // still reaches the cleanup below.
-    let mut work = tokio::spawn(run(options, with_database(&admin_url, &database)));
+    let interrupted = shutdown_on_signal();
+    let mut work = tokio::spawn(run(options, scratch.url().clone()));
     let outcome = tokio::select! {
         joined = &mut work => match joined {
             Ok(result) => result,
             Err(error) => Err(anyhow::anyhow!("benchmark task failed: {error}")),
         },
-        () = interrupted() => {
+        () = interrupted.cancelled() => {
             work.abort();
             let _ = work.await;
             Err(anyhow::anyhow!("interrupted"))
         }
     };
-    match drop_database(&admin_url, &database).await {
-        Ok(()) => eprintln!("timers benchmark: dropped database {database}"),
-        Err(error) => eprintln!(
-            "timers benchmark: could not drop database {database}: {error:#}; \
-             drop it by hand"
-        ),
+    let name = scratch.name().to_owned();
+    match scratch.drop_now().await {
+        Ok(()) => eprintln!("timers benchmark: dropped database {name}"),
+        Err(error) => eprintln!("timers benchmark: {error:#}"),
     }
     match outcome {
         Ok(report) => {
