@@ -15,7 +15,7 @@ use chrono::{DateTime, Utc};
 use orderflow_shared::Shutdown;
 use orderflow_tests::system::{System, Workers};
 
-const PAYMENT_TIMEOUT_SECS: u64 = 5;
+const PAYMENT_TIMEOUT_SECS: u64 = 8;
 
 #[tokio::test]
 async fn an_order_priced_after_the_payment_timeout_can_still_be_paid() {

@@ -94,7 +94,7 @@ pub async fn orders(
     metadata: &Metadata,
     placed: &[Placed],
     http: &reqwest::Client,
-    api: &str,
+    apis: &[String],
 ) -> anyhow::Result<(BTreeMap<&'static str, Invariant>, Value)> {
     let accepted: Vec<String> = placed
         .iter()
@@ -199,20 +199,25 @@ pub async fn orders(
         futures::stream::iter(placed.iter().filter(|p| p.accepted))
             .map(|order| async move {
                 let id = order.order_id.as_str();
-                let response = http
-                    .get(format!("{api}/orders/{id}"))
-                    .send()
-                    .await
-                    .ok()
-                    .filter(|r| r.status().is_success());
-                let status = match response {
-                    Some(response) => response
-                        .json::<Value>()
+                // Either instance of the API; 10 s each at most.
+                let mut status = None;
+                for api in apis {
+                    let response = http
+                        .get(format!("{api}/orders/{id}"))
+                        .timeout(Duration::from_secs(10))
+                        .send()
                         .await
                         .ok()
-                        .and_then(|o| o["status"].as_str().map(str::to_owned)),
-                    None => None,
-                };
+                        .filter(|r| r.status().is_success());
+                    if let Some(response) = response {
+                        status = response
+                            .json::<Value>()
+                            .await
+                            .ok()
+                            .and_then(|o| o["status"].as_str().map(str::to_owned));
+                        break;
+                    }
+                }
                 (id, status)
             })
             .buffer_unordered(16)
@@ -238,8 +243,14 @@ pub async fn orders(
 }
 
 /// Messages in `queue`, by a passive declaration (0 also after a
-/// node came back: callers poll).
+/// node came back: callers poll); an error after 10 s without an answer.
 async fn count(broker: &Broker, queue: &str) -> anyhow::Result<u32> {
+    tokio::time::timeout(Duration::from_secs(10), count_once(broker, queue))
+        .await
+        .map_err(|_| anyhow::anyhow!("no answer counting {queue} within 10 s"))?
+}
+
+async fn count_once(broker: &Broker, queue: &str) -> anyhow::Result<u32> {
     let channel = broker.channel().await?;
     let declared = channel
         .queue_declare(
@@ -270,11 +281,12 @@ pub async fn queues_drained(
         .collect();
     let deadline = tokio::time::Instant::now() + patience;
     loop {
-        let mut remaining = BTreeMap::new();
-        for queue in &queues {
-            let n = count(broker, queue).await.unwrap_or(u32::MAX);
-            remaining.insert(queue.clone(), n);
-        }
+        let counts = futures::future::join_all(queues.iter().map(|q| count(broker, q))).await;
+        let remaining: BTreeMap<String, u32> = queues
+            .iter()
+            .cloned()
+            .zip(counts.into_iter().map(|n| n.unwrap_or(u32::MAX)))
+            .collect();
         let left = remaining.values().any(|n| *n > 0);
         if !left || tokio::time::Instant::now() > deadline {
             let mut invariant = Invariant::new();

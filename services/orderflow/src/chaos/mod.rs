@@ -107,12 +107,21 @@ pub fn run(args: &ChaosArgs) -> anyhow::Result<ExitCode> {
     anyhow::ensure!(args.concurrency > 0, "--concurrency must be at least 1");
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     let seed = args.seed.unwrap_or_else(|| fastrand::u64(..));
+    // Not from the seed: two runs with one seed must not share names.
     let run_id = args.run_id.clone().unwrap_or_else(|| {
         format!(
             "chaos{}",
-            (0..6).map(|_| fastrand::lowercase()).collect::<String>()
+            (0..8).map(|_| fastrand::lowercase()).collect::<String>()
         )
     });
+    anyhow::ensure!(
+        !run_id.is_empty()
+            && run_id.len() <= 40
+            && run_id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-'),
+        "--run-id takes 1 to 40 letters, digits or `-`"
+    );
     let dir = args
         .work_dir
         .clone()
@@ -369,16 +378,35 @@ async fn chaos(
         Duration::from_secs(args.payment_timeout_secs + 60),
     )
     .await;
-    let (mut invariants, outcomes) =
-        check::orders(&admin, &metadata, &placed, &http, &apis[0]).await?;
+    let phase = |what: &str| eprintln!("[{:7.1}s] {what}", rig.clock.secs());
+    phase(&format!("settled ({} not terminal)", open.len()));
+    let (mut invariants, outcomes) = tokio::time::timeout(
+        Duration::from_mins(3),
+        check::orders(&admin, &metadata, &placed, &http, &apis),
+    )
+    .await
+    .context("checking the orders took over 3 minutes")??;
+    phase("orders checked");
     let (drained, remaining) = check::queues_drained(&broker, Duration::from_mins(1)).await;
     invariants.insert("no_queue_left_with_messages", drained);
+    phase("queues counted");
     stop.cancel();
-    let _ = tapping.await;
+    if tokio::time::timeout(Duration::from_secs(15), tapping)
+        .await
+        .is_err()
+    {
+        tracing::warn!("chaos: the tap did not stop within 15 s");
+    }
     let _ = reaping.await;
     let poison = rig.poison.lock().expect("poison").clone();
-    let (dead, dead_letters) = check::dead_letters(&broker, &poison).await?;
+    let (dead, dead_letters) = tokio::time::timeout(
+        Duration::from_mins(1),
+        check::dead_letters(&broker, &poison),
+    )
+    .await
+    .context("reading the dead letters took over a minute")??;
     invariants.insert("dead_letters_exactly_the_injected_poison", dead);
+    phase("dead letters read");
 
     let faults = rig.log.lock().expect("fault log").clone();
     let duplicates = rig.duplicates.lock().expect("duplicates").clone();
@@ -863,7 +891,8 @@ async fn run_tap(
                 .insert(key, (delivery.properties.clone(), delivery.data.clone()));
             let _ = delivery.ack(BasicAckOptions::default()).await;
         }
-        let _ = channel.close(200, "tap".into()).await;
+        let _ =
+            tokio::time::timeout(Duration::from_secs(5), channel.close(200, "tap".into())).await;
     }
     // The tap is the run's own: gone with the run.
     if let Ok(channel) = broker.channel().await {

@@ -138,7 +138,12 @@ impl Rabbit {
         let secret: String = (0..20).map(|_| rng.uppercase()).collect();
         std::fs::write(&cookie, secret)?;
         std::fs::set_permissions(&cookie, std::os::unix::fs::PermissionsExt::from_mode(0o400))?;
-        let tag: String = (0..6).map(|_| rng.lowercase()).collect();
+        // Node names from the run id: unique per run on the machine's epmd.
+        let tag: String = run_id
+            .chars()
+            .filter(char::is_ascii_alphanumeric)
+            .map(|c| c.to_ascii_lowercase())
+            .collect();
         let mut nodes = Vec::with_capacity(count);
         for n in 1..=count {
             let node_dir = dir.join(format!("node{n}"));
@@ -148,7 +153,7 @@ impl Rabbit {
             let dist_port = free_port_in(20_000..22_700, rng);
             let port = free_port_in(22_700..25_000, rng);
             nodes.push(Node {
-                name: format!("chaos{tag}{n}@localhost"),
+                name: format!("{tag}n{n}@localhost"),
                 run_id: run_id.to_owned(),
                 port,
                 dist_port,
