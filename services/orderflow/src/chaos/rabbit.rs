@@ -7,9 +7,9 @@
 //! a child process: the server script `exec`s the Erlang VM when
 //! `RUNNING_UNDER_SYSTEMD` is set, so killing the child is a real SIGKILL of
 //! the node. `rabbitmqctl` drives `stop_app`, `start_app` and
-//! `close_all_connections`. (`../shared/reference/rmq-cluster/` is where the
-//! recipe and its pitfalls come from: delete a killed node's pid file before
-//! restarting it; never let the Erlang tools make a cookie in root's HOME.)
+//! `close_all_connections`. Two pitfalls of running nodes this way: delete a
+//! killed node's pid file before restarting it, and never let the Erlang
+//! tools make a cookie in root's HOME (each node gets a private HOME).
 
 use std::fmt::Write as _;
 use std::net::TcpListener;
