@@ -189,7 +189,7 @@ pub enum Command {
         injected. Prints one JSON summary; exit status 1 on any violation, 2 when the run \
         could not run. Needs RabbitMQ and PostgreSQL 15 installed (not running)."
     )]
-    Chaos(crate::chaos::ChaosArgs),
+    Chaos(orderflow_chaos::ChaosArgs),
 }
 
 #[derive(Debug, Args)]

@@ -1,7 +1,6 @@
 //! `orderflow`: the operator command line of orderflow. Thin entry point: parse
 //! the arguments, run the command, report errors.
 
-mod chaos;
 mod cli;
 mod db;
 mod dlq;
@@ -52,7 +51,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Pause(args) => pause::run(&args, true),
         Command::Resume(args) => pause::run(&args, false),
         Command::Bench(args) => orderflow_bench::saga::run(&args),
-        Command::Chaos(args) => chaos::run(&args),
+        Command::Chaos(args) => orderflow_chaos::run(&args),
     }
 }
 

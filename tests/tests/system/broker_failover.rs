@@ -21,13 +21,11 @@ use secrecy::{ExposeSecret, SecretString};
 
 const BATCH: usize = 50;
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn publishers_and_consumers_fail_over_to_the_next_node_when_theirs_is_killed() {
     // The topology on the machine's broker (the second node of the list).
     let env = TestEnv::new(&[ServiceSpec::new("sink", &["order.cancelled"])]).await;
-    let mut node = tokio::task::spawn_blocking(PrivateNode::start)
-        .await
-        .unwrap();
+    let mut node = PrivateNode::start().await;
     let nodes = SecretString::from(format!(
         "{},{}",
         node.amqp_url(),

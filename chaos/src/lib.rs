@@ -20,7 +20,7 @@ mod check;
 mod faults;
 mod load;
 mod postgres;
-mod rabbit;
+pub mod rabbit;
 mod workers;
 
 use std::collections::{BTreeMap, HashSet};
