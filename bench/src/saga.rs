@@ -158,8 +158,7 @@ struct Scratch {
 impl Scratch {
     fn new(args: &BenchArgs) -> anyhow::Result<Self> {
         let mut settings = Settings::from_env()?;
-        let id = uuid::Uuid::now_v7().simple().to_string();
-        let tag = &id[id.len() - 10..];
+        let tag = crate::scratch::tag();
         settings.namespace = format!("bench-{tag}");
         settings.database_url =
             store::url_with_database(&settings.database_url, &format!("orderflow_bench_{tag}"))?;

@@ -18,11 +18,10 @@ use orderflow_shared::app::Ctx;
 use orderflow_shared::bus::{Broker, ConsumerOptions, Handler, run_consumer};
 use orderflow_shared::config::Settings;
 use orderflow_shared::metadata::Metadata;
-use orderflow_shared::store::Db;
+use orderflow_shared::store::{self, Db};
 use orderflow_shared::topology::{Names, ServiceSpec, Topology, orderflow_services};
 use orderflow_shared::{Shutdown, telemetry};
 use secrecy::{ExposeSecret, SecretString};
-use sqlx::{AssertSqlSafe, Connection as _, PgConnection};
 use tokio::task::JoinHandle;
 
 /// The token keys the tests sign with.
@@ -84,17 +83,14 @@ impl TestEnv {
         // The random tail of a v7 UUID, so parallel tests never collide.
         let namespace = format!("t{}", &id[16..]);
         let database = format!("orderflow_{namespace}");
-        let mut admin = PgConnection::connect(&admin_database_url())
+        let database_url =
+            store::url_with_database(&SecretString::from(admin_database_url()), &database)
+                .expect("a test database URL");
+        store::ensure_database(&database_url)
             .await
-            .expect("PostgreSQL is not reachable; start it (see README)");
-        sqlx::query(AssertSqlSafe(format!("CREATE DATABASE \"{database}\"")))
-            .execute(&mut admin)
-            .await
-            .expect("create test database");
-        let mut database_url = admin_database_url();
-        let cut = database_url.rfind('/').expect("database URL has a path");
-        database_url.truncate(cut + 1);
-        database_url.push_str(&database);
+            .unwrap_or_else(|error| {
+                panic!("creating {database}: {error}; is PostgreSQL running (see README)?")
+            });
         let topology = Topology::build(Names::new(&namespace), services, tiers);
         let amqp_url = SecretString::from(amqp_url());
         let broker = Broker::new(
@@ -111,7 +107,7 @@ impl TestEnv {
         Self {
             namespace,
             database,
-            database_url: SecretString::from(database_url),
+            database_url,
             amqp_url,
             topology,
             broker,
@@ -317,11 +313,11 @@ impl TestEnv {
     pub async fn cleanup(mut self) {
         self.cleaned = true;
         self.broker.close();
-        cleanup(&self.topology, &self.amqp_url, &self.database).await;
+        cleanup(&self.topology, &self.amqp_url, &self.database_url).await;
     }
 }
 
-async fn cleanup(topology: &Topology, amqp_url: &SecretString, database: &str) {
+async fn cleanup(topology: &Topology, amqp_url: &SecretString, database_url: &SecretString) {
     if let Ok(connection) =
         Connection::connect(amqp_url.expose_secret(), ConnectionProperties::default()).await
         && let Ok(channel) = connection.create_channel().await
@@ -329,13 +325,7 @@ async fn cleanup(topology: &Topology, amqp_url: &SecretString, database: &str) {
         let _ = orderflow_shared::topology::delete(&channel, topology).await;
         let _ = connection.close(200, "cleanup".into()).await;
     }
-    if let Ok(mut admin) = PgConnection::connect(&admin_database_url()).await {
-        let _ = sqlx::query(AssertSqlSafe(format!(
-            "DROP DATABASE IF EXISTS \"{database}\" WITH (FORCE)"
-        )))
-        .execute(&mut admin)
-        .await;
-    }
+    let _ = store::drop_database(database_url).await;
 }
 
 impl Drop for TestEnv {
@@ -347,10 +337,10 @@ impl Drop for TestEnv {
         self.broker.close();
         let topology = self.topology.clone();
         let amqp_url = self.amqp_url.clone();
-        let database = self.database.clone();
+        let database_url = self.database_url.clone();
         let _ = std::thread::spawn(move || {
             if let Ok(runtime) = tokio::runtime::Runtime::new() {
-                runtime.block_on(cleanup(&topology, &amqp_url, &database));
+                runtime.block_on(cleanup(&topology, &amqp_url, &database_url));
             }
         })
         .join();
