@@ -1,5 +1,5 @@
 -- The order service's context: the orders table is the read model the API
--- serves and the single owner of the terminal state (DESIGN.md §3).
+-- serves and the single owner of the terminal state (docs/design.md §3.5 and §6).
 CREATE TABLE orders (
     order_id         TEXT        PRIMARY KEY,
     -- Hash of the POST /orders body that created it (idempotency); NULL when
