@@ -26,13 +26,12 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use chrono::{DateTime, Utc};
 use orderflow_ops::dlq;
 use orderflow_shared::app::topology_for;
 use orderflow_shared::bus::Broker;
 use orderflow_shared::config::Settings;
 use orderflow_shared::metadata::Metadata;
-use orderflow_shared::store::{Context, DEAD_AFTER_REFUSALS, Db, StoreError};
+use orderflow_shared::store::{Context, DEAD_AFTER_REFUSALS, Db, DeadRow, StoreError};
 use serde_json::{Value, json};
 
 use crate::cli::{DlqCommand, DlqListArgs, DlqReplayArgs};
@@ -156,21 +155,6 @@ async fn open(settings: &Settings, schema: &str) -> anyhow::Result<Option<Db>> {
     }
 }
 
-/// A row of `outbox_dead`, as listed.
-#[derive(Debug, sqlx::FromRow)]
-struct DeadRow {
-    id: i64,
-    message_id: String,
-    routing_key: String,
-    correlation_id: String,
-    attempts: i32,
-    last_error: Option<String>,
-    reason: String,
-    created_at: DateTime<Utc>,
-    failed_at: DateTime<Utc>,
-    body: Vec<u8>,
-}
-
 /// How many dead rows `schema` has, and the first `limit`; `None` when it
 /// has no `outbox_dead` table (no service ran on it, or an older version).
 async fn dead_rows(
@@ -181,20 +165,7 @@ async fn dead_rows(
     let Some(db) = open(settings, schema).await? else {
         return Ok(None);
     };
-    let read = async {
-        let total: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox_dead")
-            .fetch_one(db.pool())
-            .await?;
-        let rows: Vec<DeadRow> = sqlx::query_as(
-            "SELECT id, message_id, routing_key, correlation_id, attempts, last_error, reason, \
-             created_at, failed_at, body FROM outbox_dead ORDER BY id LIMIT $1",
-        )
-        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-        .fetch_all(db.pool())
-        .await?;
-        Ok::<_, sqlx::Error>((total, rows))
-    }
-    .await;
+    let read = db.dead_outbox(limit).await;
     db.close().await;
     match read {
         Ok(found) => Ok(Some(found)),

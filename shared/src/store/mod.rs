@@ -21,7 +21,9 @@ use sqlx::{AssertSqlSafe, ConnectOptions, Connection, PgPool};
 
 pub use context::Context;
 use outbox::HandOver;
-pub use outbox::{DEAD_AFTER_AGE, DEAD_AFTER_REFUSALS, HAND_OVER_LIMIT, Relay, RelayError};
+pub use outbox::{
+    DEAD_AFTER_AGE, DEAD_AFTER_REFUSALS, DeadRow, HAND_OVER_LIMIT, Relay, RelayError,
+};
 pub use retention::Retention;
 pub use unit::UnitOfWork;
 
@@ -362,7 +364,16 @@ impl Db {
         schema: &str,
         max_connections: u32,
     ) -> Result<Self, StoreError> {
-        let options = schema_options(url, schema)?;
+        Self::with_options(url, schema_options(url, schema)?, schema, max_connections).await
+    }
+
+    /// A pool of at most `max_connections` on `options`, which reach `schema`.
+    async fn with_options(
+        url: &SecretString,
+        options: PgConnectOptions,
+        schema: &str,
+        max_connections: u32,
+    ) -> Result<Self, StoreError> {
         let pool = pool_options(max_connections)
             .connect_with(options)
             .await
@@ -429,18 +440,7 @@ impl Db {
     ) -> Result<Self, StoreError> {
         check_name(role)?;
         let options = schema_options(url, context.schema())?.options([("role", role)]);
-        let pool = pool_options(1)
-            .connect_with(options)
-            .await
-            .map_err(|cause| StoreError::Connect {
-                url: redact_url(url.expose_secret()),
-                cause,
-            })?;
-        let db = Self {
-            pool,
-            schema: context.schema().to_owned(),
-            hand_over: Arc::new(HandOver::new(context.schema())),
-        };
+        let db = Self::with_options(url, options, context.schema(), 1).await?;
         db.migrate(Some(&context.migrator())).await?;
         Ok(db)
     }

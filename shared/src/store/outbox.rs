@@ -33,6 +33,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use futures::future::join_all;
 use sqlx::Row;
 use tokio::sync::{Notify, Semaphore, mpsc};
@@ -191,16 +192,42 @@ SELECT id, message_id, routing_key, correlation_id, causation_id, traceparent, o
        format('unroutable: the broker refused it %s times; no queue is bound to routing key %s',
               attempts, routing_key)
 FROM dead
-RETURNING id, message_id, routing_key, correlation_id, attempts";
+RETURNING id, message_id, routing_key, correlation_id, attempts, last_error, reason, created_at,
+          failed_at, body";
 
-/// A row just moved to `outbox_dead`, for the log.
+/// A row of `outbox_dead`: an event the broker kept refusing, kept with why
+/// (moved there by a sweep, listed and replayed by `orderflow dlq`).
 #[derive(Debug, sqlx::FromRow)]
-struct DeadRow {
-    id: i64,
-    message_id: String,
-    routing_key: String,
-    correlation_id: String,
-    attempts: i32,
+pub struct DeadRow {
+    pub id: i64,
+    pub message_id: String,
+    pub routing_key: String,
+    /// The order the event is about.
+    pub correlation_id: String,
+    /// How many sweeps the broker refused it in.
+    pub attempts: i32,
+    pub last_error: Option<String>,
+    pub reason: String,
+    pub created_at: DateTime<Utc>,
+    pub failed_at: DateTime<Utc>,
+    pub body: Vec<u8>,
+}
+
+impl Db {
+    /// How many rows `outbox_dead` holds, and the first `limit` by id.
+    pub async fn dead_outbox(&self, limit: usize) -> Result<(i64, Vec<DeadRow>), sqlx::Error> {
+        let total: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox_dead")
+            .fetch_one(self.pool())
+            .await?;
+        let rows = sqlx::query_as(
+            "SELECT id, message_id, routing_key, correlation_id, attempts, last_error, reason, \
+             created_at, failed_at, body FROM outbox_dead ORDER BY id LIMIT $1",
+        )
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(self.pool())
+        .await?;
+        Ok((total, rows))
+    }
 }
 
 /// When sweeping may start again after failures.
