@@ -42,7 +42,7 @@ use orderflow_shared::metadata::Metadata;
 use orderflow_shared::store::{Context, Db, UnitOfWork};
 
 use crate::gateway::{GatewayError, Receipt, SimulatedGateway, Voided};
-use crate::providers::PaymentProvider;
+use crate::providers::{Payment, PaymentProvider};
 
 /// The service (and queue) name of the provider for `method`.
 pub fn service_name(method: &str) -> String {
@@ -313,7 +313,13 @@ impl ProviderHandler {
     async fn charge(&self, charge: &Charge<'_>) -> Result<Outcome, HandleError> {
         let (order_id, key, expected) = (charge.order_id, charge.key.as_str(), charge.expected);
         match self
-            .at_gateway(order_id, || self.provider.charge(key, order_id, expected))
+            .at_gateway(order_id, || {
+                self.provider.charge(Payment {
+                    idempotency_key: key,
+                    order_id,
+                    amount_cents: expected,
+                })
+            })
             .await
         {
             Ok(receipt) if receipt.amount_cents == expected => Ok(Outcome::Captured(receipt)),
@@ -422,7 +428,11 @@ impl ProviderHandler {
     async fn refund(&self, order_id: &str, charge: &Receipt) -> Result<Receipt, HandleError> {
         let key = format!("refund:{order_id}");
         self.at_gateway(order_id, || {
-            self.provider.refund(&key, order_id, charge.amount_cents)
+            self.provider.refund(Payment {
+                idempotency_key: &key,
+                order_id,
+                amount_cents: charge.amount_cents,
+            })
         })
         .await
         .map_err(GatewayError::into_handle_error)

@@ -11,22 +11,12 @@ pub trait PaymentProvider: Send + Sync + 'static {
     /// The method name it is registered under.
     fn name(&self) -> &'static str;
 
-    /// Charges `amount_cents` for `order_id`; the same `idempotency_key`
-    /// never charges twice.
-    fn charge<'a>(
-        &'a self,
-        idempotency_key: &'a str,
-        order_id: &'a str,
-        amount_cents: i64,
-    ) -> BoxFuture<'a, Result<Receipt, GatewayError>>;
+    /// Charges the payment's amount for its order; the same idempotency
+    /// key never charges twice.
+    fn charge<'a>(&'a self, payment: Payment<'a>) -> BoxFuture<'a, Result<Receipt, GatewayError>>;
 
-    /// Refunds `amount_cents` of `order_id`'s charge, once per key.
-    fn refund<'a>(
-        &'a self,
-        idempotency_key: &'a str,
-        order_id: &'a str,
-        amount_cents: i64,
-    ) -> BoxFuture<'a, Result<Receipt, GatewayError>>;
+    /// Refunds the payment's amount of its order's charge, once per key.
+    fn refund<'a>(&'a self, payment: Payment<'a>) -> BoxFuture<'a, Result<Receipt, GatewayError>>;
 
     /// Closes the charge key `charge_key` (a trade nobody may pay any more):
     /// the charge it had made, or the promise that it never will. This is
@@ -36,6 +26,15 @@ pub trait PaymentProvider: Send + Sync + 'static {
         charge_key: &'a str,
         order_id: &'a str,
     ) -> BoxFuture<'a, Result<Voided, GatewayError>>;
+}
+
+/// What a charge or a refund asks of a gateway.
+#[derive(Clone, Copy, Debug)]
+pub struct Payment<'a> {
+    /// The same key never moves money twice.
+    pub idempotency_key: &'a str,
+    pub order_id: &'a str,
+    pub amount_cents: i64,
 }
 
 /// A provider on the simulated gateway; the providers differ in name and in
@@ -51,17 +50,15 @@ impl Simulated {
     fn execute<'a>(
         &'a self,
         operation: Operation,
-        idempotency_key: &'a str,
-        order_id: &'a str,
-        amount_cents: i64,
+        payment: Payment<'a>,
     ) -> BoxFuture<'a, Result<Receipt, GatewayError>> {
         Box::pin(self.gateway.execute(
             operation,
             self.name,
             self.reference_prefix,
-            idempotency_key,
-            order_id,
-            amount_cents,
+            payment.idempotency_key,
+            payment.order_id,
+            payment.amount_cents,
         ))
     }
 }
@@ -71,22 +68,12 @@ impl PaymentProvider for Simulated {
         self.name
     }
 
-    fn charge<'a>(
-        &'a self,
-        idempotency_key: &'a str,
-        order_id: &'a str,
-        amount_cents: i64,
-    ) -> BoxFuture<'a, Result<Receipt, GatewayError>> {
-        self.execute(Operation::Charge, idempotency_key, order_id, amount_cents)
+    fn charge<'a>(&'a self, payment: Payment<'a>) -> BoxFuture<'a, Result<Receipt, GatewayError>> {
+        self.execute(Operation::Charge, payment)
     }
 
-    fn refund<'a>(
-        &'a self,
-        idempotency_key: &'a str,
-        order_id: &'a str,
-        amount_cents: i64,
-    ) -> BoxFuture<'a, Result<Receipt, GatewayError>> {
-        self.execute(Operation::Refund, idempotency_key, order_id, amount_cents)
+    fn refund<'a>(&'a self, payment: Payment<'a>) -> BoxFuture<'a, Result<Receipt, GatewayError>> {
+        self.execute(Operation::Refund, payment)
     }
 
     fn void<'a>(
