@@ -13,9 +13,8 @@ use std::time::Duration;
 use anyhow::Context as _;
 use chrono::{DateTime, Utc};
 use lapin::BasicProperties;
-use lapin::options::BasicPublishOptions;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use orderflow_shared::bus::Broker;
+use orderflow_shared::bus::{Broker, MANDATORY};
 use tokio::time::Instant;
 
 use super::postgres::Postgres;
@@ -326,10 +325,7 @@ impl Rig {
                     .basic_publish(
                         ShortString::from(exchange),
                         ShortString::from(routing_key),
-                        BasicPublishOptions {
-                            mandatory: true,
-                            ..BasicPublishOptions::default()
-                        },
+                        MANDATORY,
                         body,
                         properties.clone(),
                     )

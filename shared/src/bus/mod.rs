@@ -25,7 +25,7 @@ pub use consumer::{
 };
 pub use failover::{FailoverManager, NoNode, parse_urls};
 pub use message::{Message, Outgoing};
-pub use publisher::{PublishError, Publisher};
+pub use publisher::{MANDATORY, PublishError, Publisher};
 
 /// Errors of the broker connection itself (as opposed to one publish).
 #[derive(Debug, thiserror::Error)]

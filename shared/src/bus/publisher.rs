@@ -100,6 +100,13 @@ pub struct Publisher {
     retry: ExponentialBuilder,
 }
 
+/// Publish options for every message: `mandatory`, so that a message no
+/// queue is bound for comes back as unroutable instead of vanishing.
+pub const MANDATORY: BasicPublishOptions = BasicPublishOptions {
+    mandatory: true,
+    immediate: false,
+};
+
 impl std::fmt::Debug for Publisher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Publisher")
@@ -156,7 +163,7 @@ impl Publisher {
                 detail,
             });
         }
-        let attempt = || self.publish_once(exchange, routing_key, body, properties.clone());
+        let attempt = || self.publish_once(exchange, routing_key, body, &properties);
         attempt
             .retry(self.retry)
             .sleep(tokio::time::sleep)
@@ -193,9 +200,9 @@ impl Publisher {
         exchange: &str,
         routing_key: &str,
         body: &[u8],
-        properties: BasicProperties,
+        properties: &BasicProperties,
     ) -> Result<(), PublishError> {
-        let message_id = message_id_of(&properties);
+        let message_id = message_id_of(properties);
         let timeout = self.broker.publish_timeout();
         // The timeout covers getting a channel too: on a stalled connection
         // even opening one never completes.
@@ -212,12 +219,9 @@ impl Publisher {
                     .basic_publish(
                         exchange.into(),
                         routing_key.into(),
-                        BasicPublishOptions {
-                            mandatory: true,
-                            ..BasicPublishOptions::default()
-                        },
+                        MANDATORY,
                         body,
-                        properties,
+                        properties.clone(),
                     )
                     .await?
                     .await
