@@ -124,15 +124,21 @@ impl Load {
         rng: &mut fastrand::Rng,
         deadline: Instant,
     ) -> anyhow::Result<()> {
+        let order = OrderStarted {
+            order_id: placed.order_id.clone(),
+            supplier: supplier.to_owned(),
+            products: lines
+                .iter()
+                .map(|(sku, quantity)| ProductLine {
+                    sku: sku.clone(),
+                    quantity: *quantity,
+                })
+                .collect(),
+            address: "1 Chaos Road".to_owned(),
+        };
         match placed.via {
-            Via::Api => {
-                self.post_order(&placed.order_id, supplier, lines, deadline)
-                    .await?;
-            }
-            Via::Exchange => {
-                self.publish_order(&placed.order_id, supplier, lines, deadline)
-                    .await?;
-            }
+            Via::Api => self.post_order(&order, deadline).await?,
+            Via::Exchange => self.publish_order(order, deadline).await?,
         }
         placed.accepted = true;
         let order = self
@@ -204,57 +210,23 @@ impl Load {
         Ok(())
     }
 
-    async fn post_order(
-        &self,
-        order_id: &str,
-        supplier: &str,
-        lines: &[(String, u32)],
-        deadline: Instant,
-    ) -> anyhow::Result<()> {
-        let products: Vec<Value> = lines
-            .iter()
-            .map(|(sku, quantity)| json!({"sku": sku, "quantity": quantity}))
-            .collect();
-        let body = json!({"order_id": order_id, "supplier": supplier, "products": products,
-                          "address": "1 Chaos Road"});
-        let mut attempt = 0;
-        loop {
-            let url = format!("{}/orders", self.api(attempt));
-            match self.http.post(&url).json(&body).send().await {
-                Ok(r) if r.status().as_u16() == 202 => return Ok(()),
-                Ok(r) if r.status().is_client_error() => {
-                    anyhow::bail!(
-                        "POST /orders answered {}: {}",
-                        r.status(),
-                        r.text().await.unwrap_or_default()
-                    )
-                }
-                Ok(_) | Err(_) => {}
-            }
-            attempt += 1;
-            pause(attempt, deadline, "placing the order").await?;
-        }
+    /// Places `order` through the API (its body is the event's).
+    async fn post_order(&self, order: &OrderStarted, deadline: Instant) -> anyhow::Result<()> {
+        let body = serde_json::to_value(order)?;
+        let placed = self
+            .post_patiently("/orders", &body, deadline, "placing the order")
+            .await?;
+        anyhow::ensure!(
+            placed,
+            "POST /orders answered 409: order {} exists with another body",
+            order.order_id
+        );
+        Ok(())
     }
 
-    async fn publish_order(
-        &self,
-        order_id: &str,
-        supplier: &str,
-        lines: &[(String, u32)],
-        deadline: Instant,
-    ) -> anyhow::Result<()> {
-        let started = Event::OrderStarted(OrderStarted {
-            order_id: order_id.to_owned(),
-            supplier: supplier.to_owned(),
-            products: lines
-                .iter()
-                .map(|(sku, quantity)| ProductLine {
-                    sku: sku.clone(),
-                    quantity: *quantity,
-                })
-                .collect(),
-            address: "1 Chaos Road".to_owned(),
-        });
+    /// Publishes `order` straight on the events exchange, as a user can.
+    async fn publish_order(&self, order: OrderStarted, deadline: Instant) -> anyhow::Result<()> {
+        let started = Event::OrderStarted(order);
         // One message, published until confirmed: a retry is the same message.
         let message = Outgoing::event(&started, None::<&Envelope>);
         let mut attempt = 0;
@@ -314,21 +286,32 @@ impl Load {
         method: &str,
         deadline: Instant,
     ) -> anyhow::Result<bool> {
+        let body = json!({"token": token, "method": method});
+        let path = format!("/orders/{order_id}/payment");
+        self.post_patiently(&path, &body, deadline, "submitting the payment")
+            .await
+    }
+
+    /// POSTs `body` to `path`, on the next API instance at each attempt,
+    /// until it is answered 202 (true) or 409 (false: the order had ended,
+    /// or holds another body). Another client error but 404 (the order not
+    /// known yet) is final; anything else is tried again until `deadline`.
+    async fn post_patiently(
+        &self,
+        path: &str,
+        body: &Value,
+        deadline: Instant,
+        doing: &str,
+    ) -> anyhow::Result<bool> {
         let mut attempt = 0;
         loop {
-            let url = format!("{}/orders/{order_id}/payment", self.api(attempt));
-            match self
-                .http
-                .post(&url)
-                .json(&json!({"token": token, "method": method}))
-                .send()
-                .await
-            {
+            let url = format!("{}{path}", self.api(attempt));
+            match self.http.post(&url).json(body).send().await {
                 Ok(r) if r.status().as_u16() == 202 => return Ok(true),
                 Ok(r) if r.status().as_u16() == 409 => return Ok(false),
                 Ok(r) if r.status().is_client_error() && r.status().as_u16() != 404 => {
                     anyhow::bail!(
-                        "payment answered {}: {}",
+                        "POST {path} answered {}: {}",
                         r.status(),
                         r.text().await.unwrap_or_default()
                     )
@@ -336,7 +319,7 @@ impl Load {
                 Ok(_) | Err(_) => {}
             }
             attempt += 1;
-            pause(attempt, deadline, "submitting the payment").await?;
+            pause(attempt, deadline, doing).await?;
         }
     }
 }

@@ -22,40 +22,21 @@ fn arguments_json(arguments: &Arguments) -> Value {
 
 /// The definitions document (exchanges, queues, bindings on vhost `vhost`).
 pub fn to_definitions(topology: &Topology, vhost: &str) -> Value {
-    let exchanges: Vec<Value> = topology
-        .exchanges
-        .iter()
-        .map(|e| {
-            json!({
-                "name": e.name, "vhost": vhost, "type": e.kind,
-                "durable": true, "auto_delete": false, "internal": false, "arguments": {}
-            })
-        })
-        .collect();
-    let queues: Vec<Value> = topology
-        .queues
-        .iter()
-        .map(|q| {
-            json!({
-                "name": q.name, "vhost": vhost, "durable": true, "auto_delete": false,
-                "arguments": arguments_json(&q.arguments)
-            })
-        })
-        .collect();
-    let bindings: Vec<Value> = topology
-        .bindings
-        .iter()
-        .map(|b| {
-            json!({
-                "source": b.exchange, "vhost": vhost, "destination": b.queue,
-                "destination_type": "queue", "routing_key": b.routing_key, "arguments": {}
-            })
-        })
-        .collect();
+    // Inside `json!` each list is one expression: an exchange, a queue and
+    // a binding object each, as the broker's definitions import reads them.
     json!({
         "vhosts": [{ "name": vhost }],
-        "exchanges": exchanges,
-        "queues": queues,
-        "bindings": bindings,
+        "exchanges": topology.exchanges.iter().map(|e| json!({
+            "name": e.name, "vhost": vhost, "type": e.kind,
+            "durable": true, "auto_delete": false, "internal": false, "arguments": {}
+        })).collect::<Vec<Value>>(),
+        "queues": topology.queues.iter().map(|q| json!({
+            "name": q.name, "vhost": vhost, "durable": true, "auto_delete": false,
+            "arguments": arguments_json(&q.arguments)
+        })).collect::<Vec<Value>>(),
+        "bindings": topology.bindings.iter().map(|b| json!({
+            "source": b.exchange, "vhost": vhost, "destination": b.queue,
+            "destination_type": "queue", "routing_key": b.routing_key, "arguments": {}
+        })).collect::<Vec<Value>>(),
     })
 }

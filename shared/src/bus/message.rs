@@ -250,19 +250,18 @@ mod tests {
         }
     }
 
+    /// An `order.cancelled` for `order_id`, decoded as a consumer does.
+    fn cancelled_for(order_id: &str) -> Result<Message, Box<Undecodable>> {
+        let body = serde_json::json!({"order_id": order_id, "reason": "r"}).to_string();
+        let properties = BasicProperties::default();
+        let delivered = delivery(EVENTS, "order.cancelled", properties, body.into_bytes());
+        Message::decode(&delivered, REDELIVER)
+    }
+
     #[test]
     fn an_order_id_amqp_cannot_carry_is_a_schema_error_with_a_publishable_envelope() {
         let long = "o".repeat(MAX_SHORT_STRING + 1);
-        let body = serde_json::json!({"order_id": long, "reason": "r"}).to_string();
-        let Err(undecodable) = Message::decode(
-            &delivery(
-                EVENTS,
-                "order.cancelled",
-                BasicProperties::default(),
-                body.into_bytes(),
-            ),
-            REDELIVER,
-        ) else {
+        let Err(undecodable) = cancelled_for(&long) else {
             panic!("a 256-byte order id decoded");
         };
         let text = undecodable.error.to_string();
@@ -278,17 +277,7 @@ mod tests {
                 .is_ok()
         );
         let fits = "o".repeat(MAX_SHORT_STRING);
-        let body = serde_json::json!({"order_id": fits, "reason": "r"}).to_string();
-        let message = Message::decode(
-            &delivery(
-                EVENTS,
-                "order.cancelled",
-                BasicProperties::default(),
-                body.into_bytes(),
-            ),
-            REDELIVER,
-        )
-        .unwrap();
+        let message = cancelled_for(&fits).unwrap();
         assert_eq!(message.order_id(), fits);
     }
 }
