@@ -124,10 +124,6 @@ pub async fn run_all(tasks: Vec<(String, Task)>, shutdown: &Shutdown) -> anyhow:
 
 #[cfg(test)]
 mod tests {
-    #![allow(
-        clippy::unwrap_used,
-        reason = "a test fails loudly on the first surprise"
-    )]
 
     use super::*;
 

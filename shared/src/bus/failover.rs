@@ -148,10 +148,6 @@ impl Manager for FailoverManager {
 
 #[cfg(test)]
 mod tests {
-    #![allow(
-        clippy::unwrap_used,
-        reason = "a test fails loudly on the first surprise"
-    )]
 
     use super::*;
 

@@ -3,11 +3,6 @@
 //! applied once, and a batch that fails as a whole falls back to one message
 //! at a time, so only the bad message is dead-lettered.
 
-#![allow(
-    clippy::unwrap_used,
-    reason = "a test fails loudly on the first surprise"
-)]
-
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

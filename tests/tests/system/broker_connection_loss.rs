@@ -3,11 +3,6 @@
 //! broker restart does); publisher and consumer come back by themselves and
 //! all 1,000 messages take effect exactly once.
 
-#![allow(
-    clippy::unwrap_used,
-    reason = "a test fails loudly on the first surprise"
-)]
-
 use std::sync::Arc;
 use std::time::Duration;
 

@@ -4,11 +4,6 @@
 //! middle of the stream; then both carry on on the other node, by themselves,
 //! and every message published takes effect exactly once.
 
-#![allow(
-    clippy::unwrap_used,
-    reason = "a test fails loudly on the first surprise"
-)]
-
 use std::sync::Arc;
 use std::time::Duration;
 

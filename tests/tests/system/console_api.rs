@@ -6,11 +6,6 @@
 //! model broken on purpose), queues with or without the management API,
 //! dead letters listed with their reasons and replayed, stuck sagas.
 
-#![allow(
-    clippy::unwrap_used,
-    reason = "a test fails loudly on the first surprise"
-)]
-
 use std::time::Duration;
 
 use lapin::BasicProperties;

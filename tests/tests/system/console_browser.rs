@@ -12,11 +12,6 @@
 //! `ORDERFLOW_CONSOLE_SCREENSHOTS=DIR` (absolute: tests run in `tests/`)
 //! saves a screenshot of each page there.
 
-#![allow(
-    clippy::unwrap_used,
-    reason = "a test fails loudly on the first surprise"
-)]
-
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;

@@ -8,11 +8,6 @@
 //!   the same PostgreSQL) unreachable is tried again with the same key, not
 //!   failed: the order completes with exactly one charge.
 
-#![allow(
-    clippy::unwrap_used,
-    reason = "a test fails loudly on the first surprise"
-)]
-
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};

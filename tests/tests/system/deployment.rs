@@ -5,11 +5,6 @@
 //! itself (`./scripts/test` installs Debian's docker-compose when no compose
 //! is there) is asked to render the file without the secrets, and refuses.
 
-#![allow(
-    clippy::unwrap_used,
-    reason = "a test fails loudly on the first surprise"
-)]
-
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::process::Command;

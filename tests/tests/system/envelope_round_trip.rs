@@ -1,11 +1,6 @@
 //! Publish → consume round trip: every envelope field arrives intact, and a
 //! bare message (as typed into the RabbitMQ UI) gets a deterministic envelope.
 
-#![allow(
-    clippy::unwrap_used,
-    reason = "a test fails loudly on the first surprise"
-)]
-
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 

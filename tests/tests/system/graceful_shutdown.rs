@@ -1,11 +1,6 @@
 //! Graceful shutdown of a consumer: it stops taking messages, finishes (and
 //! acks) the ones in flight, then closes.
 
-#![allow(
-    clippy::unwrap_used,
-    reason = "a test fails loudly on the first surprise"
-)]
-
 use std::sync::Arc;
 use std::time::Duration;
 

@@ -3,11 +3,6 @@
 //! whole saga in order with its causes (also page by page), a cancelled
 //! order's rejection, and 404 for an order the coordinator never saw.
 
-#![allow(
-    clippy::unwrap_used,
-    reason = "a test fails loudly on the first surprise"
-)]
-
 use std::time::Duration;
 
 use orderflow_tests::eventually;

@@ -7,11 +7,6 @@
 //! no worker panics, nothing bad is retried as if it could heal, no deadline
 //! lands in the far future, and an order placed afterwards completes.
 
-#![allow(
-    clippy::unwrap_used,
-    reason = "a test fails loudly on the first surprise"
-)]
-
 use std::collections::BTreeMap;
 use std::time::Duration;
 

@@ -8,11 +8,6 @@
 //! unroutable goes to `outbox_dead` and stops blocking sweeps, while a row
 //! the broker cannot take because it is away is never given up.
 
-#![allow(
-    clippy::unwrap_used,
-    reason = "a test fails loudly on the first surprise"
-)]
-
 use std::sync::Arc;
 use std::time::Duration;
 

@@ -4,11 +4,6 @@
 //! a deadline counted from the order's time, already past: the token was
 //! born expired and the order timed out though the customer paid at once.
 
-#![allow(
-    clippy::unwrap_used,
-    reason = "a test fails loudly on the first surprise"
-)]
-
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};

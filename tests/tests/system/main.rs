@@ -2,6 +2,11 @@
 //! the real RabbitMQ and PostgreSQL, each in its own topology namespace and
 //! database (see `orderflow_tests::TestEnv`). One binary links once.
 
+#![allow(
+    clippy::unwrap_used,
+    reason = "a test, and the helpers of one, fail loudly on the first surprise"
+)]
+
 mod batches;
 mod broker_connection_loss;
 mod broker_failover;
@@ -15,6 +20,7 @@ mod history_api;
 mod hostile_messages;
 mod inbox_outbox;
 mod late_payment_step;
+mod migrations;
 mod money_safety;
 mod order_api;
 mod pause_resume;

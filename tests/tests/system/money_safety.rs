@@ -4,11 +4,6 @@
 //! amount, an order started again at a lower price, a forged decision on the
 //! bus. None of them may change what a customer pays.
 
-#![allow(
-    clippy::unwrap_used,
-    reason = "a test fails loudly on the first surprise"
-)]
-
 use std::time::Duration;
 
 use lapin::BasicProperties;

@@ -10,11 +10,6 @@
 //! check that names what is down, and event handling that goes on while
 //! requests hold every HTTP connection.
 
-#![allow(
-    clippy::unwrap_used,
-    reason = "a test fails loudly on the first surprise"
-)]
-
 use std::time::{Duration, Instant};
 
 use lapin::message::BasicGetMessage;

@@ -4,11 +4,6 @@
 //! queue. The pause reaches every instance of the service, and a worker
 //! started while its service is paused starts paused.
 
-#![allow(
-    clippy::unwrap_used,
-    reason = "a test fails loudly on the first surprise"
-)]
-
 use std::time::Duration;
 
 use orderflow_shared::Shutdown;

@@ -1,11 +1,6 @@
 //! Publishing errors the caller must see (an unroutable message), and the
 //! topology declaration being idempotent.
 
-#![allow(
-    clippy::unwrap_used,
-    reason = "a test fails loudly on the first surprise"
-)]
-
 use std::time::Duration;
 
 use orderflow_shared::bus::{Broker, BusError, Outgoing, PublishError};

@@ -7,11 +7,6 @@
 //! schema. Old rows are made by moving their timestamps back, never by
 //! waiting.
 
-#![allow(
-    clippy::unwrap_used,
-    reason = "a test fails loudly on the first surprise"
-)]
-
 use std::time::Duration;
 
 use orderflow_shared::bus::Outgoing;

@@ -3,11 +3,6 @@
 //! in the service's dead-letter queue once, with the reason, the original
 //! routing key and the service in headers, and the worker keeps serving.
 
-#![allow(
-    clippy::unwrap_used,
-    reason = "a test fails loudly on the first surprise"
-)]
-
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -3,11 +3,6 @@
 //! that survive the coordinator being down, bad tokens turned down with their
 //! reason, and compensation that refunds exactly once.
 
-#![allow(
-    clippy::unwrap_used,
-    reason = "a test fails loudly on the first surprise"
-)]
-
 use std::time::Duration;
 
 use base64::Engine;

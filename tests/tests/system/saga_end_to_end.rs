@@ -5,11 +5,6 @@
 //! twice charges once; malformed messages on any queue are dead-lettered while
 //! the workers keep serving.
 
-#![allow(
-    clippy::unwrap_used,
-    reason = "a test fails loudly on the first surprise"
-)]
-
 use std::time::Duration;
 
 use lapin::BasicProperties;

@@ -2,11 +2,6 @@
 //! order's other deadlines are settled when one fires, and timers that are
 //! not due or already settled do not fire.
 
-#![allow(
-    clippy::unwrap_used,
-    reason = "a test fails loudly on the first surprise"
-)]
-
 use std::sync::Arc;
 
 use chrono::{Duration, Utc};

@@ -2,11 +2,6 @@
 //! and the report line has the promised fields; in-process with `--baseline`:
 //! the ceiling is reported and nothing is left behind.
 
-#![allow(
-    clippy::unwrap_used,
-    reason = "a test fails loudly on the first surprise"
-)]
-
 use orderflow_tests::run_to_end;
 use orderflow_tests::system::System;
 use serde_json::Value;

@@ -8,11 +8,6 @@
 //! process of the run, no directory. (Whatever happens, the test kills
 //! what the run left, found by the run id every process of it carries.)
 
-#![allow(
-    clippy::unwrap_used,
-    reason = "a test fails loudly on the first surprise"
-)]
-
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};

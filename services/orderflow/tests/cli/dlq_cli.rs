@@ -3,11 +3,6 @@
 //! one older than the retention is replayed only with `--force`; dead
 //! outbox rows are listed per schema and put back into their outbox.
 
-#![allow(
-    clippy::unwrap_used,
-    reason = "a test fails loudly on the first surprise"
-)]
-
 use std::time::Duration;
 
 use lapin::BasicProperties;

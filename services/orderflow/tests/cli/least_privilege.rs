@@ -6,11 +6,6 @@
 //! event it does not own, or read another context's tables beyond the ones
 //! it needs; and the whole saga runs with exactly these rights.
 
-#![allow(
-    clippy::unwrap_used,
-    reason = "a test fails loudly on the first surprise"
-)]
-
 use std::sync::Arc;
 
 use lapin::options::{

@@ -1,6 +1,11 @@
 //! The command line tests, one binary: each module runs the `orderflow`
 //! binary as a user would, against the real RabbitMQ and PostgreSQL.
 
+#![allow(
+    clippy::unwrap_used,
+    reason = "a test, and the helpers of one, fail loudly on the first surprise"
+)]
+
 mod bench_cli;
 mod chaos;
 mod dlq_cli;

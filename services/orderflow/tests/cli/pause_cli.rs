@@ -3,11 +3,6 @@
 //! and its orders wait at its step; resumed, they go on. And `orderflow
 //! topology lint` checks the choreography of the repository's model.
 
-#![allow(
-    clippy::unwrap_used,
-    reason = "a test fails loudly on the first surprise"
-)]
-
 use std::time::Duration;
 
 use orderflow_tests::system::System;

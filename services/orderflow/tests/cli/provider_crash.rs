@@ -4,11 +4,6 @@
 //! refunds it. Exactly one charge, exactly one refund; nothing charged stays
 //! with an order that was cancelled.
 
-#![allow(
-    clippy::unwrap_used,
-    reason = "a test fails loudly on the first surprise"
-)]
-
 use std::process::Stdio;
 use std::time::Duration;
 

@@ -3,11 +3,6 @@
 //! API shows; an order waiting for its payment is stuck; an unknown order and
 //! a database the coordinator never ran on are clear errors.
 
-#![allow(
-    clippy::unwrap_used,
-    reason = "a test fails loudly on the first surprise"
-)]
-
 use std::time::Duration;
 
 use orderflow_tests::system::System;

@@ -2,11 +2,6 @@
 //! database, orders placed and paid with `orderflow order`, and `up` killed
 //! with SIGKILL in the middle of an order and started again.
 
-#![allow(
-    clippy::unwrap_used,
-    reason = "a test fails loudly on the first surprise"
-)]
-
 use std::process::Stdio;
 use std::time::Duration;
 
