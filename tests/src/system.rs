@@ -83,6 +83,14 @@ impl System {
         Self::start_with(|_| {}, Workers::default()).await
     }
 
+    /// Every worker but those `leave_out` turns off, and the API, with the
+    /// default test settings: `System::start_without(|w| w.coordinator = false)`.
+    pub async fn start_without(leave_out: impl FnOnce(&mut Workers)) -> Self {
+        let mut workers = Workers::default();
+        leave_out(&mut workers);
+        Self::start_with(|_| {}, workers).await
+    }
+
     /// Every worker in `workers` and the API, with `adjust`ed settings.
     pub async fn start_with(adjust: impl FnOnce(&mut Settings), workers: Workers) -> Self {
         let env = if workers.deployment_tiers {

@@ -621,14 +621,7 @@ async fn a_poison_message_is_listed_with_its_reason_and_replayed_from_the_consol
 
 #[tokio::test]
 async fn stuck_sagas_are_listed_with_the_step_they_wait_on() {
-    let system = System::start_with(
-        |_| {},
-        Workers {
-            generate_info: false,
-            ..Workers::default()
-        },
-    )
-    .await;
+    let system = System::start_without(|w| w.generate_info = false).await;
     let order_id = system.place("haidilao", &[("tea", 1)]).await;
     eventually(Duration::from_secs(10), "the saga is stuck", || async {
         let (_, body) = system

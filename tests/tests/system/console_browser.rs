@@ -259,14 +259,7 @@ async fn a_customer_places_and_pays_an_order_and_sees_its_timeline_complete_with
 
 #[tokio::test]
 async fn an_operator_sees_a_stopped_service_back_up_and_replays_a_dead_letter() {
-    let system = System::start_with(
-        |_| {},
-        Workers {
-            generate_info: false,
-            ..Workers::default()
-        },
-    )
-    .await;
+    let system = System::start_without(|w| w.generate_info = false).await;
     let browser = Browser::start().await;
     browser
         .client

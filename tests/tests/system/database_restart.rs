@@ -17,7 +17,7 @@ use orderflow_shared::Shutdown;
 use orderflow_shared::app::run_worker;
 use orderflow_shared::store::{Context, Db};
 use orderflow_tests::proxy::StallingProxy;
-use orderflow_tests::system::{System, Workers};
+use orderflow_tests::system::System;
 use orderflow_tests::{TestEnv, admin_database_url, eventually};
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::json;
@@ -158,14 +158,7 @@ async fn a_worker_started_while_postgresql_is_starting_up_waits_for_it() {
 
 #[tokio::test]
 async fn a_payment_whose_gateway_ledger_is_unreachable_is_retried_not_failed() {
-    let system = System::start_with(
-        |_| {},
-        Workers {
-            without_providers: vec!["zhifubao"],
-            ..Workers::default()
-        },
-    )
-    .await;
+    let system = System::start_without(|w| w.without_providers = vec!["zhifubao"]).await;
     // The zhifubao provider, its gateway's ledger behind a proxy that can be
     // cut, as a database restart cuts it.
     let service = payment_provider::service_name("zhifubao");

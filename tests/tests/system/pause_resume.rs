@@ -157,14 +157,7 @@ async fn stop_instance((shutdown, task): (Shutdown, JoinHandle<anyhow::Result<()
 
 #[tokio::test]
 async fn a_pause_reaches_every_instance_and_survives_a_restart_of_the_worker() {
-    let system = System::start_with(
-        |_| {},
-        Workers {
-            without_providers: vec!["zhifubao"],
-            ..Workers::default()
-        },
-    )
-    .await;
+    let system = System::start_without(|w| w.without_providers = vec!["zhifubao"]).await;
     let queue = system.env.queue(PROVIDER);
     let first = provider_instance(&system, "zhifubao-1");
     let second = provider_instance(&system, "zhifubao-2");

@@ -12,7 +12,7 @@ use orderflow_shared::bus::Outgoing;
 use orderflow_shared::envelope::headers;
 use orderflow_shared::events::{Event, OrderStarted, ProductLine};
 use orderflow_shared::store::{DEAD_AFTER_REFUSALS, Relay};
-use orderflow_tests::system::{System, Workers};
+use orderflow_tests::system::System;
 use orderflow_tests::{eventually, run_to_end, sample_event};
 use secrecy::ExposeSecret;
 use serde_json::Value;
@@ -240,14 +240,7 @@ async fn a_dead_letter_older_than_the_retention_is_replayed_only_with_force() {
 #[tokio::test]
 async fn dead_outbox_rows_are_listed_per_schema_and_replayed_into_their_outbox() {
     // The coordinator (the only relay of its schema) starts later, for the replay.
-    let system = System::start_with(
-        |_| {},
-        Workers {
-            coordinator: false,
-            ..Workers::default()
-        },
-    )
-    .await;
+    let system = System::start_without(|w| w.coordinator = false).await;
     // A binding is missing: the coordinator's queue, the only one that takes
     // every routing key, is not bound, so `order.cancelled.nowhere` has no route.
     let (_connection, channel) = system.env.raw_channel().await;
