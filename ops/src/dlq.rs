@@ -12,6 +12,7 @@
 
 use chrono::{DateTime, Utc};
 use lapin::Channel;
+use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicGetOptions};
 use lapin::types::FieldTable;
 use orderflow_shared::bus::Broker;
@@ -53,15 +54,7 @@ pub struct DeadLetters {
 
 /// The dead-letter queue of `service`.
 pub fn dead_queue(broker: &Broker, service: &str) -> Result<String, OpsError> {
-    crate::services(broker, Some(service))?;
-    broker
-        .topology()
-        .queue(service, &QueueRole::DeadLetter)
-        .map(|q| q.name.clone())
-        .ok_or_else(|| OpsError::UnknownService {
-            service: service.to_owned(),
-            known: broker.topology().services().join(", "),
-        })
+    crate::queue_of(broker, service, &QueueRole::DeadLetter)
 }
 
 /// How many messages `queue` holds (a passive declaration).
@@ -114,6 +107,16 @@ fn describe(service: &str, dead_queue: &str, delivery: &lapin::message::Delivery
     }
 }
 
+/// The next message of `queue`, taken without an ack: it goes back to the
+/// queue unless acked before the channel closes. `None` when it is empty.
+async fn take(channel: &Channel, queue: &str) -> Result<Option<Delivery>, OpsError> {
+    let message = channel
+        .basic_get(queue.into(), BasicGetOptions { no_ack: false })
+        .await
+        .map_err(|cause| OpsError::amqp(format!("taking a message from {queue}"), cause))?;
+    Ok(message.map(|message| message.delivery))
+}
+
 /// The dead letters of `service`: their count and the first `limit`, with
 /// their reasons. A peek: the messages are taken without an ack and the
 /// channel closed, so the broker puts them back.
@@ -124,14 +127,10 @@ pub async fn list(broker: &Broker, service: &str, limit: usize) -> Result<DeadLe
         let waiting = count(&channel, &queue).await?;
         let mut messages = Vec::new();
         while messages.len() < limit.min(waiting as usize) {
-            let Some(message) = channel
-                .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: false })
-                .await
-                .map_err(|cause| OpsError::amqp(format!("reading {queue}"), cause))?
-            else {
+            let Some(delivery) = take(&channel, &queue).await? else {
                 break;
             };
-            messages.push(describe(service, &queue, &message.delivery));
+            messages.push(describe(service, &queue, &delivery));
         }
         Ok::<_, OpsError>(DeadLetters {
             service: service.to_owned(),
@@ -308,14 +307,9 @@ pub async fn replay(
             {
                 break;
             }
-            let Some(message) = channel
-                .basic_get(dead.as_str().into(), BasicGetOptions { no_ack: false })
-                .await
-                .map_err(|cause| OpsError::amqp(format!("taking a message from {dead}"), cause))?
-            else {
+            let Some(delivery) = take(&channel, &dead).await? else {
                 break;
             };
-            let delivery = message.delivery;
             let message_id = text(delivery.properties.message_id().as_ref());
             if request.message_id.is_some() && request.message_id != message_id {
                 continue; // left unacked: back in the queue when the channel closes

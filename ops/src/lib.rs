@@ -23,7 +23,7 @@ pub mod queues;
 pub use error::OpsError;
 
 use orderflow_shared::bus::Broker;
-use orderflow_shared::topology::inspect_queue;
+use orderflow_shared::topology::{QueueRole, inspect_queue};
 
 /// The services of `broker`'s topology, or only `service` when given (an
 /// unknown one is [`OpsError::UnknownService`]).
@@ -42,6 +42,24 @@ pub fn services(broker: &Broker, only: Option<&str>) -> Result<Vec<String>, OpsE
             known: all.join(", "),
         }),
     }
+}
+
+/// The name of `service`'s queue of `role`; an unknown service (or one
+/// without such a queue) is [`OpsError::UnknownService`].
+pub(crate) fn queue_of(
+    broker: &Broker,
+    service: &str,
+    role: &QueueRole,
+) -> Result<String, OpsError> {
+    services(broker, Some(service))?;
+    broker
+        .topology()
+        .queue(service, role)
+        .map(|q| q.name.clone())
+        .ok_or_else(|| OpsError::UnknownService {
+            service: service.to_owned(),
+            known: broker.topology().services().join(", "),
+        })
 }
 
 /// `queue` as the broker has it (a passive declaration); a queue that does

@@ -28,15 +28,7 @@ pub struct PauseState {
 }
 
 fn pause_queue(broker: &Broker, service: &str) -> Result<String, OpsError> {
-    crate::services(broker, Some(service))?;
-    broker
-        .topology()
-        .queue(service, &QueueRole::Pause)
-        .map(|q| q.name.clone())
-        .ok_or_else(|| OpsError::UnknownService {
-            service: service.to_owned(),
-            known: broker.topology().services().join(", "),
-        })
+    crate::queue_of(broker, service, &QueueRole::Pause)
 }
 
 /// Whether `service` is paused now.

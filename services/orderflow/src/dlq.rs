@@ -48,14 +48,11 @@ const SCHEMAS: [Context; 4] = [
 /// `invalid_schema_name`, `invalid_catalog_name` (no such database).
 const ABSENT: [&str; 3] = ["42P01", "3F000", "3D000"];
 
-pub fn run(command: DlqCommand) -> anyhow::Result<ExitCode> {
-    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-    runtime.block_on(async {
-        match command {
-            DlqCommand::List(args) => list(&args).await,
-            DlqCommand::Replay(args) => replay(&args).await,
-        }
-    })
+pub async fn run(command: DlqCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        DlqCommand::List(args) => list(&args).await,
+        DlqCommand::Replay(args) => replay(&args).await,
+    }
 }
 
 pub(crate) fn broker(settings: &Settings) -> anyhow::Result<Broker> {

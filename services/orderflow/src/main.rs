@@ -13,6 +13,7 @@ mod up;
 
 use std::process::ExitCode;
 
+use anyhow::Context as _;
 use clap::Parser;
 
 use crate::cli::{Cli, Command};
@@ -45,14 +46,22 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Up(args) => up::run(&args),
         Command::Worker(args) => up::run_one(&args),
         Command::Db(command) => db::run(command),
-        Command::Order(command) => order::run(command),
-        Command::Saga(command) => saga::run(command),
-        Command::Dlq(command) => dlq::run(command),
+        Command::Order(command) => block_on(order::run(command)),
+        Command::Saga(command) => block_on(saga::run(command)),
+        Command::Dlq(command) => block_on(dlq::run(command)),
         Command::Pause(args) => pause::run(&args, true),
         Command::Resume(args) => pause::run(&args, false),
         Command::Bench(args) => orderflow_bench::saga::run(&args),
         Command::Chaos(args) => orderflow_chaos::run(&args),
     }
+}
+
+/// Runs an asynchronous command to its end on a runtime of its own.
+fn block_on(
+    command: impl std::future::Future<Output = anyhow::Result<ExitCode>>,
+) -> anyhow::Result<ExitCode> {
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    runtime.block_on(command)
 }
 
 fn is_broken_pipe(error: &anyhow::Error) -> bool {

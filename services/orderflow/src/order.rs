@@ -9,15 +9,12 @@ use serde_json::{Value, json};
 
 use crate::cli::{ApiArgs, OrderCommand, PayArgs, ShowArgs, StartArgs};
 
-pub fn run(command: OrderCommand) -> anyhow::Result<ExitCode> {
-    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-    runtime.block_on(async {
-        match command {
-            OrderCommand::Start(args) => start(&args).await,
-            OrderCommand::Pay(args) => pay(&args).await,
-            OrderCommand::Show(args) => show(&args).await,
-        }
-    })
+pub async fn run(command: OrderCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        OrderCommand::Start(args) => start(&args).await,
+        OrderCommand::Pay(args) => pay(&args).await,
+        OrderCommand::Show(args) => show(&args).await,
+    }
 }
 
 struct Api {

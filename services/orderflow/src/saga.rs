@@ -22,14 +22,11 @@ const SHORT_ID: usize = 8;
 /// SQLSTATE `undefined_table`.
 const UNDEFINED_TABLE: &str = "42P01";
 
-pub fn run(command: SagaCommand) -> anyhow::Result<ExitCode> {
-    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-    runtime.block_on(async {
-        match command {
-            SagaCommand::History(args) => show_history(&args).await,
-            SagaCommand::Stuck(args) => show_stuck(&args).await,
-        }
-    })
+pub async fn run(command: SagaCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        SagaCommand::History(args) => show_history(&args).await,
+        SagaCommand::Stuck(args) => show_stuck(&args).await,
+    }
 }
 
 /// The coordinator's schema, not migrated (an operator command leaves the

@@ -181,23 +181,20 @@ mod tests {
     fn services_get_their_model_permissions_and_no_default_exchange() {
         let document = users_document(&args(), |_| Some("secret".into())).unwrap();
         let permissions = document["permissions"].as_array().unwrap();
-        let coordinator = permissions
-            .iter()
-            .find(|p| p["user"] == "p-saga-coordinator")
-            .unwrap();
+        let of = |list: &[Value], user: &str| {
+            list.iter()
+                .find(|p| p["user"] == user)
+                .unwrap_or_else(|| panic!("no entry for {user}"))
+                .clone()
+        };
+        let coordinator = of(permissions, "p-saga-coordinator");
         assert_eq!(coordinator["configure"], "^$");
         assert!(!coordinator["write"].as_str().unwrap().contains("amq"));
         let topics = document["topic_permissions"].as_array().unwrap();
-        let wait = topics
-            .iter()
-            .find(|p| p["user"] == "p-payment-wait")
-            .unwrap();
+        let wait = of(topics, "p-payment-wait");
         assert_eq!(wait["write"], "^(payment\\.awaiting)$");
         assert_eq!(wait["exchange"], "ns.orderflow.events");
-        let console = permissions
-            .iter()
-            .find(|p| p["user"] == "p-console")
-            .unwrap();
+        let console = of(permissions, "p-console");
         assert_eq!(console["configure"], "^$");
         assert!(
             !console["write"].as_str().unwrap().contains("events"),
