@@ -1,7 +1,8 @@
 //! The order API served alone, for tests of its HTTP side: [`Api`] (one
 //! server on a fresh namespace and database, with an HTTP client and the
 //! `orders` schema at hand) and [`Instance`] (one more server on the same
-//! namespace and database); every answer read as (status, JSON).
+//! namespace and database); every answer read as (status, JSON), and
+//! [`texts_of`] and [`element_with`] to look into the lists of an answer.
 
 #![allow(
     clippy::unwrap_used,
@@ -336,4 +337,22 @@ pub async fn status_and_json(response: reqwest::Response) -> (StatusCode, Value)
     let body = serde_json::from_str(&text)
         .unwrap_or_else(|e| panic!("{status}: body is not JSON ({e}): {text:?}"));
     (status, body)
+}
+
+/// The text `field` of each element of the JSON array `list`, in order.
+pub fn texts_of<'a>(list: &'a Value, field: &str) -> Vec<&'a str> {
+    list.as_array()
+        .unwrap_or_else(|| panic!("not a list: {list}"))
+        .iter()
+        .map(|element| element[field].as_str().unwrap())
+        .collect()
+}
+
+/// The element of the JSON array `list` whose `field` is `value`.
+pub fn element_with<'a>(list: &'a Value, field: &str, value: &str) -> &'a Value {
+    list.as_array()
+        .unwrap_or_else(|| panic!("not a list: {list}"))
+        .iter()
+        .find(|element| element[field] == value)
+        .unwrap_or_else(|| panic!("no {field} {value:?} in {list}"))
 }

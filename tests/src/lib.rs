@@ -15,7 +15,7 @@ use std::time::Duration;
 use lapin::options::BasicGetOptions;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use orderflow_shared::app::Ctx;
-use orderflow_shared::bus::{Broker, ConsumerOptions, Handler, run_consumer};
+use orderflow_shared::bus::{Broker, ConsumerOptions, Handler, Outgoing, Publisher, run_consumer};
 use orderflow_shared::config::Settings;
 use orderflow_shared::metadata::Metadata;
 use orderflow_shared::store::{self, Db};
@@ -115,6 +115,12 @@ impl TestEnv {
         }
     }
 
+    /// A fresh namespace whose one service, `service`, reads
+    /// `order.cancelled` (the event of [`sample_event`]), and a fresh database.
+    pub async fn with_service(service: &str) -> Self {
+        Self::new(&[ServiceSpec::new(service, &["order.cancelled"])]).await
+    }
+
     /// The whole orderflow topology (every service, the configured payment
     /// methods) in a fresh namespace, and a fresh database.
     pub async fn orderflow() -> Self {
@@ -167,6 +173,24 @@ impl TestEnv {
 
     pub fn dead_letter_queue(&self, service: &str) -> String {
         self.topology.names.dead_letter_queue(service)
+    }
+
+    /// Another broker handle named after this test's namespace, for
+    /// `topology`, reaching the broker at `amqp_url` (through a proxy, say)
+    /// and giving up on a publish after `publish_timeout`.
+    pub fn broker_with(
+        &self,
+        amqp_url: &SecretString,
+        topology: Topology,
+        publish_timeout: Duration,
+    ) -> Broker {
+        Broker::new(amqp_url, &self.namespace, topology, publish_timeout).expect("broker handle")
+    }
+
+    /// Publishes [`sample_event`] of `order_id` on a new publisher of this
+    /// test's broker handle, and waits for the broker's confirm.
+    pub async fn publish_sample(&self, order_id: &str) {
+        publish_samples(&self.broker.publisher(), [order_id]).await;
     }
 
     /// A plain channel on its own connection, for poking at the broker the way
@@ -272,6 +296,23 @@ impl TestEnv {
                 .expect("consumer failed");
         });
         (shutdown, handle)
+    }
+
+    /// Starts a consumer with `options` whose handler is an [`Effects`] on
+    /// the schema named after the service, lingering `linger` after each
+    /// commit; stop it with the token.
+    pub async fn spawn_effects(
+        &self,
+        options: ConsumerOptions,
+        linger: Duration,
+    ) -> (Arc<Effects>, Shutdown, JoinHandle<()>) {
+        let service = options.service.clone();
+        let effects = Arc::new(Effects {
+            linger,
+            ..Effects::new(self.db(&service).await, &service).await
+        });
+        let (stop, consumer) = self.spawn_consumer(options, effects.clone());
+        (effects, stop, consumer)
     }
 
     /// Closes, on the broker side, every connection of this test's broker
@@ -461,6 +502,42 @@ pub fn sample_event(order_id: &str) -> orderflow_shared::events::Event {
         order_id: order_id.to_owned(),
         reason: "test".to_owned(),
     })
+}
+
+/// Publishes one [`sample_event`] per order id on `publisher`, in order,
+/// each confirmed by the broker.
+pub async fn publish_samples<I>(publisher: &Publisher, order_ids: I)
+where
+    I: IntoIterator,
+    I::Item: AsRef<str>,
+{
+    for order_id in order_ids {
+        let order_id = order_id.as_ref();
+        publisher
+            .publish(&Outgoing::event(&sample_event(order_id), None))
+            .await
+            .unwrap_or_else(|error| panic!("publishing the event of {order_id}: {error}"));
+    }
+}
+
+/// The one number `sql` selects in `db` (a `count(*)`, mostly).
+pub async fn count(db: &Db, sql: &'static str) -> i64 {
+    sqlx::query_scalar(sql)
+        .fetch_one(db.pool())
+        .await
+        .unwrap_or_else(|error| panic!("{sql}: {error}"))
+}
+
+/// The one number `sql` selects in `db` with `$1` bound to `param`.
+pub async fn count_with<'q, P>(db: &Db, sql: &'static str, param: P) -> i64
+where
+    P: sqlx::Encode<'q, sqlx::Postgres> + sqlx::Type<sqlx::Postgres> + Send + 'q,
+{
+    sqlx::query_scalar(sql)
+        .bind(param)
+        .fetch_one(db.pool())
+        .await
+        .unwrap_or_else(|error| panic!("{sql}: {error}"))
 }
 
 /// Runs a command to its end: (exit code, stdout, stderr), for tests of

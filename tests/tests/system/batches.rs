@@ -8,8 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use orderflow_shared::bus::{ConsumerOptions, HandleError, Handler, Message, Outgoing};
-use orderflow_shared::topology::ServiceSpec;
-use orderflow_tests::{TestEnv, eventually, sample_event};
+use orderflow_tests::{TestEnv, count, eventually, publish_samples};
 
 /// Counts applications per order; an order id containing "poison" fails,
 /// alone or in a batch (then the whole batch has no effect).
@@ -59,21 +58,17 @@ impl Handler for Batching {
 
 #[tokio::test]
 async fn waiting_deliveries_are_handled_in_batches_and_a_bad_one_falls_back_alone() {
-    let env = TestEnv::new(&[ServiceSpec::new("worker", &["order.cancelled"])]).await;
-    let publisher = env.broker.publisher();
+    let env = TestEnv::with_service("worker").await;
     // Everything is queued before the consumer starts: its prefetch buffer
     // fills at once, so batches form.
-    for i in 0..60 {
-        let order_id = if i == 30 {
+    let order_ids = (0..60).map(|i| {
+        if i == 30 {
             "order-poison".to_owned()
         } else {
             format!("order-{i}")
-        };
-        publisher
-            .publish(&Outgoing::event(&sample_event(&order_id), None))
-            .await
-            .unwrap();
-    }
+        }
+    });
+    publish_samples(&env.broker.publisher(), order_ids).await;
     let handler = Arc::new(Batching::default());
     let (stop, consumer) = env.spawn_consumer(ConsumerOptions::new("worker"), handler.clone());
     let dead = env.dead_letter_queue("worker");
@@ -196,10 +191,7 @@ async fn a_coordinator_batch_applies_two_events_of_one_order_in_order_and_a_dupl
             ("c".to_owned(), Some("generate-info".to_owned())),
         ]
     );
-    let timers: i64 = sqlx::query_scalar("SELECT count(*) FROM timers WHERE state = 'armed'")
-        .fetch_one(db.pool())
-        .await
-        .unwrap();
+    let timers = count(&db, "SELECT count(*) FROM timers WHERE state = 'armed'").await;
     assert_eq!(timers, 3, "b: flow; c: generate-info and flow");
     db.close().await;
     env.cleanup().await;
@@ -268,11 +260,11 @@ async fn a_provider_batch_charges_each_decision_once_and_a_forged_one_fails_alon
                 .unwrap();
         assert_eq!((status.as_str(), charged), ("captured", Some(amount / 2)));
     }
-    let captured: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM outbox WHERE routing_key = 'payment.captured'")
-            .fetch_one(payments.pool())
-            .await
-            .unwrap();
+    let captured = count(
+        &payments,
+        "SELECT count(*) FROM outbox WHERE routing_key = 'payment.captured'",
+    )
+    .await;
     assert_eq!(captured, 3, "one payment.captured per order");
     // A decision the coordinator did not make fails the batch it is in; one
     // at a time (the runtime's fallback) it alone is refused.

@@ -7,26 +7,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use orderflow_shared::bus::{ConsumerOptions, Outgoing};
-use orderflow_shared::topology::ServiceSpec;
-use orderflow_tests::{Effects, TestEnv, eventually, sample_event};
+use orderflow_tests::{TestEnv, eventually, sample_event};
 
 const MESSAGES: usize = 1000;
 
 #[tokio::test]
 async fn closing_all_connections_mid_stream_loses_nothing_and_duplicates_nothing() {
-    let env = TestEnv::new(&[ServiceSpec::new("sink", &["order.cancelled"])]).await;
-    let effects = Arc::new(Effects {
-        linger: Duration::from_millis(20),
-        ..Effects::new(env.db("sink").await, "sink").await
-    });
-    let (stop, consumer) = env.spawn_consumer(
-        ConsumerOptions {
-            prefetch: 50,
-            concurrency: 4,
-            ..ConsumerOptions::new("sink")
-        },
-        effects.clone(),
-    );
+    let env = TestEnv::with_service("sink").await;
+    let options = ConsumerOptions {
+        prefetch: 50,
+        concurrency: 4,
+        ..ConsumerOptions::new("sink")
+    };
+    let (effects, stop, consumer) = env.spawn_effects(options, Duration::from_millis(20)).await;
 
     // The producer publishes a little faster than the consumer applies (about
     // 250/s against 200/s), so the connections are cut while both are busy.

@@ -9,13 +9,9 @@
 use std::time::Duration;
 
 use lapin::BasicProperties;
-use lapin::types::{AMQPValue, FieldTable};
-use orderflow_shared::Shutdown;
-use orderflow_shared::bus::Outgoing;
-use orderflow_shared::envelope::headers;
-use orderflow_shared::events::{Event, OrderStarted, ProductLine};
 use orderflow_shared::metadata::Metadata;
 use orderflow_shared::topology::{ServiceSpec, orderflow_services};
+use orderflow_tests::api::{Instance, element_with, texts_of};
 use orderflow_tests::system::{System, Workers};
 use orderflow_tests::{TEST_OPERATOR_TOKEN, TestEnv, eventually};
 use reqwest::{Method, StatusCode};
@@ -57,39 +53,25 @@ async fn call(
     )
 }
 
+/// The `Content-Type` of `response`.
+fn content_type(response: &reqwest::Response) -> &str {
+    response.headers()[reqwest::header::CONTENT_TYPE]
+        .to_str()
+        .unwrap()
+}
+
 #[tokio::test]
 async fn the_page_and_its_assets_are_served_from_the_binary() {
     let system = System::start().await;
-    let page = system
-        .client
-        .get(format!("{}/console", system.api))
-        .send()
-        .await
-        .unwrap();
+    let page = system.get_response("/console").await;
     assert_eq!(page.status(), 200);
-    assert!(
-        page.headers()[reqwest::header::CONTENT_TYPE]
-            .to_str()
-            .unwrap()
-            .starts_with("text/html")
-    );
+    assert!(content_type(&page).starts_with("text/html"));
     let html = page.text().await.unwrap();
     assert!(html.contains("/console/app.js") && html.contains("/console/style.css"));
     for (asset, kind) in [("app.js", "text/javascript"), ("style.css", "text/css")] {
-        let response = system
-            .client
-            .get(format!("{}/console/{asset}", system.api))
-            .send()
-            .await
-            .unwrap();
+        let response = system.get_response(&format!("/console/{asset}")).await;
         assert_eq!(response.status(), 200, "{asset}");
-        assert!(
-            response.headers()[reqwest::header::CONTENT_TYPE]
-                .to_str()
-                .unwrap()
-                .starts_with(kind),
-            "{asset}"
-        );
+        assert!(content_type(&response).starts_with(kind), "{asset}");
     }
     // The root leads to the console.
     let root = reqwest::Client::builder()
@@ -110,19 +92,11 @@ async fn the_catalogue_lists_merchants_with_their_methods_and_products_with_pric
     let system = System::start().await;
     let (status, catalogue) = system.get("/catalogue").await;
     assert_eq!(status, 200, "{catalogue}");
-    let haidilao = catalogue["merchants"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["supplier"] == "haidilao")
-        .unwrap();
-    let methods: Vec<&str> = haidilao["payment_methods"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["method"].as_str().unwrap())
-        .collect();
-    assert_eq!(methods, ["zhifubao", "weixin"]);
+    let haidilao = element_with(&catalogue["merchants"], "supplier", "haidilao");
+    assert_eq!(
+        texts_of(&haidilao["payment_methods"], "method"),
+        ["zhifubao", "weixin"]
+    );
     assert_eq!(haidilao["payment_methods"][0]["discount_percent"], 80);
     assert_eq!(
         catalogue["default_payment_methods"]
@@ -131,12 +105,7 @@ async fn the_catalogue_lists_merchants_with_their_methods_and_products_with_pric
             .len(),
         3
     );
-    let tea = catalogue["products"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["sku"] == "tea")
-        .unwrap();
+    let tea = element_with(&catalogue["products"], "sku", "tea");
     assert_eq!(tea["price_cents"], 900);
     system.stop().await;
 }
@@ -172,13 +141,7 @@ async fn every_operator_route_needs_the_operator_token() {
         "/console".to_owned(),
         format!("/orders/{order_id}"),
     ] {
-        let response = system
-            .client
-            .get(format!("{}{path}", system.api))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 200, "{path}");
+        assert_eq!(system.get_response(&path).await.status(), 200, "{path}");
     }
     system.stop().await;
 }
@@ -311,12 +274,7 @@ async fn an_orders_live_stream_sends_its_state_saga_and_each_history_entry_once(
     assert_eq!(order["status"], "awaiting_payment");
     let saga = sse.last("saga").unwrap();
     assert_eq!(saga["step"], "payment", "{saga}");
-    let steps: Vec<&str> = saga["deadlines"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| d["step"].as_str().unwrap())
-        .collect();
+    let steps = texts_of(&saga["deadlines"], "step");
     assert!(
         steps.contains(&"payment") && steps.contains(&"flow"),
         "{saga}"
@@ -369,25 +327,17 @@ async fn the_choreography_shows_the_model_and_no_finding() {
     let (status, body) = system.operator(Method::GET, "/choreography", None).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["findings"], json!([]));
-    let coordinator = body["services"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["name"] == "saga-coordinator")
-        .unwrap();
+    let coordinator = element_with(&body["services"], "name", "saga-coordinator");
     assert!(
         coordinator["publishes"]
             .as_array()
             .unwrap()
             .contains(&json!("saga.timed-out"))
     );
-    let steps: Vec<&str> = body["waits"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|w| w.as_object().unwrap()["step"].as_str().unwrap())
-        .collect();
-    assert_eq!(steps, ["generate-info", "payment", "paying"]);
+    assert_eq!(
+        texts_of(&body["waits"], "step"),
+        ["generate-info", "payment", "paying"]
+    );
     assert_eq!(body["clients"][0]["publishes"], json!(["order.started"]));
     system.stop().await;
 }
@@ -402,25 +352,10 @@ async fn the_choreography_of_a_model_broken_on_purpose_shows_its_findings() {
     orderflow_shared::store::Db::migrate_all(&env.database_url)
         .await
         .unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let api = format!("http://{}", listener.local_addr().unwrap());
-    let shutdown = Shutdown::new();
-    let server = tokio::spawn(order_api::serve(
-        env.ctx("order-api"),
-        listener,
-        shutdown.clone(),
-    ));
     let client = reqwest::Client::new();
-    eventually(Duration::from_secs(30), "the API answers", || async {
-        client
-            .get(format!("{api}/healthz"))
-            .send()
-            .await
-            .is_ok_and(|r| r.status().is_success())
-    })
-    .await;
+    let api = Instance::start(&env, env.settings(), "order-api", &client).await;
     let body: Value = client
-        .get(format!("{api}/console/api/choreography"))
+        .get(api.url("/console/api/choreography"))
         .bearer_auth(TEST_OPERATOR_TOKEN)
         .send()
         .await
@@ -442,8 +377,7 @@ async fn the_choreography_of_a_model_broken_on_purpose_shows_its_findings() {
         ],
         "{body:#}"
     );
-    shutdown.cancel();
-    server.await.unwrap().unwrap();
+    api.stop().await;
     env.cleanup().await;
 }
 
@@ -452,18 +386,14 @@ async fn queues_show_depth_consumers_and_status_without_the_management_api() {
     let system = System::start_with(
         // Nothing listens there: passive declarations instead.
         |settings| "http://127.0.0.1:9".clone_into(&mut settings.management_url),
-        Workers {
-            generate_info: false,
-            ..Workers::default()
-        },
+        Workers::all_but(|w| w.generate_info = false),
     )
     .await;
     system.place("haidilao", &[("tea", 1)]).await;
     let queue = system.env.queue("generate-info");
-    eventually(Duration::from_secs(10), "order.started waits", || async {
-        system.env.message_count(&queue).await == 1
-    })
-    .await;
+    system
+        .wait_for_depth(&queue, 1, "order.started waits")
+        .await;
     let (status, body) = system.operator(Method::GET, "/queues", None).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["source"], "passive", "{body}");
@@ -473,15 +403,7 @@ async fn queues_show_depth_consumers_and_status_without_the_management_api() {
             .unwrap()
             .contains("127.0.0.1:9")
     );
-    let by_service = |name: &str| {
-        body["queues"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|q| q["service"] == name)
-            .unwrap()
-            .clone()
-    };
+    let by_service = |name: &str| element_with(&body["queues"], "service", name);
     let stopped = by_service("generate-info");
     assert_eq!(stopped["messages_ready"], 1, "{stopped}");
     assert_eq!(stopped["consumers"], 0);
@@ -535,12 +457,9 @@ async fn a_poison_message_is_listed_with_its_reason_and_replayed_from_the_consol
             .publish_bare("order.started", body, BasicProperties::default())
             .await;
     }
-    eventually(
-        Duration::from_secs(10),
-        "both are dead-lettered",
-        || async { system.env.message_count(&dead).await == 2 },
-    )
-    .await;
+    system
+        .wait_for_depth(&dead, 2, "both are dead-lettered")
+        .await;
     let (status, listed) = system
         .operator(Method::GET, "/dead-letters?service=generate-info", None)
         .await;
@@ -564,20 +483,12 @@ async fn a_poison_message_is_listed_with_its_reason_and_replayed_from_the_consol
     // One message by id; an unknown id is a 404 and moves nothing.
     let message_id = first["message_id"].as_str().unwrap().to_owned();
     let (status, body) = system
-        .operator(
-            Method::POST,
-            "/dead-letters/generate-info/replay",
-            Some(&json!({"message_id": "no-such-message"})),
-        )
+        .replay("generate-info", &json!({"message_id": "no-such-message"}))
         .await;
     assert_eq!(status, 404, "{body}");
     assert_eq!(system.env.message_count(&dead).await, 2);
     let (status, body) = system
-        .operator(
-            Method::POST,
-            "/dead-letters/generate-info/replay",
-            Some(&json!({ "message_id": message_id })),
-        )
+        .replay("generate-info", &json!({ "message_id": message_id }))
         .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(
@@ -593,28 +504,13 @@ async fn a_poison_message_is_listed_with_its_reason_and_replayed_from_the_consol
     );
     // Still poison: generate-info dead-letters it again, so it came back
     // through the service itself; then all of them at once.
-    eventually(
-        Duration::from_secs(10),
-        "replayed and dead again",
-        || async { system.env.message_count(&dead).await == 2 },
-    )
-    .await;
-    let (status, body) = system
-        .operator(
-            Method::POST,
-            "/dead-letters/generate-info/replay",
-            Some(&json!({})),
-        )
+    system
+        .wait_for_depth(&dead, 2, "replayed and dead again")
         .await;
+    let (status, body) = system.replay("generate-info", &json!({})).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["report"]["replayed"].as_array().unwrap().len(), 2);
-    let (status, body) = system
-        .operator(
-            Method::POST,
-            "/dead-letters/no-such-service/replay",
-            Some(&json!({})),
-        )
-        .await;
+    let (status, body) = system.replay("no-such-service", &json!({})).await;
     assert_eq!(status, 404, "{body}");
     system.stop().await;
 }
@@ -651,48 +547,9 @@ async fn stuck_sagas_are_listed_with_the_step_they_wait_on() {
 async fn a_dead_letter_older_than_the_retention_is_replayed_from_the_console_only_with_force() {
     let system = System::start().await;
     let dead = system.env.dead_letter_queue("generate-info");
-    // First published 40 days ago: longer than the default retention of 30.
-    let mut old = Outgoing::event(
-        &Event::OrderStarted(OrderStarted {
-            order_id: "replay-old".into(),
-            supplier: "haidilao".into(),
-            products: vec![ProductLine {
-                sku: "tea".into(),
-                quantity: 1,
-            }],
-            address: "6 Dock".into(),
-        }),
-        None,
-    );
-    old.envelope.timestamp -= 40 * 86_400;
-    let mut reason = FieldTable::default();
-    reason.insert(
-        headers::REASON.into(),
-        AMQPValue::LongString("catalogue unavailable".into()),
-    );
-    system
-        .ctx
-        .broker
-        .publisher()
-        .publish_raw(
-            &dead,
-            "order.started",
-            &old.body,
-            old.envelope.to_properties(reason).unwrap(),
-        )
-        .await
-        .unwrap();
-    eventually(Duration::from_secs(10), "the dead letter", || async {
-        system.env.message_count(&dead).await == 1
-    })
-    .await;
-    let (status, body) = system
-        .operator(
-            Method::POST,
-            "/dead-letters/generate-info/replay",
-            Some(&json!({})),
-        )
-        .await;
+    system.publish_expired_dead_letter("replay-old").await;
+    system.wait_for_depth(&dead, 1, "the dead letter").await;
+    let (status, body) = system.replay("generate-info", &json!({})).await;
     assert_eq!(status, 409, "{body}");
     let error = body["error"].as_str().unwrap();
     assert!(error.contains("retention of 30 day(s)"), "{error}");
@@ -709,11 +566,7 @@ async fn a_dead_letter_older_than_the_retention_is_replayed_from_the_console_onl
         "left where it was"
     );
     let (status, body) = system
-        .operator(
-            Method::POST,
-            "/dead-letters/generate-info/replay",
-            Some(&json!({"force": true})),
-        )
+        .replay("generate-info", &json!({"force": true}))
         .await;
     assert_eq!(status, 200, "{body}");
     assert!(
@@ -722,13 +575,7 @@ async fn a_dead_letter_older_than_the_retention_is_replayed_from_the_console_onl
     );
     system.wait_for("replay-old", "awaiting_payment").await;
     // A body the endpoint does not know is refused.
-    let (status, body) = system
-        .operator(
-            Method::POST,
-            "/dead-letters/generate-info/replay",
-            Some(&json!({"all": true})),
-        )
-        .await;
+    let (status, body) = system.replay("generate-info", &json!({"all": true})).await;
     assert_eq!(status, 422, "{body}");
     system.stop().await;
 }

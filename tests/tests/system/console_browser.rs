@@ -18,12 +18,7 @@ use std::time::Duration;
 
 use fantoccini::{Client, ClientBuilder, Locator};
 use hyper_util::client::legacy::connect::HttpConnector;
-use lapin::types::{AMQPValue, FieldTable};
-use orderflow_shared::Shutdown;
-use orderflow_shared::bus::Outgoing;
-use orderflow_shared::envelope::headers;
-use orderflow_shared::events::{Event, OrderStarted, ProductLine};
-use orderflow_tests::system::{System, Workers};
+use orderflow_tests::system::{System, Worker, order_started};
 use orderflow_tests::{TEST_OPERATOR_TOKEN, eventually};
 use serde_json::{Value, json};
 use tokio::process::{Child, Command};
@@ -128,6 +123,76 @@ impl Browser {
         self.find(css).await.text().await.unwrap()
     }
 
+    /// Clicks the element `css` once it shows.
+    async fn click(&self, css: &str) {
+        self.find(css).await.click().await.unwrap();
+    }
+
+    /// Types `text` into the field `css`.
+    async fn type_into(&self, css: &str, text: &str) {
+        self.find(css).await.send_keys(text).await.unwrap();
+    }
+
+    /// Replaces the text of the field `css` with `text`.
+    async fn fill(&self, css: &str, text: &str) {
+        self.find(css).await.clear().await.unwrap();
+        self.type_into(css, text).await;
+    }
+
+    /// Opens `page` (a path with its fragment) of `system`'s API.
+    async fn open(&self, system: &System, page: &str) {
+        self.client
+            .goto(&format!("{}{page}", system.api))
+            .await
+            .unwrap();
+    }
+
+    /// Gives the page the operator token.
+    async fn sign_in_as_operator(&self) {
+        self.type_into("#token", TEST_OPERATOR_TOKEN).await;
+        self.click("#token-save").await;
+    }
+
+    /// Answers yes to the confirmation, once it asks for `question`.
+    async fn confirm(&self, question: &str) {
+        let text = self.text("#confirm-text").await;
+        assert!(text.contains(question), "{text}");
+        self.click("#confirm-yes").await;
+    }
+
+    /// Pays the order on the page with `method`.
+    async fn pay_with(&self, method: &str) {
+        self.find("#pay-method")
+            .await
+            .select_by_value(method)
+            .await
+            .unwrap();
+        self.click("#pay").await;
+    }
+
+    /// Waits until the order's timeline shows the entry named `name`.
+    async fn until_timeline_shows(&self, name: &str) {
+        self.until(
+            &format!("the timeline shows {name}"),
+            &format!("document.querySelector('#timeline li[data-name=\"{name}\"]')"),
+        )
+        .await;
+    }
+
+    /// Waits until the order's page says its saga waits on `step`.
+    async fn until_waiting_on(&self, step: &str) {
+        self.until(
+            &format!("the saga waits on {step}"),
+            &format!("document.querySelector('#waits-on')?.textContent === '{step}'"),
+        )
+        .await;
+    }
+
+    /// Runs `script` on the page; what it returns.
+    async fn run(&self, script: &str) -> Value {
+        self.client.execute(script, vec![]).await.unwrap()
+    }
+
     /// Saves a screenshot as `name`.png when ORDERFLOW_CONSOLE_SCREENSHOTS is set.
     async fn screenshot(&self, name: &str) {
         if let Some(dir) = std::env::var_os("ORDERFLOW_CONSOLE_SCREENSHOTS") {
@@ -154,11 +219,7 @@ impl Browser {
 async fn a_customer_places_and_pays_an_order_and_sees_its_timeline_complete_without_a_reload() {
     let system = System::start().await;
     let browser = Browser::start().await;
-    browser
-        .client
-        .goto(&format!("{}/console", system.api))
-        .await
-        .unwrap();
+    browser.open(&system, "/console").await;
     browser.find("#order-form").await;
     assert!(
         browser
@@ -166,11 +227,9 @@ async fn a_customer_places_and_pays_an_order_and_sees_its_timeline_complete_with
             .await
             .contains("Zhifubao (Alipay) (pays 80 %)")
     );
-    let quantity = browser.find("#qty-hotpot-set").await;
-    quantity.clear().await.unwrap();
-    quantity.send_keys("2").await.unwrap();
+    browser.fill("#qty-hotpot-set", "2").await;
     browser.screenshot("place-an-order").await;
-    browser.find("#place").await.click().await.unwrap();
+    browser.click("#place").await;
 
     // The order's page, with the payment form once it awaits payment.
     browser
@@ -187,52 +246,27 @@ async fn a_customer_places_and_pays_an_order_and_sees_its_timeline_complete_with
         .to_owned();
     // Marks this page load: a reload would lose it.
     browser
-        .client
-        .execute("window.orderflowMarker = 'same page'; return true;", vec![])
-        .await
-        .unwrap();
+        .run("window.orderflowMarker = 'same page'; return true;")
+        .await;
     browser.find("#pay").await;
-    browser
-        .until(
-            "the saga waits on the payment",
-            "document.querySelector('#waits-on')?.textContent === 'payment'",
-        )
-        .await;
-    browser
-        .find("#pay-method")
-        .await
-        .select_by_value("zhifubao")
-        .await
-        .unwrap();
-    browser.find("#pay").await.click().await.unwrap();
+    browser.until_waiting_on("payment").await;
+    browser.pay_with("zhifubao").await;
 
-    browser
-        .until(
-            "the timeline reaches order.completed",
-            "document.querySelector('#timeline li[data-name=\"order.completed\"]')",
-        )
-        .await;
+    browser.until_timeline_shows("order.completed").await;
     browser
         .until(
             "the status badge says completed",
             "document.querySelector('#status').textContent.includes('completed')",
         )
         .await;
-    let marker = browser
-        .client
-        .execute("return window.orderflowMarker || null;", vec![])
-        .await
-        .unwrap();
+    let marker = browser.run("return window.orderflowMarker || null;").await;
     assert_eq!(marker, json!("same page"), "the page was reloaded");
     let names: Vec<String> = serde_json::from_value(
         browser
-            .client
-            .execute(
+            .run(
                 "return [...document.querySelectorAll('#timeline li')].map(li => li.dataset.name);",
-                vec![],
             )
-            .await
-            .unwrap(),
+            .await,
     )
     .unwrap();
     for expected in [
@@ -261,11 +295,7 @@ async fn a_customer_places_and_pays_an_order_and_sees_its_timeline_complete_with
 async fn an_operator_sees_a_stopped_service_back_up_and_replays_a_dead_letter() {
     let system = System::start_without(|w| w.generate_info = false).await;
     let browser = Browser::start().await;
-    browser
-        .client
-        .goto(&format!("{}/console#/choreography", system.api))
-        .await
-        .unwrap();
+    browser.open(&system, "/console#/choreography").await;
     // Without the token: the page says what to do.
     assert!(
         browser
@@ -273,13 +303,7 @@ async fn an_operator_sees_a_stopped_service_back_up_and_replays_a_dead_letter() 
             .await
             .contains("ORDERFLOW_OPERATOR_TOKEN")
     );
-    browser
-        .find("#token")
-        .await
-        .send_keys(TEST_OPERATOR_TOKEN)
-        .await
-        .unwrap();
-    browser.find("#token-save").await.click().await.unwrap();
+    browser.sign_in_as_operator().await;
     browser.find("#sound").await;
 
     // generate-info is stopped: its queue's depth rises on the page.
@@ -301,11 +325,8 @@ async fn an_operator_sees_a_stopped_service_back_up_and_replays_a_dead_letter() 
     browser.screenshot("choreography").await;
 
     // generate-info comes back: the page shows the queue drain.
-    let worker = Shutdown::new();
-    let generate_info = tokio::spawn(generate_info::run(
-        system.env.ctx("generate-info"),
-        worker.clone(),
-    ));
+    let generate_info =
+        Worker::spawn(|shutdown| generate_info::run(system.env.ctx("generate-info"), shutdown));
     browser
         .until(
             "generate-info drains its queue",
@@ -319,60 +340,19 @@ async fn an_operator_sees_a_stopped_service_back_up_and_replays_a_dead_letter() 
     // An order that failed while its cause lasted (as the runtime leaves it
     // in generate-info's dead letters, with the reason), replayed from the
     // page after a confirmation once the cause is fixed.
-    let dead = system.env.dead_letter_queue("generate-info");
-    let failed = Outgoing::event(
-        &Event::OrderStarted(OrderStarted {
-            order_id: "order-replayed-from-the-console".into(),
-            supplier: "haidilao".into(),
-            products: vec![ProductLine {
-                sku: "tea".into(),
-                quantity: 1,
-            }],
-            address: "6 Dock".into(),
-        }),
-        None,
-    );
-    let mut reason = FieldTable::default();
-    reason.insert(
-        headers::REASON.into(),
-        AMQPValue::LongString("catalogue unavailable".into()),
-    );
+    let failed = order_started("order-replayed-from-the-console");
     system
-        .ctx
-        .broker
-        .publisher()
-        .publish_raw(
-            &dead,
-            "order.started",
-            &failed.body,
-            failed.envelope.to_properties(reason).unwrap(),
-        )
-        .await
-        .unwrap();
-    browser
-        .client
-        .goto(&format!("{}/console#/dead-letters", system.api))
-        .await
-        .unwrap();
+        .publish_dead_letter("generate-info", &failed, "catalogue unavailable")
+        .await;
+    browser.open(&system, "/console#/dead-letters").await;
     let card = "div[data-service=\"generate-info\"]";
     assert_eq!(
         browser.text(&format!("{card} .reason")).await,
         "catalogue unavailable"
     );
     browser.screenshot("dead-letters").await;
-    browser
-        .find(&format!("{card} .replay-one"))
-        .await
-        .click()
-        .await
-        .unwrap();
-    assert!(
-        browser
-            .text("#confirm-text")
-            .await
-            .contains("Replay message")
-    );
-    browser.find("#confirm-yes").await.click().await.unwrap();
+    browser.click(&format!("{card} .replay-one")).await;
+    browser.confirm("Replay message").await;
     let result = browser.text("#replay-result").await;
     assert!(result.starts_with("1 message(s) replayed"), "{result}");
     browser.find("#no-dead-letters").await;
@@ -381,50 +361,23 @@ async fn an_operator_sees_a_stopped_service_back_up_and_replays_a_dead_letter() 
         .get_order("order-replayed-from-the-console", Some("awaiting_payment"))
         .await;
     assert_eq!(order["amount_cents"], 900, "{order:#}");
-    worker.cancel();
-    generate_info.await.unwrap().unwrap();
+    generate_info.stop().await;
     browser.close().await;
     system.stop().await;
 }
 
 #[tokio::test]
 async fn a_paused_step_times_out_and_the_refund_shows_on_the_timeline() {
-    let system = System::start_with(
-        |settings| {
-            settings.pause_check_ms = 100;
-            settings.flow_timeout_secs = 12;
-        },
-        Workers::default(),
-    )
-    .await;
+    let system = System::start_pausable(|settings| settings.flow_timeout_secs = 12).await;
     let browser = Browser::start().await;
-    browser
-        .client
-        .goto(&format!("{}/console#/choreography", system.api))
-        .await
-        .unwrap();
-    browser
-        .find("#token")
-        .await
-        .send_keys(TEST_OPERATOR_TOKEN)
-        .await
-        .unwrap();
-    browser.find("#token-save").await.click().await.unwrap();
+    browser.open(&system, "/console#/choreography").await;
+    browser.sign_in_as_operator().await;
     // Pause order-completed from the page: captures wait in its queue.
     let row = "#queues tr[data-service=\"order-completed\"]";
     browser
-        .find(&format!("{row} button[data-action=\"pause\"]"))
-        .await
-        .click()
-        .await
-        .unwrap();
-    assert!(
-        browser
-            .text("#confirm-text")
-            .await
-            .contains("Pause order-completed")
-    );
-    browser.find("#confirm-yes").await.click().await.unwrap();
+        .click(&format!("{row} button[data-action=\"pause\"]"))
+        .await;
+    browser.confirm("Pause order-completed").await;
     browser
         .until(
             "order-completed shows paused",
@@ -439,35 +392,14 @@ async fn a_paused_step_times_out_and_the_refund_shows_on_the_timeline() {
 
     // A customer places and pays an order; it is captured, then its flow
     // timer fires while the completion waits, and the capture is refunded.
-    browser
-        .client
-        .goto(&format!("{}/console#/", system.api))
-        .await
-        .unwrap();
-    let quantity = browser.find("#qty-tea").await;
-    quantity.clear().await.unwrap();
-    quantity.send_keys("1").await.unwrap();
-    browser.find("#place").await.click().await.unwrap();
+    browser.open(&system, "/console#/").await;
+    browser.fill("#qty-tea", "1").await;
+    browser.click("#place").await;
     browser.find("#pay").await;
-    browser
-        .find("#pay-method")
-        .await
-        .select_by_value("weixin")
-        .await
-        .unwrap();
-    browser.find("#pay").await.click().await.unwrap();
-    browser
-        .until(
-            "the capture shows",
-            "document.querySelector('#timeline li[data-name=\"payment.captured\"]')",
-        )
-        .await;
-    browser
-        .until(
-            "the saga waits on the paused step",
-            "document.querySelector('#waits-on')?.textContent === 'paying'",
-        )
-        .await;
+    browser.pay_with("weixin").await;
+    browser.until_timeline_shows("payment.captured").await;
+    // The paused step.
+    browser.until_waiting_on("paying").await;
     browser
         .until(
             "the flow timer fires and the refund follows",

@@ -13,11 +13,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use orderflow_shared::Shutdown;
 use orderflow_shared::app::run_worker;
 use orderflow_shared::store::{Context, Db};
 use orderflow_tests::proxy::StallingProxy;
-use orderflow_tests::system::System;
+use orderflow_tests::system::{System, Worker};
 use orderflow_tests::{TestEnv, admin_database_url, eventually};
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::json;
@@ -115,9 +114,8 @@ async fn a_worker_started_while_postgresql_is_starting_up_waits_for_it() {
     settings.database_url =
         SecretString::from(format!("{}{addr}{}", &url[..host_start], &url[end..]));
     let ctx = env.ctx_with(settings, "generate-info");
-    let shutdown = Shutdown::new();
     let started = Instant::now();
-    let worker = tokio::spawn(generate_info::run(ctx, shutdown.clone()));
+    let worker = Worker::spawn(|shutdown| generate_info::run(ctx, shutdown));
 
     env.publish_json(
         "order.started",
@@ -150,8 +148,7 @@ async fn a_worker_started_while_postgresql_is_starting_up_waits_for_it() {
     );
     assert!(started.elapsed() >= Duration::from_secs(3));
 
-    shutdown.cancel();
-    worker.await.unwrap().unwrap();
+    worker.stop().await;
     pricing.close().await;
     env.cleanup().await;
 }
@@ -177,15 +174,13 @@ async fn a_payment_whose_gateway_ledger_is_unreachable_is_retried_not_failed() {
     let worker = Arc::new(
         payment_provider::ProviderHandler::new(&ctx, "zhifubao", db.clone(), gateway_db).unwrap(),
     );
-    let shutdown = Shutdown::new();
-    let provider = tokio::spawn({
-        let (ctx, shutdown, service) = (ctx.clone(), shutdown.clone(), service.clone());
+    let provider = Worker::spawn(|shutdown| {
+        let (ctx, service) = (ctx.clone(), service.clone());
         async move { run_worker(&ctx, &service, worker, Some(db), shutdown).await }
     });
 
     let order_id = system.place("haidilao", &[("hotpot-set", 1)]).await;
-    let order = system.wait_for(&order_id, "awaiting_payment").await;
-    let token = order["payment_token"].as_str().unwrap().to_owned();
+    let token = system.payment_token(&order_id).await;
     proxy.cut();
     assert_eq!(system.submit(&order_id, &token, "zhifubao").await, 202);
     let payments = system.db("payments").await;
@@ -212,8 +207,7 @@ async fn a_payment_whose_gateway_ledger_is_unreachable_is_retried_not_failed() {
     assert_eq!(order["charged_cents"], 10_240, "{order:#}");
     assert_eq!(system.gateway(&order_id).await, (1, 0));
 
-    shutdown.cancel();
-    provider.await.unwrap().unwrap();
+    provider.stop().await;
     payments.close().await;
     system.stop().await;
 }

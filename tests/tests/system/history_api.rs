@@ -17,11 +17,8 @@ async fn history(system: &System, order_id: &str) -> (u16, Value) {
 /// GET /orders/{id}/history?<query>; (status, body).
 async fn history_page(system: &System, order_id: &str, query: &str) -> (u16, Value) {
     let response = system
-        .client
-        .get(format!("{}/orders/{order_id}/history?{query}", system.api))
-        .send()
-        .await
-        .unwrap();
+        .get_response(&format!("/orders/{order_id}/history?{query}"))
+        .await;
     let status = response.status().as_u16();
     (status, response.json().await.unwrap())
 }
@@ -62,6 +59,23 @@ async fn history_until(system: &System, order_id: &str, last: &str) -> Vec<Value
     assert_eq!(status, 200, "{body:#}");
     assert_eq!(body["order_id"], order_id);
     body["entries"].as_array().unwrap().clone()
+}
+
+/// Places an order of one hotpot-set with `supplier` and pays it with
+/// `method`; once it ended `status`, (its id, its history up to
+/// `order.<status>`).
+async fn ended_order_history(
+    system: &System,
+    supplier: &str,
+    method: &str,
+    status: &str,
+) -> (String, Vec<Value>) {
+    let (order_id, order) = system
+        .place_and_pay(supplier, &[("hotpot-set", 1)], method)
+        .await;
+    assert_eq!(order["status"], status, "{order:#}");
+    let entries = history_until(system, &order_id, &format!("order.{status}")).await;
+    (order_id, entries)
 }
 
 /// The entry named `name`.
@@ -112,11 +126,8 @@ fn well_formed(entries: &[Value]) {
 #[tokio::test]
 async fn a_completed_order_has_its_whole_saga_in_order_with_causes() {
     let system = System::start().await;
-    let order_id = system.place("sichuan-kitchen", &[("hotpot-set", 1)]).await;
-    let order = system.pay(&order_id, "weixin").await;
-    assert_eq!(order["status"], "completed", "{order:#}");
-
-    let entries = history_until(&system, &order_id, "order.completed").await;
+    let (order_id, entries) =
+        ended_order_history(&system, "sichuan-kitchen", "weixin", "completed").await;
     let text = serde_json::to_string(&entries).unwrap();
     assert!(
         !text.contains("\"v1."),
@@ -184,11 +195,7 @@ async fn a_completed_order_has_its_whole_saga_in_order_with_causes() {
 #[tokio::test]
 async fn a_cancelled_order_shows_the_rejection_that_ended_it() {
     let system = System::start().await;
-    let order_id = system.place("haidilao", &[("hotpot-set", 1)]).await;
-    let order = system.pay(&order_id, "unionpay").await;
-    assert_eq!(order["status"], "cancelled", "{order:#}");
-
-    let entries = history_until(&system, &order_id, "order.cancelled").await;
+    let (_, entries) = ended_order_history(&system, "haidilao", "unionpay", "cancelled").await;
     well_formed(&entries);
     let seen: Vec<(&str, &str)> = entries
         .iter()

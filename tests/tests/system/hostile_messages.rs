@@ -18,31 +18,6 @@ use orderflow_shared::topology::QueueRole;
 use orderflow_tests::system::System;
 use serde_json::{Value, json};
 
-/// Every routing key of the catalogue that some worker consumes, the payment
-/// methods' `payment.selected.<method>`, and one nobody knows.
-fn routing_keys(methods: &[String]) -> Vec<String> {
-    let mut keys: Vec<String> = [
-        "order.started",
-        "order.info-generated",
-        "order.info-rejected",
-        "payment.awaiting",
-        "payment.submitted",
-        "payment.rejected",
-        "payment.submission-rejected",
-        "payment.captured",
-        "payment.failed",
-        "payment.refunded",
-        "saga.timed-out",
-        "order.completed",
-        "order.cancelled",
-        "order.exploded",
-    ]
-    .map(str::to_owned)
-    .to_vec();
-    keys.extend(methods.iter().map(|m| format!("payment.selected.{m}")));
-    keys
-}
-
 /// The values one hostile body is made of.
 struct Values {
     order_id: String,
@@ -64,47 +39,98 @@ impl Values {
     }
 }
 
-/// A body shaped like the event `routing_key` names, made of `values`.
-fn body(routing_key: &str, v: &Values) -> Value {
-    let method = routing_key
-        .strip_prefix("payment.selected.")
-        .map_or_else(|| v.text.clone(), str::to_owned);
-    match routing_key {
-        "order.started" => json!({
+/// Makes a body of [`Values`] shaped like one event.
+type Shape = fn(&Values) -> Value;
+
+/// The shape of the events that only say why (and of the unknown key): with
+/// every field anyone might look for.
+fn with_reason(v: &Values) -> Value {
+    json!({
+        "order_id": v.order_id, "reason": v.text, "amount_cents": v.amount,
+        "expires_at": v.expires_at,
+    })
+}
+
+/// Every routing key of the catalogue that some worker consumes, but the
+/// payment methods' `payment.selected.<method>`, and one nobody knows, each
+/// with the shape of its event.
+const SHAPES: [(&str, Shape); 14] = [
+    ("order.started", |v| {
+        json!({
             "order_id": v.order_id, "supplier": v.text, "address": v.text,
             "products": [{"sku": "hotpot-set", "quantity": v.quantity}, {"sku": v.text, "quantity": v.quantity}],
-        }),
-        "order.info-generated" => json!({
+        })
+    }),
+    ("order.info-generated", |v| {
+        json!({
             "order_id": v.order_id, "supplier": v.text,
             "payment_methods": ["zhifubao", v.text], "amount_cents": v.amount,
-        }),
-        "payment.awaiting" => json!({
+        })
+    }),
+    ("order.info-rejected", with_reason),
+    ("payment.awaiting", |v| {
+        json!({
             "order_id": v.order_id, "token": v.text, "payment_methods": ["zhifubao", v.text],
             "amount_cents": v.amount, "expires_at": v.expires_at,
-        }),
-        "payment.submitted" => json!({"order_id": v.order_id, "token": v.text, "method": v.text}),
-        "payment.rejected" => json!({"order_id": v.order_id, "method": v.text, "reason": v.text}),
-        "payment.captured" => json!({
+        })
+    }),
+    (
+        "payment.submitted",
+        |v| json!({"order_id": v.order_id, "token": v.text, "method": v.text}),
+    ),
+    (
+        "payment.rejected",
+        |v| json!({"order_id": v.order_id, "method": v.text, "reason": v.text}),
+    ),
+    ("payment.submission-rejected", with_reason),
+    ("payment.captured", |v| {
+        json!({
             "order_id": v.order_id, "provider": v.text, "charged_cents": v.amount, "capture_id": v.text,
-        }),
-        "payment.failed" => json!({"order_id": v.order_id, "provider": v.text, "reason": v.text}),
-        "payment.refunded" => json!({
+        })
+    }),
+    (
+        "payment.failed",
+        |v| json!({"order_id": v.order_id, "provider": v.text, "reason": v.text}),
+    ),
+    ("payment.refunded", |v| {
+        json!({
             "order_id": v.order_id, "provider": v.text, "refunded_cents": v.amount,
-        }),
-        "saga.timed-out" => json!({"order_id": v.order_id, "step": "flow"}),
-        "order.completed" => json!({
+        })
+    }),
+    (
+        "saga.timed-out",
+        |v| json!({"order_id": v.order_id, "step": "flow"}),
+    ),
+    ("order.completed", |v| {
+        json!({
             "order_id": v.order_id, "method": v.text, "charged_cents": v.amount,
-        }),
-        key if key.starts_with("payment.selected.") => json!({
+        })
+    }),
+    ("order.cancelled", with_reason),
+    ("order.exploded", with_reason),
+];
+
+/// Every routing key of [`SHAPES`], then the payment methods'
+/// `payment.selected.<method>`.
+fn routing_keys(methods: &[String]) -> Vec<String> {
+    let mut keys: Vec<String> = SHAPES.iter().map(|(key, _)| (*key).to_owned()).collect();
+    keys.extend(methods.iter().map(|m| format!("payment.selected.{m}")));
+    keys
+}
+
+/// A body shaped like the event `routing_key` (one of [`routing_keys`])
+/// names, made of `values`.
+fn body(routing_key: &str, v: &Values) -> Value {
+    if let Some(method) = routing_key.strip_prefix("payment.selected.") {
+        return json!({
             "order_id": v.order_id, "method": method, "amount_cents": v.amount,
-        }),
-        // order.info-rejected, payment.submission-rejected, order.cancelled,
-        // and the unknown key (with every field anyone might look for).
-        _ => json!({
-            "order_id": v.order_id, "reason": v.text, "amount_cents": v.amount,
-            "expires_at": v.expires_at,
-        }),
+        });
     }
+    let (_, shape) = SHAPES
+        .iter()
+        .find(|(key, _)| *key == routing_key)
+        .unwrap_or_else(|| panic!("no shape for {routing_key}"));
+    shape(v)
 }
 
 /// The latest second chrono can represent (+262142-12-31T23:59:59Z).
@@ -140,32 +166,24 @@ fn garbage_headers() -> FieldTable {
 /// (properties, values) of every hostile variant for orders named after
 /// `order_id` (each variant its own order, named after it).
 fn cases(order_id: &str) -> Vec<(BasicProperties, Values)> {
-    let plain = || Values::plain(format!("{order_id}-plain"));
+    // Plain values for the order named after `order_id` and `variant`.
+    let plain = |variant: &str| Values::plain(format!("{order_id}-{variant}"));
     let huge = "x".repeat(256 * 1024);
     vec![
         // timestamp u64::MAX
         (
             BasicProperties::default().with_timestamp(u64::MAX),
-            Values {
-                order_id: format!("{order_id}-ts-u64max"),
-                ..plain()
-            },
+            plain("ts-u64max"),
         ),
         // timestamp 8e12
         (
             BasicProperties::default().with_timestamp(8_000_000_000_000),
-            Values {
-                order_id: format!("{order_id}-ts-8e12"),
-                ..plain()
-            },
+            plain("ts-8e12"),
         ),
         // timestamp at chrono's max
         (
             BasicProperties::default().with_timestamp(chrono_max_secs()),
-            Values {
-                order_id: format!("{order_id}-ts-chrono-max"),
-                ..plain()
-            },
+            plain("ts-chrono-max"),
         ),
         // maximal values
         (
@@ -193,26 +211,18 @@ fn cases(order_id: &str) -> Vec<(BasicProperties, Values)> {
         (
             BasicProperties::default(),
             Values {
-                order_id: format!("{order_id}-huge"),
                 text: huge.clone(),
-                ..plain()
+                ..plain("huge")
             },
         ),
         // huge order id
-        (
-            BasicProperties::default(),
-            Values {
-                order_id: format!("{order_id}-{huge}"),
-                ..plain()
-            },
-        ),
+        (BasicProperties::default(), plain(&huge)),
         // NUL characters
         (
             BasicProperties::default(),
             Values {
-                order_id: format!("{order_id}-nul\u{0}"),
                 text: "a\u{0}b".to_owned(),
-                ..plain()
+                ..plain("nul\u{0}")
             },
         ),
         // garbage headers and ids
@@ -222,10 +232,7 @@ fn cases(order_id: &str) -> Vec<(BasicProperties, Values)> {
                 .with_correlation_id("not-a-uuid".into())
                 .with_timestamp(0)
                 .with_headers(garbage_headers()),
-            Values {
-                order_id: String::new(),
-                ..plain()
-            },
+            Values::plain(String::new()),
         ),
     ]
 }

@@ -11,48 +11,35 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use orderflow_shared::Shutdown;
 use orderflow_shared::bus::PublishError;
 use orderflow_shared::bus::{Broker, ConsumerOptions, Outgoing};
-use orderflow_shared::store::{DEAD_AFTER_REFUSALS, Relay, RelayError};
-use orderflow_shared::topology::ServiceSpec;
+use orderflow_shared::store::{DEAD_AFTER_REFUSALS, Db, Relay, RelayError};
 use orderflow_tests::proxy::StallingProxy;
-use orderflow_tests::{Effects, TestEnv, eventually, sample_event};
+use orderflow_tests::{Effects, TestEnv, count, eventually, sample_event};
 use secrecy::{ExposeSecret, SecretString};
+use tokio::task::JoinHandle;
 
 #[tokio::test]
 async fn the_same_message_delivered_twice_has_one_effect() {
-    let env = TestEnv::new(&[ServiceSpec::new("downstream", &["order.cancelled"])]).await;
-    let effects = Arc::new(Effects::new(env.db("downstream").await, "downstream").await);
-    let (stop, consumer) = env.spawn_consumer(ConsumerOptions::new("downstream"), effects.clone());
+    let env = TestEnv::with_service("downstream").await;
+    let downstream = Downstream::start(&env).await;
 
     let message = Outgoing::event(&sample_event("order-7"), None);
     let publisher = env.broker.publisher();
     publisher.publish(&message).await.unwrap();
     publisher.publish(&message).await.unwrap();
 
-    eventually(
-        Duration::from_secs(10),
-        "both deliveries handled",
-        || async { effects.deliveries() == 2 },
-    )
-    .await;
-    assert_eq!(effects.counts().await, (1, 1));
-    stop.cancel();
-    consumer.await.unwrap();
-    env.cleanup().await;
+    finish_with_one_effect_of_two(downstream, env, "both deliveries handled").await;
 }
 
 #[tokio::test]
 async fn a_crash_between_publish_and_mark_sent_publishes_again_with_one_effect() {
-    let env = TestEnv::new(&[ServiceSpec::new("downstream", &["order.cancelled"])]).await;
-    let upstream = env.db("upstream").await;
-    let effects = Arc::new(Effects::new(env.db("downstream").await, "downstream").await);
-    let (stop, consumer) = env.spawn_consumer(ConsumerOptions::new("downstream"), effects.clone());
+    let (env, upstream) = downstream_and_upstream().await;
+    let downstream = Downstream::start(&env).await;
 
     // The upstream handler's state change and event in one transaction.
-    let mut unit = upstream.begin_unit_without_inbox().await.unwrap();
-    unit.emit(Outgoing::event(&sample_event("order-9"), None));
-    unit.commit().await.unwrap();
+    commit_events(&upstream, ["order-9"]).await;
 
     let relay = Relay::new(upstream.clone(), env.broker.publisher()).with_grace(Duration::ZERO);
     assert_eq!(relay.relay_batch().await.unwrap(), 1);
@@ -70,31 +57,14 @@ async fn a_crash_between_publish_and_mark_sent_publishes_again_with_one_effect()
         .unwrap();
     assert_eq!(relay.relay_batch().await.unwrap(), 1);
 
-    eventually(
-        Duration::from_secs(10),
-        "both publishes delivered",
-        || async { effects.deliveries() == 2 },
-    )
-    .await;
-    assert_eq!(effects.counts().await, (1, 1));
-    stop.cancel();
-    consumer.await.unwrap();
-    env.cleanup().await;
+    finish_with_one_effect_of_two(downstream, env, "both publishes delivered").await;
 }
 
 #[tokio::test]
 async fn several_relays_publish_each_row_once() {
-    let env = TestEnv::new(&[ServiceSpec::new("downstream", &["order.cancelled"])]).await;
-    let upstream = env.db("upstream").await;
+    let (env, upstream) = downstream_and_upstream().await;
     for batch in 0..4 {
-        let mut unit = upstream.begin_unit_without_inbox().await.unwrap();
-        for i in 0..100 {
-            unit.emit(Outgoing::event(
-                &sample_event(&format!("order-{batch}-{i}")),
-                None,
-            ));
-        }
-        unit.commit().await.unwrap();
+        commit_events(&upstream, (0..100).map(|i| format!("order-{batch}-{i}"))).await;
     }
     let relays: Vec<Relay> = (0..3)
         .map(|_| Relay::new(upstream.clone(), env.broker.publisher()).with_grace(Duration::ZERO))
@@ -118,107 +88,72 @@ async fn several_relays_publish_each_row_once() {
         || async { env.message_count(&queue).await == 400 },
     )
     .await;
-    let messages = env.drain(&queue).await;
-    let ids: std::collections::HashSet<_> = messages
-        .iter()
-        .map(|m| m.delivery.properties.message_id().clone())
-        .collect();
-    assert_eq!(ids.len(), 400);
+    let (_, distinct) = drain_message_ids(&env, &queue).await;
+    assert_eq!(distinct, 400);
     env.cleanup().await;
 }
 
 #[tokio::test]
 async fn a_running_relay_publishes_what_another_process_commits() {
-    let env = TestEnv::new(&[ServiceSpec::new("downstream", &["order.cancelled"])]).await;
-    let relay_side = env.db("upstream").await;
+    let (env, relay_side) = downstream_and_upstream().await;
     // A second handle on the same schema stands for another process (or one
     // that died after committing): no relay runs on it, so its rows reach
     // the running relay only through the database, by a sweep.
     let writer_side = env.db("upstream").await;
-    let shutdown = orderflow_shared::Shutdown::new();
-    let relay = tokio::spawn(
+    let relay = RunningRelay::start(
         Relay::new(relay_side.clone(), env.broker.publisher())
             .with_grace(Duration::from_millis(300))
-            .with_poll_interval(Duration::from_millis(100))
-            .run(shutdown.clone()),
+            .with_poll_interval(Duration::from_millis(100)),
     );
     for i in 0..5 {
-        let mut unit = writer_side.begin_unit_without_inbox().await.unwrap();
-        unit.emit(Outgoing::event(&sample_event(&format!("order-{i}")), None));
-        unit.commit().await.unwrap();
+        commit_events(&writer_side, [format!("order-{i}")]).await;
     }
     let queue = env.queue("downstream");
     eventually(Duration::from_secs(15), "5 messages relayed", || async {
         env.message_count(&queue).await == 5
     })
     .await;
-    shutdown.cancel();
-    relay.await.unwrap();
-    let unsent: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE sent_at IS NULL")
-        .fetch_one(relay_side.pool())
-        .await
-        .unwrap();
+    relay.stop().await;
+    let unsent = count(
+        &relay_side,
+        "SELECT count(*) FROM outbox WHERE sent_at IS NULL",
+    )
+    .await;
     assert_eq!(unsent, 0);
     env.cleanup().await;
 }
 
-/// Sent rows of the outbox, and all of them.
-async fn outbox_counts(db: &orderflow_shared::store::Db) -> (i64, i64) {
-    sqlx::query_as("SELECT count(sent_at), count(*) FROM outbox")
-        .fetch_one(db.pool())
-        .await
-        .unwrap()
-}
-
 #[tokio::test]
 async fn committed_rows_are_handed_to_the_running_relay_without_a_sweep() {
-    let env = TestEnv::new(&[ServiceSpec::new("downstream", &["order.cancelled"])]).await;
-    let upstream = env.db("upstream").await;
-    let shutdown = orderflow_shared::Shutdown::new();
+    let (env, upstream) = downstream_and_upstream().await;
     // Sweeps never find anything young enough: only the hand-over can publish.
-    let relay = tokio::spawn(
-        Relay::new(upstream.clone(), env.broker.publisher())
-            .with_grace(Duration::from_hours(1))
-            .run(shutdown.clone()),
+    let relay = RunningRelay::start(
+        Relay::new(upstream.clone(), env.broker.publisher()).with_grace(Duration::from_hours(1)),
     );
-    let queue = env.queue("downstream");
     for i in 0..20 {
-        let mut unit = upstream.begin_unit_without_inbox().await.unwrap();
-        unit.emit(Outgoing::event(&sample_event(&format!("order-{i}")), None));
-        unit.commit().await.unwrap();
+        commit_events(&upstream, [format!("order-{i}")]).await;
     }
-    eventually(
-        Duration::from_secs(10),
-        "20 messages handed over",
-        || async { env.message_count(&queue).await == 20 },
+    relayed_and_marked_sent(
+        &env,
+        &upstream,
+        20,
+        ("20 messages handed over", "all rows marked sent"),
     )
     .await;
-    eventually(Duration::from_secs(10), "all rows marked sent", || async {
-        outbox_counts(&upstream).await == (20, 20)
-    })
-    .await;
-    shutdown.cancel();
-    relay.await.unwrap();
+    relay.stop().await;
     env.cleanup().await;
 }
 
 #[tokio::test]
 async fn a_message_the_broker_refused_stays_in_the_outbox_until_a_sweep_publishes_it() {
-    let env = TestEnv::new(&[ServiceSpec::new("downstream", &["order.cancelled"])]).await;
-    let upstream = env.db("upstream").await;
-    let shutdown = orderflow_shared::Shutdown::new();
-    let relay = tokio::spawn(
+    let (env, upstream) = downstream_and_upstream().await;
+    let relay = RunningRelay::start(
         Relay::new(upstream.clone(), env.broker.publisher())
             .with_grace(Duration::from_millis(200))
-            .with_poll_interval(Duration::from_millis(100))
-            .run(shutdown.clone()),
+            .with_poll_interval(Duration::from_millis(100)),
     );
     // Nothing is bound to this key yet: the mandatory publish comes back.
-    let mut message = Outgoing::event(&sample_event("order-late"), None);
-    message.routing_key = "order.cancelled.late".to_owned();
-    let mut unit = upstream.begin_unit_without_inbox().await.unwrap();
-    unit.emit(message);
-    unit.commit().await.unwrap();
+    commit_row(&upstream, "order-late", "order.cancelled.late").await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(
         outbox_counts(&upstream).await,
@@ -237,17 +172,14 @@ async fn a_message_the_broker_refused_stays_in_the_outbox_until_a_sweep_publishe
         )
         .await
         .unwrap();
-    let queue = env.queue("downstream");
-    eventually(Duration::from_secs(10), "the swept message", || async {
-        env.message_count(&queue).await == 1
-    })
+    relayed_and_marked_sent(
+        &env,
+        &upstream,
+        1,
+        ("the swept message", "the row marked sent"),
+    )
     .await;
-    eventually(Duration::from_secs(10), "the row marked sent", || async {
-        outbox_counts(&upstream).await == (1, 1)
-    })
-    .await;
-    shutdown.cancel();
-    relay.await.unwrap();
+    relay.stop().await;
     env.cleanup().await;
 }
 
@@ -258,37 +190,23 @@ async fn while_the_broker_is_away_the_hand_over_is_bounded_and_every_row_is_publ
     const UNITS: usize = 30;
     const ROWS_PER_UNIT: usize = 10;
     const ROWS: usize = UNITS * ROWS_PER_UNIT;
-    let env = TestEnv::new(&[ServiceSpec::new("downstream", &["order.cancelled"])]).await;
-    let upstream = env.db("upstream").await;
+    let (env, upstream) = downstream_and_upstream().await;
     // The relay reaches the broker only through the proxy, which is cut
     // from the start: every publish fails (after the publisher's retries).
-    let proxy = StallingProxy::in_front_of(env.amqp_url.expose_secret()).await;
-    proxy.cut();
-    let broker = Broker::new(
-        &SecretString::from(proxy.url_through(env.amqp_url.expose_secret())),
-        &env.namespace,
-        env.topology.clone(),
-        Duration::from_secs(2),
-    )
-    .unwrap();
-    let shutdown = orderflow_shared::Shutdown::new();
-    let relay = tokio::spawn(
+    let (proxy, broker) = broker_behind_a_cut_proxy(&env).await;
+    let relay = RunningRelay::start(
         Relay::new(upstream.clone(), broker.publisher())
             .with_hand_over_limit(LIMIT)
             .with_grace(Duration::from_millis(200))
-            .with_poll_interval(Duration::from_millis(100))
-            .run(shutdown.clone()),
+            .with_poll_interval(Duration::from_millis(100)),
     );
     let mut most_held = 0;
     for unit_number in 0..UNITS {
-        let mut unit = upstream.begin_unit_without_inbox().await.unwrap();
-        for i in 0..ROWS_PER_UNIT {
-            unit.emit(Outgoing::event(
-                &sample_event(&format!("order-{unit_number}-{i}")),
-                None,
-            ));
-        }
-        unit.commit().await.unwrap();
+        commit_events(
+            &upstream,
+            (0..ROWS_PER_UNIT).map(|i| format!("order-{unit_number}-{i}")),
+        )
+        .await;
         most_held = most_held.max(upstream.pending_hand_over());
         assert!(
             upstream.pending_hand_over() <= LIMIT,
@@ -314,17 +232,11 @@ async fn while_the_broker_is_away_the_hand_over_is_bounded_and_every_row_is_publ
         outbox_counts(&upstream).await == (ROWS as i64, ROWS as i64)
     })
     .await;
-    shutdown.cancel();
-    relay.await.unwrap();
+    relay.stop().await;
     assert_eq!(upstream.pending_hand_over(), 0);
     let queue = env.queue("downstream");
-    let messages = env.drain(&queue).await;
-    let ids: std::collections::HashSet<_> = messages
-        .iter()
-        .map(|m| m.delivery.properties.message_id().clone())
-        .collect();
     assert_eq!(
-        (messages.len(), ids.len()),
+        drain_message_ids(&env, &queue).await,
         (ROWS, ROWS),
         "every row published exactly once"
     );
@@ -334,16 +246,8 @@ async fn while_the_broker_is_away_the_hand_over_is_bounded_and_every_row_is_publ
 
 /// Commits one row with `routing_key` for `order_id`, made old enough for
 /// every sweep and for the dead table (as if committed an hour ago).
-async fn commit_old_row(
-    db: &orderflow_shared::store::Db,
-    order_id: &str,
-    routing_key: &str,
-) -> i64 {
-    let mut message = Outgoing::event(&sample_event(order_id), None);
-    routing_key.clone_into(&mut message.routing_key);
-    let mut unit = db.begin_unit_without_inbox().await.unwrap();
-    unit.emit(message);
-    unit.commit().await.unwrap();
+async fn commit_old_row(db: &Db, order_id: &str, routing_key: &str) -> i64 {
+    commit_row(db, order_id, routing_key).await;
     sqlx::query_scalar(
         "UPDATE outbox SET created_at = now() - interval '1 hour' \
          WHERE correlation_id = $1 RETURNING id",
@@ -355,7 +259,7 @@ async fn commit_old_row(
 }
 
 /// (attempts, last_error) of outbox row `id`, `None` when it left the outbox.
-async fn refusals(db: &orderflow_shared::store::Db, id: i64) -> Option<(i32, Option<String>)> {
+async fn refusals(db: &Db, id: i64) -> Option<(i32, Option<String>)> {
     sqlx::query_as("SELECT attempts, last_error FROM outbox WHERE id = $1")
         .bind(id)
         .fetch_optional(db.pool())
@@ -366,8 +270,7 @@ async fn refusals(db: &orderflow_shared::store::Db, id: i64) -> Option<(i32, Opt
 #[tokio::test]
 async fn a_row_refused_as_unroutable_again_and_again_goes_to_the_dead_table_and_stops_blocking_sweeps()
  {
-    let env = TestEnv::new(&[ServiceSpec::new("downstream", &["order.cancelled"])]).await;
-    let upstream = env.db("upstream").await;
+    let (env, upstream) = downstream_and_upstream().await;
     let relay = Relay::new(upstream.clone(), env.broker.publisher()).with_grace(Duration::ZERO);
     // Nothing is bound to this key: every mandatory publish comes back.
     let stray = commit_old_row(&upstream, "order-stray", "order.cancelled.nowhere").await;
@@ -424,17 +327,8 @@ async fn a_row_refused_as_unroutable_again_and_again_goes_to_the_dead_table_and_
 
 #[tokio::test]
 async fn a_row_the_broker_cannot_take_because_it_is_away_is_never_given_up() {
-    let env = TestEnv::new(&[ServiceSpec::new("downstream", &["order.cancelled"])]).await;
-    let upstream = env.db("upstream").await;
-    let proxy = StallingProxy::in_front_of(env.amqp_url.expose_secret()).await;
-    proxy.cut();
-    let broker = Broker::new(
-        &SecretString::from(proxy.url_through(env.amqp_url.expose_secret())),
-        &env.namespace,
-        env.topology.clone(),
-        Duration::from_secs(2),
-    )
-    .unwrap();
+    let (env, upstream) = downstream_and_upstream().await;
+    let (proxy, broker) = broker_behind_a_cut_proxy(&env).await;
     let relay = Relay::new(upstream.clone(), broker.publisher()).with_grace(Duration::ZERO);
     let row = commit_old_row(&upstream, "order-patient", "order.cancelled").await;
     for sweep in 1..=DEAD_AFTER_REFUSALS {
@@ -449,14 +343,151 @@ async fn a_row_the_broker_cannot_take_because_it_is_away_is_never_given_up() {
         Some((0, None)),
         "a broker away is no refusal"
     );
-    let dead: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox_dead")
-        .fetch_one(upstream.pool())
-        .await
-        .unwrap();
-    assert_eq!(dead, 0);
+    assert_eq!(
+        count(&upstream, "SELECT count(*) FROM outbox_dead").await,
+        0
+    );
     proxy.resume();
     assert_eq!(relay.relay_batch().await.unwrap(), 1);
     assert_eq!(env.message_count(&env.queue("downstream")).await, 1);
     broker.close();
     env.cleanup().await;
+}
+
+/// A fresh test environment whose `downstream` service reads
+/// `order.cancelled`, and the migrated `upstream` schema whose outbox feeds it.
+async fn downstream_and_upstream() -> (TestEnv, Db) {
+    let env = TestEnv::with_service("downstream").await;
+    let upstream = env.db("upstream").await;
+    (env, upstream)
+}
+
+/// Commits one unit of work (without an inbox) into `db` that emits one
+/// [`sample_event`] per order id, as a handler emits its events.
+async fn commit_events<I>(db: &Db, order_ids: I)
+where
+    I: IntoIterator,
+    I::Item: AsRef<str>,
+{
+    let mut unit = db.begin_unit_without_inbox().await.unwrap();
+    for order_id in order_ids {
+        unit.emit(Outgoing::event(&sample_event(order_id.as_ref()), None));
+    }
+    unit.commit().await.unwrap();
+}
+
+/// Commits one unit of work into `db` that emits the [`sample_event`] of
+/// `order_id` with `routing_key` instead of its own.
+async fn commit_row(db: &Db, order_id: &str, routing_key: &str) {
+    let mut message = Outgoing::event(&sample_event(order_id), None);
+    routing_key.clone_into(&mut message.routing_key);
+    let mut unit = db.begin_unit_without_inbox().await.unwrap();
+    unit.emit(message);
+    unit.commit().await.unwrap();
+}
+
+/// Sent rows of the outbox, and all of them.
+async fn outbox_counts(db: &Db) -> (i64, i64) {
+    sqlx::query_as("SELECT count(sent_at), count(*) FROM outbox")
+        .fetch_one(db.pool())
+        .await
+        .unwrap()
+}
+
+/// Waits (10 s at most each) until the `downstream` queue holds `rows`
+/// messages, then until `rows` outbox rows, all there are, are marked sent;
+/// `what` names the two waits.
+async fn relayed_and_marked_sent(env: &TestEnv, upstream: &Db, rows: u32, what: (&str, &str)) {
+    let queue = env.queue("downstream");
+    eventually(Duration::from_secs(10), what.0, || async {
+        env.message_count(&queue).await == rows
+    })
+    .await;
+    let rows = i64::from(rows);
+    eventually(Duration::from_secs(10), what.1, || async {
+        outbox_counts(upstream).await == (rows, rows)
+    })
+    .await;
+}
+
+/// The `downstream` service's consumer, applying through [`Effects`].
+struct Downstream {
+    effects: Arc<Effects>,
+    stop: Shutdown,
+    consumer: JoinHandle<()>,
+}
+
+impl Downstream {
+    async fn start(env: &TestEnv) -> Self {
+        let (effects, stop, consumer) = env
+            .spawn_effects(ConsumerOptions::new("downstream"), Duration::ZERO)
+            .await;
+        Self {
+            effects,
+            stop,
+            consumer,
+        }
+    }
+}
+
+/// The end of a test that delivers one message twice to `downstream`: waits
+/// (10 s at most) until both deliveries were fully handled (`what`), checks
+/// that they took effect once, stops the consumer and cleans `env` up.
+async fn finish_with_one_effect_of_two(downstream: Downstream, env: TestEnv, what: &str) {
+    let Downstream {
+        effects,
+        stop,
+        consumer,
+    } = downstream;
+    eventually(Duration::from_secs(10), what, || async {
+        effects.deliveries() == 2
+    })
+    .await;
+    assert_eq!(effects.counts().await, (1, 1));
+    stop.cancel();
+    consumer.await.unwrap();
+    env.cleanup().await;
+}
+
+/// Takes every message in `queue`: (how many, how many distinct message ids).
+async fn drain_message_ids(env: &TestEnv, queue: &str) -> (usize, usize) {
+    let messages = env.drain(queue).await;
+    let ids: std::collections::HashSet<_> = messages
+        .iter()
+        .map(|m| m.delivery.properties.message_id().clone())
+        .collect();
+    (messages.len(), ids.len())
+}
+
+/// A proxy in front of the test's broker, already cut, and a broker handle
+/// on the test's topology that goes through it (2 s publish timeout).
+async fn broker_behind_a_cut_proxy(env: &TestEnv) -> (StallingProxy, Broker) {
+    let proxy = StallingProxy::in_front_of(env.amqp_url.expose_secret()).await;
+    proxy.cut();
+    let broker = env.broker_with(
+        &SecretString::from(proxy.url_through(env.amqp_url.expose_secret())),
+        env.topology.clone(),
+        Duration::from_secs(2),
+    );
+    (proxy, broker)
+}
+
+/// A relay running in its own task until [`stop`](Self::stop).
+struct RunningRelay {
+    shutdown: Shutdown,
+    task: JoinHandle<()>,
+}
+
+impl RunningRelay {
+    fn start(relay: Relay) -> Self {
+        let shutdown = Shutdown::new();
+        let task = tokio::spawn(relay.run(shutdown.clone()));
+        Self { shutdown, task }
+    }
+
+    /// Asks the relay to stop and waits until it has.
+    async fn stop(self) {
+        self.shutdown.cancel();
+        self.task.await.unwrap();
+    }
 }

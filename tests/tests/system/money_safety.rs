@@ -8,15 +8,23 @@ use std::time::Duration;
 
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable};
-use orderflow_shared::envelope::{header_str, headers};
 use orderflow_shared::token::TokenKeys;
-use orderflow_tests::system::System;
+use orderflow_tests::system::{System, dead_letter_reason};
 use orderflow_tests::{TEST_TOKEN_KEYS, eventually};
 use secrecy::SecretString;
 use serde_json::json;
 
 /// 1 × hotpot-set from config/catalogue.toml.
 const HOTPOT: i64 = 12_800;
+
+/// Pays `order_id` with `method` as its customer would: the order completes,
+/// `charged` cents charged once.
+async fn pay_genuinely(system: &System, order_id: &str, method: &str, charged: i64) {
+    let order = system.pay(order_id, method).await;
+    assert_eq!(order["status"], "completed");
+    assert_eq!(order["charged_cents"], charged);
+    assert_eq!(system.gateway(order_id).await, (1, 0));
+}
 
 #[tokio::test]
 async fn a_header_cannot_turn_a_message_into_another_event() {
@@ -42,18 +50,12 @@ async fn a_header_cannot_turn_a_message_into_another_event() {
     // It is an `order.started` without supplier or products: dead-lettered
     // by its readers as such.
     let dead = system.env.dead_letter_queue("generate-info");
-    eventually(
-        Duration::from_secs(10),
-        "the forgery is dead-lettered",
-        || async { system.env.message_count(&dead).await == 1 },
-    )
-    .await;
+    system
+        .wait_for_depth(&dead, 1, "the forgery is dead-lettered")
+        .await;
     let order = system.get_order(&order_id, None).await;
     assert_eq!(order["status"], "awaiting_payment", "{order:#}");
-    let order = system.pay(&order_id, "zhifubao").await;
-    assert_eq!(order["status"], "completed");
-    assert_eq!(order["charged_cents"], HOTPOT * 80 / 100);
-    assert_eq!(system.gateway(&order_id).await, (1, 0));
+    pay_genuinely(&system, &order_id, "zhifubao", HOTPOT * 80 / 100).await;
     system.stop().await;
 }
 
@@ -61,33 +63,27 @@ async fn a_header_cannot_turn_a_message_into_another_event() {
 async fn a_token_re_signed_for_another_amount_is_not_the_steps_token() {
     let system = System::start().await;
     let order_id = system.place("haidilao", &[("hotpot-set", 10)]).await;
-    let order = system.wait_for(&order_id, "awaiting_payment").await;
-    let token = order["payment_token"].as_str().unwrap();
+    let token = system.payment_token(&order_id).await;
     // Someone holding a signing key (the public development key of a demo
     // deployment, a leaked one) changes the amount and signs again.
     let keys = TokenKeys::parse(&SecretString::from(TEST_TOKEN_KEYS.to_owned())).unwrap();
-    let mut claims = keys.verify(token, 0).unwrap();
+    let mut claims = keys.verify(&token, 0).unwrap();
     assert_eq!(claims.amount_cents, 10 * HOTPOT);
     claims.amount_cents = 1;
     let forged = keys.mint(&claims).unwrap();
     assert_eq!(system.submit(&order_id, &forged, "zhifubao").await, 202);
-    eventually(
-        Duration::from_secs(10),
-        "the forgery is rejected",
-        || async {
-            system.get_order(&order_id, None).await["last_rejection"]
-                == "token is not the one issued for this order's payment step"
-        },
-    )
-    .await;
+    system
+        .wait_for_rejection(
+            &order_id,
+            "the forgery is rejected",
+            "token is not the one issued for this order's payment step",
+        )
+        .await;
     let order = system.get_order(&order_id, None).await;
     assert_eq!(order["status"], "awaiting_payment", "{order:#}");
     assert_eq!(system.gateway(&order_id).await, (0, 0), "nothing charged");
     // The genuine token still pays the real amount.
-    let order = system.pay(&order_id, "zhifubao").await;
-    assert_eq!(order["status"], "completed");
-    assert_eq!(order["charged_cents"], 10 * HOTPOT * 80 / 100);
-    assert_eq!(system.gateway(&order_id).await, (1, 0));
+    pay_genuinely(&system, &order_id, "zhifubao", 10 * HOTPOT * 80 / 100).await;
     system.stop().await;
 }
 
@@ -105,28 +101,20 @@ async fn an_order_started_again_with_cheaper_content_is_not_priced_again() {
     });
     system.env.publish_json("order.started", &cheaper).await;
     let dead = system.env.dead_letter_queue("generate-info");
-    eventually(
-        Duration::from_secs(10),
-        "the re-pricing is refused",
-        || async { system.env.message_count(&dead).await == 1 },
-    )
-    .await;
+    system
+        .wait_for_depth(&dead, 1, "the re-pricing is refused")
+        .await;
     let refused = system.env.drain(&dead).await;
-    let reason = header_str(
-        refused[0].delivery.properties.headers().as_ref().unwrap(),
-        headers::REASON,
-    )
-    .unwrap();
+    let reason = dead_letter_reason(&refused[0]);
     assert!(reason.contains("an order is priced once"), "{reason}");
     eventually(
         Duration::from_secs(10),
         "the coordinator records the rejection",
         || async {
             system
-                .history(&order_id)
+                .history_count(&order_id, "rejection", "order.started")
                 .await
-                .iter()
-                .any(|(kind, name)| kind == "rejection" && name == "order.started")
+                > 0
         },
     )
     .await;
@@ -139,10 +127,7 @@ async fn an_order_started_again_with_cheaper_content_is_not_priced_again() {
         "products": [{"sku": "hotpot-set", "quantity": 10}], "address": "1 Road",
     });
     system.env.publish_json("order.started", &same).await;
-    let order = system.pay(&order_id, "weixin").await;
-    assert_eq!(order["status"], "completed");
-    assert_eq!(order["charged_cents"], 10 * HOTPOT / 2);
-    assert_eq!(system.gateway(&order_id).await, (1, 0));
+    pay_genuinely(&system, &order_id, "weixin", 10 * HOTPOT / 2).await;
     assert_eq!(system.env.message_count(&dead).await, 0);
     system.stop().await;
 }
@@ -151,8 +136,7 @@ async fn an_order_started_again_with_cheaper_content_is_not_priced_again() {
 async fn a_payment_decision_the_coordinator_did_not_make_charges_nothing() {
     let system = System::start().await;
     let order_id = system.place("noodle-bar", &[("noodles", 2)]).await;
-    let order = system.wait_for(&order_id, "awaiting_payment").await;
-    let token = order["payment_token"].as_str().unwrap().to_owned();
+    let token = system.payment_token(&order_id).await;
     for amount in [1, 0, -5] {
         let forged = json!({"order_id": order_id, "method": "zhifubao", "amount_cents": amount});
         system
@@ -161,16 +145,11 @@ async fn a_payment_decision_the_coordinator_did_not_make_charges_nothing() {
             .await;
     }
     let dead = system.env.dead_letter_queue("payment-provider-zhifubao");
-    eventually(Duration::from_secs(10), "every forgery refused", || async {
-        system.env.message_count(&dead).await == 3
-    })
-    .await;
+    system
+        .wait_for_depth(&dead, 3, "every forgery refused")
+        .await;
     for refused in system.env.drain(&dead).await {
-        let reason = header_str(
-            refused.delivery.properties.headers().as_ref().unwrap(),
-            headers::REASON,
-        )
-        .unwrap();
+        let reason = dead_letter_reason(&refused);
         assert!(
             reason.contains("accepted no zhifubao payment for this order"),
             "{reason}"
@@ -190,12 +169,9 @@ async fn a_payment_decision_the_coordinator_did_not_make_charges_nothing() {
         .env
         .publish_json("payment.selected.zhifubao", &forged)
         .await;
-    eventually(
-        Duration::from_secs(10),
-        "the second forgery refused",
-        || async { system.env.message_count(&dead).await == 1 },
-    )
-    .await;
+    system
+        .wait_for_depth(&dead, 1, "the second forgery refused")
+        .await;
     assert_eq!(system.gateway(&order_id).await, (1, 0));
     system.stop().await;
 }

@@ -22,7 +22,9 @@ use orderflow_tests::{TestEnv, eventually};
 use reqwest::StatusCode;
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Value, json};
+use sqlx::{Postgres, Transaction};
 use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
 
 /// An error answer: `{"error": "<non-empty message>"}`, nothing else.
 fn error_message(body: &Value) -> &str {
@@ -54,6 +56,63 @@ fn hotpot_order() -> Value {
         "products": [{"sku": "hotpot-set", "quantity": 2}, {"sku": "tea", "quantity": 1}],
         "address": "1 Harbour Road",
     })
+}
+
+/// [`hotpot_order`] with the client's `order_id`.
+fn hotpot_order_with_id(order_id: &str) -> Value {
+    let mut order = hotpot_order();
+    order["order_id"] = json!(order_id);
+    order
+}
+
+/// Creates the [`hotpot_order_with_id`] `order_id` through `api` (202).
+async fn create(api: &Api, order_id: &str) {
+    let body = hotpot_order_with_id(order_id);
+    assert_eq!(api.post("/orders", &body).await.0, StatusCode::ACCEPTED);
+}
+
+/// The body of a `payment.awaiting` of 265.00 for `order_id`.
+fn payment_awaiting(order_id: &str, token: &str, methods: &[&str], expires_at: &str) -> Value {
+    json!({
+        "order_id": order_id, "token": token, "payment_methods": methods,
+        "amount_cents": 26_500, "expires_at": expires_at,
+    })
+}
+
+/// Publishes each event (kind, body) in turn, each applied by the API before
+/// the next.
+async fn publish_all_applied<const N: usize>(api: &Api, events: [(&str, Value); N]) {
+    for (kind, body) in events {
+        api.publish_applied(kind, body).await;
+    }
+}
+
+/// Publishes that `order_id` completed (132.50 paid with weixin) and waits
+/// until the API applied it.
+async fn complete(api: &Api, order_id: &str) {
+    api.publish_applied(
+        "order.completed",
+        json!({"order_id": order_id, "method": "weixin", "charged_cents": 13_250}),
+    )
+    .await;
+}
+
+/// A GET of `url` in flight on its own task: its answer and how long it took.
+fn spawn_timed_get(api: &Api, url: String) -> JoinHandle<((StatusCode, Value), Duration)> {
+    let http = api.http.clone();
+    tokio::spawn(async move {
+        let started = Instant::now();
+        let answer = get_json(&http, &url).await;
+        (answer, started.elapsed())
+    })
+}
+
+/// What `task` returns, within `secs` seconds (else panics with `what`).
+async fn within<T>(secs: u64, task: JoinHandle<T>, what: &str) -> T {
+    tokio::time::timeout(Duration::from_secs(secs), task)
+        .await
+        .expect(what)
+        .unwrap()
 }
 
 #[tokio::test]
@@ -122,8 +181,7 @@ async fn a_new_order_is_accepted_and_started_without_the_client_price() {
 #[tokio::test]
 async fn the_same_request_again_gets_the_same_answer_and_another_body_a_conflict() {
     let api = Api::start().await;
-    let mut body = hotpot_order();
-    body["order_id"] = json!("order-same-1");
+    let body = hotpot_order_with_id("order-same-1");
     let (status, first) = api.post("/orders", &body).await;
     assert_eq!(status, StatusCode::ACCEPTED, "{first}");
     assert_eq!(
@@ -160,10 +218,7 @@ async fn the_same_request_again_gets_the_same_answer_and_another_body_a_conflict
     // Asked again once the saga moved on, the answer shows where it is now.
     api.publish_applied(
         "payment.awaiting",
-        json!({
-            "order_id": "order-same-1", "token": "tok", "payment_methods": ["zhifubao"],
-            "amount_cents": 26_500, "expires_at": "2100-01-01T00:00:00Z",
-        }),
+        payment_awaiting("order-same-1", "tok", &["zhifubao"], "2100-01-01T00:00:00Z"),
     )
     .await;
     let (status, third) = api.post("/orders", &body).await;
@@ -174,8 +229,7 @@ async fn the_same_request_again_gets_the_same_answer_and_another_body_a_conflict
     );
 
     // An order that arrived as an event has no request to compare with.
-    let mut from_event = hotpot_order();
-    from_event["order_id"] = json!("order-from-event");
+    let from_event = hotpot_order_with_id("order-from-event");
     api.publish_applied("order.started", from_event.clone())
         .await;
     let (status, conflict) = api.post("/orders", &from_event).await;
@@ -343,10 +397,7 @@ async fn the_read_model_follows_events_in_any_order_and_keeps_the_first_terminal
     // The payment step opens before the order itself is known.
     api.publish_applied(
         "payment.awaiting",
-        json!({
-            "order_id": id, "token": "tok-1", "payment_methods": ["zhifubao", "weixin"],
-            "amount_cents": 26_500, "expires_at": "2100-01-01T00:00:00Z",
-        }),
+        payment_awaiting(id, "tok-1", &["zhifubao", "weixin"], "2100-01-01T00:00:00Z"),
     )
     .await;
     let order = api.order(id).await;
@@ -355,9 +406,8 @@ async fn the_read_model_follows_events_in_any_order_and_keeps_the_first_terminal
     assert_eq!(order["amount_cents"], 26_500);
     assert_eq!(order["supplier"], Value::Null);
 
-    let mut started = hotpot_order();
-    started["order_id"] = json!(id);
-    api.publish_applied("order.started", started).await;
+    api.publish_applied("order.started", hotpot_order_with_id(id))
+        .await;
     api.publish_applied(
         "order.info-generated",
         json!({"order_id": id, "supplier": "haidilao", "payment_methods": ["zhifubao", "weixin"], "amount_cents": 26_500}),
@@ -372,10 +422,7 @@ async fn the_read_model_follows_events_in_any_order_and_keeps_the_first_terminal
     // An older token arriving late does not replace the newer one.
     api.publish_applied(
         "payment.awaiting",
-        json!({
-            "order_id": id, "token": "tok-0", "payment_methods": ["zhifubao", "weixin"],
-            "amount_cents": 26_500, "expires_at": "2099-01-01T00:00:00Z",
-        }),
+        payment_awaiting(id, "tok-0", &["zhifubao", "weixin"], "2099-01-01T00:00:00Z"),
     )
     .await;
     assert_eq!(api.order(id).await["payment_token"], "tok-1");
@@ -401,37 +448,34 @@ async fn the_read_model_follows_events_in_any_order_and_keeps_the_first_terminal
         "the token only shows while awaiting"
     );
 
-    api.publish_applied(
-        "order.completed",
-        json!({"order_id": id, "method": "zhifubao", "charged_cents": 21_200}),
+    publish_all_applied(
+        &api,
+        [
+            (
+                "order.completed",
+                json!({"order_id": id, "method": "zhifubao", "charged_cents": 21_200}),
+            ),
+            (
+                "payment.captured",
+                json!({"order_id": id, "provider": "zhifubao", "charged_cents": 21_200, "capture_id": "cap-1"}),
+            ),
+            // Late and stray messages leave a completed order completed.
+            (
+                "payment.selected.weixin",
+                json!({"order_id": id, "method": "weixin", "amount_cents": 26_500}),
+            ),
+            (
+                "payment.awaiting",
+                payment_awaiting(id, "tok-2", &["zhifubao"], "2101-01-01T00:00:00Z"),
+            ),
+            (
+                "order.cancelled",
+                json!({"order_id": id, "reason": "too late"}),
+            ),
+            ("saga.timed-out", json!({"order_id": id, "step": "flow"})),
+        ],
     )
     .await;
-    api.publish_applied(
-        "payment.captured",
-        json!({"order_id": id, "provider": "zhifubao", "charged_cents": 21_200, "capture_id": "cap-1"}),
-    )
-    .await;
-    // Late and stray messages leave a completed order completed.
-    api.publish_applied(
-        "payment.selected.weixin",
-        json!({"order_id": id, "method": "weixin", "amount_cents": 26_500}),
-    )
-    .await;
-    api.publish_applied(
-        "payment.awaiting",
-        json!({
-            "order_id": id, "token": "tok-2", "payment_methods": ["zhifubao"],
-            "amount_cents": 26_500, "expires_at": "2101-01-01T00:00:00Z",
-        }),
-    )
-    .await;
-    api.publish_applied(
-        "order.cancelled",
-        json!({"order_id": id, "reason": "too late"}),
-    )
-    .await;
-    api.publish_applied("saga.timed-out", json!({"order_id": id, "step": "flow"}))
-        .await;
     let order = api.order(id).await;
     assert_eq!(order["status"], "completed", "{order}");
     assert_eq!(order["method"], "zhifubao");
@@ -442,27 +486,27 @@ async fn the_read_model_follows_events_in_any_order_and_keeps_the_first_terminal
 
     // The other way round: cancelled first, and a completion cannot undo it.
     let other = "order-cancelled-first";
-    api.publish_applied(
-        "order.cancelled",
-        json!({"order_id": other, "reason": "payment timed out"}),
-    )
-    .await;
-    api.publish_applied(
-        "order.completed",
-        json!({"order_id": other, "method": "weixin", "charged_cents": 100}),
-    )
-    .await;
-    let mut started = hotpot_order();
-    started["order_id"] = json!(other);
-    api.publish_applied("order.started", started).await;
-    api.publish_applied(
-        "payment.rejected",
-        json!({"order_id": other, "method": "unionpay", "reason": "method not allowed"}),
-    )
-    .await;
-    api.publish_applied(
-        "payment.refunded",
-        json!({"order_id": other, "provider": "weixin", "refunded_cents": 100}),
+    publish_all_applied(
+        &api,
+        [
+            (
+                "order.cancelled",
+                json!({"order_id": other, "reason": "payment timed out"}),
+            ),
+            (
+                "order.completed",
+                json!({"order_id": other, "method": "weixin", "charged_cents": 100}),
+            ),
+            ("order.started", hotpot_order_with_id(other)),
+            (
+                "payment.rejected",
+                json!({"order_id": other, "method": "unionpay", "reason": "method not allowed"}),
+            ),
+            (
+                "payment.refunded",
+                json!({"order_id": other, "provider": "weixin", "refunded_cents": 100}),
+            ),
+        ],
     )
     .await;
     let order = api.order(other).await;
@@ -478,36 +522,18 @@ async fn the_read_model_follows_events_in_any_order_and_keeps_the_first_terminal
 #[tokio::test]
 async fn a_long_poll_answers_when_the_status_arrives_or_when_its_time_is_up() {
     let api = Api::start().await;
-    let mut body = hotpot_order();
-    body["order_id"] = json!("order-wait");
-    assert_eq!(api.post("/orders", &body).await.0, StatusCode::ACCEPTED);
+    create(&api, "order-wait").await;
 
     // Waiting for an order that will complete.
-    let waiter = {
-        let http = api.http.clone();
-        let url = api.url("/orders/order-wait?wait_for=completed&timeout_ms=30000");
-        tokio::spawn(async move {
-            let started = Instant::now();
-            let answer = get_json(&http, &url).await;
-            (answer, started.elapsed())
-        })
-    };
-    eventually(Duration::from_secs(10), "one long-poll waiter", || async {
-        api.metrics()
-            .await
-            .contains("orderflow_long_poll_waiters 1\n")
-    })
-    .await;
+    let waiter = spawn_timed_get(
+        &api,
+        api.url("/orders/order-wait?wait_for=completed&timeout_ms=30000"),
+    );
+    api.wait_for_waiters(1).await;
     assert!(!waiter.is_finished(), "a started order is not completed");
-    api.publish_applied(
-        "order.completed",
-        json!({"order_id": "order-wait", "method": "weixin", "charged_cents": 13_250}),
-    )
-    .await;
-    let ((status, order), elapsed) = tokio::time::timeout(Duration::from_secs(10), waiter)
-        .await
-        .expect("the long poll answers once the order completed")
-        .unwrap();
+    complete(&api, "order-wait").await;
+    let ((status, order), elapsed) =
+        within(10, waiter, "the long poll answers once the order completed").await;
     assert_eq!(status, StatusCode::OK, "{order}");
     assert_eq!(order["status"], "completed");
     assert_eq!(order["charged_cents"], 13_250);
@@ -528,9 +554,7 @@ async fn a_long_poll_answers_when_the_status_arrives_or_when_its_time_is_up() {
     assert!(started.elapsed() < Duration::from_secs(10));
 
     // An order that never changes: its current state once the time is up.
-    let mut body = hotpot_order();
-    body["order_id"] = json!("order-idle");
-    assert_eq!(api.post("/orders", &body).await.0, StatusCode::ACCEPTED);
+    create(&api, "order-idle").await;
     let started = Instant::now();
     let (status, order) = api
         .get("/orders/order-idle?wait_for=completed&timeout_ms=400")
@@ -540,24 +564,11 @@ async fn a_long_poll_answers_when_the_status_arrives_or_when_its_time_is_up() {
     assert!(started.elapsed() >= Duration::from_millis(400));
 
     // An order that does not exist yet is waited for too…
-    let waiter = {
-        let http = api.http.clone();
-        let url = api.url("/orders/order-later?wait_for=started&timeout_ms=30000");
-        tokio::spawn(async move { get_json(&http, &url).await })
-    };
-    eventually(Duration::from_secs(10), "one long-poll waiter", || async {
-        api.metrics()
-            .await
-            .contains("orderflow_long_poll_waiters 1\n")
-    })
-    .await;
-    let mut later = hotpot_order();
-    later["order_id"] = json!("order-later");
-    api.publish_applied("order.started", later).await;
-    let (status, order) = tokio::time::timeout(Duration::from_secs(10), waiter)
-        .await
-        .expect("the long poll answers once the order exists")
-        .unwrap();
+    let waiter = api.spawn_get("/orders/order-later?wait_for=started&timeout_ms=30000");
+    api.wait_for_waiters(1).await;
+    api.publish_applied("order.started", hotpot_order_with_id("order-later"))
+        .await;
+    let (status, order) = within(10, waiter, "the long poll answers once the order exists").await;
     assert_eq!(status, StatusCode::OK, "{order}");
     assert_eq!(order["order_id"], "order-later");
 
@@ -571,22 +582,10 @@ async fn a_long_poll_answers_when_the_status_arrives_or_when_its_time_is_up() {
 
     // Shutting down answers the waiters at once instead of holding the
     // server up for their timeouts.
-    let waiter = {
-        let http = api.http.clone();
-        let url = api.url("/orders/order-idle?wait_for=completed&timeout_ms=60000");
-        tokio::spawn(async move { get_json(&http, &url).await })
-    };
-    eventually(Duration::from_secs(10), "one long-poll waiter", || async {
-        api.metrics()
-            .await
-            .contains("orderflow_long_poll_waiters 1\n")
-    })
-    .await;
+    let waiter = api.spawn_get("/orders/order-idle?wait_for=completed&timeout_ms=60000");
+    api.wait_for_waiters(1).await;
     api.instance.shutdown.cancel();
-    let (status, order) = tokio::time::timeout(Duration::from_secs(10), waiter)
-        .await
-        .expect("a long poll ends with the server")
-        .unwrap();
+    let (status, order) = within(10, waiter, "a long poll ends with the server").await;
     assert_eq!(status, StatusCode::OK, "{order}");
     assert_eq!(order["status"], "started");
     api.stop().await;
@@ -598,23 +597,14 @@ async fn a_change_made_through_one_api_instance_wakes_long_polls_on_another() {
     // A second instance of the API on the same database and broker.
     let other = api.start_other(api.env.settings(), "order-api-2").await;
 
-    let waiter = {
-        let http = api.http.clone();
-        let url = other.url("/orders/order-elsewhere?wait_for=started&timeout_ms=30000");
-        tokio::spawn(async move {
-            let started = Instant::now();
-            (get_json(&http, &url).await, started.elapsed())
-        })
-    };
+    let waiter = spawn_timed_get(
+        &api,
+        other.url("/orders/order-elsewhere?wait_for=started&timeout_ms=30000"),
+    );
     // Give the waiter time to subscribe on the other instance.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let mut body = hotpot_order();
-    body["order_id"] = json!("order-elsewhere");
-    assert_eq!(api.post("/orders", &body).await.0, StatusCode::ACCEPTED);
-    let ((status, order), elapsed) = tokio::time::timeout(Duration::from_secs(20), waiter)
-        .await
-        .expect("the other instance answers")
-        .unwrap();
+    create(&api, "order-elsewhere").await;
+    let ((status, order), elapsed) = within(20, waiter, "the other instance answers").await;
     assert_eq!(status, StatusCode::OK, "{order}");
     assert_eq!(order["order_id"], "order-elsewhere");
     assert!(
@@ -628,20 +618,14 @@ async fn a_change_made_through_one_api_instance_wakes_long_polls_on_another() {
 #[tokio::test]
 async fn a_payment_submission_reaches_the_coordinator() {
     let api = Api::start().await;
-    let mut body = hotpot_order();
-    body["order_id"] = json!("order-pay");
-    assert_eq!(api.post("/orders", &body).await.0, StatusCode::ACCEPTED);
+    create(&api, "order-pay").await;
     // The coordinator reads every event: order.started first.
     let messages = api.take("saga-coordinator", 1).await;
     only(&messages, "order.started");
 
     let token = "v1.claims.mac";
-    let (status, answer) = api
-        .post(
-            "/orders/order-pay/payment",
-            &json!({"token": token, "method": "weixin"}),
-        )
-        .await;
+    let payment = json!({"token": token, "method": "weixin"});
+    let (status, answer) = api.post("/orders/order-pay/payment", &payment).await;
     assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
     assert_eq!(
         answer,
@@ -697,17 +681,8 @@ async fn a_payment_submission_reaches_the_coordinator() {
     }
 
     // A finished order takes no more payments.
-    api.publish_applied(
-        "order.completed",
-        json!({"order_id": "order-pay", "method": "weixin", "charged_cents": 13_250}),
-    )
-    .await;
-    let (status, answer) = api
-        .post(
-            "/orders/order-pay/payment",
-            &json!({"token": token, "method": "weixin"}),
-        )
-        .await;
+    complete(&api, "order-pay").await;
+    let (status, answer) = api.post("/orders/order-pay/payment", &payment).await;
     assert_eq!(status, StatusCode::CONFLICT, "{answer}");
     assert!(error_message(&answer).contains("completed"), "{answer}");
     assert_eq!(api.outbox_count("payment.submitted").await, 1);
@@ -772,6 +747,41 @@ fn a_payment() -> Value {
     json!({"token": "v1.claims.mac", "method": "weixin"})
 }
 
+/// Two payment submissions of an order waiting for its row, which an open
+/// transaction holds: each holds a request slot and a connection of the
+/// HTTP pool until [`release`](HeldPayments::release).
+struct HeldPayments {
+    lock: Transaction<'static, Postgres>,
+    submissions: [JoinHandle<(StatusCode, Value)>; 2],
+}
+
+impl HeldPayments {
+    /// Makes `order_id` known from its event (no event of it is left for the
+    /// read model to apply to the locked row), locks its row and submits two
+    /// payments; returns once both wait for the row.
+    async fn hold(api: &Api, order_id: &str) -> Self {
+        api.publish_applied("order.started", hotpot_order_with_id(order_id))
+            .await;
+        let lock = api.lock_order(order_id).await;
+        let path = format!("/orders/{order_id}/payment");
+        let submissions = [
+            api.spawn_post(&path, &a_payment()),
+            api.spawn_post(&path, &a_payment()),
+        ];
+        api.wait_for_lock_waits("FOR SHARE", 2).await;
+        Self { lock, submissions }
+    }
+
+    /// Ends the lock: both submissions are accepted.
+    async fn release(self) {
+        self.lock.commit().await.unwrap();
+        for submission in self.submissions {
+            let (status, answer) = submission.await.unwrap();
+            assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
+        }
+    }
+}
+
 /// The `orderflow_http_requests_total` line of (method, route, status) with `count`.
 fn requests_line(method: &str, route: &str, status: u16, count: u32) -> String {
     format!(
@@ -782,9 +792,7 @@ fn requests_line(method: &str, route: &str, status: u16, count: u32) -> String {
 #[tokio::test]
 async fn long_polls_beyond_the_waiter_cap_are_turned_away_until_a_waiter_ends() {
     let api = Api::start_with(|settings| settings.http_max_waiters = 2).await;
-    let mut body = hotpot_order();
-    body["order_id"] = json!("order-waited");
-    assert_eq!(api.post("/orders", &body).await.0, StatusCode::ACCEPTED);
+    create(&api, "order-waited").await;
     let long_poll = "/orders/order-waited?wait_for=completed&timeout_ms=30000";
     let first = api.spawn_get(long_poll);
     let second = api.spawn_get(long_poll);
@@ -814,15 +822,8 @@ async fn long_polls_beyond_the_waiter_cap_are_turned_away_until_a_waiter_ends() 
     api.wait_for_waiters(1).await;
 
     // The change a waiter waits for answers it and frees its place.
-    api.publish_applied(
-        "order.completed",
-        json!({"order_id": "order-waited", "method": "weixin", "charged_cents": 13_250}),
-    )
-    .await;
-    let (status, order) = tokio::time::timeout(Duration::from_secs(10), second)
-        .await
-        .expect("the waiter answers once the order completed")
-        .unwrap();
+    complete(&api, "order-waited").await;
+    let (status, order) = within(10, second, "the waiter answers once the order completed").await;
     assert_eq!(status, StatusCode::OK, "{order}");
     assert_eq!(order["status"], "completed");
     api.wait_for_waiters(0).await;
@@ -840,17 +841,8 @@ async fn long_polls_beyond_the_waiter_cap_are_turned_away_until_a_waiter_ends() 
 #[tokio::test]
 async fn requests_beyond_the_concurrency_limit_are_shed_at_once_but_long_polls_are_not_counted() {
     let api = Api::start_with(|settings| settings.http_max_concurrency = 2).await;
-    let mut body = hotpot_order();
-    body["order_id"] = json!("order-held");
-    api.publish_applied("order.started", body).await;
-
     // Two submissions wait for the order's row: both request slots are taken.
-    let lock = api.lock_order("order-held").await;
-    let held = [
-        api.spawn_post("/orders/order-held/payment", &a_payment()),
-        api.spawn_post("/orders/order-held/payment", &a_payment()),
-    ];
-    api.wait_for_lock_waits("FOR SHARE", 2).await;
+    let held = HeldPayments::hold(&api, "order-held").await;
 
     // One more request is shed at once, even one that needs no database.
     let (status, retry_after, answer) = api
@@ -869,11 +861,7 @@ async fn requests_beyond_the_concurrency_limit_are_shed_at_once_but_long_polls_a
     assert_eq!(status, StatusCode::OK, "{order}");
     assert_eq!(order["status"], "started");
 
-    lock.commit().await.unwrap();
-    for submission in held {
-        let (status, answer) = submission.await.unwrap();
-        assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
-    }
+    held.release().await;
     // The slots are back.
     let (status, answer) = api.get("/merchants/haidilao/payment-methods").await;
     assert_eq!(status, StatusCode::OK, "{answer}");
@@ -887,9 +875,7 @@ async fn requests_beyond_the_concurrency_limit_are_shed_at_once_but_long_polls_a
 async fn a_request_past_the_timeout_is_answered_503_naming_its_route_but_long_polls_wait_their_time()
  {
     let api = Api::start_with(|settings| settings.http_request_timeout_ms = 500).await;
-    let mut body = hotpot_order();
-    body["order_id"] = json!("order-slow");
-    assert_eq!(api.post("/orders", &body).await.0, StatusCode::ACCEPTED);
+    create(&api, "order-slow").await;
 
     // A long poll waits its own time, past the request timeout.
     let (status, order) = api
@@ -906,8 +892,7 @@ async fn a_request_past_the_timeout_is_answered_503_naming_its_route_but_long_po
         answer,
         json!({"error": "GET /orders/{id} did not finish within 500 ms; try again later"})
     );
-    let mut cut = hotpot_order();
-    cut["order_id"] = json!("order-cut");
+    let cut = hotpot_order_with_id("order-cut");
     let (status, answer) = api.post("/orders", &cut).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{answer}");
     assert_eq!(
@@ -953,26 +938,13 @@ async fn the_read_model_keeps_applying_events_while_requests_hold_every_http_con
         settings.http_db_pool_size = 2;
     })
     .await;
-    // Known from its event, so that no event of it is left for the read
-    // model to apply to the locked row.
-    let mut body = hotpot_order();
-    body["order_id"] = json!("order-blocker");
-    api.publish_applied("order.started", body).await;
-    let lock = api.lock_order("order-blocker").await;
-    let held = [
-        api.spawn_post("/orders/order-blocker/payment", &a_payment()),
-        api.spawn_post("/orders/order-blocker/payment", &a_payment()),
-    ];
     // Both connections of the HTTP pool wait for the row.
-    api.wait_for_lock_waits("FOR SHARE", 2).await;
+    let held = HeldPayments::hold(&api, "order-blocker").await;
 
     // Events are applied all the same.
     api.publish_applied(
         "payment.awaiting",
-        json!({
-            "order_id": "order-flowing", "token": "tok", "payment_methods": ["weixin"],
-            "amount_cents": 26_500, "expires_at": "2100-01-01T00:00:00Z",
-        }),
+        payment_awaiting("order-flowing", "tok", &["weixin"], "2100-01-01T00:00:00Z"),
     )
     .await;
     let status: String = sqlx::query_scalar("SELECT status FROM orders WHERE order_id = $1")
@@ -987,11 +959,7 @@ async fn the_read_model_keeps_applying_events_while_requests_hold_every_http_con
         "the requests held their connections throughout"
     );
 
-    lock.commit().await.unwrap();
-    for submission in held {
-        let (status, answer) = submission.await.unwrap();
-        assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
-    }
+    held.release().await;
     assert_eq!(
         api.order("order-flowing").await["status"],
         "awaiting_payment"
@@ -1279,8 +1247,7 @@ async fn the_same_order_posted_at_once_many_times_is_created_once() {
     // outbox row with it); a request that loses the race reads the winner's
     // row in a statement of its own and answers as for a repeat.
     let api = Api::start().await;
-    let mut body = hotpot_order();
-    body["order_id"] = json!("order-raced");
+    let body = hotpot_order_with_id("order-raced");
     let answers = futures::future::join_all((0..12).map(|_| api.post("/orders", &body))).await;
     for (status, answer) in &answers {
         assert_eq!(*status, StatusCode::ACCEPTED, "{answer}");

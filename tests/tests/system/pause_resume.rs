@@ -6,12 +6,11 @@
 
 use std::time::Duration;
 
-use orderflow_shared::Shutdown;
+use orderflow_tests::api::element_with;
 use orderflow_tests::eventually;
-use orderflow_tests::system::{System, Workers};
+use orderflow_tests::system::{System, Worker};
 use reqwest::Method;
 use serde_json::Value;
-use tokio::task::JoinHandle;
 
 const PROVIDER: &str = "payment-provider-zhifubao";
 
@@ -35,24 +34,15 @@ async fn resume(system: &System, service: &str) {
 /// Places an order with haidilao and submits a zhifubao payment for it.
 async fn place_and_pay(system: &System) -> String {
     let order_id = system.place("haidilao", &[("tea", 1)]).await;
-    let order = system.wait_for(&order_id, "awaiting_payment").await;
-    let token = order["payment_token"].as_str().unwrap();
-    assert_eq!(system.submit(&order_id, token, "zhifubao").await, 202);
+    system.submit_payment(&order_id, "zhifubao").await;
     order_id
 }
 
 #[tokio::test]
 async fn a_paused_service_queue_fills_its_orders_wait_and_their_timers_run_then_resume_drains_it() {
-    let system = System::start_with(
-        |settings| {
-            settings.pause_check_ms = 100;
-            // The payment step is settled once paid; the flow timer still
-            // runs while the provider is paused.
-            settings.flow_timeout_secs = 8;
-        },
-        Workers::default(),
-    )
-    .await;
+    // The payment step is settled once paid; the flow timer still runs
+    // while the provider is paused.
+    let system = System::start_pausable(|settings| settings.flow_timeout_secs = 8).await;
     let queue = system.env.queue(PROVIDER);
     let body = pause(&system, PROVIDER).await;
     assert_eq!(
@@ -90,13 +80,7 @@ async fn a_paused_service_queue_fills_its_orders_wait_and_their_timers_run_then_
         "{saga}"
     );
     let (_, queues) = system.operator(Method::GET, "/queues", None).await;
-    let provider = queues["queues"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|q| q["service"] == PROVIDER)
-        .unwrap()
-        .clone();
+    let provider = element_with(&queues["queues"], "service", PROVIDER);
     assert_eq!(provider["paused"], true, "{provider}");
     assert_eq!(provider["status"], "paused", "{provider}");
     assert_eq!(provider["consumers"], 0, "{provider}");
@@ -104,14 +88,9 @@ async fn a_paused_service_queue_fills_its_orders_wait_and_their_timers_run_then_
     // The flow timer fires while the provider is paused.
     let order = system.ended(&order_id).await;
     assert_eq!(order["status"], "cancelled", "{order:#}");
-    assert!(
-        system
-            .history(&order_id)
-            .await
-            .contains(&("timer".to_owned(), "saga.timed-out".to_owned())),
-        "{:?}",
-        system.history(&order_id).await
-    );
+    system
+        .assert_in_history(&order_id, "timer", "saga.timed-out")
+        .await;
     eventually(
         Duration::from_secs(10),
         "order.cancelled waits behind payment.selected",
@@ -135,24 +114,13 @@ async fn a_paused_service_queue_fills_its_orders_wait_and_their_timers_run_then_
 }
 
 /// One payment provider instance of `system`, as its own worker (its own
-/// connection), until the returned token is cancelled.
-fn provider_instance(system: &System, name: &str) -> (Shutdown, JoinHandle<anyhow::Result<()>>) {
+/// connection), until it is stopped.
+fn provider_instance(system: &System, name: &str) -> Worker {
     let mut settings = system.env.settings();
     settings.pause_check_ms = 100;
     settings.gateway_latency_ms = 1;
     let ctx = system.env.ctx_with(settings, name);
-    let shutdown = Shutdown::new();
-    let task = tokio::spawn(payment_provider::run(
-        ctx,
-        "zhifubao".to_owned(),
-        shutdown.clone(),
-    ));
-    (shutdown, task)
-}
-
-async fn stop_instance((shutdown, task): (Shutdown, JoinHandle<anyhow::Result<()>>)) {
-    shutdown.cancel();
-    task.await.unwrap().unwrap();
+    Worker::spawn(|shutdown| payment_provider::run(ctx, "zhifubao".to_owned(), shutdown))
 }
 
 #[tokio::test]
@@ -172,8 +140,8 @@ async fn a_pause_reaches_every_instance_and_survives_a_restart_of_the_worker() {
     .await;
 
     // Restart: the old instances stop, a new one starts while paused.
-    stop_instance(first).await;
-    stop_instance(second).await;
+    first.stop().await;
+    second.stop().await;
     let restarted = provider_instance(&system, "zhifubao-3");
     let order_id = place_and_pay(&system).await;
     eventually(
@@ -196,7 +164,7 @@ async fn a_pause_reaches_every_instance_and_survives_a_restart_of_the_worker() {
     assert_eq!(order["status"], "completed", "{order:#}");
     assert_eq!(system.gateway(&order_id).await, (1, 0));
     assert_eq!(system.env.message_count(&queue).await, 0);
-    stop_instance(restarted).await;
+    restarted.stop().await;
     system.stop().await;
 }
 
@@ -217,8 +185,7 @@ async fn pausing_an_unknown_service_is_a_404_that_names_the_services() {
 
 #[tokio::test]
 async fn a_paused_order_api_stays_healthy_and_says_it_is_paused() {
-    let system =
-        System::start_with(|settings| settings.pause_check_ms = 100, Workers::default()).await;
+    let system = System::start_pausable(|_| {}).await;
     pause(&system, "order-api").await;
     eventually(Duration::from_secs(10), "/healthz says paused", || async {
         let (status, body) = system.get("/healthz").await;

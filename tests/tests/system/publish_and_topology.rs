@@ -3,16 +3,26 @@
 
 use std::time::Duration;
 
-use orderflow_shared::bus::{Broker, BusError, Outgoing, PublishError};
+use orderflow_shared::bus::{BusError, Outgoing, PublishError};
 use orderflow_shared::events::{Event, PaymentSelected};
 use orderflow_shared::topology::{Names, ServiceSpec, Topology};
 use orderflow_tests::proxy::StallingProxy;
 use orderflow_tests::{TestEnv, sample_event};
 use secrecy::SecretString;
 
+/// The topology of the one service `svc` (reading `order.cancelled`) in
+/// `namespace`, with the tests' delay tiers.
+fn svc_topology(namespace: impl Into<String>) -> Topology {
+    Topology::build(
+        Names::new(namespace),
+        &[ServiceSpec::new("svc", &["order.cancelled"])],
+        &orderflow_tests::TEST_RETRY_TIERS,
+    )
+}
+
 #[tokio::test]
 async fn an_unroutable_publish_is_reported_as_an_error() {
-    let env = TestEnv::new(&[ServiceSpec::new("only-cancellations", &["order.cancelled"])]).await;
+    let env = TestEnv::with_service("only-cancellations").await;
     // No queue is bound to payment.selected.weixin in this namespace.
     let event = Event::PaymentSelected(PaymentSelected {
         order_id: "order-1".into(),
@@ -31,23 +41,15 @@ async fn an_unroutable_publish_is_reported_as_an_error() {
         "{error}"
     );
     // A routable one on the same publisher still goes through.
-    env.broker
-        .publisher()
-        .publish(&Outgoing::event(&sample_event("order-1"), None))
-        .await
-        .unwrap();
+    env.publish_sample("order-1").await;
     assert_eq!(env.message_count(&env.queue("only-cancellations")).await, 1);
     env.cleanup().await;
 }
 
 #[tokio::test]
 async fn declaring_the_topology_twice_is_a_no_op() {
-    let env = TestEnv::new(&[ServiceSpec::new("svc", &["order.cancelled"])]).await;
-    env.broker
-        .publisher()
-        .publish(&Outgoing::event(&sample_event("order-1"), None))
-        .await
-        .unwrap();
+    let env = TestEnv::with_service("svc").await;
+    env.publish_sample("order-1").await;
     // Second declaration (another worker starting): no error, nothing lost.
     env.broker
         .declare_topology(Duration::from_secs(10))
@@ -59,24 +61,18 @@ async fn declaring_the_topology_twice_is_a_no_op() {
 
 #[tokio::test]
 async fn a_worker_checks_its_part_of_the_topology_and_says_how_to_declare_a_missing_one() {
-    let env = TestEnv::new(&[ServiceSpec::new("svc", &["order.cancelled"])]).await;
+    let env = TestEnv::with_service("svc").await;
     env.broker
         .check_topology("svc", Duration::from_secs(5))
         .await
         .unwrap();
     // The same service in a namespace nobody declared: the worker does not
     // declare it (it may not), it says what to do.
-    let undeclared = Broker::new(
+    let undeclared = env.broker_with(
         &env.amqp_url,
-        &env.namespace,
-        Topology::build(
-            Names::new(format!("{}-undeclared", env.namespace)),
-            &[ServiceSpec::new("svc", &["order.cancelled"])],
-            &orderflow_tests::TEST_RETRY_TIERS,
-        ),
+        svc_topology(format!("{}-undeclared", env.namespace)),
         Duration::from_secs(5),
-    )
-    .unwrap();
+    );
     let error = undeclared
         .check_topology("svc", Duration::from_millis(300))
         .await
@@ -103,14 +99,10 @@ async fn a_worker_checks_its_part_of_the_topology_and_says_how_to_declare_a_miss
 
 #[tokio::test]
 async fn a_queue_declared_with_other_arguments_is_a_clear_error() {
-    let env = TestEnv::new(&[ServiceSpec::new("svc", &["order.cancelled"])]).await;
+    let env = TestEnv::with_service("svc").await;
     // The same topology, but the service queue now asks for another delivery
     // limit (what an upgrade that changed an argument would do).
-    let mut changed = Topology::build(
-        Names::new(&env.namespace),
-        &[ServiceSpec::new("svc", &["order.cancelled"])],
-        &orderflow_tests::TEST_RETRY_TIERS,
-    );
+    let mut changed = svc_topology(&env.namespace);
     for queue in &mut changed.queues {
         if queue.name == env.queue("svc") {
             queue.arguments.insert(
@@ -119,13 +111,7 @@ async fn a_queue_declared_with_other_arguments_is_a_clear_error() {
             );
         }
     }
-    let other = Broker::new(
-        &env.amqp_url,
-        &env.namespace,
-        changed,
-        Duration::from_secs(5),
-    )
-    .unwrap();
+    let other = env.broker_with(&env.amqp_url, changed, Duration::from_secs(5));
     let error = other
         .declare_topology(Duration::from_secs(5))
         .await
@@ -140,12 +126,8 @@ async fn a_queue_declared_with_other_arguments_is_a_clear_error() {
 
 #[tokio::test]
 async fn a_message_that_keeps_crashing_its_consumer_is_dead_lettered_by_the_broker() {
-    let env = TestEnv::new(&[ServiceSpec::new("svc", &["order.cancelled"])]).await;
-    env.broker
-        .publisher()
-        .publish(&Outgoing::event(&sample_event("order-1"), None))
-        .await
-        .unwrap();
+    let env = TestEnv::with_service("svc").await;
+    env.publish_sample("order-1").await;
     // A consumer that dies before acking hands the message back every time,
     // as a nack with requeue does.
     let (connection, channel) = env.raw_channel().await;
@@ -184,15 +166,13 @@ async fn a_message_that_keeps_crashing_its_consumer_is_dead_lettered_by_the_brok
 
 #[tokio::test]
 async fn a_publish_without_a_confirm_in_time_is_reported_as_a_timeout() {
-    let env = TestEnv::new(&[ServiceSpec::new("svc", &["order.cancelled"])]).await;
+    let env = TestEnv::with_service("svc").await;
     let proxy = StallingProxy::start("127.0.0.1:5672").await;
-    let through_proxy = Broker::new(
+    let through_proxy = env.broker_with(
         &SecretString::from(proxy.amqp_url()),
-        &env.namespace,
         env.topology.clone(),
         Duration::from_millis(300),
-    )
-    .unwrap();
+    );
     let publisher = through_proxy.publisher();
     let message = Outgoing::event(&sample_event("order-1"), None);
     publisher.publish(&message).await.unwrap();

@@ -10,23 +10,29 @@
 use std::time::Duration;
 
 use orderflow_shared::bus::Outgoing;
-use orderflow_shared::store::Retention;
 use orderflow_shared::store::retention::Pruned;
-use orderflow_shared::topology::ServiceSpec;
+use orderflow_shared::store::{Db, Retention};
 use orderflow_tests::system::System;
-use orderflow_tests::{TestEnv, sample_event};
+use orderflow_tests::{TestEnv, count, count_with, sample_event};
 use saga_coordinator::retention::SagaRetention;
 
 /// The default retention.
 const RETENTION: Duration = Duration::from_hours(30 * 24);
 
-async fn count(db: &orderflow_shared::store::Db, sql: &'static str) -> i64 {
-    sqlx::query_scalar(sql).fetch_one(db.pool()).await.unwrap()
+/// Moves the inbox rows of `message_ids` back 31 days, past the retention.
+async fn age_inbox_rows(db: &Db, message_ids: &[String]) {
+    sqlx::query(
+        "UPDATE inbox SET received_at = now() - interval '31 days' WHERE message_id = ANY($1)",
+    )
+    .bind(message_ids)
+    .execute(db.pool())
+    .await
+    .unwrap();
 }
 
 #[tokio::test]
 async fn a_pass_prunes_old_inbox_rows_and_long_sent_outbox_rows_and_keeps_the_rest() {
-    let env = TestEnv::new(&[ServiceSpec::new("downstream", &["order.cancelled"])]).await;
+    let env = TestEnv::with_service("downstream").await;
     let db = env.db("upstream").await;
     // Seven messages applied through the inbox; five of them long ago.
     let messages: Vec<Outgoing> = (0..7)
@@ -41,17 +47,11 @@ async fn a_pass_prunes_old_inbox_rows_and_long_sent_outbox_rows_and_keeps_the_re
         unit.emit(message.clone());
         unit.commit().await.unwrap();
     }
-    let old_ids: Vec<&str> = messages[..5]
+    let old_ids: Vec<String> = messages[..5]
         .iter()
-        .map(|m| m.envelope.message_id.as_str())
+        .map(|m| m.envelope.message_id.clone())
         .collect();
-    sqlx::query(
-        "UPDATE inbox SET received_at = now() - interval '31 days' WHERE message_id = ANY($1)",
-    )
-    .bind(&old_ids)
-    .execute(db.pool())
-    .await
-    .unwrap();
+    age_inbox_rows(&db, &old_ids).await;
     // Outbox: three rows sent two hours ago, one sent a minute ago, and
     // three never sent, however old (they wait for a sweep, never pruned).
     sqlx::query(
@@ -102,11 +102,9 @@ async fn a_pass_prunes_old_inbox_rows_and_long_sent_outbox_rows_and_keeps_the_re
 
 #[tokio::test]
 async fn a_failing_pass_says_which_table_of_which_schema_and_that_the_next_pass_retries() {
-    let env = TestEnv::new(&[ServiceSpec::new("downstream", &["order.cancelled"])]).await;
+    let env = TestEnv::with_service("downstream").await;
     // A schema nobody migrated: the tables a pass deletes from are missing.
-    let bare = orderflow_shared::store::Db::connect(&env.database_url, "bare", 2)
-        .await
-        .unwrap();
+    let bare = Db::connect(&env.database_url, "bare", 2).await.unwrap();
     let error = Retention::new(bare.clone(), RETENTION)
         .prune_once()
         .await
@@ -129,7 +127,7 @@ async fn a_failing_pass_says_which_table_of_which_schema_and_that_the_next_pass_
 
 /// Rows the coordinator keeps about `order_id`: (sagas, timers, history,
 /// used tokens, payment steps).
-async fn saga_rows(db: &orderflow_shared::store::Db, order_id: &str) -> (i64, i64, i64, i64, i64) {
+async fn saga_rows(db: &Db, order_id: &str) -> (i64, i64, i64, i64, i64) {
     sqlx::query_as(
         "SELECT (SELECT count(*) FROM sagas WHERE order_id = $1), \
                 (SELECT count(*) FROM timers WHERE order_id = $1), \
@@ -144,7 +142,7 @@ async fn saga_rows(db: &orderflow_shared::store::Db, order_id: &str) -> (i64, i6
 }
 
 /// The ids of the messages the coordinator recorded for `order_id`.
-async fn message_ids(db: &orderflow_shared::store::Db, order_id: &str) -> Vec<String> {
+async fn message_ids(db: &Db, order_id: &str) -> Vec<String> {
     sqlx::query_scalar("SELECT message_id FROM history WHERE order_id = $1")
         .bind(order_id)
         .fetch_all(db.pool())
@@ -153,15 +151,14 @@ async fn message_ids(db: &orderflow_shared::store::Db, order_id: &str) -> Vec<St
 }
 
 /// The coordinator's inbox rows of `messages`.
-async fn inbox_rows(db: &orderflow_shared::store::Db, messages: &[String]) -> i64 {
-    sqlx::query_scalar(
+async fn inbox_rows(db: &Db, messages: &[String]) -> i64 {
+    count_with(
+        db,
         "SELECT count(*) FROM inbox WHERE consumer = 'saga-coordinator' \
          AND message_id = ANY($1)",
+        messages,
     )
-    .bind(messages)
-    .fetch_one(db.pool())
     .await
-    .unwrap()
 }
 
 #[tokio::test]
@@ -217,13 +214,7 @@ async fn finished_sagas_past_the_retention_go_with_all_their_rows_and_running_on
                 .unwrap();
         }
     }
-    sqlx::query(
-        "UPDATE inbox SET received_at = now() - interval '31 days' WHERE message_id = ANY($1)",
-    )
-    .bind(&long_done_messages)
-    .execute(db.pool())
-    .await
-    .unwrap();
+    age_inbox_rows(&db, &long_done_messages).await;
     // A settled timer whose saga is gone (left by an older version).
     sqlx::query(
         "INSERT INTO timers (order_id, step, due_at, state, settled_at) \

@@ -9,10 +9,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use lapin::BasicProperties;
-use orderflow_shared::bus::{ConsumerOptions, HandleError, Handler, Message, Outgoing};
+use orderflow_shared::Shutdown;
+use orderflow_shared::bus::{ConsumerOptions, HandleError, Handler, Message};
 use orderflow_shared::envelope::{header_int, header_str, headers};
 use orderflow_shared::topology::ServiceSpec;
-use orderflow_tests::{TestEnv, eventually, sample_event};
+use orderflow_tests::{TestEnv, eventually};
+use tokio::task::JoinHandle;
 
 /// Fails transiently `failures` times per message, then succeeds; an order id
 /// containing "poison" is a permanent failure, "panic" panics.
@@ -59,51 +61,52 @@ impl Handler for Flaky {
     }
 }
 
-fn options() -> ConsumerOptions {
-    ConsumerOptions {
+/// A fresh environment whose `worker` service (reading `order.cancelled`
+/// and `order.started`) consumes through `Flaky::new(failures)` with short
+/// in-process retry delays; the stop token and task of that consumer.
+async fn start_worker(failures: usize) -> (TestEnv, Arc<Flaky>, Shutdown, JoinHandle<()>) {
+    let env = TestEnv::new(&[ServiceSpec::new(
+        "worker",
+        &["order.cancelled", "order.started"],
+    )])
+    .await;
+    let handler = Flaky::new(failures);
+    let options = ConsumerOptions {
         retry_min_delay: Duration::from_millis(10),
         retry_max_delay: Duration::from_millis(50),
         ..ConsumerOptions::new("worker")
-    }
+    };
+    let (stop, consumer) = env.spawn_consumer(options, handler.clone());
+    (env, handler, stop, consumer)
 }
 
-fn spec() -> ServiceSpec {
-    ServiceSpec::new("worker", &["order.cancelled", "order.started"])
-}
-
-async fn publish(env: &TestEnv, order_id: &str) {
-    env.broker
-        .publisher()
-        .publish(&Outgoing::event(&sample_event(order_id), None))
-        .await
-        .unwrap();
+/// Stops the consumer, waits for its end, and checks that the worker's
+/// dead-letter queue is empty.
+async fn stop_with_no_dead_letter(env: &TestEnv, stop: Shutdown, consumer: JoinHandle<()>) {
+    stop.cancel();
+    consumer.await.unwrap();
+    assert_eq!(env.message_count(&env.dead_letter_queue("worker")).await, 0);
 }
 
 #[tokio::test]
 async fn a_transient_failure_is_retried_in_process_and_then_succeeds() {
-    let env = TestEnv::new(&[spec()]).await;
-    let handler = Flaky::new(2);
-    let (stop, consumer) = env.spawn_consumer(options(), handler.clone());
-    publish(&env, "order-1").await;
+    let (env, handler, stop, consumer) = start_worker(2).await;
+    env.publish_sample("order-1").await;
     eventually(Duration::from_secs(10), "handled after retries", || async {
         !handler.handled().is_empty()
     })
     .await;
     assert_eq!(handler.calls(), 3, "two failures, then success");
     assert_eq!(handler.handled()[0].retries, 0, "no delay queue needed");
-    stop.cancel();
-    consumer.await.unwrap();
-    assert_eq!(env.message_count(&env.dead_letter_queue("worker")).await, 0);
+    stop_with_no_dead_letter(&env, stop, consumer).await;
     env.cleanup().await;
 }
 
 #[tokio::test]
 async fn a_longer_transient_failure_goes_through_a_delay_queue_and_then_succeeds() {
-    let env = TestEnv::new(&[spec()]).await;
     // 1 try + 3 in-process retries fail, the copy from the first delay tier succeeds.
-    let handler = Flaky::new(4);
-    let (stop, consumer) = env.spawn_consumer(options(), handler.clone());
-    publish(&env, "order-2").await;
+    let (env, handler, stop, consumer) = start_worker(4).await;
+    env.publish_sample("order-2").await;
     eventually(
         Duration::from_secs(15),
         "handled after a delay tier",
@@ -121,18 +124,14 @@ async fn a_longer_transient_failure_goes_through_a_delay_queue_and_then_succeeds
         "original routing key kept"
     );
     assert_eq!(messages[0].order_id(), "order-2");
-    stop.cancel();
-    consumer.await.unwrap();
-    assert_eq!(env.message_count(&env.dead_letter_queue("worker")).await, 0);
+    stop_with_no_dead_letter(&env, stop, consumer).await;
     env.cleanup().await;
 }
 
 #[tokio::test]
 async fn a_failure_that_never_heals_ends_in_the_dead_letter_queue_once() {
-    let env = TestEnv::new(&[spec()]).await;
-    let handler = Flaky::new(usize::MAX);
-    let (stop, consumer) = env.spawn_consumer(options(), handler.clone());
-    publish(&env, "order-3").await;
+    let (env, handler, stop, consumer) = start_worker(usize::MAX).await;
+    env.publish_sample("order-3").await;
     let dead = env.dead_letter_queue("worker");
     eventually(Duration::from_secs(20), "dead-lettered", || async {
         env.message_count(&dead).await == 1
@@ -159,9 +158,7 @@ async fn a_failure_that_never_heals_ends_in_the_dead_letter_queue_once() {
 
 #[tokio::test]
 async fn poison_messages_are_dead_lettered_once_with_their_reason_and_the_worker_keeps_serving() {
-    let env = TestEnv::new(&[spec()]).await;
-    let handler = Flaky::new(0);
-    let (stop, consumer) = env.spawn_consumer(options(), handler.clone());
+    let (env, handler, stop, consumer) = start_worker(0).await;
 
     env.publish_bare("order.cancelled", b"{not json", BasicProperties::default())
         .await;
@@ -171,9 +168,9 @@ async fn poison_messages_are_dead_lettered_once_with_their_reason_and_the_worker
         BasicProperties::default(),
     )
     .await;
-    publish(&env, "poison-order").await;
-    publish(&env, "panic-order").await;
-    publish(&env, "good-order").await;
+    env.publish_sample("poison-order").await;
+    env.publish_sample("panic-order").await;
+    env.publish_sample("good-order").await;
 
     let dead = env.dead_letter_queue("worker");
     eventually(

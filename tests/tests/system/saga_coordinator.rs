@@ -8,7 +8,6 @@ use std::time::Duration;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use chrono::{DateTime, Utc};
-use orderflow_shared::bus::Outgoing;
 use orderflow_shared::events::{Event, PaymentSelected, PaymentSubmitted, SagaTimedOut, Step};
 use orderflow_shared::token::{Claims, TokenKeys};
 use orderflow_tests::system::{System, Workers};
@@ -28,7 +27,7 @@ fn both_outcomes(history: &[(String, String)]) -> bool {
 
 #[tokio::test]
 async fn a_payment_just_before_or_after_its_deadline_ends_one_way_only() {
-    let system = System::start_with(|s| s.payment_timeout_secs = 2, Workers::default()).await;
+    let system = System::start_adjusted(|s| s.payment_timeout_secs = 2).await;
     // Offsets around the deadline, in milliseconds.
     let offsets = [-400_i64, -250, -120, -40, 0, 40, 120, 250];
     let runs = offsets.iter().map(|&offset| {
@@ -95,10 +94,7 @@ impl Latest for Value {
 
 #[tokio::test]
 async fn a_deadline_that_passes_while_no_coordinator_runs_fires_once_when_they_come_back() {
-    let workers = Workers {
-        coordinator: false,
-        ..Workers::default()
-    };
+    let workers = Workers::all_but(|w| w.coordinator = false);
     let system = System::start_with(|s| s.payment_timeout_secs = 1, workers).await;
     let (stop, first) = system.start_coordinator();
     let orders = [
@@ -166,10 +162,8 @@ async fn every_bad_token_is_rejected_with_its_reason_and_changes_nothing() {
     let system = System::start().await;
     let order_id = system.place("noodle-bar", &[("noodles", 1)]).await;
     let other_id = system.place("noodle-bar", &[("tea", 1)]).await;
-    let order = system.wait_for(&order_id, "awaiting_payment").await;
-    let other = system.wait_for(&other_id, "awaiting_payment").await;
-    let token = order["payment_token"].as_str().unwrap().to_owned();
-    let other_token = other["payment_token"].as_str().unwrap().to_owned();
+    let token = system.payment_token(&order_id).await;
+    let other_token = system.payment_token(&other_id).await;
     let keys = test_keys();
     let claims = keys.verify(&token, 0).unwrap();
     let mint = |keys: &TokenKeys, change: &dyn Fn(&mut Claims)| {
@@ -225,12 +219,9 @@ async fn every_bad_token_is_rejected_with_its_reason_and_changes_nothing() {
             202,
             "{case}"
         );
-        eventually(
-            Duration::from_secs(10),
-            &format!("{case} rejected"),
-            || async { system.get_order(&order_id, None).await["last_rejection"] == *reason },
-        )
-        .await;
+        system
+            .wait_for_rejection(&order_id, &format!("{case} rejected"), reason)
+            .await;
         let order = system.get_order(&order_id, None).await;
         assert_eq!(
             order["status"], "awaiting_payment",
@@ -248,24 +239,14 @@ async fn every_bad_token_is_rejected_with_its_reason_and_changes_nothing() {
         token: token.clone(),
         method: "zhifubao".into(),
     });
+    system.publish_event(&replay).await;
     system
-        .ctx
-        .broker
-        .publisher()
-        .publish(&Outgoing::event(&replay, None))
-        .await
-        .unwrap();
-    eventually(Duration::from_secs(10), "replay rejected", || async {
-        system.get_order(&order_id, None).await["last_rejection"] == "token already used"
-    })
-    .await;
+        .wait_for_rejection(&order_id, "replay rejected", "token already used")
+        .await;
     assert_eq!(system.gateway(&order_id).await, (1, 0));
     let rejections = system
-        .history(&order_id)
-        .await
-        .into_iter()
-        .filter(|(kind, name)| kind == "rejection" && name == "payment.submission-rejected")
-        .count();
+        .history_count(&order_id, "rejection", "payment.submission-rejected")
+        .await;
     assert_eq!(rejections, cases.len() + 1);
     // The other order was untouched by its token's misuse.
     assert_eq!(
@@ -277,28 +258,19 @@ async fn every_bad_token_is_rejected_with_its_reason_and_changes_nothing() {
 
 #[tokio::test]
 async fn a_capture_that_lands_after_the_cancellation_is_refunded_once() {
-    let system = System::start_with(|s| s.gateway_latency_ms = 1500, Workers::default()).await;
+    let system = System::start_adjusted(|s| s.gateway_latency_ms = 1500).await;
     let order_id = system.place("noodle-bar", &[("beef-slices", 1)]).await;
-    let order = system.wait_for(&order_id, "awaiting_payment").await;
-    let token = order["payment_token"].as_str().unwrap();
-    assert_eq!(system.submit(&order_id, token, "unionpay").await, 202);
+    system.submit_payment(&order_id, "unionpay").await;
     // `paying`: the method was selected and the provider is at the gateway,
     // which takes 1.5 s.
     system.wait_for(&order_id, "paying").await;
     // While the gateway works, the flow deadline passes.
     system
-        .ctx
-        .broker
-        .publisher()
-        .publish(&Outgoing::event(
-            &Event::SagaTimedOut(SagaTimedOut {
-                order_id: order_id.clone(),
-                step: Step::Flow,
-            }),
-            None,
-        ))
-        .await
-        .unwrap();
+        .publish_event(&Event::SagaTimedOut(SagaTimedOut {
+            order_id: order_id.clone(),
+            step: Step::Flow,
+        }))
+        .await;
     eventually(Duration::from_secs(20), "charge refunded", || async {
         system.get_order(&order_id, None).await["refunded_cents"].is_i64()
     })
@@ -318,8 +290,9 @@ async fn a_capture_that_lands_after_the_cancellation_is_refunded_once() {
 #[tokio::test]
 async fn a_duplicate_payment_selected_charges_once() {
     let system = System::start().await;
-    let order_id = system.place("noodle-bar", &[("noodles", 2)]).await;
-    let order = system.pay(&order_id, "weixin").await;
+    let (order_id, order) = system
+        .place_and_pay("noodle-bar", &[("noodles", 2)], "weixin")
+        .await;
     assert_eq!(order["status"], "completed");
     assert_eq!(order["charged_cents"], 1_200);
     // The coordinator's decision once more, as a distinct message (not a
@@ -329,18 +302,11 @@ async fn a_duplicate_payment_selected_charges_once() {
         method: "weixin".into(),
         amount_cents: 2_400,
     });
-    system
-        .ctx
-        .broker
-        .publisher()
-        .publish(&Outgoing::event(&selected, None))
-        .await
-        .unwrap();
+    system.publish_event(&selected).await;
     let queue = system.env.queue("payment-provider-weixin");
-    eventually(Duration::from_secs(10), "the copy is handled", || async {
-        system.env.message_count(&queue).await == 0
-    })
-    .await;
+    system
+        .wait_for_depth(&queue, 0, "the copy is handled")
+        .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(system.gateway(&order_id).await, (1, 0));
     assert_eq!(
@@ -356,16 +322,14 @@ async fn a_duplicate_payment_selected_charges_once() {
 
 #[tokio::test]
 async fn a_provider_that_gives_up_fails_the_payment_and_the_order_is_cancelled() {
-    let system = System::start_with(
-        |s| {
-            s.gateway_failure_rate = 1.0;
-            s.gateway_retries = 2;
-        },
-        Workers::default(),
-    )
+    let system = System::start_adjusted(|s| {
+        s.gateway_failure_rate = 1.0;
+        s.gateway_retries = 2;
+    })
     .await;
-    let order_id = system.place("noodle-bar", &[("tea", 1)]).await;
-    let order = system.pay(&order_id, "zhifubao").await;
+    let (order_id, order) = system
+        .place_and_pay("noodle-bar", &[("tea", 1)], "zhifubao")
+        .await;
     assert_eq!(order["status"], "cancelled");
     let reason = order["cancel_reason"].as_str().unwrap();
     assert!(reason.starts_with("payment failed at zhifubao"), "{reason}");
@@ -375,10 +339,7 @@ async fn a_provider_that_gives_up_fails_the_payment_and_the_order_is_cancelled()
 
 #[tokio::test]
 async fn an_order_whose_info_never_comes_is_cancelled_at_its_timeout() {
-    let workers = Workers {
-        generate_info: false,
-        ..Workers::default()
-    };
+    let workers = Workers::all_but(|w| w.generate_info = false);
     let system = System::start_with(|s| s.generate_info_timeout_secs = 1, workers).await;
     let order_id = system.place("noodle-bar", &[("tea", 1)]).await;
     let order = system.ended(&order_id).await;
@@ -387,18 +348,16 @@ async fn an_order_whose_info_never_comes_is_cancelled_at_its_timeout() {
         order["cancel_reason"],
         "timed out waiting for the order information"
     );
-    let history = system.history(&order_id).await;
-    assert!(
-        history.contains(&("timer".to_owned(), "saga.timed-out".to_owned())),
-        "{history:?}"
-    );
+    system
+        .assert_in_history(&order_id, "timer", "saga.timed-out")
+        .await;
     system.stop().await;
 }
 
 #[tokio::test]
 async fn the_flow_timeout_cancels_a_saga_stuck_in_any_step() {
     // Stuck waiting for the payment (nobody pays)...
-    let system = System::start_with(|s| s.flow_timeout_secs = 2, Workers::default()).await;
+    let system = System::start_adjusted(|s| s.flow_timeout_secs = 2).await;
     let waiting = system.place("noodle-bar", &[("tea", 1)]).await;
     system.wait_for(&waiting, "awaiting_payment").await;
     let order = system.ended(&waiting).await;
@@ -409,10 +368,7 @@ async fn the_flow_timeout_cancels_a_saga_stuck_in_any_step() {
     system.stop().await;
 
     // ...and stuck before that (nobody prices the order).
-    let workers = Workers {
-        generate_info: false,
-        ..Workers::default()
-    };
+    let workers = Workers::all_but(|w| w.generate_info = false);
     let system = System::start_with(|s| s.flow_timeout_secs = 2, workers).await;
     let unpriced = system.place("noodle-bar", &[("tea", 1)]).await;
     let order = system.ended(&unpriced).await;

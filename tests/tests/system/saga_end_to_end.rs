@@ -10,7 +10,7 @@ use std::time::Duration;
 use lapin::BasicProperties;
 use orderflow_shared::envelope::{derive_order_id, header_str, headers};
 use orderflow_tests::eventually;
-use orderflow_tests::system::System;
+use orderflow_tests::system::{System, dead_letter_reason};
 use serde_json::json;
 
 /// 2 × hotpot-set (128.00) + 1 × tea (9.00), from config/catalogue.toml.
@@ -120,8 +120,7 @@ async fn the_same_payment_submitted_twice_captures_once_and_the_same_order_poste
     assert_eq!(second.0, 202);
     assert_eq!(first.1["order_id"], second.1["order_id"]);
 
-    let order = system.wait_for("twice-1", "awaiting_payment").await;
-    let token = order["payment_token"].as_str().unwrap().to_owned();
+    let token = system.payment_token("twice-1").await;
     assert_eq!(system.submit("twice-1", &token, "weixin").await, 202);
     assert_eq!(system.submit("twice-1", &token, "weixin").await, 202);
     let order = system.ended("twice-1").await;
@@ -140,13 +139,13 @@ async fn the_same_payment_submitted_twice_captures_once_and_the_same_order_poste
     )
     .await;
     assert_eq!(system.gateway("twice-1").await, (1, 0));
-    let coordinator = system.db("coordinator").await;
-    let sagas: i64 = sqlx::query_scalar("SELECT count(*) FROM sagas WHERE order_id = 'twice-1'")
-        .fetch_one(coordinator.pool())
-        .await
-        .unwrap();
+    let sagas = system
+        .count(
+            "coordinator",
+            "SELECT count(*) FROM sagas WHERE order_id = 'twice-1'",
+        )
+        .await;
     assert_eq!(sagas, 1, "one order, one saga");
-    coordinator.close().await;
     system.stop().await;
 }
 
@@ -187,9 +186,9 @@ async fn malformed_json_on_any_queue_is_dead_lettered_and_the_workers_keep_servi
         )
         .await;
         for message in env.drain(&dead).await {
-            let h = message.delivery.properties.headers().clone().unwrap();
-            let reason = header_str(&h, headers::REASON).unwrap();
+            let reason = dead_letter_reason(&message);
             assert!(reason.contains("not valid JSON"), "{service}: {reason}");
+            let h = message.delivery.properties.headers().clone().unwrap();
             assert_eq!(
                 header_str(&h, headers::SERVICE).as_deref(),
                 Some(service.as_str())
@@ -197,8 +196,9 @@ async fn malformed_json_on_any_queue_is_dead_lettered_and_the_workers_keep_servi
         }
     }
     // And the system still works.
-    let order_id = system.place("haidilao", &[("tea", 2)]).await;
-    let order = system.pay(&order_id, "zhifubao").await;
+    let (_, order) = system
+        .place_and_pay("haidilao", &[("tea", 2)], "zhifubao")
+        .await;
     assert_eq!(order["status"], "completed");
     system.stop().await;
 }

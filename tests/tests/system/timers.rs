@@ -7,17 +7,17 @@ use std::sync::Arc;
 use chrono::{Duration, Utc};
 use orderflow_shared::events::Step;
 use orderflow_shared::store::{Context, Db};
-use orderflow_tests::TestEnv;
+use orderflow_tests::{TestEnv, count_with};
 use saga_coordinator::timers::{self, Settled, TimerLoop, TimerWake};
 
+/// The `saga.timed-out` events of `order_id` in the outbox.
 async fn timed_out_events(db: &Db, order_id: &str) -> i64 {
-    sqlx::query_scalar(
+    count_with(
+        db,
         "SELECT count(*) FROM outbox WHERE correlation_id = $1 AND routing_key = 'saga.timed-out'",
+        order_id,
     )
-    .bind(order_id)
-    .fetch_one(db.pool())
     .await
-    .unwrap()
 }
 
 #[tokio::test]

@@ -2,15 +2,16 @@
 //! and the report line has the promised fields; in-process with `--baseline`:
 //! the ceiling is reported and nothing is left behind.
 
-use orderflow_tests::run_to_end;
 use orderflow_tests::system::System;
 use serde_json::Value;
 use tokio::process::Command;
 
+use crate::support::{BIN, run};
+
 #[tokio::test]
 async fn bench_reports_one_json_line_with_every_order_accounted_for() {
     let system = System::start().await;
-    let (code, out, err) = run_to_end(Command::new(env!("CARGO_BIN_EXE_orderflow")).args([
+    let out = run(Command::new(BIN).args([
         "bench",
         "--orders",
         "24",
@@ -19,8 +20,8 @@ async fn bench_reports_one_json_line_with_every_order_accounted_for() {
         "--api",
         &system.api,
     ]))
-    .await;
-    assert_eq!(code, 0, "{out}\n{err}");
+    .await
+    .succeeded();
     let report: Value = serde_json::from_str(out.trim()).unwrap();
     for field in [
         "orders",
@@ -80,20 +81,18 @@ async fn leftovers() -> (Vec<String>, Vec<String>) {
 #[tokio::test]
 async fn bench_in_process_with_baseline_reports_the_ceiling_and_leaves_nothing_behind() {
     let before = leftovers().await;
-    let (code, out, err) = run_to_end(
-        Command::new(env!("CARGO_BIN_EXE_orderflow"))
-            .args(["bench", "--orders", "6", "--concurrency", "2", "--baseline"])
-            .env("ORDERFLOW_AMQP_URL", orderflow_tests::amqp_url())
-            // The bench puts its own database on this server.
-            .env(
-                "ORDERFLOW_DATABASE_URL",
-                orderflow_tests::admin_database_url(),
-            )
-            .env_remove("ORDERFLOW_NAMESPACE")
-            .env_remove("ORDERFLOW_API_URL"),
-    )
-    .await;
-    assert_eq!(code, 0, "{out}\n{err}");
+    let out = run(Command::new(BIN)
+        .args(["bench", "--orders", "6", "--concurrency", "2", "--baseline"])
+        .env("ORDERFLOW_AMQP_URL", orderflow_tests::amqp_url())
+        // The bench puts its own database on this server.
+        .env(
+            "ORDERFLOW_DATABASE_URL",
+            orderflow_tests::admin_database_url(),
+        )
+        .env_remove("ORDERFLOW_NAMESPACE")
+        .env_remove("ORDERFLOW_API_URL"))
+    .await
+    .succeeded();
     let report: Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(report["mode"], "in-process", "{report}");
     assert_eq!(report["failures"], 0, "{report}");

@@ -5,55 +5,47 @@
 
 use std::time::Duration;
 
-use lapin::BasicProperties;
 use lapin::options::{BasicGetOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel};
 use orderflow_shared::bus::Outgoing;
 use orderflow_shared::envelope::headers;
-use orderflow_shared::events::{Event, OrderStarted, ProductLine};
 use orderflow_shared::store::{DEAD_AFTER_REFUSALS, Relay};
-use orderflow_tests::system::System;
-use orderflow_tests::{eventually, run_to_end, sample_event};
-use secrecy::ExposeSecret;
+use orderflow_tests::system::{System, order_started};
+use orderflow_tests::{eventually, sample_event};
 use serde_json::Value;
-use tokio::process::Command;
 
-async fn dlq(system: &System, args: &[&str]) -> (i32, String, String) {
-    run_to_end(
-        Command::new(env!("CARGO_BIN_EXE_orderflow"))
-            .arg("dlq")
-            .args(args)
-            .env("ORDERFLOW_AMQP_URL", system.env.amqp_url.expose_secret())
-            .env(
-                "ORDERFLOW_DATABASE_URL",
-                system.env.database_url.expose_secret(),
-            )
-            .env("ORDERFLOW_NAMESPACE", &system.env.namespace),
-    )
-    .await
+use crate::support::{Ended, orderflow_in, run};
+
+/// Runs `orderflow dlq <args>` on `system`'s broker, namespace and database.
+async fn dlq(system: &System, args: &[&str]) -> Ended {
+    run(orderflow_in(&system.env).arg("dlq").args(args)).await
 }
 
-/// An `order.started` for `order_id`, as generate-info receives it.
-fn order(order_id: &str) -> Outgoing {
-    Outgoing::event(
-        &Event::OrderStarted(OrderStarted {
-            order_id: order_id.into(),
-            supplier: "haidilao".into(),
-            products: vec![ProductLine {
-                sku: "tea".into(),
-                quantity: 1,
-            }],
-            address: "6 Dock".into(),
-        }),
-        None,
-    )
+/// The arguments of `orderflow dlq` that replay generate-info's dead letter
+/// `message_id`.
+fn replay_of(message_id: &str) -> [&str; 5] {
+    [
+        "replay",
+        "--service",
+        "generate-info",
+        "--message-id",
+        message_id,
+    ]
 }
 
-/// Headers of a dead letter with `text` as its reason.
-fn reason(text: &str) -> FieldTable {
-    let mut extra = FieldTable::default();
-    extra.insert(headers::REASON.into(), AMQPValue::LongString(text.into()));
-    extra
+/// Binds `queue` to `exchange` with `routing_key`.
+async fn bind(channel: &Channel, queue: &str, exchange: &str, routing_key: &str) {
+    channel
+        .queue_bind(
+            queue.into(),
+            exchange.into(),
+            routing_key.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
@@ -68,28 +60,26 @@ async fn dead_letters_are_listed_with_their_reason_and_replayed_to_their_service
     // A good order that failed earlier (say the catalogue was missing), as
     // the runtime leaves it: through the service's dead-letter exchange,
     // with the routing key it came with.
-    let publisher = system.ctx.broker.publisher();
-    let good = order("replay-me");
-    publisher
-        .publish_raw(
-            &dead,
-            "order.started",
-            &good.body,
-            good.envelope
-                .to_properties(reason("catalogue unavailable"))
-                .unwrap(),
-        )
-        .await
-        .unwrap();
+    let good = order_started("replay-me");
+    system
+        .publish_dead_letter("generate-info", &good, "catalogue unavailable")
+        .await;
     // One left by an older version: straight into the queue, its routing key
     // in a header.
-    let legacy = order("replay-legacy");
-    let mut extra = reason("left by an older orderflow");
+    let legacy = order_started("replay-legacy");
+    let mut extra = FieldTable::default();
+    extra.insert(
+        headers::REASON.into(),
+        AMQPValue::LongString("left by an older orderflow".into()),
+    );
     extra.insert(
         "x-orderflow-routing-key".into(),
         AMQPValue::LongString("order.started".into()),
     );
-    publisher
+    system
+        .ctx
+        .broker
+        .publisher()
         .publish_raw(
             "",
             &dead,
@@ -98,13 +88,11 @@ async fn dead_letters_are_listed_with_their_reason_and_replayed_to_their_service
         )
         .await
         .unwrap();
-    eventually(Duration::from_secs(10), "three dead letters", || async {
-        system.env.message_count(&dead).await == 3
-    })
-    .await;
+    system.wait_for_depth(&dead, 3, "three dead letters").await;
 
-    let (code, out, err) = dlq(&system, &["list", "--service", "generate-info", "--json"]).await;
-    assert_eq!(code, 0, "{err}");
+    let out = dlq(&system, &["list", "--service", "generate-info", "--json"])
+        .await
+        .succeeded();
     let listed: Vec<Value> = serde_json::from_str(&out).unwrap();
     assert_eq!(listed.len(), 3, "{out}");
     assert!(
@@ -112,16 +100,16 @@ async fn dead_letters_are_listed_with_their_reason_and_replayed_to_their_service
             .iter()
             .any(|m| m["reason"].as_str().unwrap().contains("not valid JSON"))
     );
-    let good = listed
-        .iter()
-        .find(|m| m["order_id"] == "replay-me")
-        .unwrap();
+    let listed_for = |order_id: &str| {
+        listed
+            .iter()
+            .find(|m| m["order_id"] == order_id)
+            .unwrap_or_else(|| panic!("{order_id} not listed: {out}"))
+    };
+    let good = listed_for("replay-me");
     assert_eq!(good["reason"], "catalogue unavailable");
     assert_eq!(good["routing_key"], "order.started");
-    let legacy = listed
-        .iter()
-        .find(|m| m["order_id"] == "replay-legacy")
-        .unwrap();
+    let legacy = listed_for("replay-legacy");
     assert_eq!(legacy["routing_key"], "order.started", "{legacy}");
     assert_eq!(
         system.env.message_count(&dead).await,
@@ -129,43 +117,20 @@ async fn dead_letters_are_listed_with_their_reason_and_replayed_to_their_service
         "listing takes nothing away"
     );
 
-    let (code, out, err) = dlq(&system, &["list"]).await;
-    assert_eq!(code, 0, "{err}");
+    let out = dlq(&system, &["list"]).await.succeeded();
     assert!(
         out.contains("generate-info") && out.contains("saga-coordinator"),
         "{out}"
     );
 
     let message_id = good["message_id"].as_str().unwrap();
-    let (code, out, err) = dlq(
-        &system,
-        &[
-            "replay",
-            "--service",
-            "generate-info",
-            "--message-id",
-            message_id,
-        ],
-    )
-    .await;
-    assert_eq!(code, 0, "{err}");
+    let out = dlq(&system, &replay_of(message_id)).await.succeeded();
     assert!(out.contains("1 message(s) replayed"), "{out}");
     let order = system.wait_for("replay-me", "awaiting_payment").await;
     assert_eq!(order["amount_cents"], 900);
     assert_eq!(system.env.message_count(&dead).await, 2, "the others stay");
     let legacy_id = legacy["message_id"].as_str().unwrap();
-    let (code, _, err) = dlq(
-        &system,
-        &[
-            "replay",
-            "--service",
-            "generate-info",
-            "--message-id",
-            legacy_id,
-        ],
-    )
-    .await;
-    assert_eq!(code, 0, "{err}");
+    dlq(&system, &replay_of(legacy_id)).await.succeeded();
     system.wait_for("replay-legacy", "awaiting_payment").await;
     assert_eq!(
         system.env.message_count(&dead).await,
@@ -173,9 +138,9 @@ async fn dead_letters_are_listed_with_their_reason_and_replayed_to_their_service
         "the poison message stays"
     );
 
-    let (code, _, err) = dlq(&system, &["replay", "--service", "no-such-service"]).await;
-    assert_eq!(code, 2);
-    assert!(err.contains("unknown service"), "{err}");
+    dlq(&system, &["replay", "--service", "no-such-service"])
+        .await
+        .failed_saying(&["unknown service"]);
     system.stop().await;
 }
 
@@ -184,51 +149,27 @@ async fn a_dead_letter_older_than_the_retention_is_replayed_only_with_force() {
     let system = System::start().await;
     let dead = system.env.dead_letter_queue("generate-info");
     // First published 40 days ago: longer than the default retention of 30.
-    let mut old = order("replay-old");
+    let mut old = order_started("replay-old");
     old.envelope.timestamp -= 40 * 86_400;
     system
-        .ctx
-        .broker
-        .publisher()
-        .publish_raw(
-            &dead,
-            "order.started",
-            &old.body,
-            old.envelope
-                .to_properties(reason("catalogue unavailable"))
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    eventually(Duration::from_secs(10), "the dead letter", || async {
-        system.env.message_count(&dead).await == 1
-    })
-    .await;
-    let message_id = old.envelope.message_id.as_str();
-    let replay = [
-        "replay",
-        "--service",
-        "generate-info",
-        "--message-id",
-        message_id,
-    ];
+        .publish_dead_letter("generate-info", &old, "catalogue unavailable")
+        .await;
+    system.wait_for_depth(&dead, 1, "the dead letter").await;
+    let replay = replay_of(old.envelope.message_id.as_str());
 
-    let (code, _, err) = dlq(&system, &replay).await;
-    assert_eq!(code, 2, "{err}");
-    assert!(
-        err.contains("retention of 30 day(s)")
-            && err.contains("ORDERFLOW_RETENTION_DAYS")
-            && err.contains("replay-old")
-            && err.contains("--force"),
-        "{err}"
-    );
+    dlq(&system, &replay).await.failed_saying(&[
+        "retention of 30 day(s)",
+        "ORDERFLOW_RETENTION_DAYS",
+        "replay-old",
+        "--force",
+    ]);
     assert_eq!(
         system.env.message_count(&dead).await,
         1,
         "a refused dead letter stays where it was"
     );
 
-    let (code, out, err) = dlq(&system, &[&replay[..], &["--force"]].concat()).await;
+    let Ended { code, out, err, .. } = dlq(&system, &[&replay[..], &["--force"]].concat()).await;
     assert_eq!(code, 0, "{err}");
     assert!(err.contains("replayed anyway (--force)"), "{err}");
     assert!(out.contains("1 message(s) replayed"), "{out}");
@@ -280,8 +221,9 @@ async fn dead_outbox_rows_are_listed_per_schema_and_replayed_into_their_outbox()
     };
     assert_eq!(dead_rows().await, 1);
 
-    let (code, out, err) = dlq(&system, &["list", "--schema", "coordinator", "--json"]).await;
-    assert_eq!(code, 0, "{err}");
+    let out = dlq(&system, &["list", "--schema", "coordinator", "--json"])
+        .await
+        .succeeded();
     let listed: Vec<Value> = serde_json::from_str(&out).unwrap();
     assert_eq!(listed.len(), 1, "only the outbox of the schema: {out}");
     let row = &listed[0];
@@ -298,8 +240,7 @@ async fn dead_outbox_rows_are_listed_per_schema_and_replayed_into_their_outbox()
     let id = row["id"].as_i64().unwrap().to_string();
 
     // Without filters: queues and every schema's outbox, in text.
-    let (code, out, err) = dlq(&system, &["list"]).await;
-    assert_eq!(code, 0, "{err}");
+    let out = dlq(&system, &["list"]).await.succeeded();
     for expected in [
         "generate-info",
         "outbox of orders",
@@ -311,8 +252,7 @@ async fn dead_outbox_rows_are_listed_per_schema_and_replayed_into_their_outbox()
     ] {
         assert!(out.contains(expected), "{expected} in: {out}");
     }
-    let (code, out, err) = dlq(&system, &["list", "--json"]).await;
-    assert_eq!(code, 0, "{err}");
+    let out = dlq(&system, &["list", "--json"]).await.succeeded();
     let listed: Vec<Value> = serde_json::from_str(&out).unwrap();
     assert_eq!(
         listed.iter().filter(|e| e["source"] == "outbox").count(),
@@ -323,16 +263,7 @@ async fn dead_outbox_rows_are_listed_per_schema_and_replayed_into_their_outbox()
     // The binding is back (and a queue of the test's own watches the key);
     // the row goes back into the outbox, and the coordinator's relay
     // publishes it.
-    channel
-        .queue_bind(
-            coordinator_queue.as_str().into(),
-            events.as_str().into(),
-            "#".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    bind(&channel, &coordinator_queue, &events, "#").await;
     let catcher = channel
         .queue_declare(
             "".into(),
@@ -346,19 +277,9 @@ async fn dead_outbox_rows_are_listed_per_schema_and_replayed_into_their_outbox()
         .unwrap()
         .name()
         .to_string();
-    channel
-        .queue_bind(
-            catcher.as_str().into(),
-            events.as_str().into(),
-            "order.cancelled.nowhere".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    bind(&channel, &catcher, &events, "order.cancelled.nowhere").await;
     let replay = ["replay", "--outbox", "--schema", "coordinator", "--id", &id];
-    let (code, out, err) = dlq(&system, &replay).await;
-    assert_eq!(code, 0, "{err}");
+    let out = dlq(&system, &replay).await.succeeded();
     assert!(
         out.contains(&format!("put dead outbox row {id}")) && out.contains("order-stray"),
         "{out}"
@@ -367,15 +288,7 @@ async fn dead_outbox_rows_are_listed_per_schema_and_replayed_into_their_outbox()
     let (stop_coordinator, coordinator_task) = system.start_coordinator();
     // The catcher is exclusive to this connection: look through it.
     let waiting = || async {
-        channel
-            .queue_declare(
-                catcher.as_str().into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
+        orderflow_topology::inspect_queue(&channel, &catcher)
             .await
             .unwrap()
             .message_count()
@@ -403,19 +316,15 @@ async fn dead_outbox_rows_are_listed_per_schema_and_replayed_into_their_outbox()
         "the same message, same id"
     );
 
-    let (code, _, err) = dlq(&system, &replay).await;
-    assert_eq!(code, 2);
-    assert!(
-        err.contains(&format!("no dead outbox row with id {id}")),
-        "{err}"
-    );
-    let (code, _, err) = dlq(
+    dlq(&system, &replay)
+        .await
+        .failed_saying(&[format!("no dead outbox row with id {id}").as_str()]);
+    dlq(
         &system,
         &["replay", "--outbox", "--schema", "nowhere", "--id", "1"],
     )
-    .await;
-    assert_eq!(code, 2);
-    assert!(err.contains("unknown schema"), "{err}");
+    .await
+    .failed_saying(&["unknown schema"]);
     stop_coordinator.cancel();
     coordinator_task.await.unwrap().unwrap();
     coordinator.close().await;

@@ -7,27 +7,38 @@
 //! it needs; and the whole saga runs with exactly these rights.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use lapin::options::{
     BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
     QueueDeleteOptions, QueuePurgeOptions,
 };
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Connection, ConnectionProperties};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use orderflow_shared::store::Context;
+use orderflow_tests::TestEnv;
 use orderflow_tests::system::{System, Workers};
-use orderflow_tests::{TestEnv, run_to_end};
 use secrecy::{ExposeSecret, SecretString};
 use sqlx::Connection as _;
 use tokio::process::Command;
 
-const BIN: &str = env!("CARGO_BIN_EXE_orderflow");
+use crate::support::{BIN, Ended, run};
 
 /// `url` with `user` (and `password`) instead of its credentials.
 fn with_user(url: &str, user: &str, password: &str) -> String {
     let (scheme, rest) = url.split_once("://").unwrap();
     let host = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
     format!("{scheme}://{user}:{password}@{host}")
+}
+
+/// `amqp_url` as the broker user of `service` in `namespace` (imported by
+/// [`import_users`]).
+fn broker_url_as(amqp_url: &str, namespace: &str, service: &str) -> String {
+    with_user(
+        amqp_url,
+        &format!("{namespace}-{service}"),
+        &format!("{service}-pw"),
+    )
 }
 
 fn password_variable(name: &str) -> String {
@@ -57,13 +68,10 @@ async fn import_users(env: &TestEnv) -> Vec<String> {
     for user in &users {
         command.env(password_variable(user), format!("{user}-pw"));
     }
-    let (code, _, err) = run_to_end(&mut command).await;
-    assert_eq!(code, 0, "{err}");
-    let (code, out, err) = run_to_end(
-        Command::new("rabbitmqctl").args(["import_definitions", file.to_str().unwrap()]),
-    )
-    .await;
-    assert_eq!(code, 0, "{out}{err}");
+    run(&mut command).await.succeeded();
+    run(Command::new("rabbitmqctl").args(["import_definitions", file.to_str().unwrap()]))
+        .await
+        .succeeded();
     let _ = std::fs::remove_file(file);
     users
         .iter()
@@ -73,40 +81,66 @@ async fn import_users(env: &TestEnv) -> Vec<String> {
 
 async fn drop_users(users: &[String]) {
     futures::future::join_all(users.iter().map(|user| async move {
-        run_to_end(Command::new("rabbitmqctl").args(["delete_user", user])).await
+        run(Command::new("rabbitmqctl").args(["delete_user", user])).await
     }))
     .await;
 }
 
-/// A connection as `<ns>-<service>`.
-async fn connect_as(env: &TestEnv, service: &str) -> Connection {
-    let user = format!("{}-{service}", env.namespace);
-    let url = with_user(
-        env.amqp_url.expose_secret(),
-        &user,
-        &format!("{service}-pw"),
-    );
-    Connection::connect(&url, ConnectionProperties::default())
-        .await
-        .unwrap()
+/// One thing a broker user tries; see [`assert_broker_answers`].
+enum Operation {
+    /// Deleting the queue.
+    DeleteQueue(String),
+    /// Declaring the queue, durable.
+    DeclareQueue(String),
+    /// Taking a message from the queue (to be acknowledged).
+    Take(String),
+    /// Purging the queue.
+    Purge(String),
+    /// Publishing `{}` to the exchange with the routing key, confirmed.
+    Publish(String, String),
 }
 
-/// What the broker answers `service` trying `attempt` on a fresh channel.
-async fn broker_answer<F, Fut>(env: &TestEnv, service: &str, attempt: F) -> Result<(), String>
-where
-    F: FnOnce(lapin::Channel) -> Fut,
-    Fut: std::future::Future<Output = Result<(), lapin::Error>>,
-{
-    let connection = connect_as(env, service).await;
-    let channel = connection.create_channel().await.unwrap();
-    let result = attempt(channel).await.map_err(|e| e.to_string());
-    let _ = connection.close(200, "done".into()).await;
-    result
+impl Operation {
+    /// Publishing `{}` to `exchange` with `routing_key`, confirmed.
+    fn publish(exchange: String, routing_key: &str) -> Self {
+        Self::Publish(exchange, routing_key.to_owned())
+    }
+
+    /// Tries this on `channel`.
+    async fn try_on(self, channel: Channel) -> Result<(), lapin::Error> {
+        match self {
+            Self::DeleteQueue(queue) => channel
+                .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+                .await
+                .map(drop),
+            Self::DeclareQueue(queue) => channel
+                .queue_declare(
+                    queue.as_str().into(),
+                    QueueDeclareOptions::durable(),
+                    FieldTable::default(),
+                )
+                .await
+                .map(drop),
+            Self::Take(queue) => channel
+                .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: false })
+                .await
+                .map(drop),
+            Self::Purge(queue) => channel
+                .queue_purge(queue.as_str().into(), QueuePurgeOptions::default())
+                .await
+                .map(drop),
+            Self::Publish(exchange, routing_key) => {
+                publish_confirmed(channel, &exchange, &routing_key).await
+            }
+        }
+    }
 }
 
-async fn publish(
-    channel: lapin::Channel,
-    exchange: String,
+/// Publishes `{}` to `exchange` with `routing_key` on `channel` and waits
+/// for the broker's confirm.
+async fn publish_confirmed(
+    channel: Channel,
+    exchange: &str,
     routing_key: &str,
 ) -> Result<(), lapin::Error> {
     channel
@@ -114,7 +148,7 @@ async fn publish(
         .await?;
     channel
         .basic_publish(
-            exchange.as_str().into(),
+            exchange.into(),
             routing_key.into(),
             BasicPublishOptions::default(),
             b"{}",
@@ -123,15 +157,7 @@ async fn publish(
         .await?
         .await?;
     // A refused publish closes the channel; a call after it tells.
-    channel
-        .queue_declare(
-            "amq.gen-probe-does-not-exist".into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
+    orderflow_topology::inspect_queue(&channel, "amq.gen-probe-does-not-exist")
         .await
         .map(drop)
         .or_else(|error| {
@@ -143,176 +169,168 @@ async fn publish(
         })
 }
 
+/// What the broker answers `service` trying `operation` on a fresh
+/// connection and channel.
+async fn broker_answer(env: &TestEnv, service: &str, operation: Operation) -> Result<(), String> {
+    let url = broker_url_as(env.amqp_url.expose_secret(), &env.namespace, service);
+    let connection = Connection::connect(&url, ConnectionProperties::default())
+        .await
+        .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let result = operation.try_on(channel).await.map_err(|e| e.to_string());
+    let _ = connection.close(200, "done".into()).await;
+    result
+}
+
+/// Whether the broker is to let an operation through.
+enum Answer {
+    /// Done.
+    Allowed,
+    /// Refused with ACCESS_REFUSED.
+    Refused,
+}
+
+/// Asserts, in order, that the broker answers `service` each operation as
+/// expected; the failure names the operation and says the broker's answer.
+async fn assert_broker_answers<const N: usize>(
+    env: &TestEnv,
+    service: &str,
+    expected: [(&str, Operation, Answer); N],
+) {
+    for (what, operation, answer) in expected {
+        let result = broker_answer(env, service, operation).await;
+        match answer {
+            Answer::Allowed => result.unwrap_or_else(|error| panic!("{what}: {error}")),
+            Answer::Refused => {
+                let error = result.expect_err(what);
+                assert!(error.contains("ACCESS_REFUSED"), "{what}: {error}");
+            }
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_service_can_do_its_job_on_the_broker_and_nothing_else() {
+    use Answer::{Allowed, Refused};
+    use Operation::{DeclareQueue, DeleteQueue};
+
     let env = TestEnv::deployment().await;
     let users = import_users(&env).await;
-    let names = env.topology.names.clone();
-    let refused = |answer: Result<(), String>, what: &str| {
-        let error = answer.expect_err(what);
-        assert!(error.contains("ACCESS_REFUSED"), "{what}: {error}");
-    };
-
-    // Another service's queue cannot be deleted, nor its own (re)declared.
-    let other = names.service_queue("saga-coordinator");
-    refused(
-        broker_answer(&env, "generate-info", |channel| async move {
-            channel
-                .queue_delete(other.as_str().into(), QueueDeleteOptions::default())
-                .await
-                .map(drop)
-        })
-        .await,
-        "deleting the coordinator's queue",
-    );
-    let own = names.service_queue("generate-info");
-    refused(
-        broker_answer(&env, "generate-info", |channel| async move {
-            channel
-                .queue_declare(
-                    own.as_str().into(),
-                    QueueDeclareOptions::durable(),
-                    FieldTable::default(),
-                )
-                .await
-                .map(drop)
-        })
-        .await,
-        "declaring its own queue",
-    );
-    // Nothing straight into a queue through the default exchange.
-    let target = names.service_queue("order-api");
-    refused(
-        broker_answer(&env, "generate-info", |channel| async move {
-            publish(channel, String::new(), &target).await
-        })
-        .await,
-        "publishing through amq.default",
-    );
-    // Only the events it owns, on the events exchange.
-    refused(
-        broker_answer(&env, "generate-info", |channel| {
-            publish(channel, names.events_exchange(), "order.completed")
-        })
-        .await,
-        "publishing order.completed as generate-info",
-    );
-    broker_answer(&env, "generate-info", |channel| {
-        publish(channel, names.events_exchange(), "order.info-generated")
-    })
-    .await
-    .unwrap();
-    // Its own delay and dead-letter exchanges, not another's.
-    broker_answer(&env, "generate-info", |channel| {
-        publish(
-            channel,
-            names.delay_queue("generate-info", std::time::Duration::from_secs(1)),
-            "order.started",
-        )
-    })
-    .await
-    .unwrap();
-    refused(
-        broker_answer(&env, "generate-info", |channel| {
-            publish(
-                channel,
-                names.dead_letter_queue("payment-wait"),
-                "order.started",
-            )
-        })
-        .await,
-        "publishing into payment-wait's dead letters",
-    );
-    // Nor back into a queue through a redeliver exchange (only the broker
-    // and operators may: it is how retries come back).
-    refused(
-        broker_answer(&env, "generate-info", |channel| {
-            publish(
-                channel,
-                names.redeliver_exchange("generate-info"),
-                "order.completed",
-            )
-        })
-        .await,
-        "publishing into its own redeliver exchange",
-    );
+    let names = &env.topology.names;
+    let events = || names.events_exchange();
+    assert_broker_answers(
+        &env,
+        "generate-info",
+        [
+            // Another service's queue cannot be deleted, nor its own (re)declared.
+            (
+                "deleting the coordinator's queue",
+                DeleteQueue(names.service_queue("saga-coordinator")),
+                Refused,
+            ),
+            (
+                "declaring its own queue",
+                DeclareQueue(names.service_queue("generate-info")),
+                Refused,
+            ),
+            // Nothing straight into a queue through the default exchange.
+            (
+                "publishing through amq.default",
+                Operation::publish(String::new(), &names.service_queue("order-api")),
+                Refused,
+            ),
+            // Only the events it owns, on the events exchange.
+            (
+                "publishing order.completed as generate-info",
+                Operation::publish(events(), "order.completed"),
+                Refused,
+            ),
+            (
+                "publishing order.info-generated as generate-info",
+                Operation::publish(events(), "order.info-generated"),
+                Allowed,
+            ),
+            // Its own delay and dead-letter exchanges, not another's.
+            (
+                "publishing into its own delay queue",
+                Operation::publish(
+                    names.delay_queue("generate-info", Duration::from_secs(1)),
+                    "order.started",
+                ),
+                Allowed,
+            ),
+            (
+                "publishing into payment-wait's dead letters",
+                Operation::publish(names.dead_letter_queue("payment-wait"), "order.started"),
+                Refused,
+            ),
+            // Nor back into a queue through a redeliver exchange (only the broker
+            // and operators may: it is how retries come back).
+            (
+                "publishing into its own redeliver exchange",
+                Operation::publish(names.redeliver_exchange("generate-info"), "order.completed"),
+                Refused,
+            ),
+        ],
+    )
+    .await;
     drop_users(&users).await;
     env.cleanup().await;
 }
 
 #[tokio::test]
 async fn the_console_user_may_replay_and_pause_and_nothing_else() {
+    use Answer::{Allowed, Refused};
+    use Operation::{DeleteQueue, Purge, Take};
+
     let env = TestEnv::deployment().await;
     let users = import_users(&env).await;
-    let names = env.topology.names.clone();
-    let refused = |answer: Result<(), String>, what: &str| {
-        let error = answer.expect_err(what);
-        assert!(error.contains("ACCESS_REFUSED"), "{what}: {error}");
-    };
-    // Replays go back through a service's redeliver exchange; pauses into
-    // its pause exchange; a resume purges the pause queue.
-    broker_answer(&env, "console", |channel| {
-        publish(
-            channel,
-            names.redeliver_exchange("generate-info"),
-            "order.started",
-        )
-    })
-    .await
-    .unwrap();
-    broker_answer(&env, "console", |channel| {
-        publish(channel, names.pause_queue("generate-info"), "")
-    })
-    .await
-    .unwrap();
-    let pause = names.pause_queue("generate-info");
-    broker_answer(&env, "console", |channel| async move {
-        channel
-            .queue_purge(pause.as_str().into(), QueuePurgeOptions::default())
-            .await
-            .map(drop)
-    })
-    .await
-    .unwrap();
-    let dead = names.dead_letter_queue("generate-info");
-    broker_answer(&env, "console", |channel| async move {
-        channel
-            .basic_get(dead.as_str().into(), BasicGetOptions { no_ack: false })
-            .await
-            .map(drop)
-    })
-    .await
-    .unwrap();
-    // No event, no service queue, nothing declared or deleted.
-    refused(
-        broker_answer(&env, "console", |channel| {
-            publish(channel, names.events_exchange(), "order.started")
-        })
-        .await,
-        "publishing an event",
-    );
-    let queue = names.service_queue("generate-info");
-    refused(
-        broker_answer(&env, "console", |channel| async move {
-            channel
-                .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: false })
-                .await
-                .map(drop)
-        })
-        .await,
-        "taking from a service's queue",
-    );
-    let dead = names.dead_letter_queue("generate-info");
-    refused(
-        broker_answer(&env, "console", |channel| async move {
-            channel
-                .queue_delete(dead.as_str().into(), QueueDeleteOptions::default())
-                .await
-                .map(drop)
-        })
-        .await,
-        "deleting a dead-letter queue",
-    );
+    let names = &env.topology.names;
+    assert_broker_answers(
+        &env,
+        "console",
+        [
+            // Replays go back through a service's redeliver exchange; pauses into
+            // its pause exchange; a resume purges the pause queue.
+            (
+                "replaying through generate-info's redeliver exchange",
+                Operation::publish(names.redeliver_exchange("generate-info"), "order.started"),
+                Allowed,
+            ),
+            (
+                "pausing generate-info",
+                Operation::publish(names.pause_queue("generate-info"), ""),
+                Allowed,
+            ),
+            (
+                "purging generate-info's pause queue",
+                Purge(names.pause_queue("generate-info")),
+                Allowed,
+            ),
+            (
+                "taking a dead letter of generate-info",
+                Take(names.dead_letter_queue("generate-info")),
+                Allowed,
+            ),
+            // No event, no service queue, nothing declared or deleted.
+            (
+                "publishing an event",
+                Operation::publish(names.events_exchange(), "order.started"),
+                Refused,
+            ),
+            (
+                "taking from a service's queue",
+                Take(names.service_queue("generate-info")),
+                Refused,
+            ),
+            (
+                "deleting a dead-letter queue",
+                DeleteQueue(names.dead_letter_queue("generate-info")),
+                Refused,
+            ),
+        ],
+    )
+    .await;
     drop_users(&users).await;
     env.cleanup().await;
 }
@@ -339,16 +357,10 @@ async fn each_context_has_a_role_that_owns_its_schema_and_reads_only_what_it_nee
     let env = TestEnv::deployment().await;
     let prefix = format!("{}_", env.namespace);
     // No passwords, no roles.
-    let (code, _, err) = run_to_end(
-        Command::new(BIN)
-            .args(["db", "init", "--role-prefix", &prefix])
-            .env("ORDERFLOW_DATABASE_URL", env.database_url.expose_secret()),
-    )
-    .await;
-    assert_eq!(code, 2);
-    assert!(err.contains("ORDERFLOW_DB_PASSWORD_ORDERS"), "{err}");
-    let (code, out, err) = provision_roles(&env, &prefix).await;
-    assert_eq!(code, 0, "{out}{err}");
+    run(&mut db_init(&env, &prefix))
+        .await
+        .failed_saying(&["ORDERFLOW_DB_PASSWORD_ORDERS"]);
+    let out = provision_roles(&env, &prefix).await.succeeded();
     assert!(out.contains("may read coordinator.history"), "{out}");
 
     let role = |context: Context| context.role(&prefix);
@@ -440,8 +452,7 @@ async fn each_context_has_a_role_that_owns_its_schema_and_reads_only_what_it_nee
         );
     }
     // Idempotent: an operator runs it again after an upgrade.
-    let (code, out, err) = provision_roles(&env, &prefix).await;
-    assert_eq!(code, 0, "{out}{err}");
+    let out = provision_roles(&env, &prefix).await.succeeded();
     assert!(out.contains("updated"), "{out}");
 
     let roles = prefix.clone();
@@ -455,12 +466,19 @@ fn admin_url() -> SecretString {
     SecretString::from(orderflow_tests::admin_database_url())
 }
 
-/// Runs `orderflow db init` for `env`'s database with roles `<prefix>orderflow_<context>`.
-async fn provision_roles(env: &TestEnv, prefix: &str) -> (i32, String, String) {
+/// `orderflow db init` for `env`'s database with roles
+/// `<prefix>orderflow_<context>`, without their passwords.
+fn db_init(env: &TestEnv, prefix: &str) -> Command {
     let mut command = Command::new(BIN);
     command
         .args(["db", "init", "--role-prefix", prefix])
         .env("ORDERFLOW_DATABASE_URL", env.database_url.expose_secret());
+    command
+}
+
+/// Runs `orderflow db init` for `env`'s database with roles `<prefix>orderflow_<context>`.
+async fn provision_roles(env: &TestEnv, prefix: &str) -> Ended {
+    let mut command = db_init(env, prefix);
     for context in Context::ALL {
         command.env(
             format!(
@@ -470,7 +488,7 @@ async fn provision_roles(env: &TestEnv, prefix: &str) -> (i32, String, String) {
             "pw",
         );
     }
-    run_to_end(&mut command).await
+    run(&mut command).await
 }
 
 #[tokio::test]
@@ -478,8 +496,7 @@ async fn the_saga_runs_with_each_service_as_its_own_broker_user_and_database_rol
     let env = TestEnv::deployment().await;
     let users = import_users(&env).await;
     let prefix = format!("{}_", env.namespace);
-    let (code, out, err) = provision_roles(&env, &prefix).await;
-    assert_eq!(code, 0, "{out}{err}");
+    provision_roles(&env, &prefix).await.succeeded();
     let (namespace, amqp, database) = (
         env.namespace.clone(),
         env.amqp_url.expose_secret().to_owned(),
@@ -487,21 +504,15 @@ async fn the_saga_runs_with_each_service_as_its_own_broker_user_and_database_rol
     );
     let roles = prefix.clone();
     let per_service = move |service: &str, settings: &mut orderflow_shared::config::Settings| {
-        settings.amqp_url = SecretString::from(with_user(
-            &amqp,
-            &format!("{namespace}-{service}"),
-            &format!("{service}-pw"),
-        ));
+        settings.amqp_url = SecretString::from(broker_url_as(&amqp, &namespace, service));
         // payment-wait keeps no state: it gets the least of the roles.
         let context = Context::of_service(service).unwrap_or(Context::Pricing);
         settings.database_url =
             SecretString::from(with_user(&database, &context.role(&roles), "pw"));
         // The console acts as the console user.
         if service == "order-api" {
-            settings.operator_amqp_url = Some(SecretString::from(with_user(
-                &amqp,
-                &format!("{namespace}-console"),
-                "console-pw",
+            settings.operator_amqp_url = Some(SecretString::from(broker_url_as(
+                &amqp, &namespace, "console",
             )));
         }
     };
@@ -518,22 +529,12 @@ async fn the_saga_runs_with_each_service_as_its_own_broker_user_and_database_rol
     assert_eq!(order["charged_cents"], 12_800 * 80 / 100);
     assert_eq!(system.gateway(&order_id).await, (1, 0));
     // The API reads the coordinator's history with its own role.
-    let history = system
-        .client
-        .get(format!("{}/orders/{order_id}/history", system.api))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(history.status(), 200);
+    let (status, body) = system.get(&format!("/orders/{order_id}/history")).await;
+    assert_eq!(status, 200, "{body}");
     // The console reads the saga's state with the API's role, and pauses,
     // lists dead letters and resumes as the console user.
-    let saga = system
-        .client
-        .get(format!("{}/orders/{order_id}/saga", system.api))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(saga.status(), 200);
+    let (status, body) = system.get(&format!("/orders/{order_id}/saga")).await;
+    assert_eq!(status, 200, "{body}");
     for (method, path) in [
         (
             reqwest::Method::POST,
@@ -556,12 +557,9 @@ async fn the_saga_runs_with_each_service_as_its_own_broker_user_and_database_rol
         .publish_bare("order.started", b"{broken", BasicProperties::default())
         .await;
     let dead = system.env.dead_letter_queue("generate-info");
-    orderflow_tests::eventually(
-        std::time::Duration::from_secs(10),
-        "generate-info dead-letters the poison",
-        || async { system.env.message_count(&dead).await == 1 },
-    )
-    .await;
+    system
+        .wait_for_depth(&dead, 1, "generate-info dead-letters the poison")
+        .await;
     system.stop().await;
     drop_users(&users).await;
     orderflow_shared::store::roles::drop_roles(&admin_url(), &prefix)

@@ -13,4 +13,5 @@ mod least_privilege;
 mod pause_cli;
 mod provider_crash;
 mod saga_cli;
+mod support;
 mod up_and_order;

@@ -6,20 +6,13 @@
 use std::time::Duration;
 
 use orderflow_tests::system::System;
-use orderflow_tests::{eventually, run_to_end};
-use secrecy::ExposeSecret;
 use tokio::process::Command;
 
-const BIN: &str = env!("CARGO_BIN_EXE_orderflow");
+use crate::support::{BIN, Ended, WaitForQueue, orderflow_on_broker, run};
 
-async fn orderflow(system: &System, args: &[&str]) -> (i32, String, String) {
-    run_to_end(
-        Command::new(BIN)
-            .args(args)
-            .env("ORDERFLOW_AMQP_URL", system.env.amqp_url.expose_secret())
-            .env("ORDERFLOW_NAMESPACE", &system.env.namespace),
-    )
-    .await
+/// Runs `orderflow <args>` on `system`'s broker and namespace.
+async fn orderflow(system: &System, args: &[&str]) -> Ended {
+    run(orderflow_on_broker(&system.env).args(args)).await
 }
 
 #[tokio::test]
@@ -30,51 +23,49 @@ async fn a_paused_service_holds_its_orders_until_it_is_resumed() {
     )
     .await;
     let queue = system.env.queue("generate-info");
-    let (code, out, err) = orderflow(&system, &["pause", "generate-info"]).await;
-    assert_eq!(code, 0, "{err}");
+    let out = orderflow(&system, &["pause", "generate-info"])
+        .await
+        .succeeded();
     assert!(
         out.contains("paused generate-info") && out.contains("orderflow resume generate-info"),
         "{out}"
     );
-    eventually(Duration::from_secs(10), "generate-info stops", || async {
-        system.env.consumer_count(&queue).await == 0
-    })
-    .await;
+    let stops = "generate-info stops";
+    system
+        .env
+        .wait_for_consumers(&queue, 0, Duration::from_secs(10), stops)
+        .await;
     let order_id = system.place("haidilao", &[("tea", 1)]).await;
-    eventually(Duration::from_secs(10), "order.started waits", || async {
-        system.env.message_count(&queue).await == 1
-    })
-    .await;
+    system
+        .wait_for_depth(&queue, 1, "order.started waits")
+        .await;
     assert_eq!(system.get_order(&order_id, None).await["status"], "started");
 
-    let (code, out, err) = orderflow(&system, &["resume", "generate-info"]).await;
-    assert_eq!(code, 0, "{err}");
+    let out = orderflow(&system, &["resume", "generate-info"])
+        .await
+        .succeeded();
     assert!(out.contains("resumed generate-info"), "{out}");
     let order = system.wait_for(&order_id, "awaiting_payment").await;
     assert_eq!(order["amount_cents"], 900);
     // Resuming a running service changes nothing.
-    let (code, _, err) = orderflow(&system, &["resume", "generate-info"]).await;
-    assert_eq!(code, 0, "{err}");
+    orderflow(&system, &["resume", "generate-info"])
+        .await
+        .succeeded();
 
-    let (code, _, err) = orderflow(&system, &["pause", "no-such-service"]).await;
-    assert_eq!(code, 2);
-    assert!(
-        err.contains("unknown service `no-such-service`") && err.contains("generate-info"),
-        "{err}"
-    );
+    orderflow(&system, &["pause", "no-such-service"])
+        .await
+        .failed_saying(&["unknown service `no-such-service`", "generate-info"]);
     system.stop().await;
 }
 
 #[tokio::test]
 async fn topology_lint_checks_the_choreography_of_the_model() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let (code, out, err) = run_to_end(
-        Command::new(BIN)
-            .args(["topology", "lint"])
-            .current_dir(&root),
-    )
-    .await;
-    assert_eq!(code, 0, "{out}{err}");
+    let out = run(Command::new(BIN)
+        .args(["topology", "lint"])
+        .current_dir(&root))
+    .await
+    .succeeded();
     assert!(out.contains("matches the model"), "{out}");
     assert!(out.contains("the choreography is sound"), "{out}");
 }

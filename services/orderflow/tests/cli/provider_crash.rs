@@ -10,27 +10,21 @@ use std::time::Duration;
 use orderflow_shared::Shutdown;
 use orderflow_tests::eventually;
 use orderflow_tests::system::{System, Workers};
-use secrecy::ExposeSecret;
-use tokio::process::{Child, Command};
+use tokio::process::Child;
+
+use crate::support::{WaitForQueue, orderflow_in, spawn_logging_warnings};
 
 /// `orderflow worker payment-provider-zhifubao` as its own process, whose
 /// gateway answers a minute after it charged, taking one message at a time.
 fn provider_process(system: &System) -> Child {
-    let env = &system.env;
-    Command::new(env!("CARGO_BIN_EXE_orderflow"))
-        .args(["worker", "payment-provider-zhifubao"])
-        .env("ORDERFLOW_AMQP_URL", env.amqp_url.expose_secret())
-        .env("ORDERFLOW_DATABASE_URL", env.database_url.expose_secret())
-        .env("ORDERFLOW_NAMESPACE", &env.namespace)
-        .env("ORDERFLOW_GATEWAY_LATENCY_MS", "60000")
-        .env("ORDERFLOW_PREFETCH", "1")
-        .env("ORDERFLOW_CONCURRENCY", "1")
-        .env("ORDERFLOW_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap()
+    spawn_logging_warnings(
+        orderflow_in(&system.env)
+            .args(["worker", "payment-provider-zhifubao"])
+            .env("ORDERFLOW_GATEWAY_LATENCY_MS", "60000")
+            .env("ORDERFLOW_PREFETCH", "1")
+            .env("ORDERFLOW_CONCURRENCY", "1"),
+        Stdio::null(),
+    )
 }
 
 #[tokio::test]
@@ -43,12 +37,11 @@ async fn a_provider_killed_between_charge_and_commit_is_refunded_once_when_the_o
     let system = System::start_with(|s| s.flow_timeout_secs = 6, workers).await;
     let queue = system.env.queue("payment-provider-zhifubao");
     let mut first = provider_process(&system);
-    eventually(
-        Duration::from_secs(30),
-        "the provider process consumes",
-        || async { system.env.consumer_count(&queue).await == 1 },
-    )
-    .await;
+    let patience = Duration::from_secs(30);
+    system
+        .env
+        .wait_for_consumers(&queue, 1, patience, "the provider process consumes")
+        .await;
 
     let order_id = system.place("noodle-bar", &[("noodles", 1)]).await;
     let order = system.wait_for(&order_id, "awaiting_payment").await;
@@ -83,12 +76,10 @@ async fn a_provider_killed_between_charge_and_commit_is_refunded_once_when_the_o
     )
     .await;
     // The killed provider's message comes back to the replica: nothing more.
-    eventually(
-        Duration::from_secs(30),
-        "the provider queue drains",
-        || async { system.env.message_count(&queue).await == 0 },
-    )
-    .await;
+    system
+        .env
+        .wait_for_messages(&queue, 0, patience, "the provider queue drains")
+        .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
         system.gateway(&order_id).await,

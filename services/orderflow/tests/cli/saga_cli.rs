@@ -6,21 +6,19 @@
 use std::time::Duration;
 
 use orderflow_tests::system::System;
-use orderflow_tests::{TestEnv, eventually, run_to_end};
+use orderflow_tests::{TestEnv, eventually};
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::Value;
 use tokio::process::Command;
 
-const BIN: &str = env!("CARGO_BIN_EXE_orderflow");
+use crate::support::{BIN, Ended, run};
 
-/// Runs `orderflow <args>` on `database_url`; (exit code, stdout, stderr).
-async fn cli(database_url: &SecretString, args: &[&str]) -> (i32, String, String) {
-    run_to_end(
-        Command::new(BIN)
-            .args(args)
-            .env("ORDERFLOW_DATABASE_URL", database_url.expose_secret())
-            .env_remove("ORDERFLOW_CONFIG"),
-    )
+/// Runs `orderflow <args>` on `database_url`.
+async fn cli(database_url: &SecretString, args: &[&str]) -> Ended {
+    run(Command::new(BIN)
+        .args(args)
+        .env("ORDERFLOW_DATABASE_URL", database_url.expose_secret())
+        .env_remove("ORDERFLOW_CONFIG"))
     .await
 }
 
@@ -57,8 +55,7 @@ async fn saga_history_and_stuck_read_the_coordinator() {
     );
     let entries = api_history_until(&system, &completed, "order.completed").await;
 
-    let (code, out, err) = cli(db, &["saga", "history", &completed]).await;
-    assert_eq!(code, 0, "{err}");
+    let out = cli(db, &["saga", "history", &completed]).await.succeeded();
     let lines: Vec<&str> = out.lines().collect();
     assert!(
         lines[0].starts_with(&format!("order {completed} (")),
@@ -93,8 +90,9 @@ async fn saga_history_and_stuck_read_the_coordinator() {
         "no payment token in the table:\n{out}"
     );
 
-    let (code, out, err) = cli(db, &["saga", "history", &completed, "--json"]).await;
-    assert_eq!(code, 0, "{err}");
+    let out = cli(db, &["saga", "history", &completed, "--json"])
+        .await
+        .succeeded();
     let json: Vec<Value> = serde_json::from_str(&out).unwrap();
     assert_eq!(json.len(), entries.len());
     assert_eq!(json, entries, "the CLI and the API show the same entries");
@@ -104,8 +102,9 @@ async fn saga_history_and_stuck_read_the_coordinator() {
     system.wait_for(&waiting, "awaiting_payment").await;
     api_history_until(&system, &waiting, "payment.awaiting").await;
 
-    let (code, out, err) = cli(db, &["saga", "stuck", "--older-than", "0s"]).await;
-    assert_eq!(code, 0, "{err}");
+    let out = cli(db, &["saga", "stuck", "--older-than", "0s"])
+        .await
+        .succeeded();
     assert!(out.starts_with("ORDER"), "{out}");
     let line = out
         .lines()
@@ -119,24 +118,25 @@ async fn saga_history_and_stuck_read_the_coordinator() {
         "an ended saga is not stuck:\n{out}"
     );
 
-    let (code, out, err) = cli(db, &["saga", "stuck", "--older-than", "0s", "--json"]).await;
-    assert_eq!(code, 0, "{err}");
+    let out = cli(db, &["saga", "stuck", "--older-than", "0s", "--json"])
+        .await
+        .succeeded();
     let stuck: Vec<Value> = serde_json::from_str(&out).unwrap();
     assert_eq!(stuck.len(), 1, "{out}");
     assert_eq!(stuck[0]["order_id"], waiting.as_str());
     assert_eq!(stuck[0]["step"], "payment");
 
-    let (code, out, err) = cli(db, &["saga", "stuck", "--older-than", "1h"]).await;
-    assert_eq!(code, 0, "{err}");
+    let out = cli(db, &["saga", "stuck", "--older-than", "1h"])
+        .await
+        .succeeded();
     assert_eq!(out.trim(), "no stuck sagas (older than 1h)");
 
-    let (code, out, err) = cli(db, &["saga", "history", "no-such-order"]).await;
-    assert_eq!(code, 2, "{out}");
-    assert!(err.contains("no history for order no-such-order"), "{err}");
-
-    let (code, _, err) = cli(db, &["saga", "stuck", "--older-than", "soon"]).await;
-    assert_eq!(code, 2);
-    assert!(err.contains("--older-than"), "{err}");
+    cli(db, &["saga", "history", "no-such-order"])
+        .await
+        .failed_saying(&["no history for order no-such-order"]);
+    cli(db, &["saga", "stuck", "--older-than", "soon"])
+        .await
+        .failed_saying(&["--older-than"]);
 
     system.stop().await;
 }
@@ -148,10 +148,10 @@ async fn a_database_without_the_coordinator_is_explained() {
         &["saga", "history", "some-order"][..],
         &["saga", "stuck", "--older-than", "5m"],
     ] {
-        let (code, _, err) = cli(&env.database_url, args).await;
-        assert_eq!(code, 2, "{args:?}: {err}");
-        assert!(err.contains("no saga coordinator tables"), "{err}");
-        assert!(!err.contains("panicked"), "{err}");
+        let err = cli(&env.database_url, args)
+            .await
+            .failed_saying(&["no saga coordinator tables"]);
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
     }
     env.cleanup().await;
 }

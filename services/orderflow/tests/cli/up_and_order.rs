@@ -5,31 +5,24 @@
 use std::process::Stdio;
 use std::time::Duration;
 
-use orderflow_tests::{TEST_TOKEN_KEYS, TestEnv, run_to_end};
-use secrecy::ExposeSecret;
+use orderflow_tests::{TEST_TOKEN_KEYS, TestEnv};
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-const BIN: &str = env!("CARGO_BIN_EXE_orderflow");
+use crate::support::{BIN, Ended, orderflow_in, run, spawn_logging_warnings};
 
 /// Starts `orderflow up` on the test's namespace and database; returns the
 /// child, the API URL it printed and the console's development operator token.
 async fn up(env: &TestEnv) -> (Child, String, String) {
-    let mut child = Command::new(BIN)
-        .arg("up")
-        .env("ORDERFLOW_AMQP_URL", env.amqp_url.expose_secret())
-        .env("ORDERFLOW_DATABASE_URL", env.database_url.expose_secret())
-        .env("ORDERFLOW_NAMESPACE", &env.namespace)
-        .env("ORDERFLOW_HTTP_ADDR", "127.0.0.1:0")
-        .env("ORDERFLOW_TOKEN_KEYS", TEST_TOKEN_KEYS)
-        .env("ORDERFLOW_GATEWAY_LATENCY_MS", "1")
-        .env("ORDERFLOW_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let mut child = spawn_logging_warnings(
+        orderflow_in(env)
+            .arg("up")
+            .env("ORDERFLOW_HTTP_ADDR", "127.0.0.1:0")
+            .env("ORDERFLOW_TOKEN_KEYS", TEST_TOKEN_KEYS)
+            .env("ORDERFLOW_GATEWAY_LATENCY_MS", "1"),
+        Stdio::piped(),
+    );
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let line = tokio::time::timeout(Duration::from_mins(1), lines.next_line())
         .await
@@ -62,9 +55,12 @@ async fn up(env: &TestEnv) -> (Child, String, String) {
     (child, url, token)
 }
 
-/// Runs `orderflow <args>`; (exit code, stdout, stderr).
-async fn cli(args: &[&str]) -> (i32, String, String) {
-    run_to_end(Command::new(BIN).args(args)).await
+/// Runs `orderflow <words> --api <api>`, `words` split at white space.
+async fn cli(api: &str, words: &str) -> Ended {
+    run(Command::new(BIN)
+        .args(words.split_whitespace())
+        .args(["--api", api]))
+    .await
 }
 
 #[tokio::test]
@@ -84,20 +80,8 @@ async fn up_serves_orders_and_survives_sigkill() {
         .unwrap();
     assert_eq!(answer.status(), 403);
 
-    let (code, out, err) = cli(&[
-        "order",
-        "start",
-        "--supplier",
-        "haidilao",
-        "--product",
-        "hotpot-set:1",
-        "--wait",
-        "--json",
-        "--api",
-        &api,
-    ])
-    .await;
-    assert_eq!(code, 0, "{err}");
+    let start = "order start --supplier haidilao --product hotpot-set:1 --wait --json";
+    let out = cli(&api, start).await.succeeded();
     let order: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(order["status"], "awaiting_payment", "{order:#}");
     let order_id = order["order_id"].as_str().unwrap().to_owned();
@@ -108,46 +92,26 @@ async fn up_serves_orders_and_survives_sigkill() {
     let (mut second, api, second_token) = up(&env).await;
     assert_ne!(second_token, token, "a development token is for one run");
 
-    let (code, out, err) = cli(&[
-        "order", "pay", &order_id, "--method", "zhifubao", "--json", "--api", &api,
-    ])
-    .await;
-    assert_eq!(code, 0, "{err}");
+    let pay = format!("order pay {order_id} --method zhifubao --json");
+    let out = cli(&api, &pay).await.succeeded();
     let order: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(order["status"], "completed", "{order:#}");
     assert_eq!(order["charged_cents"], 12_800 * 80 / 100);
 
-    let (code, out, _) = cli(&["order", "show", &order_id, "--api", &api]).await;
-    assert_eq!(code, 0);
+    let out = cli(&api, &format!("order show {order_id}"))
+        .await
+        .succeeded();
     assert!(out.contains("completed") && out.contains("102.40"), "{out}");
 
-    let (code, _, err) = cli(&[
-        "order",
-        "pay",
-        "no-such-order",
-        "--method",
-        "weixin",
-        "--timeout-secs",
-        "1",
-        "--api",
+    cli(
         &api,
-    ])
-    .await;
-    assert_eq!(code, 2);
-    assert!(err.contains("not found"), "{err}");
-    let (code, _, err) = cli(&[
-        "order",
-        "start",
-        "--supplier",
-        "x",
-        "--product",
-        "tea",
-        "--api",
-        &api,
-    ])
-    .await;
-    assert_eq!(code, 2);
-    assert!(err.contains("SKU:QUANTITY"), "{err}");
+        "order pay no-such-order --method weixin --timeout-secs 1",
+    )
+    .await
+    .failed_saying(&["not found"]);
+    cli(&api, "order start --supplier x --product tea")
+        .await
+        .failed_saying(&["SKU:QUANTITY"]);
 
     // SIGTERM: a graceful stop.
     let pid = second.id().unwrap();
@@ -166,18 +130,14 @@ async fn up_serves_orders_and_survives_sigkill() {
 
 #[tokio::test]
 async fn up_explains_a_database_it_cannot_reach() {
-    let output = Command::new(BIN)
+    run(Command::new(BIN)
         .arg("up")
         .env("ORDERFLOW_AMQP_URL", "amqp://guest:guest@127.0.0.1:1/%2f")
         .env(
             "ORDERFLOW_DATABASE_URL",
             "postgres://postgres@127.0.0.1:1/nowhere",
         )
-        .env("ORDERFLOW_HTTP_ADDR", "127.0.0.1:0")
-        .output()
-        .await
-        .unwrap();
-    assert_eq!(output.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&output.stderr);
-    assert!(err.contains("cannot reach PostgreSQL"), "{err}");
+        .env("ORDERFLOW_HTTP_ADDR", "127.0.0.1:0"))
+    .await
+    .failed_saying(&["cannot reach PostgreSQL"]);
 }
