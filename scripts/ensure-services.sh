@@ -75,4 +75,17 @@ if command -v psql >/dev/null 2>&1 && ! psql -h 127.0.0.1 -U postgres -w -d post
   export ORDERFLOW_DATABASE_URL=${ORDERFLOW_DATABASE_URL:-postgres://postgres:postgres@127.0.0.1:5432/orderflow}
 fi
 
+# The tests run four at a time, each test's system with its own pools: more
+# than PostgreSQL's default of 100 connections. Raised once (a restart).
+want_connections=400
+admin_url=${ORDERFLOW_TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}
+have_connections=$(psql "$admin_url" -w -Atc 'show max_connections' 2>/dev/null || echo "$want_connections")
+if [ "$have_connections" -lt "$want_connections" ]; then
+  log "raising PostgreSQL's max_connections from $have_connections to $want_connections for the tests (restarting it)"
+  psql "$admin_url" -w -qc "ALTER SYSTEM SET max_connections = $want_connections"
+  version=$(ls /etc/postgresql | sort -V | tail -n 1)
+  as_root pg_ctlcluster --skip-systemctl-redirect "$version" main restart
+  wait_port 5432 PostgreSQL
+fi
+
 log "RabbitMQ on 127.0.0.1:5672 and PostgreSQL on 127.0.0.1:5432 are up"
