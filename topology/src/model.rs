@@ -416,15 +416,24 @@ impl Topology {
 }
 
 #[cfg(test)]
+impl Topology {
+    /// The deployment's topology in `namespace` with one payment `method`,
+    /// for the crate's tests.
+    pub(crate) fn with_one_method(namespace: &str, method: &str) -> Self {
+        Self::build(
+            Names::new(namespace),
+            &orderflow_services(&[method]),
+            &DEFAULT_RETRY_TIERS,
+        )
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
     fn topology() -> Topology {
-        Topology::build(
-            Names::new("ns"),
-            &orderflow_services(&["zhifubao"]),
-            &DEFAULT_RETRY_TIERS,
-        )
+        Topology::with_one_method("ns", "zhifubao")
     }
 
     #[test]

@@ -104,20 +104,9 @@ pub fn console_permissions(topology: &Topology, user: &str) -> Permissions {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{DEFAULT_RETRY_TIERS, Names, orderflow_services};
-
-    /// The deployment's topology in namespace `t1`, with one provider (weixin).
-    fn one_provider_topology() -> Topology {
-        Topology::build(
-            Names::new("t1"),
-            &orderflow_services(&["weixin"]),
-            &DEFAULT_RETRY_TIERS,
-        )
-    }
-
     #[test]
     fn a_service_writes_only_the_events_exchange_and_its_own_retry_and_dead_exchanges() {
-        let topology = one_provider_topology();
+        let topology = Topology::with_one_method("t1", "weixin");
         let all = service_permissions(&topology);
         let wait = all.iter().find(|p| p.service == "payment-wait").unwrap();
         assert_eq!(wait.configure, "^$");
@@ -135,7 +124,7 @@ mod tests {
 
     #[test]
     fn the_console_replays_and_pauses_and_does_nothing_else() {
-        let topology = one_provider_topology();
+        let topology = Topology::with_one_method("t1", "weixin");
         let console = console_permissions(&topology, "console");
         assert_eq!(console.configure, "^$");
         assert_eq!(console.topic_write, "^$");

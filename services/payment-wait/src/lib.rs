@@ -293,37 +293,19 @@ mod tests {
             amount_cents: 12_800,
         };
         let now = 1_741_064_767_000;
-        // Sent 10 minutes ago with a 5-minute timeout: it would have expired
-        // 5 minutes ago.
-        let late = open_step(
-            &strategies::token_keys(),
-            300,
-            &info,
-            1_741_064_167_000,
-            now,
-        )
-        .unwrap();
-        assert_eq!(late.expires_at.timestamp(), now / 1000 + 300);
-        // Sent 4 minutes ago: a minute left, less than half; from now too.
-        let nearly = open_step(
-            &strategies::token_keys(),
-            300,
-            &info,
-            1_741_064_527_000,
-            now,
-        )
-        .unwrap();
-        assert_eq!(nearly.expires_at.timestamp(), now / 1000 + 300);
-        // Sent 2 minutes ago: 3 minutes left, counted from when it was sent.
-        let fresh = open_step(
-            &strategies::token_keys(),
-            300,
-            &info,
-            1_741_064_647_000,
-            now,
-        )
-        .unwrap();
-        assert_eq!(fresh.expires_at.timestamp(), 1_741_064_647 + 300);
+        // (when the cause was sent, when its step expires), timeout 5 minutes.
+        let cases = [
+            // Sent 10 minutes ago: it would have expired 5 minutes ago; from now.
+            (1_741_064_167_000, now / 1000 + 300),
+            // Sent 4 minutes ago: a minute left, less than half; from now too.
+            (1_741_064_527_000, now / 1000 + 300),
+            // Sent 2 minutes ago: 3 minutes left, counted from when it was sent.
+            (1_741_064_647_000, 1_741_064_647 + 300),
+        ];
+        for (sent_at, expires_at) in cases {
+            let step = open_step(&strategies::token_keys(), 300, &info, sent_at, now).unwrap();
+            assert_eq!(step.expires_at.timestamp(), expires_at, "sent at {sent_at}");
+        }
     }
 
     #[test]
