@@ -151,6 +151,15 @@ pub fn run(args: &ChaosArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
+/// Kills and reaps the process in `slot`, if there is one (the end of a
+/// run, or a run that failed).
+fn kill_and_reap(slot: &mut Option<std::process::Child>) {
+    if let Some(mut child) = slot.take() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
 /// The workers of the run and how many processes of each.
 fn worker_plan(metadata: &Metadata) -> Vec<(String, usize)> {
     orderflow_workers::names(metadata)
@@ -682,6 +691,16 @@ impl Plan {
         round == 0 || (!self.once && self.placing())
     }
 
+    /// Injects a fault (`inject`, recorded as `kind` on `target`), then
+    /// leaves the system the plan's gap to recover before the next one.
+    async fn fault_then_gap<F>(&self, rig: &Rig, kind: &str, target: &str, inject: F)
+    where
+        F: std::future::Future<Output = anyhow::Result<String>>,
+    {
+        rig.record(kind, target, inject).await;
+        tokio::time::sleep(self.gap).await;
+    }
+
     /// Waits until a tenth of the orders (at least a few) are under way, so
     /// that faults meet traffic.
     async fn wait_for_traffic(&self) {
@@ -699,34 +718,22 @@ async fn broker_track(rig: Arc<Rig>, plan: Plan) {
     let nodes = rig.rabbit.lock().await.nodes.len();
     let mut round = 0;
     while plan.another_round(round) {
-        rig.record(
-            "close_all_connections",
-            "every node",
-            rig.close_all_connections(),
-        )
-        .await;
-        tokio::time::sleep(plan.gap).await;
+        let closing = rig.close_all_connections();
+        plan.fault_then_gap(&rig, "close_all_connections", "every node", closing)
+            .await;
         if plan.cluster {
             // The node the clients are on first (the list's order), then the others.
             let victim = round % nodes;
             let name = rig.rabbit.lock().await.nodes[victim].name.clone();
-            rig.record(
-                "broker_node_sigkill",
-                &name,
-                rig.kill_node(victim, plan.down),
-            )
-            .await;
-            tokio::time::sleep(plan.gap).await;
+            let killing = rig.kill_node(victim, plan.down);
+            plan.fault_then_gap(&rig, "broker_node_sigkill", &name, killing)
+                .await;
         }
         let node = (round + usize::from(plan.cluster)) % nodes;
         let name = rig.rabbit.lock().await.nodes[node].name.clone();
-        rig.record(
-            "broker_stop_start_app",
-            &name,
-            rig.stop_start_app(node, plan.down),
-        )
-        .await;
-        tokio::time::sleep(plan.gap).await;
+        let stopping = rig.stop_start_app(node, plan.down);
+        plan.fault_then_gap(&rig, "broker_stop_start_app", &name, stopping)
+            .await;
         round += 1;
     }
 }
@@ -738,13 +745,10 @@ async fn database_track(rig: Arc<Rig>, plan: Plan) {
     let mut round = 0;
     while plan.another_round(round) {
         for mode in ["fast", "immediate"] {
-            rig.record(
-                &format!("postgres_restart_{mode}"),
-                "postgresql",
-                rig.restart_postgres(mode),
-            )
-            .await;
-            tokio::time::sleep(plan.gap).await;
+            let kind = format!("postgres_restart_{mode}");
+            let restarting = rig.restart_postgres(mode);
+            plan.fault_then_gap(&rig, &kind, "postgresql", restarting)
+                .await;
         }
         round += 1;
     }

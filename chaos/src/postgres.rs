@@ -194,10 +194,7 @@ impl Postgres {
 
     /// Kills the server (the end of the run, or a run that failed).
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        crate::kill_and_reap(&mut self.child);
     }
 }
 

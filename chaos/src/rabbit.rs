@@ -335,10 +335,7 @@ impl Rabbit {
     /// Kills every node (the end of the run, or a run that failed).
     pub fn kill_all(&mut self) {
         for node in &mut self.nodes {
-            if let Some(mut child) = node.child.take() {
-                let _ = child.kill();
-                let _ = child.wait();
-            }
+            crate::kill_and_reap(&mut node.child);
         }
     }
 }

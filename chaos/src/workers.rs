@@ -185,10 +185,7 @@ impl Workers {
 
     pub fn kill_all(&mut self) {
         for worker in &mut self.procs {
-            if let Some(mut child) = worker.child.take() {
-                let _ = child.kill();
-                let _ = child.wait();
-            }
+            crate::kill_and_reap(&mut worker.child);
         }
     }
 }

@@ -207,116 +207,41 @@ impl Settings {
     /// service given settings built in code. The error names the setting,
     /// its `ORDERFLOW_*` variable, the accepted range and the value found.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        const AT_LEAST_ONE: &str = "at least 1";
         let timeout = format!("1 to {MAX_TIMEOUT_SECS} (365 days)");
         let timeout_ok = |secs: u64| (1..=MAX_TIMEOUT_SECS).contains(&secs);
+        let at_least_one = |field, value: u64| {
+            (
+                field,
+                value >= 1,
+                "at least 1".to_owned(),
+                value.to_string(),
+            )
+        };
+        let failure_rate = self.gateway_failure_rate;
+        // (setting, whether its value is accepted, what is, the value).
+        #[rustfmt::skip]
         let checks = [
-            (
-                "generate_info_timeout_secs",
-                "ORDERFLOW_GENERATE_INFO_TIMEOUT_SECS",
-                timeout_ok(self.generate_info_timeout_secs),
-                timeout.clone(),
-                self.generate_info_timeout_secs.to_string(),
-            ),
-            (
-                "payment_timeout_secs",
-                "ORDERFLOW_PAYMENT_TIMEOUT_SECS",
-                timeout_ok(self.payment_timeout_secs),
-                timeout.clone(),
-                self.payment_timeout_secs.to_string(),
-            ),
-            (
-                "flow_timeout_secs",
-                "ORDERFLOW_FLOW_TIMEOUT_SECS",
-                timeout_ok(self.flow_timeout_secs),
-                timeout,
-                self.flow_timeout_secs.to_string(),
-            ),
-            (
-                "prefetch",
-                "ORDERFLOW_PREFETCH",
-                self.prefetch >= 1,
-                // 0 would be "no limit" to the broker.
-                format!("1 to {}", u16::MAX),
-                self.prefetch.to_string(),
-            ),
-            (
-                "concurrency",
-                "ORDERFLOW_CONCURRENCY",
-                (1..=MAX_CONCURRENCY).contains(&self.concurrency),
-                // More can never be busy: each invocation holds a delivery.
-                format!("1 to {MAX_CONCURRENCY}"),
-                self.concurrency.to_string(),
-            ),
-            (
-                "db_pool_size",
-                "ORDERFLOW_DB_POOL_SIZE",
-                self.db_pool_size >= 1,
-                AT_LEAST_ONE.to_owned(),
-                self.db_pool_size.to_string(),
-            ),
-            (
-                "http_request_timeout_ms",
-                "ORDERFLOW_HTTP_REQUEST_TIMEOUT_MS",
-                self.http_request_timeout_ms >= 1,
-                AT_LEAST_ONE.to_owned(),
-                self.http_request_timeout_ms.to_string(),
-            ),
-            (
-                "http_max_concurrency",
-                "ORDERFLOW_HTTP_MAX_CONCURRENCY",
-                self.http_max_concurrency >= 1,
-                AT_LEAST_ONE.to_owned(),
-                self.http_max_concurrency.to_string(),
-            ),
-            (
-                "http_max_waiters",
-                "ORDERFLOW_HTTP_MAX_WAITERS",
-                self.http_max_waiters >= 1,
-                AT_LEAST_ONE.to_owned(),
-                self.http_max_waiters.to_string(),
-            ),
-            (
-                "http_db_pool_size",
-                "ORDERFLOW_HTTP_DB_POOL_SIZE",
-                self.http_db_pool_size >= 1,
-                AT_LEAST_ONE.to_owned(),
-                self.http_db_pool_size.to_string(),
-            ),
-            (
-                "publish_timeout_ms",
-                "ORDERFLOW_PUBLISH_TIMEOUT_MS",
-                // 0 would time out every publish before its confirm.
-                self.publish_timeout_ms >= 1,
-                AT_LEAST_ONE.to_owned(),
-                self.publish_timeout_ms.to_string(),
-            ),
-            (
-                "pause_check_ms",
-                "ORDERFLOW_PAUSE_CHECK_MS",
-                self.pause_check_ms >= 1,
-                AT_LEAST_ONE.to_owned(),
-                self.pause_check_ms.to_string(),
-            ),
-            (
-                "gateway_latency_ms",
-                "ORDERFLOW_GATEWAY_LATENCY_MS",
-                self.gateway_latency_ms <= MAX_GATEWAY_LATENCY_MS,
-                format!("0 to {MAX_GATEWAY_LATENCY_MS} (a minute)"),
-                self.gateway_latency_ms.to_string(),
-            ),
-            (
-                "gateway_failure_rate",
-                "ORDERFLOW_GATEWAY_FAILURE_RATE",
-                // False for NaN too.
-                (0.0..=1.0).contains(&self.gateway_failure_rate),
-                "a number from 0 to 1".to_owned(),
-                self.gateway_failure_rate.to_string(),
-            ),
+            ("generate_info_timeout_secs", timeout_ok(self.generate_info_timeout_secs), timeout.clone(), self.generate_info_timeout_secs.to_string()),
+            ("payment_timeout_secs", timeout_ok(self.payment_timeout_secs), timeout.clone(), self.payment_timeout_secs.to_string()),
+            ("flow_timeout_secs", timeout_ok(self.flow_timeout_secs), timeout, self.flow_timeout_secs.to_string()),
+            // A prefetch of 0 would be "no limit" to the broker.
+            ("prefetch", self.prefetch >= 1, format!("1 to {}", u16::MAX), self.prefetch.to_string()),
+            // More can never be busy: each invocation holds a delivery.
+            ("concurrency", (1..=MAX_CONCURRENCY).contains(&self.concurrency), format!("1 to {MAX_CONCURRENCY}"), self.concurrency.to_string()),
+            at_least_one("db_pool_size", self.db_pool_size.into()),
+            at_least_one("http_request_timeout_ms", self.http_request_timeout_ms),
+            at_least_one("http_max_concurrency", self.http_max_concurrency.try_into().unwrap_or(u64::MAX)),
+            at_least_one("http_max_waiters", self.http_max_waiters.try_into().unwrap_or(u64::MAX)),
+            at_least_one("http_db_pool_size", self.http_db_pool_size.into()),
+            // 0 would time out every publish before its confirm.
+            at_least_one("publish_timeout_ms", self.publish_timeout_ms),
+            at_least_one("pause_check_ms", self.pause_check_ms),
+            ("gateway_latency_ms", self.gateway_latency_ms <= MAX_GATEWAY_LATENCY_MS, format!("0 to {MAX_GATEWAY_LATENCY_MS} (a minute)"), self.gateway_latency_ms.to_string()),
+            // False for NaN too.
+            ("gateway_failure_rate", (0.0..=1.0).contains(&failure_rate), "a number from 0 to 1".to_owned(), failure_rate.to_string()),
         ];
-        if let Some((field, variable, _, accepted, value)) =
-            checks.into_iter().find(|(_, _, ok, _, _)| !ok)
-        {
+        if let Some((field, _, accepted, value)) = checks.into_iter().find(|(_, ok, _, _)| !ok) {
+            let variable = format!("ORDERFLOW_{}", field.to_uppercase());
             return Err(invalid(format!(
                 "{field} ({variable}) must be {accepted}, not {value}"
             )));

@@ -264,14 +264,19 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_redelivery_mints_the_same_token_and_a_future_time_counts_from_now() {
-        let info = InfoGenerated {
-            order_id: "o-1".to_owned(),
+    /// haidilao's order `order_id`, priced at 128.00 payable with zhifubao.
+    fn haidilao_info(order_id: &str) -> InfoGenerated {
+        InfoGenerated {
+            order_id: order_id.to_owned(),
             supplier: "haidilao".to_owned(),
             payment_methods: vec!["zhifubao".to_owned()],
             amount_cents: 12_800,
-        };
+        }
+    }
+
+    #[test]
+    fn a_redelivery_mints_the_same_token_and_a_future_time_counts_from_now() {
+        let info = haidilao_info("o-1");
         let now = 1_741_064_767_000;
         let sent = 1_741_064_700_001_u64;
         let first = open_step(&strategies::token_keys(), 300, &info, sent, now).unwrap();
@@ -286,12 +291,7 @@ mod tests {
 
     #[test]
     fn a_late_cause_opens_a_step_with_its_whole_timeout_from_now() {
-        let info = InfoGenerated {
-            order_id: "o-late".to_owned(),
-            supplier: "haidilao".to_owned(),
-            payment_methods: vec!["zhifubao".to_owned()],
-            amount_cents: 12_800,
-        };
+        let info = haidilao_info("o-late");
         let now = 1_741_064_767_000;
         // (when the cause was sent, when its step expires), timeout 5 minutes.
         let cases = [
