@@ -62,7 +62,7 @@ fn a_reduced_chaos_run_on_a_cluster_loses_nothing_and_leaves_nothing() {
     let output = Command::new(env!("CARGO_BIN_EXE_orderflow"))
         .args(["chaos", "--cluster", "--once"])
         .args(["--orders", &ORDERS.to_string(), "--concurrency", "25"])
-        .args(["--rate", "5", "--fault-gap-ms", "1500", "--down-ms", "1500"])
+        .args(["--rate", "8", "--fault-gap-ms", "1500", "--down-ms", "1500"])
         .args(["--seed", "13", "--timeout-secs", "200"])
         .args(["--run-id", &run_id])
         .arg("--work-dir")
