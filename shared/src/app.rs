@@ -20,6 +20,9 @@ use crate::store::{Context, Db};
 use crate::token::TokenKeys;
 use crate::topology::{DEFAULT_RETRY_TIERS, Names, Topology, orderflow_services};
 
+/// How long a context waits for the broker (and its topology) to be there.
+const BROKER_PATIENCE: Duration = Duration::from_mins(1);
+
 /// Everything a service's `run(ctx, shutdown)` needs. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Ctx {
@@ -77,12 +80,9 @@ impl Ctx {
         metadata: Metadata,
         service: &str,
     ) -> anyhow::Result<Self> {
-        let topology = topology_for(&settings, &metadata);
-        let ctx = Self::new(settings, metadata, topology, service)?;
-        ctx.broker
-            .check_topology(service, Duration::from_mins(1))
-            .await
-            .with_context(|| format!("checking the RabbitMQ topology of `{service}`"))?;
+        let ctx = Self::on_deployment(settings, metadata, service)?;
+        let checked = ctx.broker.check_topology(service, BROKER_PATIENCE).await;
+        checked.with_context(|| format!("checking the RabbitMQ topology of `{service}`"))?;
         Ok(ctx)
     }
 
@@ -94,13 +94,20 @@ impl Ctx {
         metadata: Metadata,
         connection_name: &str,
     ) -> anyhow::Result<Self> {
-        let topology = topology_for(&settings, &metadata);
-        let ctx = Self::new(settings, metadata, topology, connection_name)?;
-        ctx.broker
-            .declare_topology(Duration::from_mins(1))
-            .await
-            .context("declaring the RabbitMQ topology")?;
+        let ctx = Self::on_deployment(settings, metadata, connection_name)?;
+        let declared = ctx.broker.declare_topology(BROKER_PATIENCE).await;
+        declared.context("declaring the RabbitMQ topology")?;
         Ok(ctx)
+    }
+
+    /// A context on the deployment's topology (not yet checked or declared).
+    fn on_deployment(
+        settings: Settings,
+        metadata: Metadata,
+        connection_name: &str,
+    ) -> anyhow::Result<Self> {
+        let topology = topology_for(&settings, &metadata);
+        Self::new(settings, metadata, topology, connection_name)
     }
 
     /// `context`'s schema, migrated (the database is created if missing).

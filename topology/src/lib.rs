@@ -20,5 +20,5 @@ pub use model::{
     ArgValue, Arguments, Binding, DEFAULT_DELIVERY_LIMIT, DEFAULT_RETRY_TIERS, Exchange,
     ExchangeRole, Queue, QueueRole, ServiceSpec, Topology, orderflow_services,
 };
-pub use names::Names;
+pub use names::{Names, delay_in_largest_unit};
 pub use permissions::{Permissions, console_permissions, escape, service_permissions};

@@ -73,13 +73,20 @@ impl Names {
 
 /// `1s`, `250ms`, `1m`: short, unambiguous and stable, since it is part of a queue name.
 fn format_delay(delay: Duration) -> String {
+    let (count, unit) = delay_in_largest_unit(delay);
+    format!("{count}{unit}")
+}
+
+/// `delay` as a whole number of the largest unit that holds it exactly:
+/// minutes (`m`), seconds (`s`) or milliseconds (`ms`).
+pub fn delay_in_largest_unit(delay: Duration) -> (u128, &'static str) {
     let ms = delay.as_millis();
     if ms.is_multiple_of(60_000) && ms > 0 {
-        format!("{}m", ms / 60_000)
+        (ms / 60_000, "m")
     } else if ms.is_multiple_of(1000) && ms > 0 {
-        format!("{}s", ms / 1000)
+        (ms / 1000, "s")
     } else {
-        format!("{ms}ms")
+        (ms, "ms")
     }
 }
 

@@ -27,7 +27,7 @@ use serde_json::json;
 
 use crate::bounds::{self, Bounds};
 use crate::console::{self, Operator, live};
-use crate::error::{ApiError, error_body};
+use crate::error::{ApiError, error_body, query_limit};
 use crate::input::{NewOrder, PaymentSubmission};
 use crate::metrics::{self, Metrics};
 use crate::orders::{self, Creation, OrderView, Submission};
@@ -311,13 +311,7 @@ async fn get_history(
 ) -> Result<Response, ApiError> {
     let Path(order_id) = id?;
     let Query(query) = query?;
-    let limit = query.limit.unwrap_or(DEFAULT_HISTORY_PAGE);
-    if !(1..=history::MAX_PAGE).contains(&limit) {
-        return Err(ApiError::bad_request(format!(
-            "limit must be between 1 and {}, not {limit}",
-            history::MAX_PAGE
-        )));
-    }
+    let limit = query_limit(query.limit, DEFAULT_HISTORY_PAGE, 1..=history::MAX_PAGE)?;
     if let Some(after) = query.after
         && after < 0
     {

@@ -41,7 +41,7 @@ use serde_json::json;
 
 pub use auth::OperatorToken;
 
-use crate::error::ApiError;
+use crate::error::{ApiError, query_limit};
 use crate::http::AppState;
 
 /// The console's page and its assets, compiled in.
@@ -233,12 +233,7 @@ async fn dead_letters(
 ) -> Result<Response, ApiError> {
     let Query(query) = query?;
     let operator = operator(&state)?;
-    let limit = query.limit.unwrap_or(DEFAULT_DEAD_LETTERS);
-    if limit > MAX_DEAD_LETTERS {
-        return Err(ApiError::bad_request(format!(
-            "limit must be at most {MAX_DEAD_LETTERS}, not {limit}"
-        )));
-    }
+    let limit = query_limit(query.limit, DEFAULT_DEAD_LETTERS, 0..=MAX_DEAD_LETTERS)?;
     let mut services = Vec::new();
     for service in orderflow_ops::services(&operator.broker, query.service.as_deref())? {
         services.push(dlq::list(&operator.broker, &service, limit).await?);
@@ -323,12 +318,7 @@ async fn stuck(
     query: Result<Query<StuckQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(query) = query?;
-    let limit = query.limit.unwrap_or(100);
-    if !(1..=1000).contains(&limit) {
-        return Err(ApiError::bad_request(format!(
-            "limit must be between 1 and 1000, not {limit}"
-        )));
-    }
+    let limit = query_limit(query.limit, 100, 1..=1000)?;
     let before = i64::try_from(query.older_than_secs.unwrap_or(60))
         .ok()
         .and_then(chrono::Duration::try_seconds)

@@ -94,14 +94,11 @@ fn escape(text: &str) -> String {
         .replace('>', "#gt;")
 }
 
+/// `1 min`, `10 s`, `250 ms`: for people.
 fn format_delay(delay: Duration) -> String {
-    let ms = delay.as_millis();
-    if ms > 0 && ms.is_multiple_of(60_000) {
-        format!("{} min", ms / 60_000)
-    } else if ms > 0 && ms.is_multiple_of(1000) {
-        format!("{} s", ms / 1000)
-    } else {
-        format!("{ms} ms")
+    match orderflow_topology::delay_in_largest_unit(delay) {
+        (count, "m") => format!("{count} min"),
+        (count, unit) => format!("{count} {unit}"),
     }
 }
 
