@@ -151,12 +151,14 @@ pub fn run(args: &ChaosArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-/// Kills and reaps the process in `slot`, if there is one (the end of a
+/// Kills and reaps the process in each slot that has one (the end of a
 /// run, or a run that failed).
-fn kill_and_reap(slot: &mut Option<std::process::Child>) {
-    if let Some(mut child) = slot.take() {
-        let _ = child.kill();
-        let _ = child.wait();
+fn kill_and_reap<'a>(slots: impl IntoIterator<Item = &'a mut Option<std::process::Child>>) {
+    for slot in slots {
+        if let Some(mut child) = slot.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 

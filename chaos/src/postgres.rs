@@ -194,7 +194,7 @@ impl Postgres {
 
     /// Kills the server (the end of the run, or a run that failed).
     pub fn kill(&mut self) {
-        crate::kill_and_reap(&mut self.child);
+        crate::kill_and_reap([&mut self.child]);
     }
 }
 

@@ -334,9 +334,7 @@ impl Rabbit {
 
     /// Kills every node (the end of the run, or a run that failed).
     pub fn kill_all(&mut self) {
-        for node in &mut self.nodes {
-            crate::kill_and_reap(&mut node.child);
-        }
+        crate::kill_and_reap(self.nodes.iter_mut().map(|node| &mut node.child));
     }
 }
 

@@ -184,9 +184,7 @@ impl Workers {
     }
 
     pub fn kill_all(&mut self) {
-        for worker in &mut self.procs {
-            crate::kill_and_reap(&mut worker.child);
-        }
+        crate::kill_and_reap(self.procs.iter_mut().map(|worker| &mut worker.child));
     }
 }
 

@@ -771,35 +771,60 @@ async fn delay<H: Handler>(
             return;
         }
     };
-    match state
-        .publisher
-        .publish_raw(
-            delay_exchange,
-            delivery.routing_key.as_str(),
-            &delivery.data,
-            properties,
-        )
-        .await
+    let envelope = &message.envelope;
+    let parking = "park message in its delay queue";
+    if move_delivery(
+        state,
+        delivery,
+        envelope,
+        delay_exchange,
+        properties,
+        parking,
+    )
+    .await
     {
+        tracing::warn!(
+            service = %state.options.service,
+            order_id = %envelope.correlation_id,
+            message_id = %envelope.message_id,
+            delay_queue = %delay_exchange,
+            error = %format!("{error:#}"),
+            "transient failure persists; message parked in a delay queue"
+        );
+    }
+}
+
+/// Publishes `delivery` (its routing key and body, with `properties`) to
+/// `exchange` and acks it once the broker confirmed; when the publish fails,
+/// requeues it instead, so nothing is lost, and logs that it could not
+/// `doing`. Whether it moved.
+async fn move_delivery<H: Handler>(
+    state: &ConsumerState<H>,
+    delivery: &Delivery,
+    envelope: &Envelope,
+    exchange: &str,
+    properties: BasicProperties,
+    doing: &str,
+) -> bool {
+    let routing_key = delivery.routing_key.as_str();
+    let published = state
+        .publisher
+        .publish_raw(exchange, routing_key, &delivery.data, properties)
+        .await;
+    match published {
         Ok(()) => {
-            tracing::warn!(
-                service = %state.options.service,
-                order_id = %message.envelope.correlation_id,
-                message_id = %message.envelope.message_id,
-                delay_queue = %delay_exchange,
-                error = %format!("{error:#}"),
-                "transient failure persists; message parked in a delay queue"
-            );
-            ack(delivery, &message.envelope).await;
+            ack(delivery, envelope).await;
+            true
         }
         Err(publish_error) => {
             tracing::error!(
-                order_id = %message.envelope.correlation_id,
-                message_id = %message.envelope.message_id,
+                order_id = %envelope.correlation_id,
+                message_id = %envelope.message_id,
                 %publish_error,
-                "cannot park message in its delay queue; requeueing"
+                "cannot {doing}; requeueing"
             );
             requeue(delivery).await;
+            false
         }
     }
 }
@@ -827,37 +852,26 @@ async fn dead_letter<H: Handler>(
     let properties = envelope
         .to_properties(extra.clone())
         .unwrap_or_else(|_| with_headers(&delivery.properties, &extra));
-    match state
-        .publisher
-        .publish_raw(
-            &state.dead_exchange,
-            routing_key,
-            &delivery.data,
-            properties,
-        )
-        .await
+    let dead = &state.dead_exchange;
+    if move_delivery(
+        state,
+        delivery,
+        envelope,
+        dead,
+        properties,
+        "dead-letter message",
+    )
+    .await
     {
-        Ok(()) => {
-            tracing::error!(
-                service = %state.options.service,
-                order_id = %envelope.correlation_id,
-                message_id = %envelope.message_id,
-                routing_key,
-                reason,
-                dead_letter_queue = %state.dead_exchange,
-                "message dead-lettered; inspect with `orderflow dlq list`, replay with `orderflow dlq replay`"
-            );
-            ack(delivery, envelope).await;
-        }
-        Err(publish_error) => {
-            tracing::error!(
-                order_id = %envelope.correlation_id,
-                message_id = %envelope.message_id,
-                %publish_error,
-                "cannot dead-letter message; requeueing"
-            );
-            requeue(delivery).await;
-        }
+        tracing::error!(
+            service = %state.options.service,
+            order_id = %envelope.correlation_id,
+            message_id = %envelope.message_id,
+            routing_key,
+            reason,
+            dead_letter_queue = %dead,
+            "message dead-lettered; inspect with `orderflow dlq list`, replay with `orderflow dlq replay`"
+        );
     }
 }
 
