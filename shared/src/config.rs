@@ -175,7 +175,7 @@ impl Settings {
             .set_default("flow_timeout_secs", 3600)?
             .set_default("log", "info")?
             .set_default("log_format", "text")?
-            .set_default("prefetch", 256)?
+            .set_default("prefetch", 1024)?
             .set_default("concurrency", 32)?
             .set_default("db_pool_size", 6)?
             .set_default("http_request_timeout_ms", 10_000)?
