@@ -540,33 +540,39 @@ async fn delete(admin: &Connection, names: &BrokerNames) -> anyhow::Result<()> {
         first_error.get_or_insert(error);
     };
     for queue in names.queues() {
-        let deleted = async {
-            let channel = admin.create_channel().await?;
+        let deleted = on_own_channel(admin, async |channel| {
+            let options = QueueDeleteOptions::default();
             channel
-                .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-                .await?;
-            let _ = channel.close(200, "deleted".into()).await;
-            Ok::<_, lapin::Error>(())
-        }
-        .await;
-        if let Err(error) = deleted {
+                .queue_delete(queue.as_str().into(), options)
+                .await
+                .map(drop)
+        });
+        if let Err(error) = deleted.await {
             record(anyhow!(error).context(format!("deleting queue `{queue}`")));
         }
     }
     let exchange = names.exchange();
-    let deleted = async {
-        let channel = admin.create_channel().await?;
+    let deleted = on_own_channel(admin, async |channel| {
+        let options = ExchangeDeleteOptions::default();
         channel
-            .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
-            .await?;
-        let _ = channel.close(200, "deleted".into()).await;
-        Ok::<_, lapin::Error>(())
-    }
-    .await;
-    if let Err(error) = deleted {
+            .exchange_delete(exchange.as_str().into(), options)
+            .await
+    });
+    if let Err(error) = deleted.await {
         record(anyhow!(error).context(format!("deleting exchange `{exchange}`")));
     }
     first_error.map_or(Ok(()), Err)
+}
+
+/// Runs `work` on a channel of its own on `connection`, then closes it.
+async fn on_own_channel(
+    connection: &Connection,
+    work: impl AsyncFnOnce(&Channel) -> Result<(), lapin::Error>,
+) -> Result<(), lapin::Error> {
+    let channel = connection.create_channel().await?;
+    work(&channel).await?;
+    let _ = channel.close(200, "done".into()).await;
+    Ok(())
 }
 
 /// Starts one relay per queue (each on its own connection, like a service),
