@@ -81,11 +81,14 @@ want_connections=400
 admin_url=${ORDERFLOW_TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}
 have_connections=$(psql "$admin_url" -w -Atc 'show max_connections' 2>/dev/null || echo "$want_connections")
 if [ "$have_connections" -lt "$want_connections" ]; then
-  log "raising PostgreSQL's max_connections from $have_connections to $want_connections for the tests (restarting it)"
-  psql "$admin_url" -w -qc "ALTER SYSTEM SET max_connections = $want_connections"
-  version=$(ls /etc/postgresql | sort -V | tail -n 1)
-  as_root pg_ctlcluster --skip-systemctl-redirect "$version" main restart
-  wait_port 5432 PostgreSQL
+  if psql "$admin_url" -w -qc "ALTER SYSTEM SET max_connections = $want_connections"; then
+    log "raising PostgreSQL's max_connections from $have_connections to $want_connections for the tests (restarting it)"
+    version=$(ls /etc/postgresql | sort -V | tail -n 1)
+    as_root pg_ctlcluster --skip-systemctl-redirect "$version" main restart
+    wait_port 5432 PostgreSQL
+  else
+    log "could not raise PostgreSQL's max_connections ($have_connections): tests running four at a time may be refused connections"
+  fi
 fi
 
 log "RabbitMQ on 127.0.0.1:5672 and PostgreSQL on 127.0.0.1:5432 are up"
