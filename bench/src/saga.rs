@@ -85,11 +85,6 @@ pub struct BenchArgs {
     pub baseline: bool,
 }
 
-pub fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
-    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-    runtime.block_on(main(args))
-}
-
 /// A whole orderflow inside this process, in its own namespace and database.
 struct InProcess {
     base: String,
@@ -233,7 +228,9 @@ async fn statements(settings: &Settings) -> Option<u64> {
     calls.ok().flatten().map(|n| n.max(0) as u64)
 }
 
-async fn main(args: &BenchArgs) -> anyhow::Result<ExitCode> {
+/// `orderflow bench`: runs the orders as `args` says and prints the report
+/// line; exit code 1 when any order failed, 130 when interrupted.
+pub async fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
     let scratch = match &args.api {
         Some(_) => None,
         None => Some(Scratch::new(args)?),

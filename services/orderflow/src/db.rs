@@ -43,22 +43,18 @@ fn init(args: &DbInitArgs) -> anyhow::Result<ExitCode> {
             missing.join(", ")
         );
     }
-    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-    let done = runtime
-        .block_on(provision(
-            &settings.database_url,
-            &args.role_prefix,
-            |context| {
-                SecretString::from(std::env::var(password_variable(context)).unwrap_or_default())
-            },
-        ))
-        .with_context(|| {
-            format!(
-                "provisioning {} (ORDERFLOW_DATABASE_URL must be an administrator's: a superuser, \
+    let done = crate::block_on(provision(
+        &settings.database_url,
+        &args.role_prefix,
+        |context| SecretString::from(std::env::var(password_variable(context)).unwrap_or_default()),
+    ))?
+    .with_context(|| {
+        format!(
+            "provisioning {} (ORDERFLOW_DATABASE_URL must be an administrator's: a superuser, \
                  or a role that may create roles and owns the database)",
-                settings.database_url_redacted()
-            )
-        })?;
+            settings.database_url_redacted()
+        )
+    })?;
     for provisioned in &done {
         let reads: Vec<String> = provisioned
             .context

@@ -46,22 +46,21 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Up(args) => up::run(&args),
         Command::Worker(args) => up::run_one(&args),
         Command::Db(command) => db::run(command),
-        Command::Order(command) => block_on(order::run(command)),
-        Command::Saga(command) => block_on(saga::run(command)),
-        Command::Dlq(command) => block_on(dlq::run(command)),
+        Command::Order(command) => block_on(order::run(command))?,
+        Command::Saga(command) => block_on(saga::run(command))?,
+        Command::Dlq(command) => block_on(dlq::run(command))?,
         Command::Pause(args) => pause::run(&args, true),
         Command::Resume(args) => pause::run(&args, false),
-        Command::Bench(args) => orderflow_bench::saga::run(&args),
+        Command::Bench(args) => block_on(orderflow_bench::saga::run(&args))?,
         Command::Chaos(args) => orderflow_chaos::run(&args),
     }
 }
 
-/// Runs an asynchronous command to its end on a runtime of its own.
-fn block_on(
-    command: impl std::future::Future<Output = anyhow::Result<ExitCode>>,
-) -> anyhow::Result<ExitCode> {
+/// Runs the asynchronous part of a command to its end on a runtime of its
+/// own (every command that needs one starts it here).
+fn block_on<F: std::future::Future>(work: F) -> anyhow::Result<F::Output> {
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-    runtime.block_on(command)
+    Ok(runtime.block_on(work))
 }
 
 fn is_broken_pipe(error: &anyhow::Error) -> bool {

@@ -4,7 +4,6 @@
 
 use std::process::ExitCode;
 
-use anyhow::Context as _;
 use orderflow_ops::pause;
 use orderflow_shared::config::Settings;
 
@@ -13,8 +12,7 @@ use crate::cli::PauseArgs;
 /// Pauses (`pausing`) or resumes `args.service`.
 pub fn run(args: &PauseArgs, pausing: bool) -> anyhow::Result<ExitCode> {
     let settings = Settings::load(None)?;
-    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-    runtime.block_on(async {
+    crate::block_on(async {
         let broker = crate::dlq::broker(&settings)?;
         let service = args.service.as_str();
         let by = format!(
@@ -43,5 +41,5 @@ pub fn run(args: &PauseArgs, pausing: bool) -> anyhow::Result<ExitCode> {
             );
         }
         Ok(ExitCode::SUCCESS)
-    })
+    })?
 }

@@ -18,8 +18,7 @@ use secrecy::SecretString;
 use crate::cli::{UpArgs, WorkerArgs};
 
 pub fn run(args: &UpArgs) -> anyhow::Result<ExitCode> {
-    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-    runtime.block_on(up(args))?;
+    crate::block_on(up(args))??;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -95,15 +94,12 @@ pub fn run_one(args: &WorkerArgs) -> anyhow::Result<ExitCode> {
             names.join(", ")
         );
     }
-    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-    Ok(
-        runtime.block_on(orderflow_shared::app::main(&args.name, |ctx, shutdown| {
-            let name = args.name.clone();
-            async move {
-                let task = orderflow_workers::start(&name, ctx, None, shutdown)
-                    .with_context(|| format!("no worker `{name}` in this configuration"))?;
-                task.await
-            }
-        })),
-    )
+    crate::block_on(orderflow_shared::app::main(&args.name, |ctx, shutdown| {
+        let name = args.name.clone();
+        async move {
+            let task = orderflow_workers::start(&name, ctx, None, shutdown)
+                .with_context(|| format!("no worker `{name}` in this configuration"))?;
+            task.await
+        }
+    }))
 }

@@ -120,8 +120,7 @@ pub(crate) fn deployment_model(args: &DeploymentArgs) -> anyhow::Result<Topology
 fn declare(args: &DeclareArgs) -> anyhow::Result<ExitCode> {
     let topology = deployment_model(&args.deployment)?;
     let settings = orderflow_shared::config::Settings::from_env()?;
-    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-    runtime.block_on(async {
+    crate::block_on(async {
         let broker = orderflow_shared::bus::Broker::new(
             &settings.amqp_url,
             "orderflow-topology-declare",
@@ -139,7 +138,7 @@ fn declare(args: &DeclareArgs) -> anyhow::Result<ExitCode> {
                 settings.amqp_url_redacted()
             )
         })
-    })?;
+    })??;
     write_stdout(&format!(
         "declared on {}: {}, {}, {} (namespace `{}`)\n",
         settings.amqp_url_redacted(),
