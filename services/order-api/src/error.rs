@@ -2,8 +2,6 @@
 //! `{"error": "..."}` with a fitting status, including axum's own rejections
 //! (malformed JSON, a missing field, an oversized body, a bad query string).
 
-use std::ops::RangeInclusive;
-
 use axum::Json;
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::http::{HeaderValue, StatusCode, header};
@@ -110,23 +108,5 @@ impl From<QueryRejection> for ApiError {
 impl From<PathRejection> for ApiError {
     fn from(rejection: PathRejection) -> Self {
         Self::new(rejection.status(), rejection.body_text())
-    }
-}
-
-/// A query's `limit` (`default` when absent); outside `range` it is a 400
-/// that says the range and the value.
-pub fn query_limit<T>(limit: Option<T>, default: T, range: RangeInclusive<T>) -> Result<T, ApiError>
-where
-    T: PartialOrd + Copy + std::fmt::Display,
-{
-    let limit = limit.unwrap_or(default);
-    if range.contains(&limit) {
-        Ok(limit)
-    } else {
-        Err(ApiError::bad_request(format!(
-            "limit must be between {} and {}, not {limit}",
-            range.start(),
-            range.end()
-        )))
     }
 }

@@ -27,7 +27,8 @@ use serde_json::json;
 
 use crate::bounds::{self, Bounds};
 use crate::console::{self, Operator, live};
-use crate::error::{ApiError, error_body, query_limit};
+use crate::error::{ApiError, error_body};
+use crate::input::query_limit;
 use crate::input::{NewOrder, PaymentSubmission};
 use crate::metrics::{self, Metrics};
 use crate::orders::{self, Creation, OrderView, Submission};

@@ -1,8 +1,10 @@
-//! What clients send (`POST /orders`, `POST /orders/{id}/payment`), its
-//! validation, and the idempotency hash of a new order. Fields not listed
-//! here, such as a client's price, are ignored: prices come from the catalogue.
+//! What clients send (`POST /orders`, `POST /orders/{id}/payment`, the
+//! `limit` of a paged query), its validation, and the idempotency hash of a
+//! new order. Fields not listed here, such as a client's price, are
+//! ignored: prices come from the catalogue.
 
 use std::fmt::Write as _;
+use std::ops::RangeInclusive;
 
 use orderflow_shared::events::{OrderStarted, ProductLine};
 use orderflow_shared::metadata::Metadata;
@@ -175,6 +177,24 @@ impl PaymentSubmission {
     pub fn validate(&self) -> Result<(), ApiError> {
         check_text("token", &self.token, MAX_TOKEN_CHARS)?;
         check_text("method", &self.method, MAX_METHOD_CHARS)
+    }
+}
+
+/// A query's `limit` (`default` when absent); outside `range` it is a 400
+/// that says the range and the value.
+pub fn query_limit<T>(limit: Option<T>, default: T, range: RangeInclusive<T>) -> Result<T, ApiError>
+where
+    T: PartialOrd + Copy + std::fmt::Display,
+{
+    let limit = limit.unwrap_or(default);
+    if range.contains(&limit) {
+        Ok(limit)
+    } else {
+        Err(ApiError::bad_request(format!(
+            "limit must be between {} and {}, not {limit}",
+            range.start(),
+            range.end()
+        )))
     }
 }
 

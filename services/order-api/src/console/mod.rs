@@ -41,8 +41,9 @@ use serde_json::json;
 
 pub use auth::OperatorToken;
 
-use crate::error::{ApiError, query_limit};
+use crate::error::ApiError;
 use crate::http::AppState;
+use crate::input::query_limit;
 
 /// The console's page and its assets, compiled in.
 const INDEX_HTML: &str = include_str!("assets/index.html");
