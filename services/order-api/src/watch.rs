@@ -8,7 +8,9 @@
 //! out in one batched `NOTIFY orderflow_orders` that reaches every API
 //! instance through its `LISTEN` (one notifying transaction per batch, not
 //! per change: each NOTIFY holds PostgreSQL's database-wide notification
-//! lock until its commit is flushed). No trigger notifies: a change made
+//! lock until its commit is flushed). An instance's own announcements come
+//! back to it too; it tells them by their tag and ignores them (its waiters
+//! were woken when the change was queued). No trigger notifies: a change made
 //! any other way wakes no one, and its long polls answer at their timeout.
 //!
 //! A waiter subscribes before it reads the row, so a change between its read
@@ -25,7 +27,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use orderflow_shared::Shutdown;
-use orderflow_shared::store::orders::{Announcer, CHANGES_CHANNEL};
+use orderflow_shared::store::orders::{Announcement, Announcer, CHANGES_CHANNEL};
 
 use crate::status::Status;
 use sqlx::PgPool;
@@ -99,6 +101,8 @@ pub struct Subscription {
     shared: Arc<Shared>,
     order_id: Arc<str>,
     changes: watch::Receiver<(u64, Option<Status>)>,
+    /// The change counter this waiter last saw.
+    seen: u64,
     everyone: watch::Receiver<u64>,
 }
 
@@ -140,10 +144,12 @@ impl Watcher {
         waiters.subscriptions += 1;
         let changes = waiters.changes.subscribe();
         drop(orders);
+        let seen = changes.borrow().0;
         Subscription {
             shared: self.shared.clone(),
             order_id,
             changes,
+            seen,
             everyone,
         }
     }
@@ -152,6 +158,17 @@ impl Watcher {
     #[cfg(test)]
     fn watched_orders(&self) -> usize {
         self.shared.orders().len()
+    }
+
+    /// A notification on [`CHANNEL`] with `payload` came in: wakes the
+    /// order's waiters, unless this instance announced it itself (their
+    /// waiters were woken, with the status, when it was queued: reading the
+    /// order again would find nothing new).
+    fn notified(&self, payload: &str) {
+        let announced = Announcement::parse(payload);
+        if announced.from != Some(self.announcer.tag()) {
+            self.shared.wake_order(announced.order_id, None);
+        }
     }
 
     fn set_listening(&self, listening: bool) {
@@ -184,9 +201,7 @@ impl Watcher {
                             received = listener.try_recv() => received,
                         };
                         match received {
-                            Ok(Some(notification)) => {
-                                self.shared.wake_order(notification.payload(), None);
-                            }
+                            Ok(Some(notification)) => self.notified(notification.payload()),
                             // The connection was lost and is back (sqlx reconnects
                             // eagerly): what was notified meanwhile is gone.
                             Ok(None) => {
@@ -221,12 +236,23 @@ impl Subscription {
     /// may have been missed, or (listener down) the fallback interval passed.
     /// The order's status after the change when the one who changed it said
     /// so; `None` when the row must be read to know.
+    ///
+    /// A status is only trusted when it belongs to the one change since this
+    /// waiter last looked: with more, an earlier one may have been another
+    /// process's (whose status is not known) and the status reported with a
+    /// later one may be older than it (the reporter looked before that
+    /// process committed, and reported after its notification came in).
     pub async fn changed(&mut self) -> Option<Status> {
         let polling = !self.shared.listening.load(Ordering::SeqCst);
         // The senders live as long as this subscription (in `shared`), so
         // `changed` only returns when a value was sent.
         tokio::select! {
-            _ = self.changes.changed() => self.changes.borrow_and_update().1,
+            _ = self.changes.changed() => {
+                let (n, known) = *self.changes.borrow_and_update();
+                let missed = n.wrapping_sub(self.seen) != 1;
+                self.seen = n;
+                if missed { None } else { known }
+            }
             _ = self.everyone.changed() => None,
             () = tokio::time::sleep(FALLBACK_POLL), if polling => None,
         }
@@ -296,6 +322,45 @@ mod tests {
         assert_eq!(a.changed().await, None);
         watcher.shared.wake_everyone();
         assert_eq!(a.changed().await, None);
+    }
+
+    #[tokio::test]
+    async fn its_own_announcements_coming_back_wake_no_one_and_others_do() {
+        let watcher = watcher();
+        let mut a = watcher.subscribe("a");
+        watcher.notified(&format!("{}/a", watcher.announcer.tag()));
+        assert!(!woke(&mut a).await, "its own announcement came back");
+        // Another announcer's (a terminal worker, another API instance).
+        watcher.notified(&format!("{}/a", Announcer::unsent().tag()));
+        assert_eq!(
+            a.changed().await,
+            None,
+            "read the order: the status is not known"
+        );
+        // A payload without a tag (a sender before tags, a NOTIFY by hand).
+        watcher.notified("a");
+        assert!(woke(&mut a).await);
+    }
+
+    #[tokio::test]
+    async fn a_status_is_not_trusted_when_other_changes_came_since_the_waiter_looked() {
+        let watcher = watcher();
+        let mut a = watcher.subscribe("a");
+        // Another process completed the order (status unknown here), then a
+        // local change reports the status it saw before that commit.
+        watcher.notified(&format!("{}/a", Announcer::unsent().tag()));
+        watcher.changed("a", Some(Status::Paying));
+        assert_eq!(
+            a.changed().await,
+            None,
+            "read the order: it may be completed"
+        );
+        // One change since it looked: its status is trusted.
+        watcher.changed("a", Some(Status::Paying));
+        assert_eq!(a.changed().await, Some(Status::Paying));
+        watcher.changed("a", Some(Status::Paying));
+        watcher.changed("a", Some(Status::Completed));
+        assert_eq!(a.changed().await, None, "two local changes: read it too");
     }
 
     #[tokio::test]

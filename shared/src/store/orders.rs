@@ -2,7 +2,8 @@
 //! (the orders table owns the terminal state; it changes by one conditional
 //! upsert, and the first terminal transition wins) and the announcement of a
 //! committed change to an order, which wakes the order API's long polls in
-//! every instance (`NOTIFY orderflow_orders`, payload: the order id).
+//! every instance (`NOTIFY orderflow_orders`, payload: the announcer's tag,
+//! `/`, the order id; see [`Announcement`]).
 
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -23,9 +24,49 @@ pub const CHANGES_CHANNEL: &str = "orderflow_orders";
 /// one `pg_notify` statement in its own transaction, committed without
 /// waiting for the WAL flush (a wake-up lost in a crash only lets a long
 /// poll answer at its timeout or at the next change). Cheap to clone.
+///
+/// Every payload starts with the announcer's [`tag`](Self::tag), so that an
+/// order API can tell its own announcements (whose waiters it has already
+/// woken, with the status) from other processes' when they come back through
+/// its `LISTEN`, and does not read the order again for them.
 #[derive(Clone, Debug)]
 pub struct Announcer {
     queue: Arc<(Mutex<Vec<String>>, Notify)>,
+    tag: Arc<str>,
+}
+
+/// A notification on [`CHANGES_CHANNEL`], parsed: `<tag>/<order id>`, where
+/// the tag is 16 lowercase hex digits naming the [`Announcer`] that sent it.
+/// A payload without that prefix (a sender before tags, a `NOTIFY` typed by
+/// hand) is an order id from an unknown sender.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Announcement<'a> {
+    /// The sending announcer's tag, when the payload carries one.
+    pub from: Option<&'a str>,
+    pub order_id: &'a str,
+}
+
+/// Length of an announcer's tag.
+const TAG_LEN: usize = 16;
+
+impl<'a> Announcement<'a> {
+    pub fn parse(payload: &'a str) -> Self {
+        let tagged = payload.as_bytes().get(TAG_LEN) == Some(&b'/')
+            && payload.as_bytes()[..TAG_LEN]
+                .iter()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(b));
+        if tagged {
+            Self {
+                from: Some(&payload[..TAG_LEN]),
+                order_id: &payload[TAG_LEN + 1..],
+            }
+        } else {
+            Self {
+                from: None,
+                order_id: payload,
+            }
+        }
+    }
 }
 
 impl Announcer {
@@ -41,7 +82,14 @@ impl Announcer {
     pub fn unsent() -> Self {
         Self {
             queue: Arc::new((Mutex::new(Vec::new()), Notify::new())),
+            tag: format!("{:016x}", fastrand::u64(..)).into(),
         }
+    }
+
+    /// What this announcer's payloads start with (16 lowercase hex digits,
+    /// random per announcer).
+    pub fn tag(&self) -> &str {
+        &self.tag
     }
 
     /// `order_id` changed (committed): announced with the next batch.
@@ -70,10 +118,11 @@ impl Announcer {
             if !ids.is_empty() {
                 let sent = sqlx::query(
                     "WITH relaxed AS (SELECT set_config('synchronous_commit', 'off', true)) \
-                     SELECT pg_notify($1, id) FROM relaxed, unnest($2::text[]) AS id",
+                     SELECT pg_notify($1, $3 || '/' || id) FROM relaxed, unnest($2::text[]) AS id",
                 )
                 .bind(CHANGES_CHANNEL)
                 .bind(&ids)
+                .bind(&*self.tag)
                 .execute(&pool)
                 .await;
                 if let Err(error) = sent {
@@ -257,5 +306,57 @@ impl Handler for TerminalHandler {
     async fn handle_batch(&self, messages: &[Message]) -> Result<(), HandleError> {
         let messages: Vec<&Message> = messages.iter().collect();
         self.apply_all(&messages).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_announcement_names_its_sender_and_its_order() {
+        let announcer = Announcer::unsent();
+        let payload = format!("{}/order-1", announcer.tag());
+        assert_eq!(
+            Announcement::parse(&payload),
+            Announcement {
+                from: Some(announcer.tag()),
+                order_id: "order-1"
+            }
+        );
+        // The order id is everything after the tag, slashes included.
+        let parsed = Announcement::parse("0123456789abcdef/a/b");
+        assert_eq!(
+            (parsed.from, parsed.order_id),
+            (Some("0123456789abcdef"), "a/b")
+        );
+    }
+
+    #[test]
+    fn a_payload_without_a_tag_is_an_order_id_from_an_unknown_sender() {
+        for payload in [
+            "order-1",
+            "",
+            "0123456789ABCDEF/x",
+            "0123456789abcdeg/x",
+            "0123456789abcdef",
+        ] {
+            assert_eq!(
+                Announcement::parse(payload),
+                Announcement {
+                    from: None,
+                    order_id: payload
+                },
+                "{payload:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_announcer_has_its_own_tag() {
+        let (a, b) = (Announcer::unsent(), Announcer::unsent());
+        assert_ne!(a.tag(), b.tag());
+        assert_eq!(a.clone().tag(), a.tag(), "clones announce as one");
+        assert_eq!(a.tag().len(), TAG_LEN);
     }
 }
