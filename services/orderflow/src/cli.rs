@@ -157,8 +157,8 @@ pub enum Command {
         their merchant's methods round-robin and must complete. An outcome other \
         than the expected one, or a charge other than the discounted server amount, \
         counts as a failure. Prints one JSON line: orders, concurrency, mix, completed, \
-        cancelled, failures, orders_per_s, p50_ms, p95_ms, p99_ms, wall_s (latency is \
-        per order, from the start call to the terminal state the client saw). \
+        cancelled, failures, orders_per_s, p50_ms, p95_ms, p99_ms, max_ms, wall_s (latency \
+        is per order, from the start call to the terminal state the client saw). \
         Exits 1 when any order failed.\n\n\
         Without --api the bench starts the whole system in this process (namespace \
         `bench-<id>`, database `orderflow_bench_<id>` on ORDERFLOW_AMQP_URL / \

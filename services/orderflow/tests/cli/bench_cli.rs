@@ -33,6 +33,7 @@ async fn bench_reports_one_json_line_with_every_order_accounted_for() {
         "p50_ms",
         "p95_ms",
         "p99_ms",
+        "max_ms",
         "wall_s",
     ] {
         assert!(report.get(field).is_some(), "{field} missing: {report}");
@@ -49,6 +50,7 @@ async fn bench_reports_one_json_line_with_every_order_accounted_for() {
     );
     assert_eq!((completed, cancelled), (23, 1), "{report}");
     assert!(report["p99_ms"].as_f64().unwrap() >= report["p50_ms"].as_f64().unwrap());
+    assert!(report["max_ms"].as_f64().unwrap() >= report["p99_ms"].as_f64().unwrap());
     system.stop().await;
 }
 
