@@ -99,27 +99,55 @@ impl Pending {
         self.details.push(detail);
     }
 
-    /// Writes the entries, in the order they were pushed (their ids follow
-    /// it); an entry already recorded (a message handled again) is skipped.
-    pub async fn write(self, conn: &mut PgConnection) -> Result<(), sqlx::Error> {
-        if self.order_ids.is_empty() {
-            return Ok(());
-        }
-        sqlx::query(
+    /// Whether no entry was pushed.
+    pub fn is_empty(&self) -> bool {
+        self.order_ids.is_empty()
+    }
+
+    /// The statement that writes the entries, in the order they were pushed
+    /// (their ids follow it), skipping an entry already recorded (a message
+    /// handled again); its six arrays are parameters `$first`..`$first+5`,
+    /// bound by [`bind`](Self::bind).
+    pub fn insert(first: usize) -> String {
+        let p = |i: usize| first + i;
+        format!(
             "INSERT INTO history (order_id, kind, name, message_id, causation_id, detail) \
-             SELECT o, k, n, m, c, d FROM unnest($1::text[], $2::text[], $3::text[], \
-               $4::text[], $5::text[], $6::jsonb[]) WITH ORDINALITY AS e(o, k, n, m, c, d, i) \
+             SELECT o, k, n, m, c, d FROM unnest(${}::text[], ${}::text[], ${}::text[], \
+               ${}::text[], ${}::text[], ${}::jsonb[]) WITH ORDINALITY AS e(o, k, n, m, c, d, i) \
              ORDER BY i \
              ON CONFLICT (order_id, message_id) DO NOTHING",
+            p(0),
+            p(1),
+            p(2),
+            p(3),
+            p(4),
+            p(5)
         )
-        .bind(&self.order_ids)
-        .bind(&self.kinds)
-        .bind(&self.names)
-        .bind(&self.message_ids)
-        .bind(&self.causation_ids)
-        .bind(&self.details)
-        .execute(conn)
-        .await?;
+    }
+
+    /// Binds the six arrays of [`insert`](Self::insert), after what `query`
+    /// already binds.
+    pub fn bind<'q>(
+        &'q self,
+        query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+        query
+            .bind(&self.order_ids)
+            .bind(&self.kinds)
+            .bind(&self.names)
+            .bind(&self.message_ids)
+            .bind(&self.causation_ids)
+            .bind(&self.details)
+    }
+
+    /// Writes the entries ([`insert`](Self::insert)) on their own.
+    pub async fn write(self, conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+        if self.is_empty() {
+            return Ok(());
+        }
+        self.bind(sqlx::query(sqlx::AssertSqlSafe(Self::insert(1))))
+            .execute(conn)
+            .await?;
         Ok(())
     }
 }

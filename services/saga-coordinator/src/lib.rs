@@ -39,7 +39,6 @@ use chrono::{DateTime, Utc};
 use orderflow_shared::Shutdown;
 use orderflow_shared::app::{Ctx, run_worker};
 use orderflow_shared::bus::{HandleError, Handler, Message, Outgoing};
-use orderflow_shared::envelope::Envelope;
 use orderflow_shared::events::{
     Event, PaymentRejected, PaymentSelected, PaymentSubmitted, Step, SubmissionRejected,
 };
@@ -397,27 +396,26 @@ impl CoordinatorHandler {
         let mut sorted: Vec<&Message> = messages.to_vec();
         sorted.sort_by(|a, b| a.order_id().cmp(b.order_id()));
         let mut unit = self.db.begin_unit_without_inbox().await?;
-        let envelopes: Vec<&Envelope> = sorted.iter().map(|m| &m.envelope).collect();
-        let admitted = unit.admit_all(SERVICE, &envelopes).await?;
-        let fresh: Vec<&Message> = sorted
-            .into_iter()
-            .zip(admitted)
-            .filter_map(|(message, admitted)| admitted.then_some(message))
-            .collect();
-        if fresh.is_empty() {
-            return Ok(()); // every one applied before: nothing to write
-        }
-        let orders: Vec<(String, Option<String>)> = fresh
+        let inputs: Vec<(&str, &str, Option<String>)> = sorted
             .iter()
             .map(|m| {
                 let digest = match &m.event {
                     Event::OrderStarted(started) => Some(started.content_digest()),
                     _ => None,
                 };
-                (m.order_id().to_owned(), digest)
+                (m.envelope.message_id.as_str(), m.order_id(), digest)
             })
             .collect();
-        let mut sagas = Sagas::lock(unit.conn(), &orders).await?;
+        let (mut admitted, mut sagas) =
+            Sagas::admit_and_lock(unit.conn(), SERVICE, &inputs).await?;
+        // A message id admitted now is applied once, at its first place.
+        let fresh: Vec<&Message> = sorted
+            .into_iter()
+            .filter(|m| admitted.remove(m.envelope.message_id.as_str()))
+            .collect();
+        if fresh.is_empty() {
+            return Ok(()); // every one applied before: nothing to write
+        }
         let mut history = history::Pending::default();
         let mut armed: Option<DateTime<Utc>> = None;
         for message in fresh {
@@ -428,8 +426,7 @@ impl CoordinatorHandler {
                 armed = Some(armed.map_or(due, |earlier| earlier.min(due)));
             }
         }
-        sagas.write(unit.conn()).await?;
-        history.write(unit.conn()).await?;
+        sagas.write_with(&history, unit.conn()).await?;
         unit.commit().await?;
         if let Some(due) = armed {
             self.wake.armed(due);

@@ -7,7 +7,7 @@
 //! however many there are. A saga's status and the step it waits on are
 //! [`SagaStatus`] and [`SagaStep`], stored as text.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use sqlx::PgConnection;
 
@@ -45,6 +45,16 @@ pub struct Saga {
     changed: bool,
 }
 
+/// A row of [`Sagas::admit_and_lock`]: the admitted message ids, then a
+/// locked saga (order id, status, first digest, step).
+type LockedRow = (
+    Vec<String>,
+    String,
+    SagaStatus,
+    Option<String>,
+    Option<SagaStep>,
+);
+
 /// The sagas of one unit of work, locked.
 #[derive(Debug, Default)]
 pub struct Sagas {
@@ -52,59 +62,75 @@ pub struct Sagas {
 }
 
 impl Sagas {
-    /// Locks the sagas of `orders` (order id, and the content digest of an
-    /// `order.started` among the unit's messages), creating the ones not seen
-    /// before; a saga's first digest is kept. Locks are taken in order-id
-    /// order, so two units never wait for each other in a cycle.
-    pub async fn lock(
+    /// Admits `messages` (message id, order id, and for an `order.started`
+    /// its content digest) into `consumer`'s inbox and locks the sagas of
+    /// the admitted ones, creating those not seen before, in **one
+    /// statement**: the message ids admitted now (a message id that comes
+    /// twice is admitted once; one applied before is not), and the sagas.
+    /// A saga keeps its first digest; a new one takes the first digest among
+    /// its admitted messages. Locks are taken in order-id order, so two units
+    /// never wait for each other in a cycle. The inbox rows are the same ones
+    /// [`UnitOfWork::admit_all`] writes.
+    ///
+    /// [`UnitOfWork::admit_all`]: orderflow_shared::store::UnitOfWork::admit_all
+    pub async fn admit_and_lock(
         conn: &mut PgConnection,
-        orders: &[(String, Option<String>)],
-    ) -> Result<Self, sqlx::Error> {
-        let mut first: Vec<(&str, Option<&str>)> = Vec::with_capacity(orders.len());
-        for (order_id, digest) in orders {
-            match first.iter_mut().find(|(id, _)| id == order_id) {
-                Some((_, known)) => {
-                    if known.is_none() {
-                        *known = digest.as_deref();
-                    }
-                }
-                None => first.push((order_id, digest.as_deref())),
-            }
-        }
-        first.sort_by(|a, b| a.0.cmp(b.0));
-        let ids: Vec<&str> = first.iter().map(|(id, _)| *id).collect();
-        let digests: Vec<Option<&str>> = first.iter().map(|(_, d)| *d).collect();
+        consumer: &str,
+        messages: &[(&str, &str, Option<String>)],
+    ) -> Result<(HashSet<String>, Self), sqlx::Error> {
+        let message_ids: Vec<&str> = messages.iter().map(|(m, _, _)| *m).collect();
+        let order_ids: Vec<&str> = messages.iter().map(|(_, o, _)| *o).collect();
+        let digests: Vec<Option<&str>> = messages.iter().map(|(_, _, d)| d.as_deref()).collect();
         // DO UPDATE rather than DO NOTHING: it locks an existing row too.
-        let rows: Vec<(String, SagaStatus, Option<String>, Option<SagaStep>)> = sqlx::query_as(
-            "INSERT INTO sagas (order_id, started_digest) \
-             SELECT o, d FROM unnest($1::text[], $2::text[]) AS u(o, d) ORDER BY o \
-             ON CONFLICT (order_id) DO UPDATE \
-               SET started_digest = COALESCE(sagas.started_digest, EXCLUDED.started_digest) \
-             RETURNING order_id, status, started_digest, step",
+        let rows: Vec<LockedRow> = sqlx::query_as(
+            "WITH input AS ( \
+                   SELECT m, o, d, i FROM unnest($2::text[], $3::text[], $4::text[]) \
+                     WITH ORDINALITY AS u(m, o, d, i)), \
+                 admitted AS ( \
+                   INSERT INTO inbox (consumer, message_id) SELECT $1, m FROM input \
+                   ON CONFLICT DO NOTHING RETURNING message_id), \
+                 wanted AS ( \
+                   SELECT DISTINCT ON (input.o) input.o, input.d \
+                   FROM input JOIN admitted ON admitted.message_id = input.m \
+                   ORDER BY input.o, input.d IS NULL, input.i), \
+                 locked AS ( \
+                   INSERT INTO sagas (order_id, started_digest) \
+                   SELECT o, d FROM wanted ORDER BY o \
+                   ON CONFLICT (order_id) DO UPDATE \
+                     SET started_digest = COALESCE(sagas.started_digest, EXCLUDED.started_digest) \
+                   RETURNING order_id, status, started_digest, step) \
+                 SELECT (SELECT array_agg(message_id) FROM admitted), \
+                   order_id, status, started_digest, step FROM locked",
         )
-        .bind(&ids)
+        .bind(consumer)
+        .bind(&message_ids)
+        .bind(&order_ids)
         .bind(&digests)
         .fetch_all(conn)
         .await?;
-        Ok(Self {
-            sagas: rows
-                .into_iter()
-                .map(|(order_id, status, started_digest, step)| {
-                    (
-                        order_id,
-                        Saga {
-                            status,
-                            started_digest,
-                            step,
-                            changed: false,
-                        },
-                    )
-                })
-                .collect(),
-        })
+        // Every row carries the admitted ids; no row: nothing was admitted.
+        let admitted: HashSet<String> = rows
+            .first()
+            .map(|(admitted, ..)| admitted.iter().cloned().collect())
+            .unwrap_or_default();
+        let sagas = rows
+            .into_iter()
+            .map(|(_, order_id, status, started_digest, step)| {
+                (
+                    order_id,
+                    Saga {
+                        status,
+                        started_digest,
+                        step,
+                        changed: false,
+                    },
+                )
+            })
+            .collect();
+        Ok((admitted, Self { sagas }))
     }
 
-    /// The saga of `order_id` (locked by [`lock`](Self::lock)).
+    /// The saga of `order_id` (locked by [`admit_and_lock`](Self::admit_and_lock)).
     pub fn get(&self, order_id: &str) -> Option<&Saga> {
         self.sagas.get(order_id)
     }
@@ -140,29 +166,56 @@ impl Sagas {
         true
     }
 
-    /// Writes the changed sagas back (one statement).
-    pub async fn write(self, conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+    /// Writes the changed sagas back and the unit's `history` with them, in
+    /// one statement (the saga update as a data-modifying `WITH`, which runs
+    /// to completion whatever the history insert does).
+    pub async fn write_with(
+        self,
+        history: &crate::history::Pending,
+        conn: &mut PgConnection,
+    ) -> Result<(), sqlx::Error> {
         let changed: Vec<(String, Saga)> =
             self.sagas.into_iter().filter(|(_, s)| s.changed).collect();
         if changed.is_empty() {
+            if history.is_empty() {
+                return Ok(());
+            }
+            let insert = crate::history::Pending::insert(1);
+            history
+                .bind(sqlx::query(sqlx::AssertSqlSafe(insert)))
+                .execute(conn)
+                .await?;
             return Ok(());
         }
         let ids: Vec<&str> = changed.iter().map(|(id, _)| id.as_str()).collect();
         let statuses: Vec<SagaStatus> = changed.iter().map(|(_, s)| s.status).collect();
         let steps: Vec<Option<SagaStep>> = changed.iter().map(|(_, s)| s.step).collect();
-        sqlx::query(
-            "UPDATE sagas SET status = u.status, step = u.step, updated_at = now() \
-             FROM unnest($1::text[], $2::text[], $3::text[]) AS u(order_id, status, step) \
-             WHERE sagas.order_id = u.order_id",
-        )
-        .bind(&ids)
-        .bind(&statuses)
-        .bind(&steps)
-        .execute(conn)
-        .await?;
+        let sql = if history.is_empty() {
+            WRITE_SAGAS.to_owned()
+        } else {
+            format!(
+                "WITH written AS ({WRITE_SAGAS}) {}",
+                crate::history::Pending::insert(4)
+            )
+        };
+        let query = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(&ids)
+            .bind(&statuses)
+            .bind(&steps);
+        let query = if history.is_empty() {
+            query
+        } else {
+            history.bind(query)
+        };
+        query.execute(conn).await?;
         Ok(())
     }
 }
+
+/// Writes sagas back: `$1` order ids, `$2` statuses, `$3` steps.
+const WRITE_SAGAS: &str = "UPDATE sagas SET status = u.status, step = u.step, updated_at = now() \
+     FROM unnest($1::text[], $2::text[], $3::text[]) AS u(order_id, status, step) \
+     WHERE sagas.order_id = u.order_id";
 
 #[cfg(test)]
 mod tests {

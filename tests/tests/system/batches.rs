@@ -102,10 +102,13 @@ fn message(event: orderflow_shared::events::Event, envelope: Option<&Outgoing>) 
     }
 }
 
-#[tokio::test]
-async fn a_coordinator_batch_applies_two_events_of_one_order_in_order_and_a_duplicate_once() {
-    use orderflow_shared::events::{Event, InfoGenerated, OrderStarted, ProductLine};
-    let env = TestEnv::orderflow().await;
+/// A coordinator on the coordinator's schema of `env`'s database.
+async fn coordinator(
+    env: &TestEnv,
+) -> (
+    orderflow_shared::store::Db,
+    saga_coordinator::CoordinatorHandler,
+) {
     let db = orderflow_shared::store::Db::for_context(
         &env.database_url,
         orderflow_shared::store::Context::Coordinator,
@@ -126,28 +129,54 @@ async fn a_coordinator_batch_applies_two_events_of_one_order_in_order_and_a_dupl
         },
         Arc::new(saga_coordinator::timers::TimerWake::default()),
     );
-    let started = |order_id: &str, sku: &str| {
-        Event::OrderStarted(OrderStarted {
-            order_id: order_id.into(),
-            supplier: "haidilao".into(),
-            products: vec![ProductLine {
-                sku: sku.into(),
-                quantity: 1,
-            }],
-            address: "1 Road".into(),
-        })
-    };
-    let info = Event::InfoGenerated(InfoGenerated {
-        order_id: "b".into(),
+    (db, coordinator)
+}
+
+fn started(order_id: &str, sku: &str) -> orderflow_shared::events::Event {
+    use orderflow_shared::events::{Event, OrderStarted, ProductLine};
+    Event::OrderStarted(OrderStarted {
+        order_id: order_id.into(),
+        supplier: "haidilao".into(),
+        products: vec![ProductLine {
+            sku: sku.into(),
+            quantity: 1,
+        }],
+        address: "1 Road".into(),
+    })
+}
+
+fn info(order_id: &str) -> orderflow_shared::events::Event {
+    use orderflow_shared::events::{Event, InfoGenerated};
+    Event::InfoGenerated(InfoGenerated {
+        order_id: order_id.into(),
         supplier: "haidilao".into(),
         payment_methods: vec!["zhifubao".into()],
         amount_cents: 900,
-    });
+    })
+}
+
+/// (kind, name) of each history entry of `order_id`, in order.
+async fn history_of(db: &orderflow_shared::store::Db, order_id: &str) -> Vec<(String, String)> {
+    sqlx::query_as("SELECT kind, name FROM history WHERE order_id = $1 ORDER BY id")
+        .bind(order_id)
+        .fetch_all(db.pool())
+        .await
+        .unwrap()
+}
+
+fn pair(kind: &str, name: &str) -> (String, String) {
+    (kind.to_owned(), name.to_owned())
+}
+
+#[tokio::test]
+async fn a_coordinator_batch_applies_two_events_of_one_order_in_order_and_a_duplicate_once() {
+    let env = TestEnv::orderflow().await;
+    let (db, coordinator) = coordinator(&env).await;
     let b_started = message(started("b", "tea"), None);
     let batch = vec![
         message(started("c", "tea"), None),
         b_started.clone(),
-        message(info, None),
+        message(info("b"), None),
         // The same message again inside the batch, and the same order with
         // other content: applied once, refused once.
         b_started.clone(),
@@ -157,28 +186,15 @@ async fn a_coordinator_batch_applies_two_events_of_one_order_in_order_and_a_dupl
     // And the whole batch delivered again: nothing more.
     coordinator.handle_batch(&batch).await.unwrap();
 
-    let history: Vec<(String, String, String)> =
-        sqlx::query_as("SELECT order_id, kind, name FROM history ORDER BY id")
-            .fetch_all(db.pool())
-            .await
-            .unwrap();
-    let of = |order: &str| -> Vec<(String, String)> {
-        history
-            .iter()
-            .filter(|(o, _, _)| o == order)
-            .map(|(_, k, n)| (k.clone(), n.clone()))
-            .collect()
-    };
-    let pair = |k: &str, n: &str| (k.to_owned(), n.to_owned());
     assert_eq!(
-        of("b"),
+        history_of(&db, "b").await,
         [
             pair("event", "order.started"),
             pair("event", "order.info-generated"),
             pair("rejection", "order.started"),
         ]
     );
-    assert_eq!(of("c"), [pair("event", "order.started")]);
+    assert_eq!(history_of(&db, "c").await, [pair("event", "order.started")]);
     let steps: Vec<(String, Option<String>)> =
         sqlx::query_as("SELECT order_id, step FROM sagas ORDER BY order_id")
             .fetch_all(db.pool())
@@ -193,6 +209,81 @@ async fn a_coordinator_batch_applies_two_events_of_one_order_in_order_and_a_dupl
     );
     let timers = count(&db, "SELECT count(*) FROM timers WHERE state = 'armed'").await;
     assert_eq!(timers, 3, "b: flow; c: generate-info and flow");
+    db.close().await;
+    env.cleanup().await;
+}
+
+/// The coordinator admits a batch and locks its sagas in one statement, and
+/// writes the sagas back with the history in another: what was applied
+/// before is neither applied nor locked again, a new saga takes its digest
+/// from the batch's `order.started` even behind another event of the order,
+/// and a batch that changes no saga still records its history.
+#[tokio::test]
+async fn a_coordinator_batch_of_old_and_new_messages_applies_the_new_ones_only() {
+    use orderflow_shared::events::{Event, OrderCompleted};
+    let env = TestEnv::orderflow().await;
+    let (db, coordinator) = coordinator(&env).await;
+    let d_started = message(started("d", "tea"), None);
+    // The order's info before its start, in one batch: the saga's digest is
+    // the start's, so the same content again is no conflict.
+    coordinator
+        .handle_batch(&[message(info("d"), None), d_started.clone()])
+        .await
+        .unwrap();
+    let digest: Option<String> =
+        sqlx::query_scalar("SELECT started_digest FROM sagas WHERE order_id = 'd'")
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+    let Event::OrderStarted(d) = started("d", "tea") else {
+        unreachable!()
+    };
+    assert_eq!(digest, Some(d.content_digest()));
+    // One message applied before, one with other content, one of a new order.
+    coordinator
+        .handle_batch(&[
+            d_started.clone(),
+            message(started("d", "hotpot-set"), None),
+            message(started("e", "tea"), None),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(
+        history_of(&db, "d").await,
+        [
+            pair("event", "order.info-generated"),
+            pair("event", "order.started"),
+            pair("rejection", "order.started"),
+        ]
+    );
+    let inbox = count(&db, "SELECT count(*) FROM inbox").await;
+    assert_eq!(inbox, 4, "each message once");
+    // e ends; then a late event changes no saga and is still recorded.
+    let completed = Event::OrderCompleted(OrderCompleted {
+        order_id: "e".into(),
+        method: "zhifubao".into(),
+        charged_cents: 900,
+    });
+    coordinator
+        .handle_batch(&[message(completed, None), message(info("e"), None)])
+        .await
+        .unwrap();
+    coordinator
+        .handle_batch(&[message(info("e"), None), message(info("e"), None)])
+        .await
+        .unwrap();
+    let e: (String, Option<String>) =
+        sqlx::query_as("SELECT status, step FROM sagas WHERE order_id = 'e'")
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+    assert_eq!(e, ("completed".to_owned(), None));
+    assert_eq!(
+        history_of(&db, "e").await.len(),
+        5,
+        "{:?}",
+        history_of(&db, "e").await
+    );
     db.close().await;
     env.cleanup().await;
 }
