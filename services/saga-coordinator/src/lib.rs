@@ -103,12 +103,14 @@ pub fn deadline(sent_millis: u64, timeout: Duration, now: DateTime<Utc>) -> Date
         .unwrap_or(DateTime::<Utc>::MAX_UTC)
 }
 
-/// The payment step of an order, as the coordinator opened it.
+/// The payment step of an order, as the coordinator opened it, and whether
+/// the token being judged was used before.
 #[derive(Debug, sqlx::FromRow)]
 struct PaymentStep {
     token_digest: String,
     amount_cents: i64,
     methods: Vec<String>,
+    used: bool,
 }
 
 /// Why a `payment.awaiting` does not open (or reopen) the payment step;
@@ -217,9 +219,12 @@ impl CoordinatorHandler {
         }
         let digest = token::digest(&submitted.token);
         let step: Option<PaymentStep> = sqlx::query_as(
-            "SELECT token_digest, amount_cents, methods FROM payment_steps WHERE order_id = $1",
+            "SELECT token_digest, amount_cents, methods, \
+               EXISTS (SELECT 1 FROM used_tokens WHERE token_digest = $2) AS used \
+             FROM payment_steps WHERE order_id = $1",
         )
         .bind(&submitted.order_id)
+        .bind(&digest)
         .fetch_optional(unit.conn())
         .await?;
         let Some(step) = step else {
@@ -236,12 +241,7 @@ impl CoordinatorHandler {
             // leaked key, a token of another attempt): not this step's token.
             return reject("token is not the one issued for this order's payment step".to_owned());
         }
-        let used: bool =
-            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM used_tokens WHERE token_digest = $1)")
-                .bind(&digest)
-                .fetch_one(unit.conn())
-                .await?;
-        if used {
+        if step.used {
             return reject("token already used".to_owned());
         }
         if status != SagaStatus::Running {
@@ -252,27 +252,29 @@ impl CoordinatorHandler {
             Settled::TimedOut => return reject("payment step timed out".to_owned()),
             Settled::NotOpen => return reject("payment step is not open".to_owned()),
         }
-        sqlx::query("INSERT INTO used_tokens (token_digest, order_id, method) VALUES ($1, $2, $3)")
-            .bind(&digest)
-            .bind(&submitted.order_id)
-            .bind(&submitted.method)
-            .execute(unit.conn())
-            .await?;
-        if !step.methods.contains(&submitted.method) {
+        // The token is used either way; what the providers will charge for
+        // (the step's amount, this method) is recorded only for a method the
+        // merchant accepts. One statement.
+        let allowed = step.methods.contains(&submitted.method);
+        sqlx::query(
+            "WITH used AS ( \
+               INSERT INTO used_tokens (token_digest, order_id, method) VALUES ($1, $2, $3)) \
+             UPDATE payment_steps SET accepted_method = $3, accepted_at = now() \
+             WHERE order_id = $2 AND $4",
+        )
+        .bind(&digest)
+        .bind(&submitted.order_id)
+        .bind(&submitted.method)
+        .bind(allowed)
+        .execute(unit.conn())
+        .await?;
+        if !allowed {
             return Ok(Event::PaymentRejected(PaymentRejected {
                 order_id: submitted.order_id.clone(),
                 method: submitted.method.clone(),
                 reason: METHOD_NOT_ALLOWED.to_owned(),
             }));
         }
-        // What the providers will charge for: the step's amount, this method.
-        sqlx::query(
-            "UPDATE payment_steps SET accepted_method = $2, accepted_at = now() WHERE order_id = $1",
-        )
-        .bind(&submitted.order_id)
-        .bind(&submitted.method)
-        .execute(unit.conn())
-        .await?;
         Ok(Event::PaymentSelected(PaymentSelected {
             order_id: submitted.order_id.clone(),
             method: submitted.method.clone(),

@@ -175,3 +175,29 @@ async fn a_payment_decision_the_coordinator_did_not_make_charges_nothing() {
     assert_eq!(system.gateway(&order_id).await, (1, 0));
     system.stop().await;
 }
+
+#[tokio::test]
+async fn a_method_the_merchant_refused_is_not_recorded_for_a_forged_decision_to_charge() {
+    let system = System::start().await;
+    let order_id = system.place("haidilao", &[("hotpot-set", 1)]).await;
+    let order = system.pay(&order_id, "unionpay").await;
+    assert_eq!(order["cancel_reason"], "method not allowed");
+    // The coordinator used the token but accepted no unionpay payment: a
+    // decision for it, published by anyone, is refused and charges nothing.
+    let amount = order["amount_cents"].as_i64().unwrap();
+    let forged = json!({"order_id": order_id, "method": "unionpay", "amount_cents": amount});
+    system
+        .env
+        .publish_json("payment.selected.unionpay", &forged)
+        .await;
+    let dead = system.env.dead_letter_queue("payment-provider-unionpay");
+    system.wait_for_depth(&dead, 1, "the forgery refused").await;
+    let refused = system.env.drain(&dead).await;
+    let reason = dead_letter_reason(&refused[0]);
+    assert!(
+        reason.contains("accepted no unionpay payment for this order"),
+        "{reason}"
+    );
+    assert_eq!(system.gateway(&order_id).await, (0, 0), "nothing charged");
+    system.stop().await;
+}
