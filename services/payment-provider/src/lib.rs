@@ -183,13 +183,27 @@ impl ProviderHandler {
             .iter()
             .map(|(m, _)| m.envelope.message_id.as_str())
             .collect();
-        let seen: Vec<String> = sqlx::query_scalar(
-            "SELECT message_id FROM inbox WHERE consumer = $1 AND message_id = ANY($2)",
-        )
-        .bind(&self.service)
-        .bind(&message_ids)
-        .fetch_all(intent.conn())
-        .await?;
+        let orders: Vec<&str> = selected.iter().map(|(_, s)| s.order_id.as_str()).collect();
+        // One round trip: the messages applied before, and what the
+        // coordinator accepted for this method (for every order of the
+        // batch; those applied before are skipped below).
+        let (seen, accepted_orders, accepted_amounts): (Vec<String>, Vec<String>, Vec<i64>) =
+            sqlx::query_as(
+                "SELECT \
+                   ARRAY(SELECT message_id FROM inbox WHERE consumer = $1 AND message_id = ANY($2)), \
+                   ARRAY(SELECT order_id FROM coordinator.payment_steps \
+                         WHERE order_id = ANY($3) AND accepted_method = $4 ORDER BY order_id), \
+                   ARRAY(SELECT amount_cents FROM coordinator.payment_steps \
+                         WHERE order_id = ANY($3) AND accepted_method = $4 ORDER BY order_id)",
+            )
+            .bind(&self.service)
+            .bind(&message_ids)
+            .bind(&orders)
+            .bind(&self.method)
+            .fetch_one(intent.conn())
+            .await?;
+        let accepted: Vec<(String, i64)> =
+            accepted_orders.into_iter().zip(accepted_amounts).collect();
         // Applied before, or the same message twice in this batch: once.
         let mut once = std::collections::HashSet::new();
         selected.retain(|(m, _)| {
@@ -198,15 +212,6 @@ impl ProviderHandler {
         if selected.is_empty() {
             return Ok(());
         }
-        let orders: Vec<&str> = selected.iter().map(|(_, s)| s.order_id.as_str()).collect();
-        let accepted: Vec<(String, i64)> = sqlx::query_as(
-            "SELECT order_id, amount_cents FROM coordinator.payment_steps \
-             WHERE order_id = ANY($1) AND accepted_method = $2",
-        )
-        .bind(&orders)
-        .bind(&self.method)
-        .fetch_all(intent.conn())
-        .await?;
         let mut charges: Vec<Charge<'_>> = Vec::with_capacity(selected.len());
         let mut copies: Vec<&Message> = Vec::new();
         for (message, decision) in selected {
@@ -273,16 +278,29 @@ impl ProviderHandler {
         let outcomes = futures::future::join_all(charges.iter().map(|c| self.charge(c))).await;
 
         let mut unit = self.db.begin_unit_without_inbox().await?;
-        let envelopes: Vec<&Envelope> = charges.iter().map(|c| &c.message.envelope).collect();
-        let admitted = unit.admit_all(&self.service, &envelopes).await?;
+        let message_ids: Vec<&str> = charges
+            .iter()
+            .map(|c| c.message.envelope.message_id.as_str())
+            .collect();
         let orders: Vec<&str> = charges.iter().map(|c| c.order_id).collect();
-        let still_open: Vec<String> = sqlx::query_scalar(
-            "SELECT order_id FROM captures WHERE order_id = ANY($1) \
-               AND status IN ('charging', 'pending') ORDER BY order_id FOR UPDATE",
+        // One round trip: the inbox rows (the same ones `admit_all` writes)
+        // and the intents still open, locked in order-id order.
+        let (fresh, still_open): (Vec<String>, Vec<String>) = sqlx::query_as(
+            "WITH admitted AS ( \
+               INSERT INTO inbox (consumer, message_id) SELECT $1, m FROM unnest($2::text[]) AS m \
+               ON CONFLICT DO NOTHING RETURNING message_id), \
+             open AS ( \
+               SELECT order_id FROM captures WHERE order_id = ANY($3) \
+                 AND status IN ('charging', 'pending') ORDER BY order_id FOR UPDATE) \
+             SELECT ARRAY(SELECT message_id FROM admitted), ARRAY(SELECT order_id FROM open)",
         )
+        .bind(&self.service)
+        .bind(&message_ids)
         .bind(&orders)
-        .fetch_all(unit.conn())
+        .fetch_one(unit.conn())
         .await?;
+        let mut fresh: std::collections::HashSet<String> = fresh.into_iter().collect();
+        let admitted: Vec<bool> = message_ids.iter().map(|id| fresh.remove(*id)).collect();
         for ((charge, outcome), admitted) in charges.iter().zip(outcomes).zip(admitted) {
             let outcome = outcome?;
             if !admitted {
