@@ -162,40 +162,52 @@ pub async fn finish(
     order_id: &str,
     outcome: &Terminal,
 ) -> Result<bool, sqlx::Error> {
-    let won =
-        match outcome {
-            Terminal::Completed {
-                method,
-                charged_cents,
-                capture_id,
-            } => {
-                sqlx::query(
-                    "INSERT INTO orders (order_id, status, method, charged_cents, capture_id) \
-                 VALUES ($1, 'completed', $2, $3, $4) \
-                 ON CONFLICT (order_id) DO UPDATE SET status = 'completed', \
-                   method = EXCLUDED.method, charged_cents = EXCLUDED.charged_cents, \
-                   capture_id = COALESCE(EXCLUDED.capture_id, orders.capture_id), updated_at = now() \
-                 WHERE orders.status NOT IN ('completed', 'cancelled')",
-                )
-                .bind(order_id)
-                .bind(method)
-                .bind(charged_cents)
-                .bind(capture_id)
-                .execute(&mut *conn)
-                .await?
-            }
-            Terminal::Cancelled { reason } => sqlx::query(
-                "INSERT INTO orders (order_id, status, cancel_reason) VALUES ($1, 'cancelled', $2) \
-                 ON CONFLICT (order_id) DO UPDATE SET status = 'cancelled', \
-                   cancel_reason = EXCLUDED.cancel_reason, updated_at = now() \
-                 WHERE orders.status NOT IN ('completed', 'cancelled')",
-            )
-            .bind(order_id)
-            .bind(reason)
-            .execute(&mut *conn)
-            .await?,
-        };
-    Ok(won.rows_affected() == 1)
+    let sql = finish_statement(outcome, "TRUE");
+    let query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(order_id);
+    let query = match outcome {
+        Terminal::Completed {
+            method,
+            charged_cents,
+            capture_id,
+        } => query.bind(method).bind(charged_cents).bind(capture_id),
+        Terminal::Cancelled { reason } => query.bind(reason),
+    };
+    Ok(query.execute(&mut *conn).await?.rows_affected() == 1)
+}
+
+/// The upsert of [`finish`] for `outcome`, applied only where `only_if`
+/// holds, returning the order id when it made the transition. Parameters:
+/// `$1` the order id, then for a completion `$2` method, `$3` charged
+/// cents, `$4` capture id, for a cancellation `$2` reason
+/// ([`Terminal::params`] of them).
+fn finish_statement(outcome: &Terminal, only_if: &str) -> String {
+    match outcome {
+        Terminal::Completed { .. } => format!(
+            "INSERT INTO orders (order_id, status, method, charged_cents, capture_id) \
+             SELECT $1, 'completed', $2, $3, $4 WHERE {only_if} \
+             ON CONFLICT (order_id) DO UPDATE SET status = 'completed', \
+               method = EXCLUDED.method, charged_cents = EXCLUDED.charged_cents, \
+               capture_id = COALESCE(EXCLUDED.capture_id, orders.capture_id), updated_at = now() \
+             WHERE orders.status NOT IN ('completed', 'cancelled') RETURNING order_id"
+        ),
+        Terminal::Cancelled { .. } => format!(
+            "INSERT INTO orders (order_id, status, cancel_reason) \
+             SELECT $1, 'cancelled', $2 WHERE {only_if} \
+             ON CONFLICT (order_id) DO UPDATE SET status = 'cancelled', \
+               cancel_reason = EXCLUDED.cancel_reason, updated_at = now() \
+             WHERE orders.status NOT IN ('completed', 'cancelled') RETURNING order_id"
+        ),
+    }
+}
+
+impl Terminal {
+    /// How many parameters [`finish_statement`] takes for this outcome.
+    fn params(&self) -> usize {
+        match self {
+            Self::Completed { .. } => 4,
+            Self::Cancelled { .. } => 2,
+        }
+    }
 }
 
 /// A terminal transition an event asks for: the outcome, and the event
@@ -295,8 +307,49 @@ impl TerminalHandler {
 }
 
 impl Handler for TerminalHandler {
+    /// One message on its own is one statement: its inbox row, the
+    /// transition (only when the message is new) and, when it wins, the
+    /// announcing event's outbox row.
     async fn handle(&self, message: &Message) -> Result<(), HandleError> {
-        self.apply_all(&[message]).await
+        let Some(transition) = (self.decide)(&message.event) else {
+            return self.apply_all(&[message]).await;
+        };
+        let order_id = message.order_id();
+        let outcome = &transition.outcome;
+        let won = self
+            .db
+            .admit_change_and_emit(
+                self.service,
+                &message.envelope,
+                &finish_statement(outcome, super::ADMITTED),
+                outcome.params(),
+                |query| {
+                    let query = query.bind(order_id.to_owned());
+                    match outcome {
+                        Terminal::Completed {
+                            method,
+                            charged_cents,
+                            capture_id,
+                        } => query
+                            .bind(method.clone())
+                            .bind(*charged_cents)
+                            .bind(capture_id.clone()),
+                        Terminal::Cancelled { reason } => query.bind(reason.clone()),
+                    }
+                },
+                vec![Outgoing::event(
+                    &transition.announce,
+                    Some(&message.envelope),
+                )],
+            )
+            .await?;
+        if won {
+            tracing::info!(service = self.service, %order_id, outcome = ?transition.outcome, "order ended");
+            self.announcer.changed(order_id);
+        } else {
+            tracing::info!(service = self.service, %order_id, kind = %message.envelope.kind, "no transition: the order had already ended (a capture that lost to a cancellation is refunded), or this message was applied before");
+        }
+        Ok(())
     }
 
     fn batch_size(&self) -> usize {

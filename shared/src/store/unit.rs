@@ -138,6 +138,14 @@ impl UnitOfWork {
     }
 }
 
+/// The statement [`Db::change_and_emit`] runs, with what it binds so far.
+pub type OutboxQuery<'q> =
+    sqlx::query::QueryAs<'q, sqlx::Postgres, (i64, String), sqlx::postgres::PgArguments>;
+
+/// The condition a state change of [`Db::admit_change_and_emit`] must hold
+/// to: the message was admitted now (not applied before).
+pub const ADMITTED: &str = "EXISTS (SELECT 1 FROM admitted)";
+
 /// The outbox's columns, in the order [`OutboxColumns`] binds them.
 const OUTBOX_COLUMNS: &str = "(message_id, routing_key, correlation_id, causation_id, \
      traceparent, occurred_at, body)";
@@ -233,19 +241,56 @@ impl Db {
         &self,
         state: &str,
         params: usize,
-        bind: impl FnOnce(
-            sqlx::query::QueryAs<'q, sqlx::Postgres, (i64, String), sqlx::postgres::PgArguments>,
-        ) -> sqlx::query::QueryAs<
-            'q,
-            sqlx::Postgres,
-            (i64, String),
-            sqlx::postgres::PgArguments,
-        >,
+        bind: impl FnOnce(OutboxQuery<'q>) -> OutboxQuery<'q>,
+        outgoing: Vec<Outgoing>,
+    ) -> Result<bool, sqlx::Error> {
+        self.emit_after(&format!("state AS ({state})"), params, bind, outgoing)
+            .await
+    }
+
+    /// [`change_and_emit`](Self::change_and_emit) for a consumed `message`:
+    /// the same statement also admits it into `consumer`'s inbox (the row
+    /// [`UnitOfWork::admit`] writes), in a `WITH` named `admitted` that
+    /// returns a row when it is new. `state` runs whatever the inbox says,
+    /// so it must change nothing unless [`ADMITTED`] holds; its parameters
+    /// are `$1`..`$params`, the inbox's come after them.
+    pub async fn admit_change_and_emit<'q>(
+        &self,
+        consumer: &str,
+        message: &Envelope,
+        state: &str,
+        params: usize,
+        bind: impl FnOnce(OutboxQuery<'q>) -> OutboxQuery<'q>,
+        outgoing: Vec<Outgoing>,
+    ) -> Result<bool, sqlx::Error> {
+        let ctes = format!(
+            "admitted AS (INSERT INTO inbox (consumer, message_id) VALUES (${}, ${}) \
+             ON CONFLICT DO NOTHING RETURNING 1), state AS ({state})",
+            params + 1,
+            params + 2
+        );
+        let (consumer, message_id) = (consumer.to_owned(), message.message_id.clone());
+        self.emit_after(
+            &ctes,
+            params + 2,
+            |query| bind(query).bind(consumer).bind(message_id),
+            outgoing,
+        )
+        .await
+    }
+
+    /// `WITH <ctes> INSERT INTO outbox … WHERE EXISTS (SELECT 1 FROM state)`,
+    /// the outbox's arrays after the `params` the ctes use.
+    async fn emit_after<'q>(
+        &self,
+        ctes: &str,
+        params: usize,
+        bind: impl FnOnce(OutboxQuery<'q>) -> OutboxQuery<'q>,
         outgoing: Vec<Outgoing>,
     ) -> Result<bool, sqlx::Error> {
         let columns = OutboxColumns::of(&outgoing);
         let sql = format!(
-            "WITH state AS ({state}) INSERT INTO outbox {OUTBOX_COLUMNS} \
+            "WITH {ctes} INSERT INTO outbox {OUTBOX_COLUMNS} \
              SELECT * FROM {} WHERE EXISTS (SELECT 1 FROM state) RETURNING id, message_id",
             OutboxColumns::unnest(params + 1)
         );

@@ -288,6 +288,122 @@ async fn a_coordinator_batch_of_old_and_new_messages_applies_the_new_ones_only()
     env.cleanup().await;
 }
 
+/// order-completed's decision, as the test's terminal worker's.
+fn completes(
+    event: &orderflow_shared::events::Event,
+) -> Option<orderflow_shared::store::orders::Transition> {
+    use orderflow_shared::events::{Event, OrderCompleted};
+    use orderflow_shared::store::orders::{Terminal, Transition};
+    let Event::PaymentCaptured(captured) = event else {
+        return None;
+    };
+    Some(Transition {
+        outcome: Terminal::Completed {
+            method: captured.provider.clone(),
+            charged_cents: captured.charged_cents,
+            capture_id: Some(captured.capture_id.clone()),
+        },
+        announce: Event::OrderCompleted(OrderCompleted {
+            order_id: captured.order_id.clone(),
+            method: captured.provider.clone(),
+            charged_cents: captured.charged_cents,
+        }),
+    })
+}
+
+/// A terminal worker handles a message on its own in one statement (inbox
+/// row, transition, announcing event): the first ending wins and is
+/// announced once, a redelivery changes nothing, an order that ended
+/// otherwise stays as it is (the message is still recorded as handled),
+/// and a message already in the inbox changes nothing at all.
+#[tokio::test]
+async fn a_terminal_transition_on_its_own_is_applied_once_and_only_by_the_first_ending() {
+    use orderflow_shared::events::{Event, PaymentCaptured};
+    use orderflow_shared::store::orders::{Announcer, TerminalHandler};
+    let env = TestEnv::orderflow().await;
+    let db = orderflow_shared::store::Db::for_context(
+        &env.database_url,
+        orderflow_shared::store::Context::Orders,
+        4,
+    )
+    .await
+    .unwrap();
+    let announcer = Announcer::unsent();
+    let worker = TerminalHandler::new("order-completed", db.clone(), announcer.clone(), completes);
+    let captured = |order_id: &str| {
+        message(
+            Event::PaymentCaptured(PaymentCaptured {
+                order_id: order_id.into(),
+                provider: "weixin".into(),
+                charged_cents: 700,
+                capture_id: format!("cap-{order_id}"),
+            }),
+            None,
+        )
+    };
+    let status = |order_id: &'static str| {
+        let db = db.clone();
+        async move {
+            sqlx::query_scalar::<_, String>("SELECT status FROM orders WHERE order_id = $1")
+                .bind(order_id)
+                .fetch_optional(db.pool())
+                .await
+                .unwrap()
+        }
+    };
+    let completions = |order_id: &'static str| {
+        let db = db.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT count(*) FROM outbox WHERE correlation_id = $1 \
+                 AND routing_key = 'order.completed'",
+            )
+            .bind(order_id)
+            .fetch_one(db.pool())
+            .await
+            .unwrap()
+        }
+    };
+    // The first ending wins, once.
+    let won = captured("won");
+    worker.handle(&won).await.unwrap();
+    worker.handle(&won).await.unwrap();
+    assert_eq!(status("won").await.as_deref(), Some("completed"));
+    assert_eq!(completions("won").await, 1);
+    assert_eq!(announcer.queued(), ["won"]);
+    // Cancelled first: it stays cancelled, nothing is announced, and the
+    // capture is recorded as handled.
+    sqlx::query(
+        "INSERT INTO orders (order_id, status, cancel_reason) VALUES ('lost', 'cancelled', 'x')",
+    )
+    .execute(db.pool())
+    .await
+    .unwrap();
+    let lost = captured("lost");
+    worker.handle(&lost).await.unwrap();
+    assert_eq!(status("lost").await.as_deref(), Some("cancelled"));
+    assert_eq!(completions("lost").await, 0);
+    let handled: i64 = sqlx::query_scalar("SELECT count(*) FROM inbox WHERE message_id = $1")
+        .bind(&lost.envelope.message_id)
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+    assert_eq!(handled, 1);
+    // Applied before (its inbox row is there): no transition at all.
+    let seen = captured("seen");
+    sqlx::query("INSERT INTO inbox (consumer, message_id) VALUES ('order-completed', $1)")
+        .bind(&seen.envelope.message_id)
+        .execute(db.pool())
+        .await
+        .unwrap();
+    worker.handle(&seen).await.unwrap();
+    assert_eq!(status("seen").await, None);
+    assert_eq!(completions("seen").await, 0);
+    assert_eq!(announcer.queued(), ["won"]);
+    db.close().await;
+    env.cleanup().await;
+}
+
 #[tokio::test]
 async fn a_provider_batch_charges_each_decision_once_and_a_forged_one_fails_alone() {
     use orderflow_shared::events::{Event, PaymentSelected};
