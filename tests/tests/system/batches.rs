@@ -288,29 +288,6 @@ async fn a_coordinator_batch_of_old_and_new_messages_applies_the_new_ones_only()
     env.cleanup().await;
 }
 
-/// order-completed's decision, as the test's terminal worker's.
-fn completes(
-    event: &orderflow_shared::events::Event,
-) -> Option<orderflow_shared::store::orders::Transition> {
-    use orderflow_shared::events::{Event, OrderCompleted};
-    use orderflow_shared::store::orders::{Terminal, Transition};
-    let Event::PaymentCaptured(captured) = event else {
-        return None;
-    };
-    Some(Transition {
-        outcome: Terminal::Completed {
-            method: captured.provider.clone(),
-            charged_cents: captured.charged_cents,
-            capture_id: Some(captured.capture_id.clone()),
-        },
-        announce: Event::OrderCompleted(OrderCompleted {
-            order_id: captured.order_id.clone(),
-            method: captured.provider.clone(),
-            charged_cents: captured.charged_cents,
-        }),
-    })
-}
-
 /// A terminal worker handles a message on its own in one statement (inbox
 /// row, transition, announcing event): the first ending wins and is
 /// announced once, a redelivery changes nothing, an order that ended
@@ -329,7 +306,12 @@ async fn a_terminal_transition_on_its_own_is_applied_once_and_only_by_the_first_
     .await
     .unwrap();
     let announcer = Announcer::unsent();
-    let worker = TerminalHandler::new("order-completed", db.clone(), announcer.clone(), completes);
+    let worker = TerminalHandler::new(
+        order_completed::SERVICE,
+        db.clone(),
+        announcer.clone(),
+        order_completed::transition,
+    );
     let captured = |order_id: &str| {
         message(
             Event::PaymentCaptured(PaymentCaptured {
