@@ -1,9 +1,10 @@
 //! The saga rows a unit of work touches: locked together when it begins
-//! (one statement, in order-id order, created for an order seen the first
-//! time), changed in memory while its messages apply one after another, and
-//! written back together before it commits (one statement). Every message of
-//! one order therefore applies one at a time, whichever unit or coordinator
-//! handles it, and a batch of messages costs two statements for its sagas
+//! (one statement with the unit's inbox rows, in order-id order, created for
+//! an order seen the first time), changed in memory while its messages apply
+//! one after another, and written back together with the unit's history
+//! before it commits (one statement). Every message of one order therefore
+//! applies one at a time, whichever unit or coordinator handles it, and a
+//! batch of messages costs two statements for its inbox, sagas and history
 //! however many there are. A saga's status and the step it waits on are
 //! [`SagaStatus`] and [`SagaStep`], stored as text.
 
