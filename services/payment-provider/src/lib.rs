@@ -39,7 +39,7 @@ use orderflow_shared::events::{
     Event, PaymentCaptured, PaymentFailed, PaymentRefunded, PaymentSelected,
 };
 use orderflow_shared::metadata::Metadata;
-use orderflow_shared::store::{Context, Db, UnitOfWork};
+use orderflow_shared::store::{ADMIT_ALL, Context, Db, UnitOfWork, admitted_now};
 
 use crate::gateway::{GatewayError, Receipt, SimulatedGateway, Voided};
 use crate::providers::{Payment, PaymentProvider};
@@ -191,10 +191,8 @@ impl ProviderHandler {
             sqlx::query_as(
                 "SELECT \
                    ARRAY(SELECT message_id FROM inbox WHERE consumer = $1 AND message_id = ANY($2)), \
-                   ARRAY(SELECT order_id FROM coordinator.payment_steps \
-                         WHERE order_id = ANY($3) AND accepted_method = $4 ORDER BY order_id), \
-                   ARRAY(SELECT amount_cents FROM coordinator.payment_steps \
-                         WHERE order_id = ANY($3) AND accepted_method = $4 ORDER BY order_id)",
+                   COALESCE(array_agg(order_id), '{}'), COALESCE(array_agg(amount_cents), '{}') \
+                 FROM coordinator.payment_steps WHERE order_id = ANY($3) AND accepted_method = $4",
             )
             .bind(&self.service)
             .bind(&message_ids)
@@ -283,24 +281,23 @@ impl ProviderHandler {
             .map(|c| c.message.envelope.message_id.as_str())
             .collect();
         let orders: Vec<&str> = charges.iter().map(|c| c.order_id).collect();
-        // One round trip: the inbox rows (the same ones `admit_all` writes)
+        // One round trip: the inbox rows (`admit_all`'s statement)
         // and the intents still open, locked in order-id order.
-        let (fresh, still_open): (Vec<String>, Vec<String>) = sqlx::query_as(
-            "WITH admitted AS ( \
-               INSERT INTO inbox (consumer, message_id) SELECT $1, m FROM unnest($2::text[]) AS m \
-               ON CONFLICT DO NOTHING RETURNING message_id), \
+        let sql = format!(
+            "WITH admitted AS ({ADMIT_ALL}), \
              open AS ( \
                SELECT order_id FROM captures WHERE order_id = ANY($3) \
                  AND status IN ('charging', 'pending') ORDER BY order_id FOR UPDATE) \
-             SELECT ARRAY(SELECT message_id FROM admitted), ARRAY(SELECT order_id FROM open)",
-        )
-        .bind(&self.service)
-        .bind(&message_ids)
-        .bind(&orders)
-        .fetch_one(unit.conn())
-        .await?;
-        let mut fresh: std::collections::HashSet<String> = fresh.into_iter().collect();
-        let admitted: Vec<bool> = message_ids.iter().map(|id| fresh.remove(*id)).collect();
+             SELECT ARRAY(SELECT message_id FROM admitted), ARRAY(SELECT order_id FROM open)"
+        );
+        let (fresh, still_open): (Vec<String>, Vec<String>) =
+            sqlx::query_as(sqlx::AssertSqlSafe(sql))
+                .bind(&self.service)
+                .bind(&message_ids)
+                .bind(&orders)
+                .fetch_one(unit.conn())
+                .await?;
+        let admitted = admitted_now(&message_ids, fresh);
         for ((charge, outcome), admitted) in charges.iter().zip(outcomes).zip(admitted) {
             let outcome = outcome?;
             if !admitted {

@@ -408,12 +408,11 @@ impl CoordinatorHandler {
                 (m.envelope.message_id.as_str(), m.order_id(), digest)
             })
             .collect();
-        let (mut admitted, mut sagas) =
-            Sagas::admit_and_lock(unit.conn(), SERVICE, &inputs).await?;
-        // A message id admitted now is applied once, at its first place.
+        let (admitted, mut sagas) = Sagas::admit_and_lock(unit.conn(), SERVICE, &inputs).await?;
         let fresh: Vec<&Message> = sorted
             .into_iter()
-            .filter(|m| admitted.remove(m.envelope.message_id.as_str()))
+            .zip(admitted)
+            .filter_map(|(message, admitted)| admitted.then_some(message))
             .collect();
         if fresh.is_empty() {
             return Ok(()); // every one applied before: nothing to write

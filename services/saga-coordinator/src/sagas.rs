@@ -8,7 +8,9 @@
 //! however many there are. A saga's status and the step it waits on are
 //! [`SagaStatus`] and [`SagaStep`], stored as text.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
+
+use orderflow_shared::store::{ADMIT_ALL, admitted_now};
 
 use sqlx::PgConnection;
 
@@ -66,30 +68,26 @@ impl Sagas {
     /// Admits `messages` (message id, order id, and for an `order.started`
     /// its content digest) into `consumer`'s inbox and locks the sagas of
     /// the admitted ones, creating those not seen before, in **one
-    /// statement**: the message ids admitted now (a message id that comes
-    /// twice is admitted once; one applied before is not), and the sagas.
-    /// A saga keeps its first digest; a new one takes the first digest among
-    /// its admitted messages. Locks are taken in order-id order, so two units
-    /// never wait for each other in a cycle. The inbox rows are the same ones
-    /// [`UnitOfWork::admit_all`] writes.
-    ///
-    /// [`UnitOfWork::admit_all`]: orderflow_shared::store::UnitOfWork::admit_all
+    /// statement**: for each message whether it is applied now (a message id
+    /// that comes twice is admitted once, at its first place; one applied
+    /// before is not), and the sagas. A saga keeps its first digest; a new
+    /// one takes the first digest among its admitted messages. Locks are
+    /// taken in order-id order, so two units never wait for each other in a
+    /// cycle. The inbox rows are [`ADMIT_ALL`]'s.
     pub async fn admit_and_lock(
         conn: &mut PgConnection,
         consumer: &str,
         messages: &[(&str, &str, Option<String>)],
-    ) -> Result<(HashSet<String>, Self), sqlx::Error> {
+    ) -> Result<(Vec<bool>, Self), sqlx::Error> {
         let message_ids: Vec<&str> = messages.iter().map(|(m, _, _)| *m).collect();
         let order_ids: Vec<&str> = messages.iter().map(|(_, o, _)| *o).collect();
         let digests: Vec<Option<&str>> = messages.iter().map(|(_, _, d)| d.as_deref()).collect();
         // DO UPDATE rather than DO NOTHING: it locks an existing row too.
-        let rows: Vec<LockedRow> = sqlx::query_as(
-            "WITH input AS ( \
+        let sql = format!(
+            "WITH admitted AS ({ADMIT_ALL}), \
+                 input AS ( \
                    SELECT m, o, d, i FROM unnest($2::text[], $3::text[], $4::text[]) \
                      WITH ORDINALITY AS u(m, o, d, i)), \
-                 admitted AS ( \
-                   INSERT INTO inbox (consumer, message_id) SELECT $1, m FROM input \
-                   ON CONFLICT DO NOTHING RETURNING message_id), \
                  wanted AS ( \
                    SELECT DISTINCT ON (input.o) input.o, input.d \
                    FROM input JOIN admitted ON admitted.message_id = input.m \
@@ -101,18 +99,19 @@ impl Sagas {
                      SET started_digest = COALESCE(sagas.started_digest, EXCLUDED.started_digest) \
                    RETURNING order_id, status, started_digest, step) \
                  SELECT (SELECT array_agg(message_id) FROM admitted), \
-                   order_id, status, started_digest, step FROM locked",
-        )
-        .bind(consumer)
-        .bind(&message_ids)
-        .bind(&order_ids)
-        .bind(&digests)
-        .fetch_all(conn)
-        .await?;
+                   order_id, status, started_digest, step FROM locked"
+        );
+        let rows: Vec<LockedRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .bind(consumer)
+            .bind(&message_ids)
+            .bind(&order_ids)
+            .bind(&digests)
+            .fetch_all(conn)
+            .await?;
         // Every row carries the admitted ids; no row: nothing was admitted.
-        let admitted: HashSet<String> = rows
+        let returned = rows
             .first()
-            .map(|(admitted, ..)| admitted.iter().cloned().collect())
+            .map(|(admitted, ..)| admitted.clone())
             .unwrap_or_default();
         let sagas = rows
             .into_iter()
@@ -128,7 +127,7 @@ impl Sagas {
                 )
             })
             .collect();
-        Ok((admitted, Self { sagas }))
+        Ok((admitted_now(&message_ids, returned), Self { sagas }))
     }
 
     /// The saga of `order_id` (locked by [`admit_and_lock`](Self::admit_and_lock)).
@@ -169,7 +168,8 @@ impl Sagas {
 
     /// Writes the changed sagas back and the unit's `history` with them, in
     /// one statement (the saga update as a data-modifying `WITH`, which runs
-    /// to completion whatever the history insert does).
+    /// to completion whatever the history insert does; with no saga changed
+    /// it updates nothing).
     pub async fn write_with(
         self,
         history: &crate::history::Pending,
@@ -177,38 +177,18 @@ impl Sagas {
     ) -> Result<(), sqlx::Error> {
         let changed: Vec<(String, Saga)> =
             self.sagas.into_iter().filter(|(_, s)| s.changed).collect();
-        if changed.is_empty() {
-            if history.is_empty() {
-                return Ok(());
-            }
-            let insert = crate::history::Pending::insert(1);
-            history
-                .bind(sqlx::query(sqlx::AssertSqlSafe(insert)))
-                .execute(conn)
-                .await?;
-            return Ok(());
-        }
         let ids: Vec<&str> = changed.iter().map(|(id, _)| id.as_str()).collect();
         let statuses: Vec<SagaStatus> = changed.iter().map(|(_, s)| s.status).collect();
         let steps: Vec<Option<SagaStep>> = changed.iter().map(|(_, s)| s.step).collect();
-        let sql = if history.is_empty() {
-            WRITE_SAGAS.to_owned()
-        } else {
-            format!(
-                "WITH written AS ({WRITE_SAGAS}) {}",
-                crate::history::Pending::insert(4)
-            )
-        };
+        let sql = format!(
+            "WITH written AS ({WRITE_SAGAS}) {}",
+            crate::history::Pending::insert(4)
+        );
         let query = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(&ids)
             .bind(&statuses)
             .bind(&steps);
-        let query = if history.is_empty() {
-            query
-        } else {
-            history.bind(query)
-        };
-        query.execute(conn).await?;
+        history.bind(query).execute(conn).await?;
         Ok(())
     }
 }

@@ -163,16 +163,11 @@ pub async fn finish(
     outcome: &Terminal,
 ) -> Result<bool, sqlx::Error> {
     let sql = finish_statement(outcome, "TRUE");
-    let query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(order_id);
-    let query = match outcome {
-        Terminal::Completed {
-            method,
-            charged_cents,
-            capture_id,
-        } => query.bind(method).bind(charged_cents).bind(capture_id),
-        Terminal::Cancelled { reason } => query.bind(reason),
-    };
-    Ok(query.execute(&mut *conn).await?.rows_affected() == 1)
+    let won: Option<(String,)> = outcome
+        .bind(sqlx::query_as(sqlx::AssertSqlSafe(sql)), order_id)
+        .fetch_optional(&mut *conn)
+        .await?;
+    Ok(won.is_some())
 }
 
 /// The upsert of [`finish`] for `outcome`, applied only where `only_if`
@@ -206,6 +201,24 @@ impl Terminal {
         match self {
             Self::Completed { .. } => 4,
             Self::Cancelled { .. } => 2,
+        }
+    }
+
+    /// Binds [`finish_statement`]'s parameters for `order_id` and this
+    /// outcome, after what `query` already binds.
+    fn bind<'q, O>(
+        &'q self,
+        query: sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>,
+        order_id: &'q str,
+    ) -> sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments> {
+        let query = query.bind(order_id);
+        match self {
+            Self::Completed {
+                method,
+                charged_cents,
+                capture_id,
+            } => query.bind(method).bind(charged_cents).bind(capture_id),
+            Self::Cancelled { reason } => query.bind(reason),
         }
     }
 }
@@ -323,20 +336,7 @@ impl Handler for TerminalHandler {
                 &message.envelope,
                 &finish_statement(outcome, super::ADMITTED),
                 outcome.params(),
-                |query| {
-                    let query = query.bind(order_id.to_owned());
-                    match outcome {
-                        Terminal::Completed {
-                            method,
-                            charged_cents,
-                            capture_id,
-                        } => query
-                            .bind(method.clone())
-                            .bind(*charged_cents)
-                            .bind(capture_id.clone()),
-                        Terminal::Cancelled { reason } => query.bind(reason.clone()),
-                    }
-                },
+                |query| outcome.bind(query, order_id),
                 vec![Outgoing::event(
                     &transition.announce,
                     Some(&message.envelope),

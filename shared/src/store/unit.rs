@@ -59,14 +59,12 @@ impl UnitOfWork {
     /// (its inbox row). `false` when it already did: skip the message. A
     /// batch handler admits each message of the batch into one unit.
     pub async fn admit(&mut self, consumer: &str, message: &Envelope) -> Result<bool, sqlx::Error> {
-        Ok(sqlx::query(
-            "INSERT INTO inbox (consumer, message_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-        )
-        .bind(consumer)
-        .bind(&message.message_id)
-        .execute(&mut *self.tx)
-        .await?
-        .rows_affected()
+        Ok(sqlx::query(sqlx::AssertSqlSafe(admit_one(1)))
+            .bind(consumer)
+            .bind(&message.message_id)
+            .execute(&mut *self.tx)
+            .await?
+            .rows_affected()
             == 1)
     }
 
@@ -79,17 +77,12 @@ impl UnitOfWork {
         messages: &[&Envelope],
     ) -> Result<Vec<bool>, sqlx::Error> {
         let ids: Vec<&str> = messages.iter().map(|m| m.message_id.as_str()).collect();
-        let admitted: Vec<String> = sqlx::query_scalar(
-            "INSERT INTO inbox (consumer, message_id) SELECT $1, m FROM unnest($2::text[]) AS m \
-             ON CONFLICT DO NOTHING RETURNING message_id",
-        )
-        .bind(consumer)
-        .bind(&ids)
-        .fetch_all(&mut *self.tx)
-        .await?;
-        let mut fresh: std::collections::HashSet<&str> =
-            admitted.iter().map(String::as_str).collect();
-        Ok(ids.iter().map(|id| fresh.remove(id)).collect())
+        let admitted: Vec<String> = sqlx::query_scalar(ADMIT_ALL)
+            .bind(consumer)
+            .bind(&ids)
+            .fetch_all(&mut *self.tx)
+            .await?;
+        Ok(admitted_now(&ids, admitted))
     }
 
     /// Whether `consumer` already applied `message` (its inbox row is
@@ -136,6 +129,29 @@ impl UnitOfWork {
         self.db.hand_over_written(self.outgoing, &written);
         Ok(())
     }
+}
+
+/// The inbox rows of several messages: `$1` the consumer, `$2` the message
+/// ids; returns the ids admitted now (a statement of its own, or a `WITH` of
+/// a larger one). Read its answer with [`admitted_now`].
+pub const ADMIT_ALL: &str = "INSERT INTO inbox (consumer, message_id) \
+     SELECT $1, m FROM unnest($2::text[]) AS m ON CONFLICT DO NOTHING RETURNING message_id";
+
+/// For each of `ids` (in order), whether it is among the ids [`ADMIT_ALL`]
+/// returned: a message id that comes twice is admitted at its first place.
+pub fn admitted_now<S: AsRef<str>>(ids: &[S], returned: Vec<String>) -> Vec<bool> {
+    let mut fresh: std::collections::HashSet<String> = returned.into_iter().collect();
+    ids.iter().map(|id| fresh.remove(id.as_ref())).collect()
+}
+
+/// The inbox row of one message: `$first` the consumer, `$first + 1` the
+/// message id; returns a row when it is new.
+fn admit_one(first: usize) -> String {
+    format!(
+        "INSERT INTO inbox (consumer, message_id) VALUES (${first}, ${}) \
+         ON CONFLICT DO NOTHING RETURNING 1",
+        first + 1
+    )
 }
 
 /// The statement [`Db::change_and_emit`] runs, with what it binds so far.
@@ -264,10 +280,8 @@ impl Db {
         outgoing: Vec<Outgoing>,
     ) -> Result<bool, sqlx::Error> {
         let ctes = format!(
-            "admitted AS (INSERT INTO inbox (consumer, message_id) VALUES (${}, ${}) \
-             ON CONFLICT DO NOTHING RETURNING 1), state AS ({state})",
-            params + 1,
-            params + 2
+            "admitted AS ({}), state AS ({state})",
+            admit_one(params + 1)
         );
         let (consumer, message_id) = (consumer.to_owned(), message.message_id.clone());
         self.emit_after(
