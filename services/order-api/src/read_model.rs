@@ -7,13 +7,10 @@
 
 use orderflow_shared::bus::{HandleError, Handler, Message};
 use orderflow_shared::envelope::Envelope;
-use orderflow_shared::events::{
-    Event, InfoGenerated, OrderCancelled, OrderCompleted, OrderStarted, PaymentAwaiting,
-    PaymentCaptured, PaymentRefunded, PaymentSelected,
-};
-use orderflow_shared::store::Db;
+use orderflow_shared::events::{Event, OrderCancelled, OrderCompleted};
 use orderflow_shared::store::orders::{Terminal, finish};
-use sqlx::PgConnection;
+use orderflow_shared::store::{Admission, Db};
+use sqlx::PgExecutor;
 
 use crate::SERVICE;
 use crate::status::Status;
@@ -34,14 +31,21 @@ impl ReadModelHandler {
 }
 
 impl Handler for ReadModelHandler {
+    /// One message on its own is one statement: its inbox row and, only when
+    /// it is new, its upsert (a message applied before changes nothing).
     async fn handle(&self, message: &Message) -> Result<(), HandleError> {
-        let Some(mut unit) = self.db.begin_unit(SERVICE, &message.envelope).await? else {
-            return Ok(()); // applied before
+        let how = Admission::Alone {
+            consumer: SERVICE,
+            message: &message.envelope,
         };
-        let changed = apply(unit.conn(), &message.event).await?;
-        unit.commit().await?;
-        if let Some(status) = changed {
-            self.watcher.changed(message.event.order_id(), Some(status));
+        match apply(self.db.pool(), &message.event, how).await? {
+            Some(status) => self.watcher.changed(message.event.order_id(), Some(status)),
+            None => tracing::debug!(
+                message_id = %message.envelope.message_id,
+                order_id = %message.event.order_id(),
+                kind = %message.envelope.kind,
+                "read model unchanged (applied before, nothing shown, or the order had ended)"
+            ),
         }
         Ok(())
     }
@@ -61,7 +65,10 @@ impl Handler for ReadModelHandler {
         let admitted = unit.admit_all(SERVICE, &envelopes).await?;
         let mut changed = Vec::with_capacity(sorted.len());
         for (message, admitted) in sorted.into_iter().zip(admitted) {
-            if admitted && let Some(status) = apply(unit.conn(), &message.event).await? {
+            if admitted
+                && let Some(status) =
+                    apply(unit.conn(), &message.event, Admission::Admitted).await?
+            {
                 changed.push((message.event.order_id(), status));
             }
         }
@@ -79,199 +86,236 @@ const BATCH_SIZE: usize = 32;
 
 /// SQL: `status = <next>` if the row's status ranks below `next`, else
 /// unchanged. `$2` must be `next`'s predecessors, `$3` `next` itself.
-macro_rules! forward_status {
-    () => {
-        "status = CASE WHEN orders.status = ANY($2::text[]) THEN $3 ELSE orders.status END"
-    };
-}
+const FORWARD_STATUS: &str =
+    "status = CASE WHEN orders.status = ANY($2::text[]) THEN $3 ELSE orders.status END";
 
-/// Applies `event` to its order: the order's status after it, for the
-/// long polls; `None` when nothing changed for a reader (a terminal event the
-/// owner already applied, and announced, or an event not shown).
-async fn apply(conn: &mut PgConnection, event: &Event) -> Result<Option<Status>, sqlx::Error> {
-    let status = match event {
+/// An upsert of the order's row, `RETURNING status`.
+type Upsert<'q> = sqlx::query::QueryAs<'q, sqlx::Postgres, (String,), sqlx::postgres::PgArguments>;
+
+/// One event's upsert: its SQL, how many parameters it takes, and what
+/// binds them (`$1`..`$N`, from the event).
+type Change<'e> = (
+    String,
+    usize,
+    Box<dyn FnOnce(Upsert<'e>) -> Upsert<'e> + Send + 'e>,
+);
+
+/// Applies `event` to its order as `how` says: the order's status after it,
+/// for the long polls; `None` when nothing changed for a reader (a message
+/// applied before, a terminal event the owner already applied and announced,
+/// or an event not shown). Each event is one upsert, written as
+/// `INSERT … SELECT … WHERE <only_if> ON CONFLICT …` so that alone it runs
+/// only for a new message.
+async fn apply<'c, 'e>(
+    conn: impl PgExecutor<'c>,
+    event: &'e Event,
+    how: Admission<'e>,
+) -> Result<Option<Status>, sqlx::Error> {
+    let only_if = how.only_if();
+    let (change, params, bind): Change<'e> = match event {
         Event::OrderCompleted(e) => {
-            return Ok(order_completed(conn, e).await?.then_some(Status::Completed));
+            return Ok(order_completed(conn, e, how)
+                .await?
+                .then_some(Status::Completed));
         }
         Event::OrderCancelled(e) => {
-            return Ok(order_cancelled(conn, e).await?.then_some(Status::Cancelled));
+            return Ok(order_cancelled(conn, e, how)
+                .await?
+                .then_some(Status::Cancelled));
         }
-        Event::OrderStarted(e) => order_started(conn, e).await,
-        Event::InfoGenerated(e) => info_generated(conn, e).await,
-        Event::PaymentAwaiting(e) => payment_awaiting(conn, e).await,
-        Event::PaymentSelected(e) => payment_selected(conn, e).await,
+        Event::OrderStarted(e) => (
+            order_started(only_if),
+            4,
+            Box::new(|q| {
+                q.bind(&e.order_id)
+                    .bind(&e.supplier)
+                    .bind(sqlx::types::Json(&e.products))
+                    .bind(&e.address)
+            }),
+        ),
+        Event::InfoGenerated(e) => (
+            info_generated(only_if),
+            4,
+            Box::new(|q| {
+                q.bind(&e.order_id)
+                    .bind(&e.supplier)
+                    .bind(&e.payment_methods)
+                    .bind(e.amount_cents)
+            }),
+        ),
+        Event::PaymentAwaiting(e) => (
+            payment_awaiting(only_if),
+            7,
+            Box::new(|q| {
+                let next = Status::AwaitingPayment;
+                q.bind(&e.order_id)
+                    .bind(next.predecessors())
+                    .bind(next.as_str())
+                    .bind(&e.token)
+                    .bind(e.expires_at)
+                    .bind(&e.payment_methods)
+                    .bind(e.amount_cents)
+            }),
+        ),
+        Event::PaymentSelected(e) => (
+            payment_selected(only_if),
+            4,
+            Box::new(|q| {
+                let next = Status::Paying;
+                q.bind(&e.order_id)
+                    .bind(next.predecessors())
+                    .bind(next.as_str())
+                    .bind(&e.method)
+            }),
+        ),
         // generate-info could not price it; order-cancelled cancels it.
-        Event::InfoRejected(e) => last_rejection(conn, &e.order_id, &e.reason).await,
-        Event::PaymentRejected(e) => last_rejection(conn, &e.order_id, &e.reason).await,
-        Event::SubmissionRejected(e) => last_rejection(conn, &e.order_id, &e.reason).await,
-        Event::PaymentCaptured(e) => payment_captured(conn, e).await,
-        Event::PaymentRefunded(e) => payment_refunded(conn, e).await,
+        Event::InfoRejected(e) => rejection(only_if, &e.order_id, &e.reason),
+        Event::PaymentRejected(e) => rejection(only_if, &e.order_id, &e.reason),
+        Event::SubmissionRejected(e) => rejection(only_if, &e.order_id, &e.reason),
+        Event::PaymentCaptured(e) => (
+            payment_captured(only_if),
+            3,
+            Box::new(|q| {
+                q.bind(&e.order_id)
+                    .bind(e.charged_cents)
+                    .bind(&e.capture_id)
+            }),
+        ),
+        Event::PaymentRefunded(e) => (
+            payment_refunded(only_if),
+            2,
+            Box::new(|q| q.bind(&e.order_id).bind(e.refunded_cents)),
+        ),
         // saga.timed-out: order-cancelled acts on it, the order shows the
-        // resulting order.cancelled. The others are not bound to this queue.
+        // resulting order.cancelled. The others are not bound to this
+        // queue. Nothing to apply, so nothing to remember either.
         Event::SagaTimedOut(_) | Event::PaymentSubmitted(_) | Event::PaymentFailed(_) => {
             return Ok(None);
         }
-    }?;
+    };
+    let sql = how.statement(&change, params);
+    let row = how
+        .bind(bind(sqlx::query_as(sqlx::AssertSqlSafe(sql))))
+        .fetch_optional(conn)
+        .await?;
     // The table's CHECK allows only known statuses.
-    Ok(status.parse().ok())
+    Ok(row.and_then(|(status,)| status.parse().ok()))
 }
 
 /// The order's content. The first one known stays: an order's lines do not
 /// change, and the API's own row was written from the same request.
-async fn order_started(conn: &mut PgConnection, e: &OrderStarted) -> Result<String, sqlx::Error> {
-    sqlx::query_scalar(
-        "INSERT INTO orders (order_id, supplier, products, address) VALUES ($1, $2, $3, $4) \
+/// `$1` order id, `$2` supplier, `$3` products, `$4` address.
+fn order_started(only_if: &str) -> String {
+    format!(
+        "INSERT INTO orders (order_id, supplier, products, address) \
+         SELECT $1, $2, $3, $4 WHERE {only_if} \
          ON CONFLICT (order_id) DO UPDATE SET \
            supplier = COALESCE(orders.supplier, EXCLUDED.supplier), \
            products = COALESCE(orders.products, EXCLUDED.products), \
            address = COALESCE(orders.address, EXCLUDED.address), \
-           updated_at = now() RETURNING status",
+           updated_at = now() RETURNING status"
     )
-    .bind(&e.order_id)
-    .bind(&e.supplier)
-    .bind(sqlx::types::Json(&e.products))
-    .bind(&e.address)
-    .fetch_one(conn)
-    .await
 }
 
 /// The order's price. An order is priced once: the first price known stays
 /// (generate-info never prices an order twice; a stray second price would
 /// not change what the customer sees, nor what the coordinator accepts).
-async fn info_generated(conn: &mut PgConnection, e: &InfoGenerated) -> Result<String, sqlx::Error> {
-    sqlx::query_scalar(
+/// `$1` order id, `$2` supplier, `$3` methods, `$4` amount.
+fn info_generated(only_if: &str) -> String {
+    format!(
         "INSERT INTO orders (order_id, supplier, payment_methods, amount_cents) \
-         VALUES ($1, $2, $3, $4) \
+         SELECT $1, $2, $3, $4 WHERE {only_if} \
          ON CONFLICT (order_id) DO UPDATE SET \
            supplier = COALESCE(orders.supplier, EXCLUDED.supplier), \
            payment_methods = COALESCE(orders.payment_methods, EXCLUDED.payment_methods), \
            amount_cents = COALESCE(orders.amount_cents, EXCLUDED.amount_cents), \
-           updated_at = now() RETURNING status",
+           updated_at = now() RETURNING status"
     )
-    .bind(&e.order_id)
-    .bind(&e.supplier)
-    .bind(&e.payment_methods)
-    .bind(e.amount_cents)
-    .fetch_one(conn)
-    .await
 }
 
 /// The payment step is open. Its first token stays: the coordinator accepts
 /// only the token of the first payment step it saw, so a later one would only
-/// mislead the customer.
-async fn payment_awaiting(
-    conn: &mut PgConnection,
-    e: &PaymentAwaiting,
-) -> Result<String, sqlx::Error> {
-    let next = Status::AwaitingPayment;
-    sqlx::query_scalar(concat!(
+/// mislead the customer. `$1` order id, `$2`/`$3` [`FORWARD_STATUS`], `$4`
+/// token, `$5` expiry, `$6` methods, `$7` amount.
+fn payment_awaiting(only_if: &str) -> String {
+    format!(
         "INSERT INTO orders (order_id, status, payment_token, token_expires_at, payment_methods, \
-           amount_cents) VALUES ($1, $3, $4, $5, $6, $7) \
-         ON CONFLICT (order_id) DO UPDATE SET ",
-        forward_status!(),
-        ", payment_token = COALESCE(orders.payment_token, EXCLUDED.payment_token), \
+           amount_cents) SELECT $1, $3, $4, $5, $6, $7 WHERE {only_if} \
+         ON CONFLICT (order_id) DO UPDATE SET {FORWARD_STATUS}, \
+           payment_token = COALESCE(orders.payment_token, EXCLUDED.payment_token), \
            token_expires_at = COALESCE(orders.token_expires_at, EXCLUDED.token_expires_at), \
            payment_methods = COALESCE(orders.payment_methods, EXCLUDED.payment_methods), \
            amount_cents = COALESCE(orders.amount_cents, EXCLUDED.amount_cents), \
-           updated_at = now() RETURNING status",
-    ))
-    .bind(&e.order_id)
-    .bind(next.predecessors())
-    .bind(next.as_str())
-    .bind(&e.token)
-    .bind(e.expires_at)
-    .bind(&e.payment_methods)
-    .bind(e.amount_cents)
-    .fetch_one(conn)
-    .await
+           updated_at = now() RETURNING status"
+    )
 }
 
 /// The customer's method was accepted. On a finished order (a late message)
-/// the method is only filled in if missing.
-async fn payment_selected(
-    conn: &mut PgConnection,
-    e: &PaymentSelected,
-) -> Result<String, sqlx::Error> {
-    let next = Status::Paying;
-    sqlx::query_scalar(concat!(
-        "INSERT INTO orders (order_id, status, method) VALUES ($1, $3, $4) \
-         ON CONFLICT (order_id) DO UPDATE SET ",
-        forward_status!(),
-        ", method = CASE WHEN orders.status IN ('completed', 'cancelled') \
+/// the method is only filled in if missing. `$1` order id, `$2`/`$3`
+/// [`FORWARD_STATUS`], `$4` method.
+fn payment_selected(only_if: &str) -> String {
+    format!(
+        "INSERT INTO orders (order_id, status, method) SELECT $1, $3, $4 WHERE {only_if} \
+         ON CONFLICT (order_id) DO UPDATE SET {FORWARD_STATUS}, \
+           method = CASE WHEN orders.status IN ('completed', 'cancelled') \
              THEN COALESCE(orders.method, EXCLUDED.method) ELSE EXCLUDED.method END, \
-           updated_at = now() RETURNING status",
-    ))
-    .bind(&e.order_id)
-    .bind(next.predecessors())
-    .bind(next.as_str())
-    .bind(&e.method)
-    .fetch_one(conn)
-    .await
+           updated_at = now() RETURNING status"
+    )
 }
 
-async fn last_rejection(
-    conn: &mut PgConnection,
-    order_id: &str,
-    reason: &str,
-) -> Result<String, sqlx::Error> {
-    sqlx::query_scalar(
-        "INSERT INTO orders (order_id, last_rejection) VALUES ($1, $2) \
+/// The last reason a step was refused: `$1` order id, `$2` reason.
+fn rejection<'e>(only_if: &str, order_id: &'e str, reason: &'e str) -> Change<'e> {
+    let change = format!(
+        "INSERT INTO orders (order_id, last_rejection) SELECT $1, $2 WHERE {only_if} \
          ON CONFLICT (order_id) DO UPDATE SET last_rejection = EXCLUDED.last_rejection, \
-           updated_at = now() RETURNING status",
-    )
-    .bind(order_id)
-    .bind(reason)
-    .fetch_one(conn)
-    .await
+           updated_at = now() RETURNING status"
+    );
+    (change, 2, Box::new(move |q| q.bind(order_id).bind(reason)))
 }
 
-async fn payment_captured(
-    conn: &mut PgConnection,
-    e: &PaymentCaptured,
-) -> Result<String, sqlx::Error> {
-    sqlx::query_scalar(
-        "INSERT INTO orders (order_id, charged_cents, capture_id) VALUES ($1, $2, $3) \
+/// `$1` order id, `$2` charged cents, `$3` capture id.
+fn payment_captured(only_if: &str) -> String {
+    format!(
+        "INSERT INTO orders (order_id, charged_cents, capture_id) SELECT $1, $2, $3 \
+         WHERE {only_if} \
          ON CONFLICT (order_id) DO UPDATE SET charged_cents = EXCLUDED.charged_cents, \
-           capture_id = EXCLUDED.capture_id, updated_at = now() RETURNING status",
+           capture_id = EXCLUDED.capture_id, updated_at = now() RETURNING status"
     )
-    .bind(&e.order_id)
-    .bind(e.charged_cents)
-    .bind(&e.capture_id)
-    .fetch_one(conn)
-    .await
 }
 
-async fn payment_refunded(
-    conn: &mut PgConnection,
-    e: &PaymentRefunded,
-) -> Result<String, sqlx::Error> {
-    sqlx::query_scalar(
-        "INSERT INTO orders (order_id, refunded_cents) VALUES ($1, $2) \
+/// `$1` order id, `$2` refunded cents.
+fn payment_refunded(only_if: &str) -> String {
+    format!(
+        "INSERT INTO orders (order_id, refunded_cents) SELECT $1, $2 WHERE {only_if} \
          ON CONFLICT (order_id) DO UPDATE SET refunded_cents = EXCLUDED.refunded_cents, \
-           updated_at = now() RETURNING status",
+           updated_at = now() RETURNING status"
     )
-    .bind(&e.order_id)
-    .bind(e.refunded_cents)
-    .fetch_one(conn)
-    .await
 }
 
 /// Terminal: the same conditional transition the owner (order-completed)
 /// makes; a no-op when it made it already or the order was cancelled first.
-async fn order_completed(conn: &mut PgConnection, e: &OrderCompleted) -> Result<bool, sqlx::Error> {
+async fn order_completed<'c>(
+    conn: impl PgExecutor<'c>,
+    e: &OrderCompleted,
+    how: Admission<'_>,
+) -> Result<bool, sqlx::Error> {
     let outcome = Terminal::Completed {
         method: e.method.clone(),
         charged_cents: e.charged_cents,
         capture_id: None,
     };
-    finish(conn, &e.order_id, &outcome).await
+    finish(conn, &e.order_id, &outcome, how).await
 }
 
 /// Terminal: the same conditional transition the owner (order-cancelled)
 /// makes; a no-op when it made it already or the order was completed first.
-async fn order_cancelled(conn: &mut PgConnection, e: &OrderCancelled) -> Result<bool, sqlx::Error> {
+async fn order_cancelled<'c>(
+    conn: impl PgExecutor<'c>,
+    e: &OrderCancelled,
+    how: Admission<'_>,
+) -> Result<bool, sqlx::Error> {
     let outcome = Terminal::Cancelled {
         reason: e.reason.clone(),
     };
-    finish(conn, &e.order_id, &outcome).await
+    finish(conn, &e.order_id, &outcome, how).await
 }

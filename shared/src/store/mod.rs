@@ -25,7 +25,7 @@ pub use outbox::{
     DEAD_AFTER_AGE, DEAD_AFTER_REFUSALS, DeadRow, HAND_OVER_LIMIT, Relay, RelayError,
 };
 pub use retention::Retention;
-pub use unit::{ADMIT_ALL, ADMITTED, OutboxQuery, UnitOfWork, admitted_now};
+pub use unit::{ADMIT_ALL, ADMITTED, Admission, OutboxQuery, UnitOfWork, admitted_now};
 
 use crate::config::redact_url;
 

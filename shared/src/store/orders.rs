@@ -7,7 +7,7 @@
 
 use std::sync::{Arc, Mutex, PoisonError};
 
-use sqlx::{PgConnection, PgPool};
+use sqlx::PgPool;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
@@ -156,16 +156,19 @@ pub enum Terminal {
 /// `true` when this call made the transition: only then may the caller
 /// announce it. The loser publishes nothing. The order API's read model
 /// mirrors `order.completed` / `order.cancelled` through this same function,
-/// which is a no-op when the owner already made the transition.
-pub async fn finish(
-    conn: &mut PgConnection,
+/// which is a no-op when the owner already made the transition. `how` says
+/// whether the message asking for it was admitted already or is admitted by
+/// this same statement (then a message applied before changes nothing).
+pub async fn finish<'c>(
+    conn: impl sqlx::PgExecutor<'c>,
     order_id: &str,
     outcome: &Terminal,
+    how: super::Admission<'_>,
 ) -> Result<bool, sqlx::Error> {
-    let sql = finish_statement(outcome, "TRUE");
-    let won: Option<(String,)> = outcome
-        .bind(sqlx::query_as(sqlx::AssertSqlSafe(sql)), order_id)
-        .fetch_optional(&mut *conn)
+    let sql = how.statement(&finish_statement(outcome, how.only_if()), outcome.params());
+    let won: Option<(String,)> = how
+        .bind(outcome.bind(sqlx::query_as(sqlx::AssertSqlSafe(sql)), order_id))
+        .fetch_optional(conn)
         .await?;
     Ok(won.is_some())
 }
@@ -298,7 +301,14 @@ impl TerminalHandler {
                 continue;
             };
             let order_id = message.order_id();
-            if finish(unit.conn(), order_id, &transition.outcome).await? {
+            if finish(
+                unit.conn(),
+                order_id,
+                &transition.outcome,
+                super::Admission::Admitted,
+            )
+            .await?
+            {
                 tracing::info!(service = self.service, %order_id, outcome = ?transition.outcome, "order ended");
                 unit.emit(Outgoing::event(
                     &transition.announce,

@@ -154,12 +154,63 @@ fn admit_one(first: usize) -> String {
     )
 }
 
+/// Where a consumed message's state change runs, and so what it holds to.
+/// One statement serves both: written with [`only_if`](Self::only_if) as
+/// its condition and wrapped by [`statement`](Self::statement).
+#[derive(Clone, Copy, Debug)]
+pub enum Admission<'a> {
+    /// Inside a unit of work that admitted the message already
+    /// ([`UnitOfWork::admit_all`]): the change always applies.
+    Admitted,
+    /// On its own: the same statement admits `message` into `consumer`'s
+    /// inbox (a `WITH` named `admitted`) and changes nothing when the
+    /// message was applied before. One round trip, its own transaction.
+    Alone {
+        consumer: &'a str,
+        message: &'a Envelope,
+    },
+}
+
+impl<'a> Admission<'a> {
+    /// The condition the change's rows must meet (`TRUE` or [`ADMITTED`]).
+    pub fn only_if(self) -> &'static str {
+        match self {
+            Self::Admitted => "TRUE",
+            Self::Alone { .. } => ADMITTED,
+        }
+    }
+
+    /// `change` (parameters `$1`..`$params`), preceded by the inbox row's
+    /// `WITH` when alone; the inbox's parameters come after the change's.
+    pub fn statement(self, change: &str, params: usize) -> String {
+        match self {
+            Self::Admitted => change.to_owned(),
+            Self::Alone { .. } => format!("WITH admitted AS ({}) {change}", admit_one(params + 1)),
+        }
+    }
+
+    /// Binds the inbox row's parameters (when alone) after the change's.
+    pub fn bind<'q, O>(
+        self,
+        query: sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>
+    where
+        'a: 'q,
+    {
+        match self {
+            Self::Admitted => query,
+            Self::Alone { consumer, message } => query.bind(consumer).bind(&message.message_id),
+        }
+    }
+}
+
 /// The statement [`Db::change_and_emit`] runs, with what it binds so far.
 pub type OutboxQuery<'q> =
     sqlx::query::QueryAs<'q, sqlx::Postgres, (i64, String), sqlx::postgres::PgArguments>;
 
-/// The condition a state change of [`Db::admit_change_and_emit`] must hold
-/// to: the message was admitted now (not applied before).
+/// The condition a state change of [`Db::admit_change_and_emit`] (or one
+/// run [`Admission::Alone`]) must hold to: the message was admitted now (not
+/// applied before).
 pub const ADMITTED: &str = "EXISTS (SELECT 1 FROM admitted)";
 
 /// The outbox's columns, in the order [`OutboxColumns`] binds them.

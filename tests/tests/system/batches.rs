@@ -471,3 +471,201 @@ async fn a_provider_batch_charges_each_decision_once_and_a_forged_one_fails_alon
     payments.close().await;
     system.stop().await;
 }
+
+#[tokio::test]
+async fn a_read_model_message_on_its_own_is_applied_once_and_not_at_all_when_applied_before() {
+    use orderflow_shared::events::{
+        Event, InfoGenerated, InfoRejected, OrderCancelled, OrderCompleted, OrderStarted,
+        PaymentAwaiting, PaymentCaptured, PaymentRefunded, PaymentRejected, PaymentSelected,
+        ProductLine, SubmissionRejected,
+    };
+    let env = TestEnv::orderflow().await;
+    let db = orderflow_shared::store::Db::for_context(
+        &env.database_url,
+        orderflow_shared::store::Context::Orders,
+        4,
+    )
+    .await
+    .unwrap();
+    let shutdown = orderflow_shared::Shutdown::new();
+    let (watcher, watching) = order_api::Watcher::spawn(db.pool().clone(), shutdown.clone());
+    let read_model = order_api::ReadModelHandler::new(db.clone(), watcher);
+    // Every event the read model shows, for order `id`; and what it writes.
+    let events = |id: &str| -> Vec<(Event, &'static str, String)> {
+        let id = id.to_owned();
+        vec![
+            (
+                Event::OrderStarted(OrderStarted {
+                    order_id: format!("{id}-started"),
+                    supplier: "haidilao".into(),
+                    products: vec![ProductLine {
+                        sku: "hotpot".into(),
+                        quantity: 2,
+                    }],
+                    address: "1 Road".into(),
+                }),
+                "address",
+                "1 Road".into(),
+            ),
+            (
+                Event::InfoGenerated(InfoGenerated {
+                    order_id: format!("{id}-info"),
+                    supplier: "haidilao".into(),
+                    payment_methods: vec!["weixin".into()],
+                    amount_cents: 1200,
+                }),
+                "amount_cents::text",
+                "1200".into(),
+            ),
+            (
+                Event::InfoRejected(InfoRejected {
+                    order_id: format!("{id}-info-rejected"),
+                    reason: "no price".into(),
+                }),
+                "last_rejection",
+                "no price".into(),
+            ),
+            (
+                Event::PaymentAwaiting(PaymentAwaiting {
+                    order_id: format!("{id}-awaiting"),
+                    token: "tok".into(),
+                    payment_methods: vec!["weixin".into()],
+                    amount_cents: 1200,
+                    expires_at: chrono::Utc::now(),
+                }),
+                "status",
+                "awaiting_payment".into(),
+            ),
+            (
+                Event::PaymentSelected(PaymentSelected {
+                    order_id: format!("{id}-selected"),
+                    method: "weixin".into(),
+                    amount_cents: 1200,
+                }),
+                "method",
+                "weixin".into(),
+            ),
+            (
+                Event::PaymentRejected(PaymentRejected {
+                    order_id: format!("{id}-payment-rejected"),
+                    method: "zhifubao".into(),
+                    reason: "not taken".into(),
+                }),
+                "last_rejection",
+                "not taken".into(),
+            ),
+            (
+                Event::SubmissionRejected(SubmissionRejected {
+                    order_id: format!("{id}-submission-rejected"),
+                    reason: "bad token".into(),
+                }),
+                "last_rejection",
+                "bad token".into(),
+            ),
+            (
+                Event::PaymentCaptured(PaymentCaptured {
+                    order_id: format!("{id}-captured"),
+                    provider: "weixin".into(),
+                    charged_cents: 1200,
+                    capture_id: "cap-1".into(),
+                }),
+                "capture_id",
+                "cap-1".into(),
+            ),
+            (
+                Event::PaymentRefunded(PaymentRefunded {
+                    order_id: format!("{id}-refunded"),
+                    provider: "weixin".into(),
+                    refunded_cents: 1200,
+                }),
+                "refunded_cents::text",
+                "1200".into(),
+            ),
+            (
+                Event::OrderCompleted(OrderCompleted {
+                    order_id: format!("{id}-completed"),
+                    method: "weixin".into(),
+                    charged_cents: 1200,
+                }),
+                "status",
+                "completed".into(),
+            ),
+            (
+                Event::OrderCancelled(OrderCancelled {
+                    order_id: format!("{id}-cancelled"),
+                    reason: "timed out".into(),
+                }),
+                "status",
+                "cancelled".into(),
+            ),
+        ]
+    };
+    let column = |order_id: String, column: &'static str| {
+        let db = db.clone();
+        async move {
+            let sql = format!("SELECT {column} FROM orders WHERE order_id = $1");
+            sqlx::query_scalar::<_, Option<String>>(sqlx::AssertSqlSafe(sql))
+                .bind(order_id)
+                .fetch_optional(db.pool())
+                .await
+                .unwrap()
+                .flatten()
+        }
+    };
+    // New: applied, once. A redelivery leaves the row as it is (its
+    // `updated_at` set back here would move again if it were re-applied).
+    for (event, field, written) in events("new") {
+        let order_id = event.order_id().to_owned();
+        let delivery = message(event, None);
+        read_model.handle(&delivery).await.unwrap();
+        assert_eq!(
+            column(order_id.clone(), field).await.as_deref(),
+            Some(&*written),
+            "{order_id}"
+        );
+        sqlx::query("UPDATE orders SET updated_at = 'epoch' WHERE order_id = $1")
+            .bind(&order_id)
+            .execute(db.pool())
+            .await
+            .unwrap();
+        read_model.handle(&delivery).await.unwrap();
+        assert_eq!(
+            column(order_id.clone(), "updated_at::date::text")
+                .await
+                .as_deref(),
+            Some("1970-01-01"),
+            "{order_id} was applied twice"
+        );
+    }
+    // Applied before (its inbox row is there): nothing at all.
+    for (event, _, _) in events("seen") {
+        let order_id = event.order_id().to_owned();
+        let delivery = message(event, None);
+        sqlx::query("INSERT INTO inbox (consumer, message_id) VALUES ('order-api', $1)")
+            .bind(&delivery.envelope.message_id)
+            .execute(db.pool())
+            .await
+            .unwrap();
+        read_model.handle(&delivery).await.unwrap();
+        assert_eq!(column(order_id.clone(), "status").await, None, "{order_id}");
+    }
+    // In a batch, the same upserts apply unconditionally, once per message.
+    let batch: Vec<Message> = events("batch")
+        .into_iter()
+        .map(|(event, _, _)| message(event, None))
+        .collect();
+    let twice: Vec<Message> = batch.iter().chain(&batch).cloned().collect();
+    read_model.handle_batch(&twice).await.unwrap();
+    for (event, field, written) in events("batch") {
+        let order_id = event.order_id().to_owned();
+        assert_eq!(
+            column(order_id.clone(), field).await.as_deref(),
+            Some(&*written),
+            "{order_id}"
+        );
+    }
+    shutdown.cancel();
+    watching.await.unwrap();
+    db.close().await;
+    env.cleanup().await;
+}
