@@ -38,14 +38,15 @@ impl Handler for ReadModelHandler {
             consumer: SERVICE,
             message: &message.envelope,
         };
-        match apply(self.db.pool(), &message.event, how).await? {
-            Some(status) => self.watcher.changed(message.event.order_id(), Some(status)),
-            None => tracing::debug!(
+        if let Some(status) = apply(self.db.pool(), &message.event, how).await? {
+            self.watcher.changed(message.event.order_id(), Some(status));
+        } else {
+            tracing::debug!(
                 message_id = %message.envelope.message_id,
                 order_id = %message.event.order_id(),
                 kind = %message.envelope.kind,
                 "read model unchanged (applied before, nothing shown, or the order had ended)"
-            ),
+            );
         }
         Ok(())
     }
