@@ -39,7 +39,7 @@ use orderflow_shared::events::{
     Event, PaymentCaptured, PaymentFailed, PaymentRefunded, PaymentSelected,
 };
 use orderflow_shared::metadata::Metadata;
-use orderflow_shared::store::{ADMIT_ALL, Context, Db, UnitOfWork, admitted_now};
+use orderflow_shared::store::{ADMIT_ALL, ADMITTED, Context, Db, UnitOfWork, admitted_now};
 
 use crate::gateway::{GatewayError, Receipt, SimulatedGateway, Voided};
 use crate::providers::{Payment, PaymentProvider};
@@ -178,7 +178,10 @@ impl ProviderHandler {
     async fn capture(&self, selected: &[(&Message, &PaymentSelected)]) -> Result<(), HandleError> {
         let mut selected = selected.to_vec();
         selected.sort_by(|a, b| a.1.order_id.cmp(&b.1.order_id));
-        let mut intent = self.db.begin_unit_without_inbox().await?;
+        // Before the gateway call, each statement on its own (the intent
+        // must be durable before anything is charged; nothing here needs
+        // two statements to see each other's locks).
+        let pool = self.db.pool();
         let message_ids: Vec<&str> = selected
             .iter()
             .map(|(m, _)| m.envelope.message_id.as_str())
@@ -198,7 +201,7 @@ impl ProviderHandler {
             .bind(&message_ids)
             .bind(&orders)
             .bind(&self.method)
-            .fetch_one(intent.conn())
+            .fetch_one(pool)
             .await?;
         let accepted: Vec<(String, i64)> =
             accepted_orders.into_iter().zip(accepted_amounts).collect();
@@ -246,7 +249,7 @@ impl ProviderHandler {
         .bind(&self.method)
         .bind(&amounts)
         .bind(&keys)
-        .fetch_all(intent.conn())
+        .fetch_all(pool)
         .await?;
         let open = |order_id: &str| {
             rows.iter().any(|(order, provider, status)| {
@@ -266,14 +269,23 @@ impl ProviderHandler {
             .chain(copies.iter().map(|m| &m.envelope))
             .collect();
         if !done.is_empty() {
-            intent.admit_all(&self.service, &done).await?;
+            let ids: Vec<&str> = done.iter().map(|e| e.message_id.as_str()).collect();
+            sqlx::query(ADMIT_ALL)
+                .bind(&self.service)
+                .bind(&ids)
+                .execute(pool)
+                .await?;
         }
-        intent.commit().await?;
         if charges.is_empty() {
             return Ok(());
         }
 
-        let outcomes = futures::future::join_all(charges.iter().map(|c| self.charge(c))).await;
+        let mut outcomes = futures::future::join_all(charges.iter().map(|c| self.charge(c))).await;
+        if let ([charge], [Ok(Outcome::Captured(_))]) = (charges.as_slice(), outcomes.as_slice())
+            && let Some(Ok(Outcome::Captured(receipt))) = outcomes.pop()
+        {
+            return Ok(self.record_captured_alone(charge, &receipt).await?);
+        }
 
         let mut unit = self.db.begin_unit_without_inbox().await?;
         let message_ids: Vec<&str> = charges
@@ -451,6 +463,58 @@ impl ProviderHandler {
         })
         .await
         .map_err(GatewayError::into_handle_error)
+    }
+
+    /// The common end of one charge on its own, in **one statement**: the
+    /// message's inbox row, the capture recorded on the intent if it is
+    /// still open (the row locked; a cancellation that resolved it
+    /// meanwhile wins) and, only then, `payment.captured` in the outbox.
+    async fn record_captured_alone(
+        &self,
+        charge: &Charge<'_>,
+        receipt: &Receipt,
+    ) -> Result<(), sqlx::Error> {
+        let order_id = charge.order_id;
+        let cause = &charge.message.envelope;
+        let captured = Outgoing::event(
+            &Event::PaymentCaptured(PaymentCaptured {
+                order_id: order_id.to_owned(),
+                provider: self.method.clone(),
+                charged_cents: receipt.amount_cents,
+                capture_id: receipt.reference.clone(),
+            }),
+            Some(cause),
+        );
+        let recorded = self
+            .db
+            .admit_change_and_emit(
+                &self.service,
+                cause,
+                &format!(
+                    "UPDATE captures SET status = 'captured', charged_cents = $2, \
+                     capture_id = $3, updated_at = now() \
+                     WHERE order_id = $1 AND status IN ('charging', 'pending') AND {ADMITTED} \
+                     RETURNING order_id"
+                ),
+                3,
+                |query| {
+                    query
+                        .bind(order_id)
+                        .bind(receipt.amount_cents)
+                        .bind(receipt.reference.clone())
+                },
+                vec![captured],
+            )
+            .await?;
+        if recorded {
+            tracing::info!(%order_id, provider = %self.method, charged_cents = receipt.amount_cents, capture_id = %receipt.reference, "payment captured");
+        } else {
+            // Applied before (a redelivery that charged with the same key:
+            // the gateway charged once), or the cancellation resolved the
+            // intent meanwhile (it refunded what was charged).
+            tracing::info!(%order_id, message_id = %cause.message_id, "capture not recorded: applied before, or resolved by the cancellation meanwhile");
+        }
+        Ok(())
     }
 
     /// Writes `outcome` of a charge on the open capture of `order_id`.

@@ -473,6 +473,135 @@ async fn a_provider_batch_charges_each_decision_once_and_a_forged_one_fails_alon
 }
 
 #[tokio::test]
+async fn a_provider_charge_on_its_own_is_recorded_once_and_never_over_the_cancellation_that_resolved_it()
+ {
+    use orderflow_shared::events::{Event, OrderCancelled, PaymentSelected};
+    let workers = orderflow_tests::system::Workers {
+        without_providers: vec!["weixin"],
+        ..orderflow_tests::system::Workers::default()
+    };
+    // The gateway takes 400 ms: long enough for a cancellation to come in
+    // while a charge is at the gateway.
+    let system =
+        orderflow_tests::system::System::start_with(|s| s.gateway_latency_ms = 400, workers).await;
+    let mut decisions = Vec::new();
+    for sku in ["tea", "tofu", "noodles"] {
+        let order_id = system.place("noodle-bar", &[(sku, 1)]).await;
+        let order = system.wait_for(&order_id, "awaiting_payment").await;
+        let token = order["payment_token"].as_str().unwrap();
+        assert_eq!(system.submit(&order_id, token, "weixin").await, 202);
+        let order = system.wait_for(&order_id, "paying").await;
+        decisions.push((order_id, order["amount_cents"].as_i64().unwrap()));
+    }
+    let payments = orderflow_shared::store::Db::for_context(
+        &system.env.database_url,
+        orderflow_shared::store::Context::Payments,
+        4,
+    )
+    .await
+    .unwrap();
+    let provider = Arc::new(
+        payment_provider::ProviderHandler::new(
+            &system.ctx,
+            "weixin",
+            payments.clone(),
+            payments.clone(),
+        )
+        .unwrap(),
+    );
+    let selected = |(order_id, amount): &(String, i64)| {
+        message(
+            Event::PaymentSelected(PaymentSelected {
+                order_id: order_id.clone(),
+                method: "weixin".into(),
+                amount_cents: *amount,
+            }),
+            None,
+        )
+    };
+    let capture = |order_id: String| {
+        let payments = payments.clone();
+        async move {
+            let (status, captured): (Option<String>, i64) = sqlx::query_as(
+                "SELECT (SELECT status FROM captures WHERE order_id = $1), \
+                 (SELECT count(*) FROM outbox WHERE correlation_id = $1 \
+                   AND routing_key = 'payment.captured')",
+            )
+            .bind(order_id)
+            .fetch_one(payments.pool())
+            .await
+            .unwrap();
+            (status, captured)
+        }
+    };
+    // Alone: charged and recorded once; the redelivery charges with the
+    // same key (the gateway charges once) and records nothing more.
+    let (paid, amount) = &decisions[0];
+    let delivery = selected(&decisions[0]);
+    provider.handle(&delivery).await.unwrap();
+    provider.handle(&delivery).await.unwrap();
+    assert_eq!(system.gateway(paid).await, (1, 0));
+    assert_eq!(capture(paid.clone()).await, (Some("captured".into()), 1));
+    let charged: Option<i64> =
+        sqlx::query_scalar("SELECT charged_cents FROM captures WHERE order_id = $1")
+            .bind(paid)
+            .fetch_one(payments.pool())
+            .await
+            .unwrap();
+    assert_eq!(charged, Some(amount / 2));
+    // The order is cancelled while its charge is at the gateway: the
+    // cancellation resolves the intent (refunds what was charged), and the
+    // charge, coming back, records nothing and announces nothing.
+    let (raced, _) = &decisions[1];
+    let charging = tokio::spawn({
+        let (provider, delivery) = (provider.clone(), selected(&decisions[1]));
+        async move { provider.handle(&delivery).await }
+    });
+    eventually(Duration::from_secs(10), "the intent is open", || async {
+        capture(raced.clone()).await.0.as_deref() == Some("charging")
+    })
+    .await;
+    let cancelled = message(
+        Event::OrderCancelled(OrderCancelled {
+            order_id: raced.clone(),
+            reason: "flow timed out".into(),
+        }),
+        None,
+    );
+    provider.handle(&cancelled).await.unwrap();
+    charging.await.unwrap().unwrap();
+    let (status, captured) = capture(raced.clone()).await;
+    assert_eq!(captured, 0, "no payment.captured over a resolved intent");
+    assert_ne!(status.as_deref(), Some("captured"));
+    let (charged_times, refunded_times) = system.gateway(raced).await;
+    assert_eq!(
+        charged_times, refunded_times,
+        "whatever was charged was refunded"
+    );
+    // Another delivery of the same message is applied while this one is at
+    // the gateway: this one's end records nothing (its inbox row says so).
+    let (twice, _) = &decisions[2];
+    let delivery = selected(&decisions[2]);
+    let charging = tokio::spawn({
+        let (provider, delivery) = (provider.clone(), delivery.clone());
+        async move { provider.handle(&delivery).await }
+    });
+    eventually(Duration::from_secs(10), "the intent is open", || async {
+        capture(twice.clone()).await.0.as_deref() == Some("charging")
+    })
+    .await;
+    sqlx::query("INSERT INTO inbox (consumer, message_id) VALUES ('payment-provider-weixin', $1)")
+        .bind(&delivery.envelope.message_id)
+        .execute(payments.pool())
+        .await
+        .unwrap();
+    charging.await.unwrap().unwrap();
+    assert_eq!(capture(twice.clone()).await, (Some("charging".into()), 0));
+    payments.close().await;
+    system.stop().await;
+}
+
+#[tokio::test]
 async fn a_read_model_message_on_its_own_is_applied_once_and_not_at_all_when_applied_before() {
     use orderflow_shared::events::{
         Event, InfoGenerated, InfoRejected, OrderCancelled, OrderCompleted, OrderStarted,
