@@ -189,9 +189,13 @@ async fn apply<'c, 'e>(
         ),
         // saga.timed-out: order-cancelled acts on it, the order shows the
         // resulting order.cancelled. The others are not bound to this
-        // queue. Nothing to apply, so nothing to remember either.
+        // queue. Nothing to apply; alone, the message is still recorded as
+        // applied (its inbox row, the `WITH` of a query that returns nothing).
         Event::SagaTimedOut(_) | Event::PaymentSubmitted(_) | Event::PaymentFailed(_) => {
-            return Ok(None);
+            if matches!(how, Admission::Admitted) {
+                return Ok(None);
+            }
+            ("SELECT ''::text WHERE FALSE".to_owned(), 0, Box::new(|q| q))
         }
     };
     let sql = how.statement(&change, params);

@@ -778,6 +778,24 @@ async fn a_read_model_message_on_its_own_is_applied_once_and_not_at_all_when_app
         read_model.handle(&delivery).await.unwrap();
         assert_eq!(column(order_id.clone(), "status").await, None, "{order_id}");
     }
+    // An event the read model does not show is still recorded as applied.
+    let timed_out = message(
+        Event::SagaTimedOut(orderflow_shared::events::SagaTimedOut {
+            order_id: "timed-out".into(),
+            step: orderflow_shared::events::Step::Flow,
+        }),
+        None,
+    );
+    read_model.handle(&timed_out).await.unwrap();
+    let recorded: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM inbox WHERE consumer = 'order-api' AND message_id = $1",
+    )
+    .bind(&timed_out.envelope.message_id)
+    .fetch_one(db.pool())
+    .await
+    .unwrap();
+    assert_eq!(recorded, 1);
+    assert_eq!(column("timed-out".into(), "status").await, None);
     // In a batch, the same upserts apply unconditionally, once per message.
     let batch: Vec<Message> = events("batch")
         .into_iter()
