@@ -198,7 +198,8 @@ async fn arm_pending(
                     ArmPath::PerCall => {
                         let mut tx = pool.begin().await?;
                         for n in start..end {
-                            timers::arm(&mut tx, &ids.get(n as u64), Step::Flow, due(n)).await?;
+                            timers::arm(&mut tx, &ids.get(n as u64), &[(Step::Flow, due(n))])
+                                .await?;
                         }
                         tx.commit().await?;
                     }
@@ -356,7 +357,7 @@ async fn burst(
     let due_at = armed_from + chrono::Duration::from_std(expected_arming + options.lead)?;
     let mut tx = db.pool().begin().await?;
     for order_id in &order_ids {
-        timers::arm(&mut tx, order_id, Step::Flow, due_at).await?;
+        timers::arm(&mut tx, order_id, &[(Step::Flow, due_at)]).await?;
     }
     tx.commit().await?;
     let armed_at = Utc::now();

@@ -154,8 +154,10 @@ impl CoordinatorHandler {
         }
     }
 
-    /// Opens the payment step with `awaiting` unless one is open: `Ok(())`
-    /// when this is the step's token (newly or already), else why not.
+    /// Opens the payment step with `awaiting` unless one is open, and arms
+    /// its timer with it (one statement; the timer only for the step's own
+    /// token, never moved once armed): `Ok(())` when this is the step's
+    /// token (newly or already), else why not.
     async fn open_payment_step(
         &self,
         unit: &mut UnitOfWork,
@@ -166,16 +168,23 @@ impl CoordinatorHandler {
         }
         let digest = token::digest(&awaiting.token);
         let recorded: String = sqlx::query_scalar(
-            "INSERT INTO payment_steps (order_id, token_digest, amount_cents, methods, expires_at) \
-             VALUES ($1, $2, $3, $4, $5) \
-             ON CONFLICT (order_id) DO UPDATE SET order_id = EXCLUDED.order_id \
-             RETURNING token_digest",
+            "WITH step AS ( \
+               INSERT INTO payment_steps (order_id, token_digest, amount_cents, methods, \
+                 expires_at) VALUES ($1, $2, $3, $4, $5) \
+               ON CONFLICT (order_id) DO UPDATE SET order_id = EXCLUDED.order_id \
+               RETURNING token_digest), \
+             armed AS ( \
+               INSERT INTO timers (order_id, step, due_at) \
+               SELECT $1, $6, $5 FROM step WHERE step.token_digest = $2 \
+               ON CONFLICT (order_id, step) DO NOTHING) \
+             SELECT token_digest FROM step",
         )
         .bind(&awaiting.order_id)
         .bind(&digest)
         .bind(awaiting.amount_cents)
         .bind(&awaiting.payment_methods)
         .bind(awaiting.expires_at)
+        .bind(Step::Payment)
         .fetch_one(unit.conn())
         .await?;
         if recorded == digest {
@@ -321,8 +330,12 @@ impl CoordinatorHandler {
                 let conn = unit.conn();
                 let info_due = deadline(sent, self.timeouts.generate_info, now);
                 let flow_due = deadline(sent, self.timeouts.flow, now);
-                timers::arm(conn, order_id, Step::GenerateInfo, info_due).await?;
-                timers::arm(conn, order_id, Step::Flow, flow_due).await?;
+                timers::arm(
+                    conn,
+                    order_id,
+                    &[(Step::GenerateInfo, info_due), (Step::Flow, flow_due)],
+                )
+                .await?;
                 sagas.progress(order_id, Some(SagaStep::GenerateInfo));
                 armed = Some(info_due.min(flow_due));
             }
@@ -333,8 +346,6 @@ impl CoordinatorHandler {
             Event::PaymentAwaiting(awaiting) if running => {
                 match self.open_payment_step(unit, awaiting).await? {
                     Ok(()) => {
-                        timers::arm(unit.conn(), order_id, Step::Payment, awaiting.expires_at)
-                            .await?;
                         sagas.progress(order_id, Some(SagaStep::Payment));
                         armed = Some(awaiting.expires_at);
                     }

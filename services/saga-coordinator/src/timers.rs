@@ -28,21 +28,23 @@ orderflow_shared::text_enum! {
     }
 }
 
-/// Arms `step`'s timer for `order_id` at `due_at`, unless it was armed before
-/// (a redelivered or replayed event does not move a deadline).
+/// Arms the timers `steps` (each with its deadline) for `order_id`, in one
+/// statement, each unless it was armed before (a redelivered or replayed
+/// event does not move a deadline).
 pub async fn arm(
     conn: &mut PgConnection,
     order_id: &str,
-    step: Step,
-    due_at: DateTime<Utc>,
+    steps: &[(Step, DateTime<Utc>)],
 ) -> Result<(), sqlx::Error> {
+    let (steps, due): (Vec<Step>, Vec<DateTime<Utc>>) = steps.iter().copied().unzip();
     sqlx::query(
-        "INSERT INTO timers (order_id, step, due_at) VALUES ($1, $2, $3) \
+        "INSERT INTO timers (order_id, step, due_at) \
+         SELECT $1, s, d FROM unnest($2::text[], $3::timestamptz[]) AS u(s, d) \
          ON CONFLICT (order_id, step) DO NOTHING",
     )
     .bind(order_id)
-    .bind(step)
-    .bind(due_at)
+    .bind(&steps)
+    .bind(&due)
     .execute(conn)
     .await?;
     Ok(())

@@ -28,19 +28,23 @@ async fn two_due_timers_of_one_order_in_one_batch_time_it_out_once() {
         .unwrap();
     let past = Utc::now() - Duration::seconds(5);
     let mut conn = db.pool().acquire().await.unwrap();
-    timers::arm(&mut conn, "o1", Step::GenerateInfo, past)
+    timers::arm(&mut conn, "o1", &[(Step::GenerateInfo, past)])
         .await
         .unwrap();
-    timers::arm(&mut conn, "o1", Step::Flow, past)
+    timers::arm(&mut conn, "o1", &[(Step::Flow, past)])
         .await
         .unwrap();
-    timers::arm(&mut conn, "o2", Step::Payment, past)
+    timers::arm(&mut conn, "o2", &[(Step::Payment, past)])
         .await
         .unwrap();
-    timers::arm(&mut conn, "o3", Step::Flow, Utc::now() + Duration::hours(1))
-        .await
-        .unwrap();
-    timers::arm(&mut conn, "o4", Step::Payment, past)
+    timers::arm(
+        &mut conn,
+        "o3",
+        &[(Step::Flow, Utc::now() + Duration::hours(1))],
+    )
+    .await
+    .unwrap();
+    timers::arm(&mut conn, "o4", &[(Step::Payment, past)])
         .await
         .unwrap();
     assert_eq!(
