@@ -72,7 +72,7 @@ use tokio::task::JoinHandle;
 
 pub use read_model::ReadModelHandler;
 pub use status::Status;
-pub use watch::Watcher;
+pub use watch::{HELLO_EVERY, PEER_WINDOW, Watcher};
 
 /// The service name: its queue is `orderflow.order-api`, its inbox rows carry it.
 pub const SERVICE: &str = "order-api";

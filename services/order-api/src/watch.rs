@@ -20,11 +20,21 @@
 //!
 //! Waiters are kept per order id: a notification wakes only the readers of
 //! its order, so N waiting clients cost O(1) per change, not O(N).
+//!
+//! An instance announces its own changes only while another API instance
+//! may be listening: every instance says so on [`PEERS_CHANNEL`] each
+//! [`HELLO_EVERY`], and one that heard no other for [`PEER_WINDOW`] keeps
+//! its changes to itself (one `NOTIFY` transaction per change saved, about
+//! seven per order, when it runs alone). It announces anyway while it is not
+//! *settled*: its listener came up less than a window ago, is down, or its
+//! hellos are not getting out. Until settled, its own waiters also read
+//! every 500 ms, so a change another instance made before it heard of this
+//! one is still seen. The terminal workers announce always.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use orderflow_shared::Shutdown;
 use orderflow_shared::store::orders::{Announcement, Announcer, CHANGES_CHANNEL};
@@ -38,8 +48,51 @@ use tokio::task::JoinHandle;
 /// The channel committed changes to orders are announced on.
 pub const CHANNEL: &str = CHANGES_CHANNEL;
 
-/// How often waiters read the row themselves while the listener is down.
+/// How often waiters read the row themselves while the listener is down
+/// (or not settled yet).
 pub const FALLBACK_POLL: Duration = Duration::from_millis(500);
+
+/// The channel on which API instances say that they listen; the payload is
+/// the instance's announcer tag.
+pub const PEERS_CHANNEL: &str = "orderflow_orders_peers";
+
+/// How often a listening instance says so on [`PEERS_CHANNEL`].
+pub const HELLO_EVERY: Duration = Duration::from_secs(1);
+
+/// How long another instance's hello counts, and how long a listener must
+/// have been up (saying hello) before the others surely heard of it.
+pub const PEER_WINDOW: Duration = Duration::from_secs(3);
+
+/// What an instance knows of its own listening and of the other instances.
+#[derive(Debug, Default)]
+struct Peers {
+    /// When the listener came up; `None` while it is down.
+    listening_since: Option<Instant>,
+    /// When this instance's last hello went out.
+    hello_sent: Option<Instant>,
+    /// When another instance's hello last came in.
+    heard: Option<Instant>,
+}
+
+impl Peers {
+    /// Listening for a whole window and saying so: every other instance has
+    /// heard of this one, and this one of every other.
+    fn settled(&self, now: Instant) -> bool {
+        self.listening_since
+            .is_some_and(|since| now.saturating_duration_since(since) >= PEER_WINDOW)
+            && self
+                .hello_sent
+                .is_some_and(|sent| now.saturating_duration_since(sent) < 2 * HELLO_EVERY)
+    }
+
+    /// Whether another instance may be waiting for this one's announcements.
+    fn others_may_listen(&self, now: Instant) -> bool {
+        !self.settled(now)
+            || self
+                .heard
+                .is_some_and(|heard| now.saturating_duration_since(heard) < PEER_WINDOW)
+    }
+}
 
 /// The waiters of one order: a change counter and how many subscriptions
 /// watch it (the entry goes when the last one does).
@@ -57,6 +110,7 @@ struct Shared {
     /// Bumped when anything may have changed (notifications may be lost).
     everyone: watch::Sender<u64>,
     listening: AtomicBool,
+    peers: Mutex<Peers>,
 }
 
 impl Shared {
@@ -65,7 +119,13 @@ impl Shared {
             orders: Mutex::new(HashMap::new()),
             everyone: watch::channel(0).0,
             listening: AtomicBool::new(listening),
+            peers: Mutex::new(Peers::default()),
         }
+    }
+
+    fn peers(&self) -> std::sync::MutexGuard<'_, Peers> {
+        // Plain timestamps: consistent even if a holder panicked.
+        self.peers.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn orders(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Waiters>> {
@@ -114,12 +174,49 @@ impl Watcher {
             shared: Arc::new(Shared::new(false)),
             announcer,
         };
+        let hellos = tokio::spawn(watcher.clone().say_hello(pool.clone(), shutdown.clone()));
         let listener = watcher.clone().listen(pool, shutdown);
         let task = tokio::spawn(async move {
             listener.await;
+            let _ = hellos.await;
             let _ = announcing.await;
         });
         (watcher, task)
+    }
+
+    /// Says on [`PEERS_CHANNEL`] that this instance listens, every
+    /// [`HELLO_EVERY`] while it does, until `shutdown`.
+    async fn say_hello(self, pool: PgPool, shutdown: Shutdown) {
+        let mut every = tokio::time::interval(HELLO_EVERY);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                _ = every.tick() => {}
+            }
+            if self.shared.listening.load(Ordering::SeqCst) {
+                self.hello(&pool).await;
+            }
+        }
+    }
+
+    /// One hello (its own transaction, not waiting for the WAL flush: a lost
+    /// one is said again a second later).
+    async fn hello(&self, pool: &PgPool) {
+        let sent = sqlx::query(
+            "WITH relaxed AS (SELECT set_config('synchronous_commit', 'off', true)) \
+             SELECT pg_notify($1, $2) FROM relaxed",
+        )
+        .bind(PEERS_CHANNEL)
+        .bind(self.announcer.tag())
+        .execute(pool)
+        .await;
+        match sent {
+            Ok(_) => self.shared.peers().hello_sent = Some(Instant::now()),
+            Err(error) => {
+                tracing::warn!(%error, "cannot tell the other API instances that this one listens; announcing every change meanwhile");
+            }
+        }
     }
 
     /// `order_id` changed (committed): wakes its waiters here and, through
@@ -129,7 +226,9 @@ impl Watcher {
     /// not read the row.
     pub fn changed(&self, order_id: &str, status: Option<Status>) {
         self.shared.wake_order(order_id, status);
-        self.announcer.changed(order_id);
+        if self.shared.peers().others_may_listen(Instant::now()) {
+            self.announcer.changed(order_id);
+        }
     }
 
     /// Watches `order_id` from now on.
@@ -171,7 +270,16 @@ impl Watcher {
         }
     }
 
+    /// A hello on [`PEERS_CHANNEL`] came in: another instance listens,
+    /// unless it is this one's own.
+    fn heard(&self, payload: &str) {
+        if payload != self.announcer.tag() {
+            self.shared.peers().heard = Some(Instant::now());
+        }
+    }
+
     fn set_listening(&self, listening: bool) {
+        self.shared.peers().listening_since = listening.then(Instant::now);
         let was = self.shared.listening.swap(listening, Ordering::SeqCst);
         if was != listening {
             // Up: changes before LISTEN took effect were missed. Down: waiters
@@ -187,7 +295,7 @@ impl Watcher {
                 () = shutdown.cancelled() => break,
                 connected = async {
                     let mut listener = PgListener::connect_with(&pool).await?;
-                    listener.listen(CHANNEL).await?;
+                    listener.listen_all([CHANNEL, PEERS_CHANNEL]).await?;
                     Ok::<_, sqlx::Error>(listener)
                 } => connected,
             };
@@ -195,17 +303,24 @@ impl Watcher {
                 Ok(mut listener) => {
                     failures = 0;
                     self.set_listening(true);
+                    // The others hear of this instance now, not at the next tick.
+                    self.hello(&pool).await;
                     loop {
                         let received = tokio::select! {
                             () = shutdown.cancelled() => break None,
                             received = listener.try_recv() => received,
                         };
                         match received {
+                            Ok(Some(notification)) if notification.channel() == PEERS_CHANNEL => {
+                                self.heard(notification.payload());
+                            }
                             Ok(Some(notification)) => self.notified(notification.payload()),
                             // The connection was lost and is back (sqlx reconnects
                             // eagerly): what was notified meanwhile is gone.
                             Ok(None) => {
                                 tracing::warn!("LISTEN connection lost and re-established");
+                                // Hellos were missed too: settle again.
+                                self.set_listening(true);
                                 self.shared.wake_everyone();
                             }
                             Err(error) => break Some(error),
@@ -233,7 +348,8 @@ impl Watcher {
 
 impl Subscription {
     /// Waits until the order may have changed: it was notified, notifications
-    /// may have been missed, or (listener down) the fallback interval passed.
+    /// may have been missed, or (listener down or not settled yet) the
+    /// fallback interval passed.
     /// The order's status after the change when the one who changed it said
     /// so; `None` when the row must be read to know.
     ///
@@ -243,7 +359,7 @@ impl Subscription {
     /// later one may be older than it (the reporter looked before that
     /// process committed, and reported after its notification came in).
     pub async fn changed(&mut self) -> Option<Status> {
-        let polling = !self.shared.listening.load(Ordering::SeqCst);
+        let polling = !self.shared.peers().settled(Instant::now());
         // The senders live as long as this subscription (in `shared`), so
         // `changed` only returns when a value was sent.
         tokio::select! {
@@ -361,6 +477,47 @@ mod tests {
         watcher.changed("a", Some(Status::Paying));
         watcher.changed("a", Some(Status::Completed));
         assert_eq!(a.changed().await, None, "two local changes: read it too");
+    }
+
+    #[test]
+    fn an_instance_announces_until_settled_and_then_only_while_another_says_hello() {
+        let t0 = Instant::now();
+        let at = |d: Duration| t0 + d;
+        let mut peers = Peers::default();
+        assert!(peers.others_may_listen(t0), "listener down: announce");
+        peers.listening_since = Some(t0);
+        peers.hello_sent = Some(t0);
+        assert!(
+            peers.others_may_listen(at(Duration::from_secs(1))),
+            "the others may not have heard of it yet"
+        );
+        peers.hello_sent = Some(at(PEER_WINDOW));
+        assert!(peers.settled(at(PEER_WINDOW)));
+        assert!(!peers.others_may_listen(at(PEER_WINDOW)), "alone");
+        // Another instance says hello: announce for a window after it.
+        peers.heard = Some(at(PEER_WINDOW));
+        let last = PEER_WINDOW + PEER_WINDOW.saturating_sub(Duration::from_millis(1));
+        peers.hello_sent = Some(at(last));
+        assert!(peers.others_may_listen(at(last)));
+        peers.hello_sent = Some(at(2 * PEER_WINDOW));
+        assert!(
+            !peers.others_may_listen(at(2 * PEER_WINDOW)),
+            "the other went quiet"
+        );
+        // Its own hellos stop getting out: not settled, so it announces
+        // (and its waiters read for themselves).
+        let stale = 2 * PEER_WINDOW + 2 * HELLO_EVERY;
+        assert!(!peers.settled(at(stale)));
+        assert!(peers.others_may_listen(at(stale)));
+    }
+
+    #[test]
+    fn its_own_hello_is_not_another_instance() {
+        let watcher = watcher();
+        watcher.heard(watcher.announcer.tag());
+        assert_eq!(watcher.shared.peers().heard, None);
+        watcher.heard(Announcer::unsent().tag());
+        assert!(watcher.shared.peers().heard.is_some());
     }
 
     #[tokio::test]

@@ -615,6 +615,55 @@ async fn a_change_made_through_one_api_instance_wakes_long_polls_on_another() {
     api.stop().await;
 }
 
+/// Whether `order_id` is announced on the long polls' channel within `patience`.
+async fn announced(
+    listener: &mut sqlx::postgres::PgListener,
+    order_id: &str,
+    patience: Duration,
+) -> bool {
+    let deadline = Instant::now() + patience;
+    while let Ok(Ok(notification)) = tokio::time::timeout_at(deadline.into(), listener.recv()).await
+    {
+        if notification.payload().ends_with(&format!("/{order_id}")) {
+            return true;
+        }
+    }
+    false
+}
+
+#[tokio::test]
+async fn an_api_instance_announces_its_changes_only_while_another_one_listens() {
+    let api = Api::start().await;
+    let mut listener = sqlx::postgres::PgListener::connect_with(api.orders.pool())
+        .await
+        .unwrap();
+    listener.listen("orderflow_orders").await.unwrap();
+    // Alone, once settled (its listener up for a window, its hellos out):
+    // its changes wake its own waiters only.
+    tokio::time::sleep(order_api::PEER_WINDOW + order_api::HELLO_EVERY).await;
+    create(&api, "order-alone").await;
+    let (status, order) = api.get("/orders/order-alone?wait_for=started").await;
+    assert_eq!(
+        (status, &order["status"]),
+        (StatusCode::OK, &json!("started"))
+    );
+    assert!(
+        !announced(&mut listener, "order-alone", Duration::from_secs(1)).await,
+        "announced with no other instance listening"
+    );
+    // Another instance starts and says hello: the first announces again.
+    let other = api.start_other(api.env.settings(), "order-api-2").await;
+    tokio::time::sleep(2 * order_api::HELLO_EVERY).await;
+    create(&api, "order-together").await;
+    assert!(
+        announced(&mut listener, "order-together", Duration::from_secs(10)).await,
+        "not announced with another instance listening"
+    );
+    drop(listener); // its connection is the pool's: closing waits for it
+    other.stop().await;
+    api.stop().await;
+}
+
 #[tokio::test]
 async fn a_payment_submission_reaches_the_coordinator() {
     let api = Api::start().await;
