@@ -299,6 +299,7 @@ impl CoordinatorHandler {
         unit: &mut UnitOfWork,
         sagas: &mut Sagas,
         history: &mut history::Pending,
+        settling: &mut timers::Settling,
         message: &Message,
     ) -> Result<Option<DateTime<Utc>>, HandleError> {
         let order_id = message.order_id();
@@ -340,7 +341,7 @@ impl CoordinatorHandler {
                 armed = Some(info_due.min(flow_due));
             }
             Event::InfoGenerated(_) | Event::InfoRejected(_) => {
-                timers::complete(unit.conn(), order_id, Step::GenerateInfo).await?;
+                settling.complete(order_id, Step::GenerateInfo);
                 sagas.progress(order_id, Some(SagaStep::PaymentWait));
             }
             Event::PaymentAwaiting(awaiting) if running => {
@@ -379,7 +380,7 @@ impl CoordinatorHandler {
                     SagaStatus::Cancelled
                 };
                 if sagas.end(order_id, ended) {
-                    timers::settle_all(unit.conn(), order_id).await?;
+                    settling.end(order_id);
                 }
             }
             _ => sagas.progress(order_id, None),
@@ -429,16 +430,17 @@ impl CoordinatorHandler {
             return Ok(()); // every one applied before: nothing to write
         }
         let mut history = history::Pending::default();
+        let mut settling = timers::Settling::default();
         let mut armed: Option<DateTime<Utc>> = None;
         for message in fresh {
             if let Some(due) = self
-                .apply(&mut unit, &mut sagas, &mut history, message)
+                .apply(&mut unit, &mut sagas, &mut history, &mut settling, message)
                 .await?
             {
                 armed = Some(armed.map_or(due, |earlier| earlier.min(due)));
             }
         }
-        sagas.write_with(&history, unit.conn()).await?;
+        sagas.write_with(&history, &settling, unit.conn()).await?;
         unit.commit().await?;
         if let Some(due) = armed {
             self.wake.armed(due);

@@ -2,7 +2,7 @@
 //! (one statement with the unit's inbox rows, in order-id order, created for
 //! an order seen the first time), changed in memory while its messages apply
 //! one after another, and written back together with the unit's history
-//! before it commits (one statement). Every message of one order therefore
+//! and its timer changes before it commits (one statement). Every message of one order therefore
 //! applies one at a time, whichever unit or coordinator handles it, and a
 //! batch of messages costs two statements for its inbox, sagas and history
 //! however many there are. A saga's status and the step it waits on are
@@ -166,13 +166,14 @@ impl Sagas {
         true
     }
 
-    /// Writes the changed sagas back and the unit's `history` with them, in
-    /// one statement (the saga update as a data-modifying `WITH`, which runs
-    /// to completion whatever the history insert does; with no saga changed
-    /// it updates nothing).
+    /// Writes the changed sagas back, the unit's timer changes and its
+    /// `history` with them, in one statement (the saga update and the timers
+    /// as data-modifying `WITH`s, which run to completion whatever the
+    /// history insert does; with nothing changed they change nothing).
     pub async fn write_with(
         self,
         history: &crate::history::Pending,
+        settling: &crate::timers::Settling,
         conn: &mut PgConnection,
     ) -> Result<(), sqlx::Error> {
         let changed: Vec<(String, Saga)> =
@@ -181,14 +182,15 @@ impl Sagas {
         let statuses: Vec<SagaStatus> = changed.iter().map(|(_, s)| s.status).collect();
         let steps: Vec<Option<SagaStep>> = changed.iter().map(|(_, s)| s.step).collect();
         let sql = format!(
-            "WITH written AS ({WRITE_SAGAS}) {}",
-            crate::history::Pending::insert(4)
+            "WITH written AS ({WRITE_SAGAS}), {} {}",
+            crate::timers::Settling::ctes(4),
+            crate::history::Pending::insert(7)
         );
         let query = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(&ids)
             .bind(&statuses)
             .bind(&steps);
-        history.bind(query).execute(conn).await?;
+        history.bind(settling.bind(query)).execute(conn).await?;
         Ok(())
     }
 }

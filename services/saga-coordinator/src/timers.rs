@@ -92,37 +92,62 @@ pub async fn settle(
     })
 }
 
-/// Completes `step` whether or not its timer was armed yet: when the step's
-/// answer is handled before the event that arms it, a settled row is left
-/// so the late arming does nothing.
-pub async fn complete(
-    conn: &mut PgConnection,
-    order_id: &str,
-    step: Step,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO timers (order_id, step, due_at, state, settled_at) \
-         VALUES ($1, $2, now(), 'disarmed', now()) \
-         ON CONFLICT (order_id, step) DO UPDATE SET state = 'disarmed', settled_at = now() \
-         WHERE timers.state = 'armed'",
-    )
-    .bind(order_id)
-    .bind(step)
-    .execute(conn)
-    .await?;
-    Ok(())
+/// The timer changes of a unit of work that nothing in it reads back: steps
+/// completed and sagas ended. They are written with the unit's sagas, in
+/// the same statement ([`Sagas::write_with`](crate::sagas::Sagas::write_with)),
+/// so they cost no round trip of their own.
+#[derive(Debug, Default)]
+pub struct Settling {
+    completed_orders: Vec<String>,
+    completed_steps: Vec<Step>,
+    ended: Vec<String>,
 }
 
-/// Disarms every armed timer of an order that ended.
-pub async fn settle_all(conn: &mut PgConnection, order_id: &str) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "UPDATE timers SET state = 'disarmed', settled_at = now() \
-         WHERE order_id = $1 AND state = 'armed'",
-    )
-    .bind(order_id)
-    .execute(conn)
-    .await?;
-    Ok(())
+impl Settling {
+    /// Completes `step` of `order_id` whether or not its timer was armed
+    /// yet: when the step's answer is handled before the event that arms
+    /// it, a settled row is left so the late arming does nothing.
+    pub fn complete(&mut self, order_id: &str, step: Step) {
+        self.completed_orders.push(order_id.to_owned());
+        self.completed_steps.push(step);
+    }
+
+    /// The saga of `order_id` ended: every armed timer of it is disarmed.
+    pub fn end(&mut self, order_id: &str) {
+        self.ended.push(order_id.to_owned());
+    }
+
+    /// Two `WITH`s (`completed`, `ended`) writing these changes, with
+    /// parameters `$first`..`$first + 2` ([`bind`](Self::bind)). A step of
+    /// an order that also ended in this unit is left to the end, which
+    /// disarms it as well: one statement must not change a row twice.
+    pub fn ctes(first: usize) -> String {
+        let (orders, steps, ended) = (first, first + 1, first + 2);
+        format!(
+            "completed AS ( \
+               INSERT INTO timers (order_id, step, due_at, state, settled_at) \
+               SELECT DISTINCT o, s, now(), 'disarmed', now() \
+               FROM unnest(${orders}::text[], ${steps}::text[]) AS u(o, s) \
+               WHERE o <> ALL(${ended}::text[]) \
+               ON CONFLICT (order_id, step) DO UPDATE SET state = 'disarmed', settled_at = now() \
+               WHERE timers.state = 'armed'), \
+             ended AS ( \
+               UPDATE timers SET state = 'disarmed', settled_at = now() \
+               WHERE order_id = ANY(${ended}::text[]) AND state = 'armed')"
+        )
+    }
+
+    /// Binds the three arrays of [`ctes`](Self::ctes), after what `query`
+    /// already binds.
+    pub fn bind<'q>(
+        &'q self,
+        query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+        query
+            .bind(&self.completed_orders)
+            .bind(&self.completed_steps)
+            .bind(&self.ended)
+    }
 }
 
 /// How many due timers one firing claims at most.

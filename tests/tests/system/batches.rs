@@ -213,6 +213,70 @@ async fn a_coordinator_batch_applies_two_events_of_one_order_in_order_and_a_dupl
     env.cleanup().await;
 }
 
+/// The timers a coordinator unit completes or ends are written with its
+/// sagas, in one statement: a completion before the arming leaves a settled
+/// row, an ending disarms everything, and an order whose step completes and
+/// whose saga ends in the same batch is disarmed once (one statement must
+/// not change a row twice).
+#[tokio::test]
+async fn a_coordinator_batch_settles_its_timers_with_its_sagas() {
+    use orderflow_shared::events::{Event, OrderCompleted};
+    let env = TestEnv::orderflow().await;
+    let (db, coordinator) = coordinator(&env).await;
+    let completed = |order_id: &str| {
+        message(
+            Event::OrderCompleted(OrderCompleted {
+                order_id: order_id.into(),
+                method: "zhifubao".into(),
+                charged_cents: 900,
+            }),
+            None,
+        )
+    };
+    // a: started, priced and completed in one batch; b: priced before it
+    // is started; c: started, then completed in a later batch.
+    let first = vec![
+        message(started("a", "tea"), None),
+        message(info("a"), None),
+        completed("a"),
+        message(info("b"), None),
+        message(started("c", "tea"), None),
+    ];
+    coordinator.handle_batch(&first).await.unwrap();
+    coordinator
+        .handle_batch(&[message(started("b", "tea"), None), completed("c")])
+        .await
+        .unwrap();
+    let timers = |order_id: &'static str| {
+        let db = db.clone();
+        async move {
+            sqlx::query_as::<_, (String, String)>(
+                "SELECT step, state FROM timers WHERE order_id = $1 ORDER BY step",
+            )
+            .bind(order_id)
+            .fetch_all(db.pool())
+            .await
+            .unwrap()
+        }
+    };
+    let row = |step: &str, state: &str| (step.to_owned(), state.to_owned());
+    assert_eq!(
+        timers("a").await,
+        [row("flow", "disarmed"), row("generate-info", "disarmed")]
+    );
+    assert_eq!(
+        timers("b").await,
+        [row("flow", "armed"), row("generate-info", "disarmed")],
+        "the late arming left the completed step settled"
+    );
+    assert_eq!(
+        timers("c").await,
+        [row("flow", "disarmed"), row("generate-info", "disarmed")]
+    );
+    db.close().await;
+    env.cleanup().await;
+}
+
 /// The coordinator admits a batch and locks its sagas in one statement, and
 /// writes the sagas back with the history in another: what was applied
 /// before is neither applied nor locked again, a new saga takes its digest
