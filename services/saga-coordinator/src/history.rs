@@ -12,8 +12,9 @@ use std::collections::HashSet;
 use chrono::{DateTime, Utc};
 use orderflow_shared::envelope::Envelope;
 use orderflow_shared::events::{Event, Step};
+use orderflow_shared::store::OutboxQuery;
 use serde::Serialize;
-use sqlx::{PgConnection, PgPool};
+use sqlx::PgPool;
 
 use crate::sagas::{SagaStatus, SagaStep};
 use crate::timers::TimerState;
@@ -53,8 +54,8 @@ pub fn classify(event: &Event, status_before: Option<SagaStatus>) -> &'static st
     }
 }
 
-/// History entries of one unit of work, written together by [`Pending::write`]
-/// (one statement however many there are).
+/// History entries of one unit of work, written together in one `WITH` of
+/// the unit's last statement ([`Pending::insert`]), however many there are.
 #[derive(Debug, Default)]
 pub struct Pending {
     order_ids: Vec<String>,
@@ -127,10 +128,7 @@ impl Pending {
 
     /// Binds the six arrays of [`insert`](Self::insert), after what `query`
     /// already binds.
-    pub fn bind<'q>(
-        &'q self,
-        query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
-    ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    pub fn bind<'q>(&'q self, query: OutboxQuery<'q>) -> OutboxQuery<'q> {
         query
             .bind(&self.order_ids)
             .bind(&self.kinds)
@@ -138,17 +136,6 @@ impl Pending {
             .bind(&self.message_ids)
             .bind(&self.causation_ids)
             .bind(&self.details)
-    }
-
-    /// Writes the entries ([`insert`](Self::insert)) on their own.
-    pub async fn write(self, conn: &mut PgConnection) -> Result<(), sqlx::Error> {
-        if self.is_empty() {
-            return Ok(());
-        }
-        self.bind(sqlx::query(sqlx::AssertSqlSafe(Self::insert(1))))
-            .execute(conn)
-            .await?;
-        Ok(())
     }
 }
 

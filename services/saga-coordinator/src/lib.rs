@@ -440,8 +440,7 @@ impl CoordinatorHandler {
                 armed = Some(armed.map_or(due, |earlier| earlier.min(due)));
             }
         }
-        sagas.write_with(&history, &settling, unit.conn()).await?;
-        unit.commit().await?;
+        sagas.write_and_commit(&history, &settling, unit).await?;
         if let Some(due) = armed {
             self.wake.armed(due);
         }

@@ -2,7 +2,7 @@
 //! (one statement with the unit's inbox rows, in order-id order, created for
 //! an order seen the first time), changed in memory while its messages apply
 //! one after another, and written back together with the unit's history
-//! and its timer changes before it commits (one statement). Every message of one order therefore
+//! and its timer changes and outbox rows, as it commits (one statement). Every message of one order therefore
 //! applies one at a time, whichever unit or coordinator handles it, and a
 //! batch of messages costs two statements for its inbox, sagas and history
 //! however many there are. A saga's status and the step it waits on are
@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 
-use orderflow_shared::store::{ADMIT_ALL, admitted_now};
+use orderflow_shared::store::{ADMIT_ALL, UnitOfWork, admitted_now};
 
 use sqlx::PgConnection;
 
@@ -166,32 +166,34 @@ impl Sagas {
         true
     }
 
-    /// Writes the changed sagas back, the unit's timer changes and its
-    /// `history` with them, in one statement (the saga update and the timers
-    /// as data-modifying `WITH`s, which run to completion whatever the
-    /// history insert does; with nothing changed they change nothing).
-    pub async fn write_with(
+    /// Writes the changed sagas back, the unit's timer changes, its
+    /// `history` and its outbox rows in one statement (data-modifying
+    /// `WITH`s, which run to completion whatever the others do; with
+    /// nothing changed they change nothing), and commits `unit`.
+    pub async fn write_and_commit(
         self,
         history: &crate::history::Pending,
         settling: &crate::timers::Settling,
-        conn: &mut PgConnection,
+        unit: UnitOfWork,
     ) -> Result<(), sqlx::Error> {
         let changed: Vec<(String, Saga)> =
             self.sagas.into_iter().filter(|(_, s)| s.changed).collect();
         let ids: Vec<&str> = changed.iter().map(|(id, _)| id.as_str()).collect();
         let statuses: Vec<SagaStatus> = changed.iter().map(|(_, s)| s.status).collect();
         let steps: Vec<Option<SagaStep>> = changed.iter().map(|(_, s)| s.step).collect();
-        let sql = format!(
-            "WITH written AS ({WRITE_SAGAS}), {} {}",
-            crate::timers::Settling::ctes(4),
-            crate::history::Pending::insert(7)
-        );
-        let query = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(&ids)
-            .bind(&statuses)
-            .bind(&steps);
-        history.bind(settling.bind(query)).execute(conn).await?;
-        Ok(())
+        unit.commit_with(
+            |emitted| {
+                format!(
+                    "WITH written AS ({WRITE_SAGAS}), {}, recorded AS ({}), {emitted} \
+                     SELECT id, message_id FROM emitted",
+                    crate::timers::Settling::ctes(4),
+                    crate::history::Pending::insert(7)
+                )
+            },
+            12,
+            |query| history.bind(settling.bind(query.bind(&ids).bind(&statuses).bind(&steps))),
+        )
+        .await
     }
 }
 

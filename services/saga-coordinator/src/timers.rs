@@ -13,7 +13,7 @@ use chrono::{DateTime, Utc};
 use orderflow_shared::Shutdown;
 use orderflow_shared::bus::Outgoing;
 use orderflow_shared::events::{Event, SagaTimedOut, Step};
-use orderflow_shared::store::Db;
+use orderflow_shared::store::{Db, OutboxQuery};
 use sqlx::PgConnection;
 use tokio::sync::Notify;
 
@@ -94,7 +94,7 @@ pub async fn settle(
 
 /// The timer changes of a unit of work that nothing in it reads back: steps
 /// completed and sagas ended. They are written with the unit's sagas, in
-/// the same statement ([`Sagas::write_with`](crate::sagas::Sagas::write_with)),
+/// the same statement (`Sagas::write_and_commit`),
 /// so they cost no round trip of their own.
 #[derive(Debug, Default)]
 pub struct Settling {
@@ -139,10 +139,7 @@ impl Settling {
 
     /// Binds the three arrays of [`ctes`](Self::ctes), after what `query`
     /// already binds.
-    pub fn bind<'q>(
-        &'q self,
-        query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
-    ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    pub fn bind<'q>(&'q self, query: OutboxQuery<'q>) -> OutboxQuery<'q> {
         query
             .bind(&self.completed_orders)
             .bind(&self.completed_steps)
@@ -282,8 +279,18 @@ impl TimerLoop {
             tracing::warn!(%order_id, %step, "deadline passed; saga timed out");
             fired += 1;
         }
-        history.write(unit.conn()).await?;
-        unit.commit().await?;
+        // The history and the outbox rows in the unit's last statement.
+        unit.commit_with(
+            |emitted| {
+                format!(
+                    "WITH recorded AS ({}), {emitted} SELECT id, message_id FROM emitted",
+                    crate::history::Pending::insert(1)
+                )
+            },
+            6,
+            |query| history.bind(query),
+        )
+        .await?;
         Ok(fired)
     }
 

@@ -131,6 +131,37 @@ impl UnitOfWork {
     }
 }
 
+impl UnitOfWork {
+    /// [`commit`](Self::commit) with one round trip less: `last`, the unit's
+    /// last statement, also writes its outbox rows. `last` gets the `WITH`
+    /// that writes them (named `emitted`, returning `id, message_id`, with
+    /// parameters after the `params` that `bind` binds) and must return what
+    /// it returns (`… SELECT id, message_id FROM emitted`). Then the unit
+    /// commits and the rows go to the relay.
+    pub async fn commit_with<'q>(
+        mut self,
+        last: impl FnOnce(&str) -> String,
+        params: usize,
+        bind: impl FnOnce(OutboxQuery<'q>) -> OutboxQuery<'q>,
+    ) -> Result<(), sqlx::Error> {
+        let outgoing = std::mem::take(&mut self.outgoing);
+        let columns = OutboxColumns::of(&outgoing);
+        let emitted = format!(
+            "emitted AS (INSERT INTO outbox {OUTBOX_COLUMNS} SELECT * FROM {} \
+             RETURNING id, message_id)",
+            OutboxColumns::unnest(params + 1)
+        );
+        let written: Vec<(i64, String)> = {
+            let query = bind(sqlx::query_as(sqlx::AssertSqlSafe(last(&emitted))));
+            columns.bind(query).fetch_all(&mut *self.tx).await?
+        };
+        drop(columns);
+        self.tx.commit().await?;
+        self.db.hand_over_written(outgoing, &written);
+        Ok(())
+    }
+}
+
 /// The inbox rows of several messages: `$1` the consumer, `$2` the message
 /// ids; returns the ids admitted now (a statement of its own, or a `WITH` of
 /// a larger one). Read its answer with [`admitted_now`].
