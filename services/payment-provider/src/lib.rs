@@ -476,15 +476,7 @@ impl ProviderHandler {
     ) -> Result<(), sqlx::Error> {
         let order_id = charge.order_id;
         let cause = &charge.message.envelope;
-        let captured = Outgoing::event(
-            &Event::PaymentCaptured(PaymentCaptured {
-                order_id: order_id.to_owned(),
-                provider: self.method.clone(),
-                charged_cents: receipt.amount_cents,
-                capture_id: receipt.reference.clone(),
-            }),
-            Some(cause),
-        );
+        let captured = self.captured(order_id, receipt, cause);
         let recorded = self
             .db
             .admit_change_and_emit(
@@ -517,6 +509,19 @@ impl ProviderHandler {
         Ok(())
     }
 
+    /// `payment.captured` for `receipt`, caused by `cause`.
+    fn captured(&self, order_id: &str, receipt: &Receipt, cause: &Envelope) -> Outgoing {
+        Outgoing::event(
+            &Event::PaymentCaptured(PaymentCaptured {
+                order_id: order_id.to_owned(),
+                provider: self.method.clone(),
+                charged_cents: receipt.amount_cents,
+                capture_id: receipt.reference.clone(),
+            }),
+            Some(cause),
+        )
+    }
+
     /// Writes `outcome` of a charge on the open capture of `order_id`.
     async fn record(
         &self,
@@ -536,15 +541,7 @@ impl ProviderHandler {
                 .bind(&receipt.reference)
                 .execute(unit.conn())
                 .await?;
-                unit.emit(Outgoing::event(
-                    &Event::PaymentCaptured(PaymentCaptured {
-                        order_id: order_id.to_owned(),
-                        provider: self.method.clone(),
-                        charged_cents: receipt.amount_cents,
-                        capture_id: receipt.reference.clone(),
-                    }),
-                    Some(cause),
-                ));
+                unit.emit(self.captured(order_id, receipt, cause));
                 tracing::info!(%order_id, provider = %self.method, charged_cents = receipt.amount_cents, capture_id = %receipt.reference, "payment captured");
             }
             Outcome::Failed {

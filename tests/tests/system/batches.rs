@@ -450,17 +450,25 @@ async fn a_terminal_transition_on_its_own_is_applied_once_and_only_by_the_first_
     env.cleanup().await;
 }
 
-#[tokio::test]
-async fn a_provider_batch_charges_each_decision_once_and_a_forged_one_fails_alone() {
-    use orderflow_shared::events::{Event, PaymentSelected};
+/// A system without the weixin provider, with one order per sku that the
+/// coordinator accepted for weixin (order id, amount) and nobody charged;
+/// the payments schema, and a weixin provider on it to drive by hand.
+async fn weixin_decisions(
+    adjust: impl FnOnce(&mut orderflow_shared::config::Settings),
+    skus: &[&str],
+) -> (
+    orderflow_tests::system::System,
+    Vec<(String, i64)>,
+    orderflow_shared::store::Db,
+    payment_provider::ProviderHandler,
+) {
     let workers = orderflow_tests::system::Workers {
         without_providers: vec!["weixin"],
         ..orderflow_tests::system::Workers::default()
     };
-    let system = orderflow_tests::system::System::start_with(|_| {}, workers).await;
-    // Three orders the coordinator accepted for weixin; nobody charged them yet.
+    let system = orderflow_tests::system::System::start_with(adjust, workers).await;
     let mut decisions = Vec::new();
-    for sku in ["tea", "noodles", "tofu"] {
+    for sku in skus {
         let order_id = system.place("noodle-bar", &[(sku, 1)]).await;
         let order = system.wait_for(&order_id, "awaiting_payment").await;
         let token = order["payment_token"].as_str().unwrap();
@@ -482,6 +490,15 @@ async fn a_provider_batch_charges_each_decision_once_and_a_forged_one_fails_alon
         payments.clone(),
     )
     .unwrap();
+    (system, decisions, payments, provider)
+}
+
+#[tokio::test]
+async fn a_provider_batch_charges_each_decision_once_and_a_forged_one_fails_alone() {
+    use orderflow_shared::events::{Event, PaymentSelected};
+    // Three orders the coordinator accepted for weixin; nobody charged them yet.
+    let (system, decisions, payments, provider) =
+        weixin_decisions(|_| {}, &["tea", "noodles", "tofu"]).await;
     let selected = |order_id: &str, amount: i64| {
         message(
             Event::PaymentSelected(PaymentSelected {
@@ -540,39 +557,11 @@ async fn a_provider_batch_charges_each_decision_once_and_a_forged_one_fails_alon
 async fn a_provider_charge_on_its_own_is_recorded_once_and_never_over_the_cancellation_that_resolved_it()
  {
     use orderflow_shared::events::{Event, OrderCancelled, PaymentSelected};
-    let workers = orderflow_tests::system::Workers {
-        without_providers: vec!["weixin"],
-        ..orderflow_tests::system::Workers::default()
-    };
     // The gateway takes 400 ms: long enough for a cancellation to come in
     // while a charge is at the gateway.
-    let system =
-        orderflow_tests::system::System::start_with(|s| s.gateway_latency_ms = 400, workers).await;
-    let mut decisions = Vec::new();
-    for sku in ["tea", "tofu", "noodles"] {
-        let order_id = system.place("noodle-bar", &[(sku, 1)]).await;
-        let order = system.wait_for(&order_id, "awaiting_payment").await;
-        let token = order["payment_token"].as_str().unwrap();
-        assert_eq!(system.submit(&order_id, token, "weixin").await, 202);
-        let order = system.wait_for(&order_id, "paying").await;
-        decisions.push((order_id, order["amount_cents"].as_i64().unwrap()));
-    }
-    let payments = orderflow_shared::store::Db::for_context(
-        &system.env.database_url,
-        orderflow_shared::store::Context::Payments,
-        4,
-    )
-    .await
-    .unwrap();
-    let provider = Arc::new(
-        payment_provider::ProviderHandler::new(
-            &system.ctx,
-            "weixin",
-            payments.clone(),
-            payments.clone(),
-        )
-        .unwrap(),
-    );
+    let (system, decisions, payments, provider) =
+        weixin_decisions(|s| s.gateway_latency_ms = 400, &["tea", "tofu", "noodles"]).await;
+    let provider = Arc::new(provider);
     let selected = |(order_id, amount): &(String, i64)| {
         message(
             Event::PaymentSelected(PaymentSelected {
