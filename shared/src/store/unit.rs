@@ -109,29 +109,19 @@ impl UnitOfWork {
     }
 
     /// Writes the outbox rows, commits, and hands the rows to the relay.
-    pub async fn commit(mut self) -> Result<(), sqlx::Error> {
+    pub async fn commit(self) -> Result<(), sqlx::Error> {
         if self.outgoing.is_empty() {
             self.tx.commit().await?;
             return Ok(());
         }
-        let columns = OutboxColumns::of(&self.outgoing);
-        let written: Vec<(i64, String)> = columns
-            .bind(sqlx::query_as(
-                "INSERT INTO outbox (message_id, routing_key, correlation_id, causation_id, \
-                 traceparent, occurred_at, body) \
-                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], \
-                 $5::text[], $6::int8[], $7::bytea[]) RETURNING id, message_id",
-            ))
-            .fetch_all(&mut *self.tx)
-            .await?;
-        drop(columns);
-        self.tx.commit().await?;
-        self.db.hand_over_written(self.outgoing, &written);
-        Ok(())
+        self.commit_with(
+            |emitted| format!("WITH {emitted} SELECT id, message_id FROM emitted"),
+            0,
+            |query| query,
+        )
+        .await
     }
-}
 
-impl UnitOfWork {
     /// [`commit`](Self::commit) with one round trip less: `last`, the unit's
     /// last statement, also writes its outbox rows. `last` gets the `WITH`
     /// that writes them (named `emitted`, returning `id, message_id`, with
