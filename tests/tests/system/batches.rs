@@ -869,3 +869,159 @@ async fn a_read_model_message_on_its_own_is_applied_once_and_not_at_all_when_app
     db.close().await;
     env.cleanup().await;
 }
+
+/// The read model's batch applies the kinds most of it is made of by set,
+/// one statement per kind, and the rest one by one: every order must end as
+/// its messages applied one at a time leave it, with several messages of a
+/// kind for one order (the first content stays, the last method, rejection,
+/// capture and refund win) and a late message after the end.
+#[tokio::test]
+async fn a_read_model_batch_leaves_each_order_as_its_messages_one_by_one_would() {
+    use orderflow_shared::events::{
+        Event, InfoGenerated, OrderCompleted, OrderStarted, PaymentAwaiting, PaymentCaptured,
+        PaymentRefunded, PaymentRejected, PaymentSelected, ProductLine, SubmissionRejected,
+    };
+    let env = TestEnv::orderflow().await;
+    let db = orderflow_shared::store::Db::for_context(
+        &env.database_url,
+        orderflow_shared::store::Context::Orders,
+        4,
+    )
+    .await
+    .unwrap();
+    let shutdown = orderflow_shared::Shutdown::new();
+    let (watcher, watching) = order_api::Watcher::spawn(db.pool().clone(), shutdown.clone());
+    let read_model = order_api::ReadModelHandler::new(db.clone(), watcher);
+    let started = |id: &str, address: &str| {
+        Event::OrderStarted(OrderStarted {
+            order_id: id.into(),
+            supplier: "haidilao".into(),
+            products: vec![ProductLine {
+                sku: "hotpot".into(),
+                quantity: 2,
+            }],
+            address: address.into(),
+        })
+    };
+    let awaiting = |id: &str, token: &str| {
+        Event::PaymentAwaiting(PaymentAwaiting {
+            order_id: id.into(),
+            token: token.into(),
+            payment_methods: vec!["weixin".into(), "zhifubao".into()],
+            amount_cents: 1200,
+            expires_at: "2100-01-01T00:00:00Z".parse().unwrap(),
+        })
+    };
+    let selected = |id: &str, method: &str| {
+        Event::PaymentSelected(PaymentSelected {
+            order_id: id.into(),
+            method: method.into(),
+            amount_cents: 1200,
+        })
+    };
+    let captured = |id: &str, capture: &str| {
+        Event::PaymentCaptured(PaymentCaptured {
+            order_id: id.into(),
+            provider: "weixin".into(),
+            charged_cents: 840,
+            capture_id: capture.into(),
+        })
+    };
+    let refunded = |id: &str, cents: i64| {
+        Event::PaymentRefunded(PaymentRefunded {
+            order_id: id.into(),
+            provider: "weixin".into(),
+            refunded_cents: cents,
+        })
+    };
+    // Three orders' messages, as `id` names them.
+    let orders = |id: &dyn Fn(&str) -> String| -> Vec<Event> {
+        let (a, b, c) = (id("a"), id("b"), id("c"));
+        vec![
+            // a: every kind, twice where a kind can come twice.
+            started(&a, "1 Road"),
+            started(&a, "2 Road"),
+            Event::InfoGenerated(InfoGenerated {
+                order_id: a.clone(),
+                supplier: "haidilao".into(),
+                payment_methods: vec!["weixin".into(), "zhifubao".into()],
+                amount_cents: 1200,
+            }),
+            awaiting(&a, "tok-1"),
+            awaiting(&a, "tok-2"),
+            Event::SubmissionRejected(SubmissionRejected {
+                order_id: a.clone(),
+                reason: "token expired".into(),
+            }),
+            Event::PaymentRejected(PaymentRejected {
+                order_id: a.clone(),
+                method: "unionpay".into(),
+                reason: "not taken".into(),
+            }),
+            selected(&a, "zhifubao"),
+            selected(&a, "weixin"),
+            captured(&a, "cap-1"),
+            captured(&a, "cap-2"),
+            refunded(&a, 100),
+            refunded(&a, 840),
+            // b: the payment step before the order, then its end, then a
+            // late method.
+            awaiting(&b, "tok-b"),
+            started(&b, "3 Road"),
+            selected(&b, "weixin"),
+            Event::OrderCompleted(OrderCompleted {
+                order_id: b.clone(),
+                method: "weixin".into(),
+                charged_cents: 840,
+            }),
+            selected(&b, "zhifubao"),
+            // c: only rejections, of two kinds.
+            Event::PaymentRejected(PaymentRejected {
+                order_id: c.clone(),
+                method: "unionpay".into(),
+                reason: "not taken".into(),
+            }),
+            Event::SubmissionRejected(SubmissionRejected {
+                order_id: c.clone(),
+                reason: "token already used".into(),
+            }),
+        ]
+    };
+    for event in orders(&|o| format!("alone-{o}")) {
+        read_model.handle(&message(event, None)).await.unwrap();
+    }
+    let batch: Vec<Message> = orders(&|o| format!("batch-{o}"))
+        .into_iter()
+        .map(|event| message(event, None))
+        .collect();
+    read_model.handle_batch(&batch).await.unwrap();
+    let row = |order_id: String| {
+        let db = db.clone();
+        async move {
+            sqlx::query_scalar::<_, serde_json::Value>(
+                "SELECT to_jsonb(o) - 'order_id' - 'created_at' - 'updated_at' \
+                 FROM orders o WHERE order_id = $1",
+            )
+            .bind(order_id)
+            .fetch_one(db.pool())
+            .await
+            .unwrap()
+        }
+    };
+    for order in ["a", "b", "c"] {
+        let alone = row(format!("alone-{order}")).await;
+        assert_eq!(row(format!("batch-{order}")).await, alone, "order {order}");
+    }
+    let a = row("batch-a".into()).await;
+    assert_eq!(a["address"], "1 Road", "{a}");
+    assert_eq!(a["payment_token"], "tok-1", "{a}");
+    assert_eq!(a["method"], "weixin", "{a}");
+    assert_eq!(a["last_rejection"], "not taken", "{a}");
+    assert_eq!(a["capture_id"], "cap-2", "{a}");
+    assert_eq!(a["refunded_cents"], 840, "{a}");
+    assert_eq!(row("batch-b".into()).await["method"], "weixin");
+    shutdown.cancel();
+    watching.await.unwrap();
+    db.close().await;
+    env.cleanup().await;
+}
