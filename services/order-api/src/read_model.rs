@@ -7,13 +7,10 @@
 
 use orderflow_shared::bus::{HandleError, Handler, Message};
 use orderflow_shared::envelope::Envelope;
-use orderflow_shared::events::{
-    Event, OrderCancelled, OrderCompleted, OrderStarted, PaymentCaptured, PaymentRefunded,
-    PaymentSelected, ProductLine,
-};
+use orderflow_shared::events::{Event, OrderCancelled, OrderCompleted};
 use orderflow_shared::store::orders::{Terminal, finish};
 use orderflow_shared::store::{Admission, Db};
-use sqlx::{PgConnection, PgExecutor};
+use sqlx::PgExecutor;
 
 use crate::SERVICE;
 use crate::status::Status;
@@ -59,196 +56,29 @@ impl Handler for ReadModelHandler {
     }
 
     /// The batch in one transaction, rows locked in order-id order (two
-    /// concurrent batches never wait for each other in a cycle). The kinds
-    /// most of a batch is made of go in one set-based upsert each
-    /// ([`Sets`]), the others (prices, payment steps, terminal events) one
-    /// by one after them, in delivery order.
+    /// concurrent batches never wait for each other in a cycle); the events
+    /// of one order keep their delivery order.
     async fn handle_batch(&self, messages: &[Message]) -> Result<(), HandleError> {
         let mut sorted: Vec<&Message> = messages.iter().collect();
         sorted.sort_by(|a, b| a.event.order_id().cmp(b.event.order_id()));
         let mut unit = self.db.begin_unit_without_inbox().await?;
         let envelopes: Vec<&Envelope> = sorted.iter().map(|m| &m.envelope).collect();
         let admitted = unit.admit_all(SERVICE, &envelopes).await?;
-        let fresh: Vec<&Message> = sorted
-            .into_iter()
-            .zip(admitted)
-            .filter_map(|(message, admitted)| admitted.then_some(message))
-            .collect();
-        let mut sets = Sets::default();
-        let one_by_one: Vec<&Message> = fresh
-            .into_iter()
-            .filter(|message| !sets.take(&message.event))
-            .collect();
-        // The order's status after the last change the unit made to it.
-        let mut changed: Vec<(String, Status)> = Vec::with_capacity(messages.len());
-        for (order_id, status) in sets.apply(unit.conn()).await? {
-            if let Ok(status) = status.parse() {
-                changed.push((order_id, status));
-            }
-        }
-        for message in one_by_one {
-            if let Some(status) = apply(unit.conn(), &message.event, Admission::Admitted).await? {
-                changed.push((message.event.order_id().to_owned(), status));
+        let mut changed = Vec::with_capacity(sorted.len());
+        for (message, admitted) in sorted.into_iter().zip(admitted) {
+            if admitted
+                && let Some(status) =
+                    apply(unit.conn(), &message.event, Admission::Admitted).await?
+            {
+                changed.push((message.event.order_id(), status));
             }
         }
         unit.commit().await?;
-        for (order_id, status) in latest(changed) {
-            self.watcher.changed(&order_id, Some(status));
+        for (order_id, status) in changed {
+            self.watcher.changed(order_id, Some(status));
         }
         Ok(())
     }
-}
-
-/// Each order once, with the last status it was given.
-fn latest(changed: Vec<(String, Status)>) -> Vec<(String, Status)> {
-    let mut last: Vec<(String, Status)> = Vec::with_capacity(changed.len());
-    for (order_id, status) in changed {
-        last.retain(|(seen, _)| *seen != order_id);
-        last.push((order_id, status));
-    }
-    last
-}
-
-/// The messages of a batch applied by one set-based upsert per kind
-/// (`INSERT … SELECT … FROM unnest(…) ON CONFLICT …`: the same upsert a
-/// message alone runs, fed with rows). One statement may not change a row
-/// twice, so each kind keeps one message per order: the first for content
-/// whose first value stays (`order.started`), the last where the last one
-/// wins (a method, a rejection, a capture, a refund), as applying them one
-/// by one would leave it. Across kinds (and against the messages applied
-/// one by one after them) the order of a batch may differ from its delivery
-/// order; the read model is built for events in any order (a status only
-/// moves forward, a terminal one stays, each column has one writer or
-/// writers that agree), so the row ends the same.
-#[derive(Debug, Default)]
-struct Sets<'e> {
-    started: Vec<&'e OrderStarted>,
-    selected: Vec<&'e PaymentSelected>,
-    rejected: Vec<(&'e str, &'e str)>,
-    captured: Vec<&'e PaymentCaptured>,
-    refunded: Vec<&'e PaymentRefunded>,
-}
-
-impl<'e> Sets<'e> {
-    /// Takes `event` if its kind is applied by set: `false` when it is not.
-    fn take(&mut self, event: &'e Event) -> bool {
-        match event {
-            Event::OrderStarted(e) => first(&mut self.started, e, |x| &x.order_id),
-            Event::PaymentSelected(e) => last(&mut self.selected, e, |x| &x.order_id),
-            Event::InfoRejected(e) => last(&mut self.rejected, (&e.order_id, &e.reason), |x| x.0),
-            Event::PaymentRejected(e) => {
-                last(&mut self.rejected, (&e.order_id, &e.reason), |x| x.0);
-            }
-            Event::SubmissionRejected(e) => {
-                last(&mut self.rejected, (&e.order_id, &e.reason), |x| x.0);
-            }
-            Event::PaymentCaptured(e) => last(&mut self.captured, e, |x| &x.order_id),
-            Event::PaymentRefunded(e) => last(&mut self.refunded, e, |x| &x.order_id),
-            _ => return false,
-        }
-        true
-    }
-
-    /// Runs the upserts (one per kind present): each changed order with its
-    /// status, in the order the statements ran.
-    async fn apply(self, conn: &mut PgConnection) -> Result<Vec<(String, String)>, sqlx::Error> {
-        let mut rows = Vec::new();
-        if !self.started.is_empty() {
-            let source = "SELECT * FROM unnest($1::text[], $2::text[], $3::jsonb[], $4::text[])";
-            let ids: Vec<&str> = self.started.iter().map(|e| e.order_id.as_str()).collect();
-            let suppliers: Vec<&str> = self.started.iter().map(|e| e.supplier.as_str()).collect();
-            let products: Vec<sqlx::types::Json<&Vec<ProductLine>>> = self
-                .started
-                .iter()
-                .map(|e| sqlx::types::Json(&e.products))
-                .collect();
-            let addresses: Vec<&str> = self.started.iter().map(|e| e.address.as_str()).collect();
-            rows.extend(
-                upsert(&order_started(source))
-                    .bind(&ids)
-                    .bind(&suppliers)
-                    .bind(&products)
-                    .bind(&addresses)
-                    .fetch_all(&mut *conn)
-                    .await?,
-            );
-        }
-        if !self.selected.is_empty() {
-            let source = "SELECT o, $3, m FROM unnest($1::text[], $4::text[]) AS u(o, m)";
-            let next = Status::Paying;
-            let ids: Vec<&str> = self.selected.iter().map(|e| e.order_id.as_str()).collect();
-            let methods: Vec<&str> = self.selected.iter().map(|e| e.method.as_str()).collect();
-            rows.extend(
-                upsert(&payment_selected(source))
-                    .bind(&ids)
-                    .bind(next.predecessors())
-                    .bind(next.as_str())
-                    .bind(&methods)
-                    .fetch_all(&mut *conn)
-                    .await?,
-            );
-        }
-        if !self.rejected.is_empty() {
-            let source = "SELECT * FROM unnest($1::text[], $2::text[])";
-            let (ids, reasons): (Vec<&str>, Vec<&str>) = self.rejected.iter().copied().unzip();
-            rows.extend(
-                upsert(&rejected(source))
-                    .bind(&ids)
-                    .bind(&reasons)
-                    .fetch_all(&mut *conn)
-                    .await?,
-            );
-        }
-        if !self.captured.is_empty() {
-            let source = "SELECT * FROM unnest($1::text[], $2::int8[], $3::text[])";
-            let ids: Vec<&str> = self.captured.iter().map(|e| e.order_id.as_str()).collect();
-            let charged: Vec<i64> = self.captured.iter().map(|e| e.charged_cents).collect();
-            let captures: Vec<&str> = self
-                .captured
-                .iter()
-                .map(|e| e.capture_id.as_str())
-                .collect();
-            rows.extend(
-                upsert(&payment_captured(source))
-                    .bind(&ids)
-                    .bind(&charged)
-                    .bind(&captures)
-                    .fetch_all(&mut *conn)
-                    .await?,
-            );
-        }
-        if !self.refunded.is_empty() {
-            let source = "SELECT * FROM unnest($1::text[], $2::int8[])";
-            let ids: Vec<&str> = self.refunded.iter().map(|e| e.order_id.as_str()).collect();
-            let refunded: Vec<i64> = self.refunded.iter().map(|e| e.refunded_cents).collect();
-            rows.extend(
-                upsert(&payment_refunded(source))
-                    .bind(&ids)
-                    .bind(&refunded)
-                    .fetch_all(&mut *conn)
-                    .await?,
-            );
-        }
-        Ok(rows)
-    }
-}
-
-/// The query of an upsert whose SQL is built here.
-fn upsert(sql: &str) -> Upsert<'static> {
-    sqlx::query_as(sqlx::AssertSqlSafe(sql.to_owned()))
-}
-
-/// Adds `item` unless an item of its order is there (the first one stays).
-fn first<T>(items: &mut Vec<T>, item: T, order_id: impl Fn(&T) -> &str) {
-    if !items.iter().any(|x| order_id(x) == order_id(&item)) {
-        items.push(item);
-    }
-}
-
-/// Adds `item` in place of an item of its order (the last one wins).
-fn last<T>(items: &mut Vec<T>, item: T, order_id: impl Fn(&T) -> &str) {
-    items.retain(|x| order_id(x) != order_id(&item));
-    items.push(item);
 }
 
 /// Deliveries folded into one transaction at most: one commit instead of up
@@ -260,9 +90,8 @@ const BATCH_SIZE: usize = 32;
 const FORWARD_STATUS: &str =
     "status = CASE WHEN orders.status = ANY($2::text[]) THEN $3 ELSE orders.status END";
 
-/// An upsert of the order's row, `RETURNING order_id, status`.
-type Upsert<'q> =
-    sqlx::query::QueryAs<'q, sqlx::Postgres, (String, String), sqlx::postgres::PgArguments>;
+/// An upsert of the order's row, `RETURNING status`.
+type Upsert<'q> = sqlx::query::QueryAs<'q, sqlx::Postgres, (String,), sqlx::postgres::PgArguments>;
 
 /// One event's upsert: its SQL, how many parameters it takes, and what
 /// binds them (`$1`..`$N`, from the event).
@@ -296,7 +125,7 @@ async fn apply<'c, 'e>(
                 .then_some(Status::Cancelled));
         }
         Event::OrderStarted(e) => (
-            order_started(&alone(4, only_if)),
+            order_started(only_if),
             4,
             Box::new(|q| {
                 q.bind(&e.order_id)
@@ -330,7 +159,7 @@ async fn apply<'c, 'e>(
             }),
         ),
         Event::PaymentSelected(e) => (
-            payment_selected(&format!("SELECT $1, $3, $4 WHERE {only_if}")),
+            payment_selected(only_if),
             4,
             Box::new(|q| {
                 let next = Status::Paying;
@@ -345,7 +174,7 @@ async fn apply<'c, 'e>(
         Event::PaymentRejected(e) => rejection(only_if, &e.order_id, &e.reason),
         Event::SubmissionRejected(e) => rejection(only_if, &e.order_id, &e.reason),
         Event::PaymentCaptured(e) => (
-            payment_captured(&alone(3, only_if)),
+            payment_captured(only_if),
             3,
             Box::new(|q| {
                 q.bind(&e.order_id)
@@ -354,7 +183,7 @@ async fn apply<'c, 'e>(
             }),
         ),
         Event::PaymentRefunded(e) => (
-            payment_refunded(&alone(2, only_if)),
+            payment_refunded(only_if),
             2,
             Box::new(|q| q.bind(&e.order_id).bind(e.refunded_cents)),
         ),
@@ -366,11 +195,7 @@ async fn apply<'c, 'e>(
             if matches!(how, Admission::Admitted) {
                 return Ok(None);
             }
-            (
-                "SELECT ''::text, ''::text WHERE FALSE".to_owned(),
-                0,
-                Box::new(|q| q),
-            )
+            ("SELECT ''::text WHERE FALSE".to_owned(), 0, Box::new(|q| q))
         }
     };
     let sql = how.statement(&change, params);
@@ -379,27 +204,21 @@ async fn apply<'c, 'e>(
         .fetch_optional(conn)
         .await?;
     // The table's CHECK allows only known statuses.
-    Ok(row.and_then(|(_, status)| status.parse().ok()))
-}
-
-/// The source of an upsert of one message: its `params` parameters as one
-/// row, only where `only_if` holds.
-fn alone(params: usize, only_if: &str) -> String {
-    let values: Vec<String> = (1..=params).map(|i| format!("${i}")).collect();
-    format!("SELECT {} WHERE {only_if}", values.join(", "))
+    Ok(row.and_then(|(status,)| status.parse().ok()))
 }
 
 /// The order's content. The first one known stays: an order's lines do not
 /// change, and the API's own row was written from the same request.
-/// `source` gives the rows: order id, supplier, products, address.
-fn order_started(source: &str) -> String {
+/// `$1` order id, `$2` supplier, `$3` products, `$4` address.
+fn order_started(only_if: &str) -> String {
     format!(
-        "INSERT INTO orders (order_id, supplier, products, address) {source} \
+        "INSERT INTO orders (order_id, supplier, products, address) \
+         SELECT $1, $2, $3, $4 WHERE {only_if} \
          ON CONFLICT (order_id) DO UPDATE SET \
            supplier = COALESCE(orders.supplier, EXCLUDED.supplier), \
            products = COALESCE(orders.products, EXCLUDED.products), \
            address = COALESCE(orders.address, EXCLUDED.address), \
-           updated_at = now() RETURNING order_id, status"
+           updated_at = now() RETURNING status"
     )
 }
 
@@ -415,7 +234,7 @@ fn info_generated(only_if: &str) -> String {
            supplier = COALESCE(orders.supplier, EXCLUDED.supplier), \
            payment_methods = COALESCE(orders.payment_methods, EXCLUDED.payment_methods), \
            amount_cents = COALESCE(orders.amount_cents, EXCLUDED.amount_cents), \
-           updated_at = now() RETURNING order_id, status"
+           updated_at = now() RETURNING status"
     )
 }
 
@@ -432,53 +251,49 @@ fn payment_awaiting(only_if: &str) -> String {
            token_expires_at = COALESCE(orders.token_expires_at, EXCLUDED.token_expires_at), \
            payment_methods = COALESCE(orders.payment_methods, EXCLUDED.payment_methods), \
            amount_cents = COALESCE(orders.amount_cents, EXCLUDED.amount_cents), \
-           updated_at = now() RETURNING order_id, status"
+           updated_at = now() RETURNING status"
     )
 }
 
 /// The customer's method was accepted. On a finished order (a late message)
-/// the method is only filled in if missing. `source` gives the rows: order
-/// id, `$3`, method; `$2`/`$3` are [`FORWARD_STATUS`]'s.
-fn payment_selected(source: &str) -> String {
+/// the method is only filled in if missing. `$1` order id, `$2`/`$3`
+/// [`FORWARD_STATUS`], `$4` method.
+fn payment_selected(only_if: &str) -> String {
     format!(
-        "INSERT INTO orders (order_id, status, method) {source} \
+        "INSERT INTO orders (order_id, status, method) SELECT $1, $3, $4 WHERE {only_if} \
          ON CONFLICT (order_id) DO UPDATE SET {FORWARD_STATUS}, \
            method = CASE WHEN orders.status IN ('completed', 'cancelled') \
              THEN COALESCE(orders.method, EXCLUDED.method) ELSE EXCLUDED.method END, \
-           updated_at = now() RETURNING order_id, status"
+           updated_at = now() RETURNING status"
     )
 }
 
 /// The last reason a step was refused: `$1` order id, `$2` reason.
 fn rejection<'e>(only_if: &str, order_id: &'e str, reason: &'e str) -> Change<'e> {
-    let change = rejected(&alone(2, only_if));
+    let change = format!(
+        "INSERT INTO orders (order_id, last_rejection) SELECT $1, $2 WHERE {only_if} \
+         ON CONFLICT (order_id) DO UPDATE SET last_rejection = EXCLUDED.last_rejection, \
+           updated_at = now() RETURNING status"
+    );
     (change, 2, Box::new(move |q| q.bind(order_id).bind(reason)))
 }
 
-/// `source` gives the rows: order id, reason.
-fn rejected(source: &str) -> String {
+/// `$1` order id, `$2` charged cents, `$3` capture id.
+fn payment_captured(only_if: &str) -> String {
     format!(
-        "INSERT INTO orders (order_id, last_rejection) {source} \
-         ON CONFLICT (order_id) DO UPDATE SET last_rejection = EXCLUDED.last_rejection, \
-           updated_at = now() RETURNING order_id, status"
-    )
-}
-
-/// `source` gives the rows: order id, charged cents, capture id.
-fn payment_captured(source: &str) -> String {
-    format!(
-        "INSERT INTO orders (order_id, charged_cents, capture_id) {source} \
+        "INSERT INTO orders (order_id, charged_cents, capture_id) SELECT $1, $2, $3 \
+         WHERE {only_if} \
          ON CONFLICT (order_id) DO UPDATE SET charged_cents = EXCLUDED.charged_cents, \
-           capture_id = EXCLUDED.capture_id, updated_at = now() RETURNING order_id, status"
+           capture_id = EXCLUDED.capture_id, updated_at = now() RETURNING status"
     )
 }
 
-/// `source` gives the rows: order id, refunded cents.
-fn payment_refunded(source: &str) -> String {
+/// `$1` order id, `$2` refunded cents.
+fn payment_refunded(only_if: &str) -> String {
     format!(
-        "INSERT INTO orders (order_id, refunded_cents) {source} \
+        "INSERT INTO orders (order_id, refunded_cents) SELECT $1, $2 WHERE {only_if} \
          ON CONFLICT (order_id) DO UPDATE SET refunded_cents = EXCLUDED.refunded_cents, \
-           updated_at = now() RETURNING order_id, status"
+           updated_at = now() RETURNING status"
     )
 }
 
