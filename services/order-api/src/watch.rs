@@ -32,7 +32,6 @@
 //! one is still seen. The terminal workers announce always.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -109,7 +108,6 @@ struct Shared {
     orders: Mutex<HashMap<Arc<str>, Waiters>>,
     /// Bumped when anything may have changed (notifications may be lost).
     everyone: watch::Sender<u64>,
-    listening: AtomicBool,
     peers: Mutex<Peers>,
 }
 
@@ -118,8 +116,10 @@ impl Shared {
         Self {
             orders: Mutex::new(HashMap::new()),
             everyone: watch::channel(0).0,
-            listening: AtomicBool::new(listening),
-            peers: Mutex::new(Peers::default()),
+            peers: Mutex::new(Peers {
+                listening_since: listening.then(Instant::now),
+                ..Peers::default()
+            }),
         }
     }
 
@@ -194,7 +194,7 @@ impl Watcher {
                 () = shutdown.cancelled() => break,
                 _ = every.tick() => {}
             }
-            if self.shared.listening.load(Ordering::SeqCst) {
+            if self.shared.peers().listening_since.is_some() {
                 self.hello(&pool).await;
             }
         }
@@ -279,8 +279,11 @@ impl Watcher {
     }
 
     fn set_listening(&self, listening: bool) {
-        self.shared.peers().listening_since = listening.then(Instant::now);
-        let was = self.shared.listening.swap(listening, Ordering::SeqCst);
+        let was = std::mem::replace(
+            &mut self.shared.peers().listening_since,
+            listening.then(Instant::now),
+        )
+        .is_some();
         if was != listening {
             // Up: changes before LISTEN took effect were missed. Down: waiters
             // switch to polling. Either way, everyone reads again.
