@@ -155,6 +155,15 @@ fn info(order_id: &str) -> orderflow_shared::events::Event {
     })
 }
 
+fn completed(order_id: &str) -> orderflow_shared::events::Event {
+    use orderflow_shared::events::{Event, OrderCompleted};
+    Event::OrderCompleted(OrderCompleted {
+        order_id: order_id.into(),
+        method: "zhifubao".into(),
+        charged_cents: 900,
+    })
+}
+
 /// (kind, name) of each history entry of `order_id`, in order.
 async fn history_of(db: &orderflow_shared::store::Db, order_id: &str) -> Vec<(String, String)> {
     sqlx::query_as("SELECT kind, name FROM history WHERE order_id = $1 ORDER BY id")
@@ -220,19 +229,9 @@ async fn a_coordinator_batch_applies_two_events_of_one_order_in_order_and_a_dupl
 /// not change a row twice).
 #[tokio::test]
 async fn a_coordinator_batch_settles_its_timers_with_its_sagas() {
-    use orderflow_shared::events::{Event, OrderCompleted};
     let env = TestEnv::orderflow().await;
     let (db, coordinator) = coordinator(&env).await;
-    let completed = |order_id: &str| {
-        message(
-            Event::OrderCompleted(OrderCompleted {
-                order_id: order_id.into(),
-                method: "zhifubao".into(),
-                charged_cents: 900,
-            }),
-            None,
-        )
-    };
+    let completed = |order_id: &str| message(completed(order_id), None);
     // a: started, priced and completed in one batch; b: priced before it
     // is started; c: started, then completed in a later batch.
     let first = vec![
@@ -284,7 +283,7 @@ async fn a_coordinator_batch_settles_its_timers_with_its_sagas() {
 /// and a batch that changes no saga still records its history.
 #[tokio::test]
 async fn a_coordinator_batch_of_old_and_new_messages_applies_the_new_ones_only() {
-    use orderflow_shared::events::{Event, OrderCompleted};
+    use orderflow_shared::events::Event;
     let env = TestEnv::orderflow().await;
     let (db, coordinator) = coordinator(&env).await;
     let d_started = message(started("d", "tea"), None);
@@ -323,13 +322,8 @@ async fn a_coordinator_batch_of_old_and_new_messages_applies_the_new_ones_only()
     let inbox = count(&db, "SELECT count(*) FROM inbox").await;
     assert_eq!(inbox, 4, "each message once");
     // e ends; then a late event changes no saga and is still recorded.
-    let completed = Event::OrderCompleted(OrderCompleted {
-        order_id: "e".into(),
-        method: "zhifubao".into(),
-        charged_cents: 900,
-    });
     coordinator
-        .handle_batch(&[message(completed, None), message(info("e"), None)])
+        .handle_batch(&[message(completed("e"), None), message(info("e"), None)])
         .await
         .unwrap();
     coordinator
