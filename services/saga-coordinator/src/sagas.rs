@@ -1,12 +1,13 @@
 //! The saga rows a unit of work touches: locked together when it begins
 //! (one statement with the unit's inbox rows, in order-id order, created for
 //! an order seen the first time), changed in memory while its messages apply
-//! one after another, and written back together with the unit's history
-//! and its timer changes and outbox rows, as it commits (one statement). Every message of one order therefore
-//! applies one at a time, whichever unit or coordinator handles it, and a
-//! batch of messages costs two statements for its inbox, sagas and history
-//! however many there are. A saga's status and the step it waits on are
-//! [`SagaStatus`] and [`SagaStep`], stored as text.
+//! one after another, and written back with the unit's history, timer
+//! changes and outbox rows as it commits (one statement). Every message of
+//! one order therefore applies one at a time, whichever unit or coordinator
+//! handles it, and a batch of messages costs two statements for its inbox,
+//! sagas, timers it settles, history and events however many there are. A
+//! saga's status and the step it waits on are [`SagaStatus`] and
+//! [`SagaStep`], stored as text.
 
 use std::collections::HashMap;
 
