@@ -25,6 +25,7 @@ mod money_safety;
 mod order_api;
 mod pause_resume;
 mod publish_and_topology;
+mod query_plans;
 mod retention;
 mod retries_and_dead_letters;
 mod saga_coordinator;
