@@ -194,8 +194,9 @@ fn schema_options(url: &SecretString, schema: &str) -> Result<PgConnectOptions, 
 /// execution as it grows, until autovacuum next analyzes it: on a fresh
 /// database the coordinator's sagas write read ≈ 2,000 rows per batch
 /// after 4,000 orders. Off, the planner takes the index whenever there is
-/// one and still scans a table that has none. Measured: 229–230 → 256–278
-/// orders/s at concurrency 200 (BENCHMARKS.md, fifth sitting).
+/// one and still scans a table that has none. Measured at concurrency 200
+/// on a fresh database: 222–251 → 247–278 orders/s over 6,000 orders, 179
+/// → 273 over 15,000 (BENCHMARKS.md, fifth sitting).
 pub const NO_SEQUENTIAL_SCANS: (&str, &str) = ("enable_seqscan", "off");
 
 /// One connection (for administrative statements), with an error that names
