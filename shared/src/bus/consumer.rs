@@ -43,14 +43,14 @@ use backon::{ExponentialBuilder, Retryable};
 use futures::{FutureExt, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{
-    BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, QueueDeclareOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+    QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
-use super::acks::Acks;
 use super::message::Message;
 use super::{Broker, BusError, PublishError, Publisher, reconnect_backoff};
 use crate::Shutdown;
@@ -407,13 +407,11 @@ async fn session<H: Handler>(
     channel
         .basic_qos(state.options.prefetch, BasicQosOptions::default())
         .await?;
-    // Delivery tags run on across pauses: one ack gatherer per channel.
-    let acks = Arc::new(Acks::new(channel.clone()));
     loop {
         if !wait_while_paused(state, &channel, shutdown).await? {
             break;
         }
-        match consume(state, &channel, &acks, permits, tasks, shutdown).await? {
+        match consume(state, &channel, permits, tasks, shutdown).await? {
             Stop::Shutdown => break,
             Stop::Paused => {}
         }
@@ -458,7 +456,6 @@ async fn wait_while_paused<H: Handler>(
 async fn consume<H: Handler>(
     state: &Arc<ConsumerState<H>>,
     channel: &Channel,
-    acks: &Arc<Acks>,
     permits: &Arc<Semaphore>,
     tasks: &mut JoinSet<()>,
     shutdown: &Shutdown,
@@ -528,16 +525,12 @@ async fn consume<H: Handler>(
             }
         }
         DELIVERIES.fetch_add(batch.len() as u64, std::sync::atomic::Ordering::Relaxed);
-        for delivery in &batch {
-            acks.delivered(delivery.delivery_tag).await;
-        }
         let state = state.clone();
-        let acks = acks.clone();
         tasks.spawn(async move {
             if batch.len() == 1 {
-                process(&state, &acks, batch.swap_remove(0)).await;
+                process(&state, batch.swap_remove(0)).await;
             } else {
-                process_batch(&state, &acks, batch).await;
+                process_batch(&state, batch).await;
             }
             drop(permit);
         });
@@ -602,11 +595,7 @@ async fn call_handler<H: Handler>(handler: &H, message: &Message) -> Result<(), 
 
 /// Several deliveries through [`Handler::handle_batch`]; acked together when
 /// it succeeds, else each one goes through [`process`] on its own.
-async fn process_batch<H: Handler>(
-    state: &ConsumerState<H>,
-    acks: &Acks,
-    deliveries: Vec<Delivery>,
-) {
+async fn process_batch<H: Handler>(state: &ConsumerState<H>, deliveries: Vec<Delivery>) {
     let mut messages = Vec::with_capacity(deliveries.len());
     let mut decoded = Vec::with_capacity(deliveries.len());
     for delivery in deliveries {
@@ -617,7 +606,7 @@ async fn process_batch<H: Handler>(
             }
             Err(undecodable) => {
                 let reason = format!("undecodable message: {}", undecodable.error);
-                dead_letter(state, acks, &delivery, &undecodable.envelope, 0, &reason).await;
+                dead_letter(state, &delivery, &undecodable.envelope, 0, &reason).await;
             }
         }
     }
@@ -629,7 +618,7 @@ async fn process_batch<H: Handler>(
         .await;
     match handled {
         Ok(Ok(())) => {
-            for message in &messages {
+            for (delivery, message) in decoded.iter().zip(&messages) {
                 tracing::debug!(
                     service = %state.options.service,
                     order_id = %message.envelope.correlation_id,
@@ -638,15 +627,7 @@ async fn process_batch<H: Handler>(
                     batch = messages.len(),
                     "handled"
                 );
-            }
-            let tags = decoded.iter().map(|delivery| delivery.delivery_tag);
-            if let Err(error) = acks.handled(tags).await {
-                tracing::warn!(
-                    service = %state.options.service,
-                    messages = messages.len(),
-                    %error,
-                    "ack failed (channel gone); the broker will redeliver and the inbox will skip them"
-                );
+                ack(delivery, &message.envelope).await;
             }
         }
         failed => {
@@ -662,23 +643,19 @@ async fn process_batch<H: Handler>(
             );
             // Concurrently: one message may wait (a retry) for another of
             // the same batch to be applied first.
-            futures::future::join_all(
-                decoded
-                    .into_iter()
-                    .map(|delivery| process(state, acks, delivery)),
-            )
-            .await;
+            futures::future::join_all(decoded.into_iter().map(|delivery| process(state, delivery)))
+                .await;
         }
     }
 }
 
-async fn process<H: Handler>(state: &ConsumerState<H>, acks: &Acks, delivery: Delivery) {
+async fn process<H: Handler>(state: &ConsumerState<H>, delivery: Delivery) {
     let service = &state.options.service;
     let message = match Message::decode(&delivery, &state.redeliver_exchange) {
         Ok(message) => message,
         Err(undecodable) => {
             let reason = format!("undecodable message: {}", undecodable.error);
-            dead_letter(state, acks, &delivery, &undecodable.envelope, 0, &reason).await;
+            dead_letter(state, &delivery, &undecodable.envelope, 0, &reason).await;
             return;
         }
     };
@@ -713,13 +690,13 @@ async fn process<H: Handler>(state: &ConsumerState<H>, acks: &Acks, delivery: De
                 kind = %envelope.kind,
                 "handled"
             );
-            ack(acks, &delivery, envelope).await;
+            ack(&delivery, envelope).await;
             return;
         }
         Err(HandleError::Permanent(error)) => format!("permanent failure: {error:#}"),
         Err(HandleError::Transient(error)) => {
             if let Some(delay_exchange) = state.delay_exchanges.get(message.retries as usize) {
-                delay(state, acks, &delivery, &message, delay_exchange, &error).await;
+                delay(state, &delivery, &message, delay_exchange, &error).await;
                 return;
             }
             format!(
@@ -728,11 +705,11 @@ async fn process<H: Handler>(state: &ConsumerState<H>, acks: &Acks, delivery: De
             )
         }
     };
-    dead_letter(state, acks, &delivery, envelope, message.retries, &reason).await;
+    dead_letter(state, &delivery, envelope, message.retries, &reason).await;
 }
 
-async fn ack(acks: &Acks, delivery: &Delivery, envelope: &Envelope) {
-    if let Err(error) = acks.handled([delivery.delivery_tag]).await {
+async fn ack(delivery: &Delivery, envelope: &Envelope) {
+    if let Err(error) = delivery.ack(BasicAckOptions::default()).await {
         tracing::warn!(
             order_id = %envelope.correlation_id,
             message_id = %envelope.message_id,
@@ -745,7 +722,7 @@ async fn ack(acks: &Acks, delivery: &Delivery, envelope: &Envelope) {
 /// Puts the message back on its queue after a pause, when its copy could not
 /// be moved to a delay or dead-letter queue: the broker's delivery limit stops
 /// this from going on forever.
-async fn requeue(acks: &Acks, delivery: &Delivery) {
+async fn requeue(delivery: &Delivery) {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let _ = delivery
         .nack(BasicNackOptions {
@@ -753,8 +730,6 @@ async fn requeue(acks: &Acks, delivery: &Delivery) {
             ..BasicNackOptions::default()
         })
         .await;
-    // Settled either way: requeued, or the channel is gone.
-    let _ = acks.settled(delivery.delivery_tag).await;
 }
 
 /// `properties` with `extra` added to (or replacing) its headers.
@@ -777,7 +752,6 @@ fn runtime_headers(retries: u32) -> FieldTable {
 
 async fn delay<H: Handler>(
     state: &ConsumerState<H>,
-    acks: &Acks,
     delivery: &Delivery,
     message: &Message,
     delay_exchange: &str,
@@ -793,15 +767,7 @@ async fn delay<H: Handler>(
                 "transient failure ({error:#}), but the message cannot be parked for a retry: \
                  {too_long}"
             );
-            dead_letter(
-                state,
-                acks,
-                delivery,
-                &message.envelope,
-                message.retries,
-                &reason,
-            )
-            .await;
+            dead_letter(state, delivery, &message.envelope, message.retries, &reason).await;
             return;
         }
     };
@@ -809,7 +775,6 @@ async fn delay<H: Handler>(
     let parking = "park message in its delay queue";
     if move_delivery(
         state,
-        acks,
         delivery,
         envelope,
         delay_exchange,
@@ -835,7 +800,6 @@ async fn delay<H: Handler>(
 /// `doing`. Whether it moved.
 async fn move_delivery<H: Handler>(
     state: &ConsumerState<H>,
-    acks: &Acks,
     delivery: &Delivery,
     envelope: &Envelope,
     exchange: &str,
@@ -849,7 +813,7 @@ async fn move_delivery<H: Handler>(
         .await;
     match published {
         Ok(()) => {
-            ack(acks, delivery, envelope).await;
+            ack(delivery, envelope).await;
             true
         }
         Err(publish_error) => {
@@ -859,7 +823,7 @@ async fn move_delivery<H: Handler>(
                 %publish_error,
                 "cannot {doing}; requeueing"
             );
-            requeue(acks, delivery).await;
+            requeue(delivery).await;
             false
         }
     }
@@ -867,7 +831,6 @@ async fn move_delivery<H: Handler>(
 
 async fn dead_letter<H: Handler>(
     state: &ConsumerState<H>,
-    acks: &Acks,
     delivery: &Delivery,
     envelope: &Envelope,
     retries: u32,
@@ -892,7 +855,6 @@ async fn dead_letter<H: Handler>(
     let dead = &state.dead_exchange;
     if move_delivery(
         state,
-        acks,
         delivery,
         envelope,
         dead,

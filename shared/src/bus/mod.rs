@@ -2,7 +2,6 @@
 //! themselves), a [`Publisher`] (confirms, mandatory, timeout) and the consumer
 //! runtime [`run_consumer`] (manual ack, bounded prefetch, retries, dead letters).
 
-mod acks;
 mod consumer;
 mod failover;
 mod message;
