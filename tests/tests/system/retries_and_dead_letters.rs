@@ -217,3 +217,46 @@ async fn poison_messages_are_dead_lettered_once_with_their_reason_and_the_worker
     assert!(find("handler panicked").1.contains("handler bug"));
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_message_that_cannot_be_dead_lettered_is_requeued_and_the_others_are_still_acked() {
+    let (env, handler, stop, consumer) = start_worker(0).await;
+    // Without its dead-letter exchange, a poison message cannot be moved
+    // there: the worker puts it back on its queue (nack, requeue) instead.
+    let (connection, channel) = env.raw_channel().await;
+    channel
+        .exchange_delete(
+            env.dead_letter_queue("worker").as_str().into(),
+            lapin::options::ExchangeDeleteOptions::default(),
+        )
+        .await
+        .unwrap();
+    env.publish_sample("poison-kept").await;
+    env.publish_sample("order-after-it").await;
+    eventually(
+        Duration::from_secs(10),
+        "the later message handled",
+        || async { handler.handled().len() == 1 },
+    )
+    .await;
+    // Stopping finishes both: the poison one goes back to the queue once
+    // more, the handled one stays acked.
+    stop.cancel();
+    consumer.await.unwrap();
+    let queue = env.queue("worker");
+    eventually(
+        Duration::from_secs(5),
+        "the poison message back",
+        || async { env.message_count(&queue).await >= 1 },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        env.message_count(&queue).await,
+        1,
+        "only the poison message is left; the handled one was acked"
+    );
+    assert_eq!(handler.handled()[0].order_id(), "order-after-it");
+    connection.close(200, "done".into()).await.unwrap();
+    env.cleanup().await;
+}
