@@ -33,7 +33,7 @@ use crate::input::{NewOrder, PaymentSubmission};
 use crate::metrics::{self, Metrics};
 use crate::orders::{self, Creation, OrderView, Submission};
 use crate::status::Status;
-use crate::watch::Watcher;
+use crate::watch::{Known, Watcher};
 
 /// Largest request body accepted (413 beyond).
 pub const BODY_LIMIT: usize = 64 * 1024;
@@ -197,7 +197,8 @@ async fn get_order(
 /// Reads the order until it satisfies `wanted`, `timeout` passes or the
 /// server shuts down; woken by the watcher when the order changes (here, or
 /// in a terminal worker or another API instance, through their batched
-/// NOTIFY). Holds a waiter slot
+/// NOTIFY). A change whose statement returned the row (the read model's
+/// upserts) answers with that row, without a read. Holds a waiter slot
 /// throughout (503 when none is free); each read is bounded by the request
 /// timeout.
 async fn wait_for(
@@ -212,6 +213,7 @@ async fn wait_for(
     let mut changes = state.watcher.subscribe(order_id);
     let mut last_read_is_current = true;
     loop {
+        state.metrics.long_poll_reads.inc();
         let view = tokio::time::timeout(
             state.bounds.request_timeout(),
             orders::fetch(&state.db, order_id),
@@ -231,7 +233,11 @@ async fn wait_for(
         loop {
             tokio::select! {
                 known = changes.changed() => match known {
-                    Some(status) if !status.satisfies(wanted) => last_read_is_current = false,
+                    Some(known) if !known.status.satisfies(wanted) => last_read_is_current = false,
+                    // The change's own statement returned the row: no read.
+                    Some(Known { row: Some(row), .. }) => {
+                        return Ok(Some(Arc::unwrap_or_clone(row).shown()));
+                    }
                     _ => {
                         last_read_is_current = true;
                         break;

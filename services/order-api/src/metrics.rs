@@ -34,6 +34,7 @@ pub struct Metrics {
     pub http_requests: Family<HttpLabels, Counter>,
     pub orders_created: Counter,
     pub long_poll_waiters: Gauge,
+    pub long_poll_reads: Counter,
 }
 
 impl Default for Metrics {
@@ -63,11 +64,19 @@ impl Metrics {
             "GET /orders/{id}?wait_for= requests currently waiting",
             long_poll_waiters.clone(),
         );
+        let long_poll_reads = Counter::default();
+        registry.register(
+            "orderflow_long_poll_reads",
+            "Reads of an order by long polls (the first one, and one per change that may \
+             satisfy it and did not bring the order's row along)",
+            long_poll_reads.clone(),
+        );
         Self {
             registry,
             http_requests,
             orders_created,
             long_poll_waiters,
+            long_poll_reads,
         }
     }
 

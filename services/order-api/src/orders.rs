@@ -39,7 +39,23 @@ impl OrderView {
     pub fn status(&self) -> Option<Status> {
         self.status.parse().ok()
     }
+
+    /// As a client sees it: the payment token only while the order awaits
+    /// payment.
+    #[must_use]
+    pub fn shown(mut self) -> Self {
+        if self.status() != Some(Status::AwaitingPayment) {
+            self.payment_token = None;
+        }
+        self
+    }
 }
+
+/// The columns of [`OrderView`]: what [`fetch`] reads, and what the read
+/// model's upserts return (their row wakes long polls without a read).
+pub const VIEW_COLUMNS: &str = "order_id, status, supplier, products, address, payment_methods, \
+     amount_cents, payment_token, token_expires_at, method, charged_cents, capture_id, \
+     refunded_cents, cancel_reason, last_rejection, created_at, updated_at";
 
 /// What `POST /orders` found.
 #[derive(Debug, PartialEq, Eq)]
@@ -97,21 +113,13 @@ pub async fn create(db: &Db, order: &ValidOrder) -> Result<Creation, sqlx::Error
 
 /// The order `order_id`, as the API shows it.
 pub async fn fetch(db: &Db, order_id: &str) -> Result<Option<OrderView>, sqlx::Error> {
-    let view: Option<OrderView> = sqlx::query_as(
-        "SELECT order_id, status, supplier, products, address, payment_methods, amount_cents, \
-         payment_token, token_expires_at, method, charged_cents, capture_id, refunded_cents, \
-         cancel_reason, last_rejection, created_at, updated_at \
-         FROM orders WHERE order_id = $1",
-    )
+    let view: Option<OrderView> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {VIEW_COLUMNS} FROM orders WHERE order_id = $1"
+    )))
     .bind(order_id)
     .fetch_optional(db.pool())
     .await?;
-    Ok(view.map(|mut view| {
-        if view.status() != Some(Status::AwaitingPayment) {
-            view.payment_token = None;
-        }
-        view
-    }))
+    Ok(view.map(OrderView::shown))
 }
 
 /// What `POST /orders/{id}/payment` found.

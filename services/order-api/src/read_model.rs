@@ -5,6 +5,8 @@
 //! order-cancelled write the same table conditionally, and whichever terminal
 //! transition lands first wins.
 
+use std::sync::Arc;
+
 use orderflow_shared::bus::{HandleError, Handler, Message};
 use orderflow_shared::envelope::Envelope;
 use orderflow_shared::events::{Event, OrderCancelled, OrderCompleted};
@@ -13,6 +15,7 @@ use orderflow_shared::store::{Admission, Db};
 use sqlx::PgExecutor;
 
 use crate::SERVICE;
+use crate::orders::{OrderView, VIEW_COLUMNS};
 use crate::status::Status;
 use crate::watch::Watcher;
 
@@ -38,8 +41,8 @@ impl Handler for ReadModelHandler {
             consumer: SERVICE,
             message: &message.envelope,
         };
-        if let Some(status) = apply(self.db.pool(), &message.event, how).await? {
-            self.watcher.changed(message.event.order_id(), Some(status));
+        if let Some(applied) = apply(self.db.pool(), &message.event, how).await? {
+            applied.announce(&self.watcher, message.event.order_id());
         } else {
             tracing::debug!(
                 message_id = %message.envelope.message_id,
@@ -64,18 +67,24 @@ impl Handler for ReadModelHandler {
         let mut unit = self.db.begin_unit_without_inbox().await?;
         let envelopes: Vec<&Envelope> = sorted.iter().map(|m| &m.envelope).collect();
         let admitted = unit.admit_all(SERVICE, &envelopes).await?;
-        let mut changed = Vec::with_capacity(sorted.len());
+        let mut changed: Vec<(&str, Applied)> = Vec::with_capacity(sorted.len());
         for (message, admitted) in sorted.into_iter().zip(admitted) {
             if admitted
-                && let Some(status) =
+                && let Some(applied) =
                     apply(unit.conn(), &message.event, Admission::Admitted).await?
             {
-                changed.push((message.event.order_id(), status));
+                let order_id = message.event.order_id();
+                // Sorted by order: a later change of the same order replaces
+                // the earlier one (its row is the one committed).
+                match changed.last_mut() {
+                    Some((last, earlier)) if *last == order_id => *earlier = applied,
+                    _ => changed.push((order_id, applied)),
+                }
             }
         }
         unit.commit().await?;
-        for (order_id, status) in changed {
-            self.watcher.changed(order_id, Some(status));
+        for (order_id, applied) in changed {
+            applied.announce(&self.watcher, order_id);
         }
         Ok(())
     }
@@ -90,8 +99,27 @@ const BATCH_SIZE: usize = 32;
 const FORWARD_STATUS: &str =
     "status = CASE WHEN orders.status = ANY($2::text[]) THEN $3 ELSE orders.status END";
 
-/// An upsert of the order's row, `RETURNING status`.
-type Upsert<'q> = sqlx::query::QueryAs<'q, sqlx::Postgres, (String,), sqlx::postgres::PgArguments>;
+/// An upsert of the order's row, returning it ([`VIEW_COLUMNS`]).
+type Upsert<'q> = sqlx::query::QueryAs<'q, sqlx::Postgres, OrderView, sqlx::postgres::PgArguments>;
+
+/// What applying an event changed, for the long polls.
+#[derive(Debug)]
+enum Applied {
+    /// The row as the upsert returned it.
+    Row(Arc<OrderView>),
+    /// A terminal transition (the owner's statement, which returns no row).
+    Finished(Status),
+}
+
+impl Applied {
+    /// Wakes the order's long polls (after the commit).
+    fn announce(self, watcher: &Watcher, order_id: &str) {
+        match self {
+            Self::Row(row) => watcher.changed_to(order_id, row),
+            Self::Finished(status) => watcher.changed(order_id, Some(status)),
+        }
+    }
+}
 
 /// One event's upsert: its SQL, how many parameters it takes, and what
 /// binds them (`$1`..`$N`, from the event).
@@ -101,8 +129,8 @@ type Change<'e> = (
     Box<dyn FnOnce(Upsert<'e>) -> Upsert<'e> + Send + 'e>,
 );
 
-/// Applies `event` to its order as `how` says: the order's status after it,
-/// for the long polls; `None` when nothing changed for a reader (a message
+/// Applies `event` to its order as `how` says: the order after it, for the
+/// long polls; `None` when nothing changed for a reader (a message
 /// applied before, a terminal event the owner already applied and announced,
 /// or an event not shown). Each event is one upsert, written as
 /// `INSERT … SELECT … WHERE <only_if> ON CONFLICT …` so that alone it runs
@@ -111,18 +139,18 @@ async fn apply<'c, 'e>(
     conn: impl PgExecutor<'c>,
     event: &'e Event,
     how: Admission<'e>,
-) -> Result<Option<Status>, sqlx::Error> {
+) -> Result<Option<Applied>, sqlx::Error> {
     let only_if = how.only_if();
     let (change, params, bind): Change<'e> = match event {
         Event::OrderCompleted(e) => {
             return Ok(order_completed(conn, e, how)
                 .await?
-                .then_some(Status::Completed));
+                .then_some(Applied::Finished(Status::Completed)));
         }
         Event::OrderCancelled(e) => {
             return Ok(order_cancelled(conn, e, how)
                 .await?
-                .then_some(Status::Cancelled));
+                .then_some(Applied::Finished(Status::Cancelled)));
         }
         Event::OrderStarted(e) => (
             order_started(only_if),
@@ -203,8 +231,7 @@ async fn apply<'c, 'e>(
         .bind(bind(sqlx::query_as(sqlx::AssertSqlSafe(sql))))
         .fetch_optional(conn)
         .await?;
-    // The table's CHECK allows only known statuses.
-    Ok(row.and_then(|(status,)| status.parse().ok()))
+    Ok(row.map(|row| Applied::Row(Arc::new(row))))
 }
 
 /// The order's content. The first one known stays: an order's lines do not
@@ -218,7 +245,7 @@ fn order_started(only_if: &str) -> String {
            supplier = COALESCE(orders.supplier, EXCLUDED.supplier), \
            products = COALESCE(orders.products, EXCLUDED.products), \
            address = COALESCE(orders.address, EXCLUDED.address), \
-           updated_at = now() RETURNING status"
+           updated_at = now() RETURNING {VIEW_COLUMNS}"
     )
 }
 
@@ -234,7 +261,7 @@ fn info_generated(only_if: &str) -> String {
            supplier = COALESCE(orders.supplier, EXCLUDED.supplier), \
            payment_methods = COALESCE(orders.payment_methods, EXCLUDED.payment_methods), \
            amount_cents = COALESCE(orders.amount_cents, EXCLUDED.amount_cents), \
-           updated_at = now() RETURNING status"
+           updated_at = now() RETURNING {VIEW_COLUMNS}"
     )
 }
 
@@ -251,7 +278,7 @@ fn payment_awaiting(only_if: &str) -> String {
            token_expires_at = COALESCE(orders.token_expires_at, EXCLUDED.token_expires_at), \
            payment_methods = COALESCE(orders.payment_methods, EXCLUDED.payment_methods), \
            amount_cents = COALESCE(orders.amount_cents, EXCLUDED.amount_cents), \
-           updated_at = now() RETURNING status"
+           updated_at = now() RETURNING {VIEW_COLUMNS}"
     )
 }
 
@@ -264,7 +291,7 @@ fn payment_selected(only_if: &str) -> String {
          ON CONFLICT (order_id) DO UPDATE SET {FORWARD_STATUS}, \
            method = CASE WHEN orders.status IN ('completed', 'cancelled') \
              THEN COALESCE(orders.method, EXCLUDED.method) ELSE EXCLUDED.method END, \
-           updated_at = now() RETURNING status"
+           updated_at = now() RETURNING {VIEW_COLUMNS}"
     )
 }
 
@@ -273,7 +300,7 @@ fn rejection<'e>(only_if: &str, order_id: &'e str, reason: &'e str) -> Change<'e
     let change = format!(
         "INSERT INTO orders (order_id, last_rejection) SELECT $1, $2 WHERE {only_if} \
          ON CONFLICT (order_id) DO UPDATE SET last_rejection = EXCLUDED.last_rejection, \
-           updated_at = now() RETURNING status"
+           updated_at = now() RETURNING {VIEW_COLUMNS}"
     );
     (change, 2, Box::new(move |q| q.bind(order_id).bind(reason)))
 }
@@ -284,7 +311,7 @@ fn payment_captured(only_if: &str) -> String {
         "INSERT INTO orders (order_id, charged_cents, capture_id) SELECT $1, $2, $3 \
          WHERE {only_if} \
          ON CONFLICT (order_id) DO UPDATE SET charged_cents = EXCLUDED.charged_cents, \
-           capture_id = EXCLUDED.capture_id, updated_at = now() RETURNING status"
+           capture_id = EXCLUDED.capture_id, updated_at = now() RETURNING {VIEW_COLUMNS}"
     )
 }
 
@@ -293,7 +320,7 @@ fn payment_refunded(only_if: &str) -> String {
     format!(
         "INSERT INTO orders (order_id, refunded_cents) SELECT $1, $2 WHERE {only_if} \
          ON CONFLICT (order_id) DO UPDATE SET refunded_cents = EXCLUDED.refunded_cents, \
-           updated_at = now() RETURNING status"
+           updated_at = now() RETURNING {VIEW_COLUMNS}"
     )
 }
 

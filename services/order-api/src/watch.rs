@@ -38,6 +38,7 @@ use std::time::{Duration, Instant};
 use orderflow_shared::Shutdown;
 use orderflow_shared::store::orders::{Announcement, Announcer, CHANGES_CHANNEL};
 
+use crate::orders::OrderView;
 use crate::status::Status;
 use sqlx::PgPool;
 use sqlx::postgres::PgListener;
@@ -97,9 +98,9 @@ impl Peers {
 /// watch it (the entry goes when the last one does).
 #[derive(Debug)]
 struct Waiters {
-    /// A change counter, and the order's status after the latest change
-    /// when the one who made it knew it (`None`: read it).
-    changes: watch::Sender<(u64, Option<Status>)>,
+    /// A change counter, and what the one who made the latest change knew
+    /// of the order after it (`None`: read it).
+    changes: watch::Sender<(u64, Option<Known>)>,
     subscriptions: usize,
 }
 
@@ -134,17 +135,26 @@ impl Shared {
         self.orders.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn wake_order(&self, order_id: &str, status: Option<Status>) {
+    fn wake_order(&self, order_id: &str, change: Option<Known>) {
         if let Some(waiters) = self.orders().get(order_id) {
             waiters
                 .changes
-                .send_modify(|(n, known)| (*n, *known) = (n.wrapping_add(1), status));
+                .send_modify(|(n, known)| (*n, *known) = (n.wrapping_add(1), change));
         }
     }
 
     fn wake_everyone(&self) {
         self.everyone.send_modify(|n| *n = n.wrapping_add(1));
     }
+}
+
+/// What the maker of a change knew of the order after it: its status, and
+/// the whole row when its statement returned it (a waiter it satisfies
+/// answers with that row instead of reading it).
+#[derive(Clone, Debug)]
+pub struct Known {
+    pub status: Status,
+    pub row: Option<Arc<OrderView>>,
 }
 
 /// The shared listener's handle; cheap to clone.
@@ -160,7 +170,7 @@ pub struct Watcher {
 pub struct Subscription {
     shared: Arc<Shared>,
     order_id: Arc<str>,
-    changes: watch::Receiver<(u64, Option<Status>)>,
+    changes: watch::Receiver<(u64, Option<Known>)>,
     /// The change counter this waiter last saw.
     seen: u64,
     everyone: watch::Receiver<u64>,
@@ -225,7 +235,22 @@ impl Watcher {
     /// it (its statement returned it): waiters for a later status then need
     /// not read the row.
     pub fn changed(&self, order_id: &str, status: Option<Status>) {
-        self.shared.wake_order(order_id, status);
+        self.announce(order_id, status.map(|status| Known { status, row: None }));
+    }
+
+    /// `order_id` changed (committed) to `row`, as the change's statement
+    /// returned it: like [`changed`](Self::changed), and the waiters it
+    /// satisfies answer with `row` without reading it again.
+    pub fn changed_to(&self, order_id: &str, row: Arc<OrderView>) {
+        let known = row.status().map(|status| Known {
+            status,
+            row: Some(row),
+        });
+        self.announce(order_id, known);
+    }
+
+    fn announce(&self, order_id: &str, known: Option<Known>) {
+        self.shared.wake_order(order_id, known);
         if self.shared.peers().others_may_listen(Instant::now()) {
             self.announcer.changed(order_id);
         }
@@ -353,21 +378,21 @@ impl Subscription {
     /// Waits until the order may have changed: it was notified, notifications
     /// may have been missed, or (listener down or not settled yet) the
     /// fallback interval passed.
-    /// The order's status after the change when the one who changed it said
-    /// so; `None` when the row must be read to know.
+    /// What the one who changed the order knew of it after the change (its
+    /// status, maybe its row); `None` when the row must be read to know.
     ///
-    /// A status is only trusted when it belongs to the one change since this
+    /// What it knew is only trusted when it belongs to the one change since this
     /// waiter last looked: with more, an earlier one may have been another
     /// process's (whose status is not known) and the status reported with a
     /// later one may be older than it (the reporter looked before that
     /// process committed, and reported after its notification came in).
-    pub async fn changed(&mut self) -> Option<Status> {
+    pub async fn changed(&mut self) -> Option<Known> {
         let polling = !self.shared.peers().settled(Instant::now());
         // The senders live as long as this subscription (in `shared`), so
         // `changed` only returns when a value was sent.
         tokio::select! {
             _ = self.changes.changed() => {
-                let (n, known) = *self.changes.borrow_and_update();
+                let (n, known) = self.changes.borrow_and_update().clone();
                 let missed = n.wrapping_sub(self.seen) != 1;
                 self.seen = n;
                 if missed { None } else { known }
@@ -393,6 +418,11 @@ impl Drop for Subscription {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The status the next change of `subscription` carries.
+    async fn status(subscription: &mut Subscription) -> Option<Status> {
+        subscription.changed().await.map(|known| known.status)
+    }
 
     fn watcher() -> Watcher {
         Watcher {
@@ -435,12 +465,12 @@ mod tests {
         let watcher = watcher();
         let mut a = watcher.subscribe("a");
         watcher.changed("a", Some(Status::Paying));
-        assert_eq!(a.changed().await, Some(Status::Paying));
+        assert_eq!(status(&mut a).await, Some(Status::Paying));
         // From another instance (LISTEN) the status is not known: read it.
         watcher.shared.wake_order("a", None);
-        assert_eq!(a.changed().await, None);
+        assert_eq!(status(&mut a).await, None);
         watcher.shared.wake_everyone();
-        assert_eq!(a.changed().await, None);
+        assert_eq!(status(&mut a).await, None);
     }
 
     #[tokio::test]
@@ -452,7 +482,7 @@ mod tests {
         // Another announcer's (a terminal worker, another API instance).
         watcher.notified(&format!("{}/a", Announcer::unsent().tag()));
         assert_eq!(
-            a.changed().await,
+            status(&mut a).await,
             None,
             "read the order: the status is not known"
         );
@@ -470,16 +500,60 @@ mod tests {
         watcher.notified(&format!("{}/a", Announcer::unsent().tag()));
         watcher.changed("a", Some(Status::Paying));
         assert_eq!(
-            a.changed().await,
+            status(&mut a).await,
             None,
             "read the order: it may be completed"
         );
         // One change since it looked: its status is trusted.
         watcher.changed("a", Some(Status::Paying));
-        assert_eq!(a.changed().await, Some(Status::Paying));
+        assert_eq!(status(&mut a).await, Some(Status::Paying));
         watcher.changed("a", Some(Status::Paying));
         watcher.changed("a", Some(Status::Completed));
-        assert_eq!(a.changed().await, None, "two local changes: read it too");
+        assert_eq!(status(&mut a).await, None, "two local changes: read it too");
+    }
+
+    /// An order `a` row with `status`, as an upsert returns it.
+    fn row(status: &str) -> OrderView {
+        let now = chrono::Utc::now();
+        OrderView {
+            order_id: "a".to_owned(),
+            status: status.to_owned(),
+            supplier: None,
+            products: None,
+            address: None,
+            payment_methods: None,
+            amount_cents: Some(26_500),
+            payment_token: Some("v1.token".to_owned()),
+            token_expires_at: None,
+            method: None,
+            charged_cents: None,
+            capture_id: None,
+            refunded_cents: None,
+            cancel_reason: None,
+            last_rejection: None,
+            created_at: now,
+            updated_at: now,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_change_with_its_row_hands_the_row_to_the_waiter_only_when_it_is_the_one_change() {
+        let watcher = watcher();
+        let mut a = watcher.subscribe("a");
+        watcher.changed_to("a", Arc::new(row("awaiting_payment")));
+        let known = a.changed().await.unwrap();
+        assert_eq!(known.status, Status::AwaitingPayment);
+        let handed = known.row.unwrap();
+        assert_eq!(
+            (handed.status.as_str(), handed.amount_cents),
+            ("awaiting_payment", Some(26_500))
+        );
+        assert_eq!(watcher.announcer.queued(), vec!["a".to_owned()]);
+
+        // A row that came after a change nobody described: read it.
+        watcher.notified(&format!("{}/a", Announcer::unsent().tag()));
+        watcher.changed_to("a", Arc::new(row("paying")));
+        assert!(a.changed().await.is_none(), "another change came between");
     }
 
     #[test]

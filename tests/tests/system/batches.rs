@@ -863,3 +863,59 @@ async fn a_read_model_message_on_its_own_is_applied_once_and_not_at_all_when_app
     db.close().await;
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_read_model_batch_wakes_a_long_poll_with_the_row_it_committed() {
+    use orderflow_shared::events::{Event, PaymentAwaiting, PaymentSelected};
+    let env = TestEnv::orderflow().await;
+    let db = orderflow_shared::store::Db::for_context(
+        &env.database_url,
+        orderflow_shared::store::Context::Orders,
+        2,
+    )
+    .await
+    .unwrap();
+    let shutdown = orderflow_shared::Shutdown::new();
+    let (watcher, watching) = order_api::Watcher::spawn(db.pool().clone(), shutdown.clone());
+    let read_model = order_api::ReadModelHandler::new(db.clone(), watcher.clone());
+    let mut waiter = watcher.subscribe("o");
+    // Two changes of one order in one batch: the waiter hears of the last
+    // one, with the row as the batch committed it.
+    let awaiting = Event::PaymentAwaiting(PaymentAwaiting {
+        order_id: "o".into(),
+        token: "v1.o".into(),
+        payment_methods: vec!["weixin".into()],
+        amount_cents: 1200,
+        expires_at: chrono::Utc::now() + chrono::Duration::minutes(5),
+    });
+    let selected = Event::PaymentSelected(PaymentSelected {
+        order_id: "o".into(),
+        method: "weixin".into(),
+        amount_cents: 1200,
+    });
+    read_model
+        .handle_batch(&[message(awaiting, None), message(selected, None)])
+        .await
+        .unwrap();
+    // (A wake-up for everyone, as the listener comes up, carries nothing.)
+    let known = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            if let Some(known) = waiter.changed().await {
+                break known;
+            }
+        }
+    })
+    .await
+    .expect("one change since it looked, with what its maker knew");
+    assert_eq!(known.status, order_api::Status::Paying);
+    let row = known.row.expect("the upsert's row");
+    assert_eq!(
+        (row.status.as_str(), row.method.as_deref(), row.amount_cents),
+        ("paying", Some("weixin"), Some(1200))
+    );
+    drop(waiter);
+    shutdown.cancel();
+    watching.await.unwrap();
+    db.close().await;
+    env.cleanup().await;
+}

@@ -591,6 +591,53 @@ async fn a_long_poll_answers_when_the_status_arrives_or_when_its_time_is_up() {
     api.stop().await;
 }
 
+/// `orderflow_long_poll_reads_total` of `api`'s metrics.
+async fn long_poll_reads(api: &Api) -> u64 {
+    let metrics = api.metrics().await;
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("orderflow_long_poll_reads_total "))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no long poll reads in {metrics}"))
+}
+
+#[tokio::test]
+async fn a_long_poll_answered_by_the_read_model_takes_the_row_its_upsert_returned() {
+    let api = Api::start().await;
+    create(&api, "order-row").await;
+    let before = long_poll_reads(&api).await;
+    let waiter = api.spawn_get("/orders/order-row?wait_for=awaiting_payment&timeout_ms=30000");
+    api.wait_for_waiters(1).await;
+    api.publish_applied(
+        "payment.awaiting",
+        payment_awaiting("order-row", "v1.row", &["weixin"], "2030-01-01T00:00:00Z"),
+    )
+    .await;
+    let (status, answered) = within(10, waiter, "the long poll answers").await;
+    assert_eq!(status, StatusCode::OK, "{answered}");
+    assert_eq!(answered["status"], "awaiting_payment");
+    assert_eq!(answered["payment_token"], "v1.row");
+    assert_eq!(
+        long_poll_reads(&api).await - before,
+        1,
+        "only the first read: the change brought its row along"
+    );
+    // The row it answered with is the order as it is.
+    assert_eq!(api.get("/orders/order-row").await.1, answered);
+
+    // A change without its row (a terminal worker's, through NOTIFY) is
+    // still read: the first read, and one when the order completed.
+    let before = long_poll_reads(&api).await;
+    let waiter = api.spawn_get("/orders/order-row?wait_for=completed&timeout_ms=30000");
+    api.wait_for_waiters(1).await;
+    complete(&api, "order-row").await;
+    let (_, answered) = within(10, waiter, "the long poll answers the completion").await;
+    assert_eq!(answered["status"], "completed");
+    assert_eq!(answered["payment_token"], Value::Null, "no token once paid");
+    assert_eq!(long_poll_reads(&api).await - before, 2);
+    api.stop().await;
+}
+
 #[tokio::test]
 async fn a_change_made_through_one_api_instance_wakes_long_polls_on_another() {
     let api = Api::start().await;
