@@ -14,7 +14,9 @@
 //! any other way wakes no one, and its long polls answer at their timeout.
 //!
 //! A waiter subscribes before it reads the row, so a change between its read
-//! and its wait still wakes it. When the listener is down (or notifications
+//! and its wait still wakes it. A change the read model makes comes with the
+//! row its upsert returned ([`Known`]): a waiter it satisfies answers with
+//! that row instead of reading it again. When the listener is down (or notifications
 //! may have been missed while it reconnected) every waiter is woken to read
 //! again, and waiters fall back to reading every 500 ms until it is back.
 //!
@@ -381,8 +383,8 @@ impl Subscription {
     /// What the one who changed the order knew of it after the change (its
     /// status, maybe its row); `None` when the row must be read to know.
     ///
-    /// What it knew is only trusted when it belongs to the one change since this
-    /// waiter last looked: with more, an earlier one may have been another
+    /// What it knew is only trusted when it belongs to the one change since
+    /// this waiter last looked: with more, an earlier one may have been another
     /// process's (whose status is not known) and the status reported with a
     /// later one may be older than it (the reporter looked before that
     /// process committed, and reported after its notification came in).
