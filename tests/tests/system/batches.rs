@@ -91,6 +91,17 @@ async fn waiting_deliveries_are_handled_in_batches_and_a_bad_one_falls_back_alon
     env.cleanup().await;
 }
 
+/// The orders context's database of `env`, migrated, with `connections`.
+async fn orders_db(env: &TestEnv, connections: u32) -> orderflow_shared::store::Db {
+    orderflow_shared::store::Db::for_context(
+        &env.database_url,
+        orderflow_shared::store::Context::Orders,
+        connections,
+    )
+    .await
+    .unwrap()
+}
+
 /// A message as the consumer hands it over, for driving a handler directly.
 fn message(event: orderflow_shared::events::Event, envelope: Option<&Outgoing>) -> Message {
     let outgoing = Outgoing::event(&event, None);
@@ -356,13 +367,7 @@ async fn a_terminal_transition_on_its_own_is_applied_once_and_only_by_the_first_
     use orderflow_shared::events::{Event, PaymentCaptured};
     use orderflow_shared::store::orders::{Announcer, TerminalHandler};
     let env = TestEnv::orderflow().await;
-    let db = orderflow_shared::store::Db::for_context(
-        &env.database_url,
-        orderflow_shared::store::Context::Orders,
-        4,
-    )
-    .await
-    .unwrap();
+    let db = orders_db(&env, 4).await;
     let announcer = Announcer::unsent();
     let worker = TerminalHandler::new(
         order_completed::SERVICE,
@@ -656,13 +661,7 @@ async fn a_read_model_message_on_its_own_is_applied_once_and_not_at_all_when_app
         ProductLine, SubmissionRejected,
     };
     let env = TestEnv::orderflow().await;
-    let db = orderflow_shared::store::Db::for_context(
-        &env.database_url,
-        orderflow_shared::store::Context::Orders,
-        4,
-    )
-    .await
-    .unwrap();
+    let db = orders_db(&env, 4).await;
     let shutdown = orderflow_shared::Shutdown::new();
     let (watcher, watching) = order_api::Watcher::spawn(db.pool().clone(), shutdown.clone());
     let read_model = order_api::ReadModelHandler::new(db.clone(), watcher);
@@ -868,13 +867,7 @@ async fn a_read_model_message_on_its_own_is_applied_once_and_not_at_all_when_app
 async fn a_read_model_batch_wakes_a_long_poll_with_the_row_it_committed() {
     use orderflow_shared::events::{Event, PaymentAwaiting, PaymentSelected};
     let env = TestEnv::orderflow().await;
-    let db = orderflow_shared::store::Db::for_context(
-        &env.database_url,
-        orderflow_shared::store::Context::Orders,
-        2,
-    )
-    .await
-    .unwrap();
+    let db = orders_db(&env, 2).await;
     let shutdown = orderflow_shared::Shutdown::new();
     let (watcher, watching) = order_api::Watcher::spawn(db.pool().clone(), shutdown.clone());
     let read_model = order_api::ReadModelHandler::new(db.clone(), watcher.clone());
