@@ -105,10 +105,13 @@ impl Pending {
         self.order_ids.is_empty()
     }
 
+    /// How many parameters [`insert`](Self::insert) takes (its arrays).
+    pub const PARAMS: usize = 6;
+
     /// The statement that writes the entries, in the order they were pushed
     /// (their ids follow it), skipping an entry already recorded (a message
-    /// handled again); its six arrays are parameters `$first`..`$first+5`,
-    /// bound by [`bind`](Self::bind).
+    /// handled again); its [`PARAMS`](Self::PARAMS) arrays are parameters
+    /// `$first`.., bound by [`bind`](Self::bind).
     pub fn insert(first: usize) -> String {
         let p = |i: usize| first + i;
         format!(

@@ -15,6 +15,9 @@ use orderflow_shared::store::{ADMIT_ALL, UnitOfWork, admitted_now};
 
 use sqlx::PgConnection;
 
+use crate::history::Pending;
+use crate::timers::Settling;
+
 orderflow_shared::text_enum! {
     /// Where a saga is: running until its first terminal event.
     pub enum SagaStatus {
@@ -173,8 +176,8 @@ impl Sagas {
     /// nothing changed they change nothing), and commits `unit`.
     pub async fn write_and_commit(
         self,
-        history: &crate::history::Pending,
-        settling: &crate::timers::Settling,
+        history: &Pending,
+        settling: &Settling,
         unit: UnitOfWork,
     ) -> Result<(), sqlx::Error> {
         let changed: Vec<(String, Saga)> =
@@ -182,21 +185,27 @@ impl Sagas {
         let ids: Vec<&str> = changed.iter().map(|(id, _)| id.as_str()).collect();
         let statuses: Vec<SagaStatus> = changed.iter().map(|(_, s)| s.status).collect();
         let steps: Vec<Option<SagaStep>> = changed.iter().map(|(_, s)| s.step).collect();
+        // Parameters: the sagas', then the timers', then the history's.
+        let settling_first = WRITE_SAGAS_PARAMS + 1;
+        let history_first = settling_first + Settling::PARAMS;
         unit.commit_with(
             |emitted| {
                 format!(
                     "WITH written AS ({WRITE_SAGAS}), {}, recorded AS ({}), {emitted} \
                      SELECT id, message_id FROM emitted",
-                    crate::timers::Settling::ctes(4),
-                    crate::history::Pending::insert(7)
+                    Settling::ctes(settling_first),
+                    Pending::insert(history_first)
                 )
             },
-            12,
+            WRITE_SAGAS_PARAMS + Settling::PARAMS + Pending::PARAMS,
             |query| history.bind(settling.bind(query.bind(&ids).bind(&statuses).bind(&steps))),
         )
         .await
     }
 }
+
+/// How many parameters [`WRITE_SAGAS`] takes.
+const WRITE_SAGAS_PARAMS: usize = 3;
 
 /// Writes sagas back: `$1` order ids, `$2` statuses, `$3` steps.
 const WRITE_SAGAS: &str = "UPDATE sagas SET status = u.status, step = u.step, updated_at = now() \

@@ -117,8 +117,11 @@ impl Settling {
         self.ended.push(order_id.to_owned());
     }
 
+    /// How many parameters [`ctes`](Self::ctes) takes (its arrays).
+    pub const PARAMS: usize = 3;
+
     /// Two `WITH`s (`completed`, `ended`) writing these changes, with
-    /// parameters `$first`..`$first + 2` ([`bind`](Self::bind)). A step of
+    /// [`PARAMS`](Self::PARAMS) parameters from `$first` ([`bind`](Self::bind)). A step of
     /// an order that also ended in this unit is left to the end, which
     /// disarms it as well: one statement must not change a row twice.
     pub fn ctes(first: usize) -> String {
@@ -287,7 +290,7 @@ impl TimerLoop {
                     crate::history::Pending::insert(1)
                 )
             },
-            6,
+            crate::history::Pending::PARAMS,
             |query| history.bind(query),
         )
         .await?;
