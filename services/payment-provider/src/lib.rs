@@ -483,9 +483,7 @@ impl ProviderHandler {
                 &self.service,
                 cause,
                 &format!(
-                    "UPDATE captures SET status = 'captured', charged_cents = $2, \
-                     capture_id = $3, updated_at = now() \
-                     WHERE order_id = $1 AND status IN ('charging', 'pending') AND {ADMITTED} \
+                    "{RECORD_CAPTURE} AND status IN ('charging', 'pending') AND {ADMITTED} \
                      RETURNING order_id"
                 ),
                 3,
@@ -499,7 +497,7 @@ impl ProviderHandler {
             )
             .await?;
         if recorded {
-            tracing::info!(%order_id, provider = %self.method, charged_cents = receipt.amount_cents, capture_id = %receipt.reference, "payment captured");
+            self.log_captured(order_id, receipt);
         } else {
             // Applied before (a redelivery that charged with the same key:
             // the gateway charged once), or the cancellation resolved the
@@ -507,6 +505,11 @@ impl ProviderHandler {
             tracing::info!(%order_id, message_id = %cause.message_id, "capture not recorded: applied before, or resolved by the cancellation meanwhile");
         }
         Ok(())
+    }
+
+    /// Says which capture was recorded.
+    fn log_captured(&self, order_id: &str, receipt: &Receipt) {
+        tracing::info!(%order_id, provider = %self.method, charged_cents = receipt.amount_cents, capture_id = %receipt.reference, "payment captured");
     }
 
     /// `payment.captured` for `receipt`, caused by `cause`.
@@ -532,17 +535,14 @@ impl ProviderHandler {
     ) -> Result<(), sqlx::Error> {
         match outcome {
             Outcome::Captured(receipt) => {
-                sqlx::query(
-                    "UPDATE captures SET status = 'captured', charged_cents = $2, capture_id = $3, \
-                     updated_at = now() WHERE order_id = $1",
-                )
-                .bind(order_id)
-                .bind(receipt.amount_cents)
-                .bind(&receipt.reference)
-                .execute(unit.conn())
-                .await?;
+                sqlx::query(RECORD_CAPTURE)
+                    .bind(order_id)
+                    .bind(receipt.amount_cents)
+                    .bind(&receipt.reference)
+                    .execute(unit.conn())
+                    .await?;
                 unit.emit(self.captured(order_id, receipt, cause));
-                tracing::info!(%order_id, provider = %self.method, charged_cents = receipt.amount_cents, capture_id = %receipt.reference, "payment captured");
+                self.log_captured(order_id, receipt);
             }
             Outcome::Failed {
                 reason,
@@ -752,6 +752,12 @@ impl Handler for ProviderHandler {
 
 /// Deliveries a provider takes at once at most.
 const BATCH_SIZE: usize = 32;
+
+/// Records a capture on the intent of `$1`: `$2` charged cents, `$3` the
+/// gateway's reference. A batch runs it on intents it locked open; a charge
+/// on its own adds the still-open and first-delivery conditions.
+const RECORD_CAPTURE: &str = "UPDATE captures SET status = 'captured', charged_cents = $2, \
+     capture_id = $3, updated_at = now() WHERE order_id = $1";
 
 /// One payment decision being charged.
 #[derive(Debug)]
