@@ -5,6 +5,7 @@
 //! in one transaction), and a [`store::Relay`] publishes the outbox with
 //! publisher confirms. Everything talks to the real RabbitMQ and PostgreSQL.
 
+mod allocator;
 pub mod app;
 pub mod bus;
 pub mod config;
