@@ -556,10 +556,16 @@ async fn a_provider_batch_charges_each_decision_once_and_a_forged_one_fails_alon
 async fn a_provider_charge_on_its_own_is_recorded_once_and_never_over_the_cancellation_that_resolved_it()
  {
     use orderflow_shared::events::{Event, OrderCancelled, PaymentSelected};
-    // The gateway takes 400 ms: long enough for a cancellation to come in
-    // while a charge is at the gateway.
-    let (system, decisions, payments, provider) =
-        weixin_decisions(|s| s.gateway_latency_ms = 400, &["tea", "tofu", "noodles"]).await;
+    // The gateway takes 2 s: long enough for a cancellation to come in
+    // while a charge is at the gateway, even with the suite loading the
+    // machine (with 400 ms, a debug build under load sometimes took the
+    // cancellation's lock after the charge had come back and been recorded,
+    // which is the other, also correct, order of events).
+    let (system, decisions, payments, provider) = weixin_decisions(
+        |s| s.gateway_latency_ms = 2_000,
+        &["tea", "tofu", "noodles"],
+    )
+    .await;
     let provider = Arc::new(provider);
     let selected = |(order_id, amount): &(String, i64)| {
         message(
