@@ -241,7 +241,7 @@ impl CoordinatorHandler {
                 return reject(format!("order is already {status}"));
             }
             // A genuine token whose payment.awaiting we have not seen yet.
-            return Err(HandleError::transient(StepNotOpenYet(
+            return Err(HandleError::not_yet(StepNotOpenYet(
                 submitted.order_id.clone(),
             )));
         };

@@ -3,6 +3,8 @@
 //! with backoff, and the retry ladder of docs/design.md §4.5:
 //!
 //! 1. a transient error is retried in-process with exponential backoff (backon);
+//!    a message that only waits for another one already on its way
+//!    ([`HandleError::NotYet`]) sooner and for longer ([`NOT_YET_DELAYS`]);
 //! 2. then the message goes through the delay tiers (`orderflow.<svc>.retry.*`,
 //!    TTL queues that dead-letter back to the service queue through
 //!    `orderflow.<svc>.redeliver`);
@@ -66,6 +68,14 @@ pub enum HandleError {
     /// Will never work (invalid data, a broken invariant).
     #[error("permanent: {0:#}")]
     Permanent(anyhow::Error),
+    /// Transient, and expected to pass within milliseconds: the message
+    /// arrived before another one it depends on, which is already on its way
+    /// (a payment submission before the coordinator applied the order's
+    /// `payment.awaiting`). Retried in process at [`NOT_YET_DELAYS`] rather
+    /// than the consumer's backoff, then through the delay tiers like any
+    /// transient error.
+    #[error("not yet: {0:#}")]
+    NotYet(anyhow::Error),
 }
 
 impl HandleError {
@@ -77,8 +87,73 @@ impl HandleError {
         Self::Permanent(error.into())
     }
 
+    /// See [`HandleError::NotYet`].
+    pub fn not_yet(error: impl Into<anyhow::Error>) -> Self {
+        Self::NotYet(error.into())
+    }
+
+    /// Might work later ([`Transient`](Self::Transient) or
+    /// [`NotYet`](Self::NotYet)).
     pub fn is_transient(&self) -> bool {
-        matches!(self, Self::Transient(_))
+        matches!(self, Self::Transient(_) | Self::NotYet(_))
+    }
+
+    pub fn is_not_yet(&self) -> bool {
+        matches!(self, Self::NotYet(_))
+    }
+}
+
+/// The pauses before the in-process retries of a message that is
+/// [`NotYet`](HandleError::NotYet) applicable: short at first (what it waits
+/// for is usually a few milliseconds behind), doubling, ≈ 0.5 s in all, about
+/// as long as the consumer's backoff waits in all for three retries. The
+/// consumer's first backoff (50–100 ms) was what such a message cost before,
+/// when most of them could have gone on after 2 ms.
+pub const NOT_YET_DELAYS: [Duration; 8] = [
+    Duration::from_millis(2),
+    Duration::from_millis(4),
+    Duration::from_millis(8),
+    Duration::from_millis(16),
+    Duration::from_millis(32),
+    Duration::from_millis(64),
+    Duration::from_millis(128),
+    Duration::from_millis(256),
+];
+
+/// The in-process retries of one message: a transient error waits what the
+/// consumer's backoff proposes, at most `transient_limit` times; a
+/// [`NotYet`](HandleError::NotYet) error waits [`NOT_YET_DELAYS`] in turn.
+/// Each kind has its own count, so a message that waited for another and
+/// then met a transient error still gets every retry of the backoff.
+#[derive(Debug)]
+struct InProcessRetries {
+    transient_limit: usize,
+    transient: usize,
+    not_yet: usize,
+}
+
+impl InProcessRetries {
+    fn new(transient_limit: usize) -> Self {
+        Self {
+            transient_limit,
+            transient: 0,
+            not_yet: 0,
+        }
+    }
+
+    /// The pause before the next retry after `error`, or `None` to stop
+    /// retrying in process; `proposed` is the backoff's next pause.
+    fn next(&mut self, error: &HandleError, proposed: Option<Duration>) -> Option<Duration> {
+        if error.is_not_yet() {
+            let pause = NOT_YET_DELAYS.get(self.not_yet).copied();
+            self.not_yet += 1;
+            return pause;
+        }
+        self.transient += 1;
+        if self.transient > self.transient_limit {
+            return None;
+        }
+        proposed
     }
 }
 
@@ -660,25 +735,42 @@ async fn process<H: Handler>(state: &ConsumerState<H>, delivery: Delivery) {
         }
     };
     let envelope = &message.envelope;
+    // The backoff proposes a pause for every retry of either kind;
+    // `InProcessRetries` counts and stops them.
     let backoff = ExponentialBuilder::default()
         .with_min_delay(state.options.retry_min_delay)
         .with_max_delay(state.options.retry_max_delay)
-        .with_max_times(state.options.in_process_retries)
+        .with_max_times(state.options.in_process_retries + NOT_YET_DELAYS.len())
         .with_jitter();
+    let mut retries = InProcessRetries::new(state.options.in_process_retries);
     let result = (|| call_handler(state.handler.as_ref(), &message))
         .retry(backoff)
         .sleep(tokio::time::sleep)
         .when(HandleError::is_transient)
+        .adjust(|error, proposed| retries.next(error, proposed))
         .notify(|error, delay| {
-            tracing::warn!(
-                %service,
-                order_id = %envelope.correlation_id,
-                message_id = %envelope.message_id,
-                kind = %envelope.kind,
-                %error,
-                ?delay,
-                "transient failure, retrying in process"
-            );
+            if error.is_not_yet() {
+                // Expected now and then, and usually over at the next try.
+                tracing::debug!(
+                    %service,
+                    order_id = %envelope.correlation_id,
+                    message_id = %envelope.message_id,
+                    kind = %envelope.kind,
+                    %error,
+                    ?delay,
+                    "waits for another message, retrying in process"
+                );
+            } else {
+                tracing::warn!(
+                    %service,
+                    order_id = %envelope.correlation_id,
+                    message_id = %envelope.message_id,
+                    kind = %envelope.kind,
+                    %error,
+                    ?delay,
+                    "transient failure, retrying in process"
+                );
+            }
         })
         .await;
     let reason = match result {
@@ -694,7 +786,7 @@ async fn process<H: Handler>(state: &ConsumerState<H>, delivery: Delivery) {
             return;
         }
         Err(HandleError::Permanent(error)) => format!("permanent failure: {error:#}"),
-        Err(HandleError::Transient(error)) => {
+        Err(HandleError::Transient(error) | HandleError::NotYet(error)) => {
             if let Some(delay_exchange) = state.delay_exchanges.get(message.retries as usize) {
                 delay(state, &delivery, &message, delay_exchange, &error).await;
                 return;
@@ -913,6 +1005,63 @@ mod tests {
         fn kind(&self) -> sqlx::error::ErrorKind {
             sqlx::error::ErrorKind::Other
         }
+    }
+
+    fn transient() -> HandleError {
+        HandleError::transient(anyhow::anyhow!("database unavailable"))
+    }
+
+    fn not_yet() -> HandleError {
+        HandleError::not_yet(anyhow::anyhow!("payment step not open yet"))
+    }
+
+    #[test]
+    fn a_message_that_waits_for_another_is_retried_soon_and_often() {
+        let mut retries = InProcessRetries::new(3);
+        let proposed = Some(Duration::from_millis(70));
+        let pauses: Vec<Option<Duration>> = (0..=NOT_YET_DELAYS.len())
+            .map(|_| retries.next(&not_yet(), proposed))
+            .collect();
+        let expected: Vec<Option<Duration>> = NOT_YET_DELAYS
+            .iter()
+            .copied()
+            .map(Some)
+            .chain([None])
+            .collect();
+        assert_eq!(pauses, expected, "the backoff's pause is not used");
+        assert!(
+            NOT_YET_DELAYS.len() > 3,
+            "more tries than a transient error"
+        );
+    }
+
+    #[test]
+    fn a_transient_error_takes_the_backoffs_pauses_as_often_as_configured() {
+        let mut retries = InProcessRetries::new(3);
+        for n in 1..=3 {
+            let proposed = Some(Duration::from_millis(50 * n));
+            assert_eq!(retries.next(&transient(), proposed), proposed, "retry {n}");
+        }
+        assert_eq!(
+            retries.next(&transient(), Some(Duration::from_millis(400))),
+            None,
+            "then the delay tiers"
+        );
+        assert!(!database("23505", "duplicate").is_not_yet());
+    }
+
+    #[test]
+    fn waiting_and_transient_retries_are_counted_apart() {
+        let mut retries = InProcessRetries::new(1);
+        let proposed = Some(Duration::from_millis(50));
+        assert_eq!(retries.next(&not_yet(), proposed), Some(NOT_YET_DELAYS[0]));
+        assert_eq!(retries.next(&transient(), proposed), proposed);
+        assert_eq!(retries.next(&not_yet(), proposed), Some(NOT_YET_DELAYS[1]));
+        assert_eq!(retries.next(&transient(), proposed), None);
+        assert!(
+            not_yet().is_transient(),
+            "a waiting message is not dead-lettered"
+        );
     }
 
     fn database(code: &'static str, message: &'static str) -> HandleError {

@@ -233,6 +233,81 @@ async fn a_coordinator_batch_applies_two_events_of_one_order_in_order_and_a_dupl
     env.cleanup().await;
 }
 
+/// A genuine payment submission that reaches the coordinator before the
+/// order's `payment.awaiting` (the customer, answered by the order API, was
+/// quicker) is not decided, and not recorded as applied: the coordinator
+/// says it waits for another message ([`HandleError::NotYet`], retried in
+/// process soon), and once the step is open the same message is decided.
+#[tokio::test]
+async fn a_submission_before_its_payment_step_waits_for_it_and_is_then_decided() {
+    use orderflow_shared::events::{Event, InfoGenerated, PaymentSubmitted};
+    let env = TestEnv::orderflow().await;
+    let (db, coordinator) = coordinator(&env).await;
+    let keys = orderflow_shared::token::TokenKeys::parse(&secrecy::SecretString::from(
+        orderflow_tests::TEST_TOKEN_KEYS.to_owned(),
+    ))
+    .unwrap();
+    let info = InfoGenerated {
+        order_id: "e".into(),
+        supplier: "haidilao".into(),
+        payment_methods: vec!["zhifubao".into()],
+        amount_cents: 900,
+    };
+    let now = chrono::Utc::now().timestamp_millis();
+    let awaiting = payment_wait::open_step(&keys, 300, &info, now as u64, now).unwrap();
+    let submitted = message(
+        Event::PaymentSubmitted(PaymentSubmitted {
+            order_id: "e".into(),
+            token: awaiting.token.clone(),
+            method: "zhifubao".into(),
+        }),
+        None,
+    );
+    coordinator
+        .handle_batch(&[
+            message(started("e", "tea"), None),
+            message(Event::InfoGenerated(info), None),
+        ])
+        .await
+        .unwrap();
+
+    let early = coordinator.handle(&submitted).await.unwrap_err();
+    assert!(early.is_not_yet(), "{early}");
+    assert!(early.to_string().contains("not open yet"), "{early}");
+    let names = |history: Vec<(String, String)>| -> Vec<String> {
+        history.into_iter().map(|(_, name)| name).collect()
+    };
+    assert_eq!(
+        names(history_of(&db, "e").await),
+        ["order.started", "order.info-generated"],
+        "nothing of the early submission is kept"
+    );
+
+    coordinator
+        .handle(&message(Event::PaymentAwaiting(awaiting), None))
+        .await
+        .unwrap();
+    coordinator.handle(&submitted).await.unwrap();
+    assert_eq!(
+        names(history_of(&db, "e").await),
+        [
+            "order.started",
+            "order.info-generated",
+            "payment.awaiting",
+            "payment.submitted",
+            "payment.selected.zhifubao"
+        ]
+    );
+    let accepted: Option<String> =
+        sqlx::query_scalar("SELECT accepted_method FROM payment_steps WHERE order_id = 'e'")
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+    assert_eq!(accepted.as_deref(), Some("zhifubao"));
+    db.close().await;
+    env.cleanup().await;
+}
+
 /// The timers a coordinator unit completes or ends are written with its
 /// sagas, in one statement: a completion before the arming leaves a settled
 /// row, an ending disarms everything, and an order whose step completes and

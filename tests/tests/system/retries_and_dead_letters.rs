@@ -16,8 +16,10 @@ use orderflow_shared::topology::ServiceSpec;
 use orderflow_tests::{TestEnv, eventually};
 use tokio::task::JoinHandle;
 
-/// Fails transiently `failures` times per message, then succeeds; an order id
-/// containing "poison" is a permanent failure, "panic" panics.
+/// Fails transiently `failures` times per message, then succeeds (an order
+/// id containing "early" fails as a message waiting for another one,
+/// [`HandleError::NotYet`]); an order id containing "poison" is a permanent
+/// failure, "panic" panics.
 struct Flaky {
     failures: usize,
     calls: AtomicUsize,
@@ -51,6 +53,11 @@ impl Handler for Flaky {
         }
         assert!(!message.order_id().contains("panic"), "handler bug");
         let call = self.calls.fetch_add(1, Ordering::SeqCst);
+        if call < self.failures && message.order_id().contains("early") {
+            return Err(HandleError::not_yet(anyhow::anyhow!(
+                "the step this message is for is not open yet"
+            )));
+        }
         if call < self.failures {
             return Err(HandleError::transient(anyhow::anyhow!(
                 "database unavailable"
@@ -97,6 +104,23 @@ async fn a_transient_failure_is_retried_in_process_and_then_succeeds() {
     })
     .await;
     assert_eq!(handler.calls(), 3, "two failures, then success");
+    assert_eq!(handler.handled()[0].retries, 0, "no delay queue needed");
+    stop_with_no_dead_letter(&env, stop, consumer).await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_message_waiting_for_another_is_retried_in_process_more_often_than_a_transient_failure() {
+    // Six failures: a transient error would have gone to the first delay
+    // tier after three in-process retries; a waiting message is retried
+    // in process up to eight times, the first after 2 ms.
+    let (env, handler, stop, consumer) = start_worker(6).await;
+    env.publish_sample("early-1").await;
+    eventually(Duration::from_secs(10), "handled after retries", || async {
+        !handler.handled().is_empty()
+    })
+    .await;
+    assert_eq!(handler.calls(), 7, "six failures, then success");
     assert_eq!(handler.handled()[0].retries, 0, "no delay queue needed");
     stop_with_no_dead_letter(&env, stop, consumer).await;
     env.cleanup().await;
