@@ -749,27 +749,25 @@ async fn process<H: Handler>(state: &ConsumerState<H>, delivery: Delivery) {
         .when(HandleError::is_transient)
         .adjust(|error, proposed| retries.next(error, proposed))
         .notify(|error, delay| {
+            // tracing's levels are static: one call per level, same fields.
+            macro_rules! retrying {
+                ($level:ident, $what:literal) => {
+                    tracing::$level!(
+                        %service,
+                        order_id = %envelope.correlation_id,
+                        message_id = %envelope.message_id,
+                        kind = %envelope.kind,
+                        %error,
+                        ?delay,
+                        $what
+                    )
+                };
+            }
             if error.is_not_yet() {
                 // Expected now and then, and usually over at the next try.
-                tracing::debug!(
-                    %service,
-                    order_id = %envelope.correlation_id,
-                    message_id = %envelope.message_id,
-                    kind = %envelope.kind,
-                    %error,
-                    ?delay,
-                    "waits for another message, retrying in process"
-                );
+                retrying!(debug, "waits for another message, retrying in process");
             } else {
-                tracing::warn!(
-                    %service,
-                    order_id = %envelope.correlation_id,
-                    message_id = %envelope.message_id,
-                    kind = %envelope.kind,
-                    %error,
-                    ?delay,
-                    "transient failure, retrying in process"
-                );
+                retrying!(warn, "transient failure, retrying in process");
             }
         })
         .await;
