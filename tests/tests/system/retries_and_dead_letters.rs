@@ -95,18 +95,28 @@ async fn stop_with_no_dead_letter(env: &TestEnv, stop: Shutdown, consumer: JoinH
     assert_eq!(env.message_count(&env.dead_letter_queue("worker")).await, 0);
 }
 
-#[tokio::test]
-async fn a_transient_failure_is_retried_in_process_and_then_succeeds() {
-    let (env, handler, stop, consumer) = start_worker(2).await;
-    env.publish_sample("order-1").await;
+/// A message for `order_id` that fails `failures` times is handled in
+/// process: `failures + 1` calls, no delay queue, no dead letter.
+async fn handled_in_process_after(failures: usize, order_id: &str) {
+    let (env, handler, stop, consumer) = start_worker(failures).await;
+    env.publish_sample(order_id).await;
     eventually(Duration::from_secs(10), "handled after retries", || async {
         !handler.handled().is_empty()
     })
     .await;
-    assert_eq!(handler.calls(), 3, "two failures, then success");
+    assert_eq!(
+        handler.calls(),
+        failures + 1,
+        "{failures} failures, then success"
+    );
     assert_eq!(handler.handled()[0].retries, 0, "no delay queue needed");
     stop_with_no_dead_letter(&env, stop, consumer).await;
     env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_transient_failure_is_retried_in_process_and_then_succeeds() {
+    handled_in_process_after(2, "order-1").await;
 }
 
 #[tokio::test]
@@ -114,16 +124,7 @@ async fn a_message_waiting_for_another_is_retried_in_process_more_often_than_a_t
     // Six failures: a transient error would have gone to the first delay
     // tier after three in-process retries; a waiting message is retried
     // in process up to eight times, the first after 2 ms.
-    let (env, handler, stop, consumer) = start_worker(6).await;
-    env.publish_sample("early-1").await;
-    eventually(Duration::from_secs(10), "handled after retries", || async {
-        !handler.handled().is_empty()
-    })
-    .await;
-    assert_eq!(handler.calls(), 7, "six failures, then success");
-    assert_eq!(handler.handled()[0].retries, 0, "no delay queue needed");
-    stop_with_no_dead_letter(&env, stop, consumer).await;
-    env.cleanup().await;
+    handled_in_process_after(6, "early-1").await;
 }
 
 #[tokio::test]
