@@ -2,7 +2,8 @@
 // comparison in BENCHMARKS.md (not part of orderflow).
 //
 // One journaled step per orderflow worker: generate-info, payment-wait, the
-// payment decision, the provider's charge, order-completed / order-cancelled.
+// payment decision (the "payment" promise's completion, which the engine
+// journals), the provider's charge, order-completed / order-cancelled.
 // The client waits for the payment step through the "awaiting" promise and
 // submits through "payment", as orderflow's client long-polls and POSTs.
 import * as restate from "@restatedev/restate-sdk";
