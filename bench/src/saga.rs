@@ -16,7 +16,7 @@ use anyhow::{Context as _, bail};
 use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
 use orderflow_shared::Shutdown;
-use orderflow_shared::app::Ctx;
+use orderflow_shared::app::{Ctx, shutdown_on_signal};
 use orderflow_shared::config::Settings;
 use orderflow_shared::metadata::Metadata;
 use orderflow_shared::store;
@@ -94,17 +94,27 @@ struct InProcess {
 }
 
 impl InProcess {
-    async fn start(settings: Settings) -> anyhow::Result<Self> {
+    /// Starts the system; it stops when `shutdown` is cancelled (by
+    /// [`stop`](Self::stop), or by an interruption), and `running` is dropped
+    /// once every worker has finished.
+    async fn start(
+        settings: Settings,
+        shutdown: Shutdown,
+        running: tokio::sync::mpsc::Sender<()>,
+    ) -> anyhow::Result<Self> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .context("binding a local port for the order API")?;
         let base = format!("http://{}", listener.local_addr()?);
         let ctx = Ctx::declare(settings, Metadata::from_env()?, "orderflow-bench").await?;
-        let shutdown = Shutdown::new();
         let tasks = orderflow_workers::whole_system(&ctx, listener, &shutdown);
         let system = tokio::spawn({
             let shutdown = shutdown.clone();
-            async move { orderflow_workers::run_all(tasks, &shutdown).await }
+            async move {
+                let stopped = orderflow_workers::run_all(tasks, &shutdown).await;
+                drop(running);
+                stopped
+            }
         });
         let system = Self {
             base,
@@ -148,6 +158,8 @@ impl InProcess {
 /// The throwaway namespace and database of an in-process run.
 struct Scratch {
     settings: Settings,
+    /// The database's name, as a user would look for it.
+    database: String,
 }
 
 impl Scratch {
@@ -155,13 +167,13 @@ impl Scratch {
         let mut settings = Settings::from_env()?;
         let tag = crate::scratch::tag();
         settings.namespace = format!("bench-{tag}");
-        settings.database_url =
-            store::url_with_database(&settings.database_url, &format!("orderflow_bench_{tag}"))?;
+        let database = format!("orderflow_bench_{tag}");
+        settings.database_url = store::url_with_database(&settings.database_url, &database)?;
         settings.gateway_latency_ms = args.gateway_latency_ms;
         if settings.token_keys.is_none() {
             settings.token_keys = Some(SecretString::from(DEV_KEYS.to_owned()));
         }
-        Ok(Self { settings })
+        Ok(Self { settings, database })
     }
 
     /// Deletes the namespace's queues and exchanges and drops the database.
@@ -235,6 +247,17 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
         Some(_) => None,
         None => Some(Scratch::new(args)?),
     };
+    if let Some(scratch) = &scratch {
+        // Named up front: a run killed with SIGKILL cannot remove them.
+        eprintln!(
+            "in-process run: namespace {}, database {} (removed at the end, also on Ctrl-C or SIGTERM)",
+            scratch.settings.namespace, scratch.database,
+        );
+    }
+    // Ctrl-C, and SIGTERM from `timeout`, `kill` or a cancelled CI job.
+    let interrupted = shutdown_on_signal();
+    // Closed once the in-process system has stopped (or never started).
+    let (running, mut stopped) = tokio::sync::mpsc::channel::<()>(1);
     let settings = match &scratch {
         Some(scratch) => scratch.settings.clone(),
         None => Settings::from_env()?,
@@ -251,7 +274,8 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
             report
         } else {
             store::Db::migrate_all(&settings.database_url).await?;
-            let system = InProcess::start(settings.clone()).await?;
+            let system =
+                InProcess::start(settings.clone(), interrupted.child_token(), running).await?;
             let statements_before = statements(&settings).await;
             let before = next_xid(&settings).await?;
             let deliveries_before = orderflow_shared::bus::deliveries_received();
@@ -303,15 +327,25 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
     };
     let outcome = tokio::select! {
         outcome = work => Some(outcome),
-        _ = tokio::signal::ctrl_c() => None,
+        () = interrupted.cancelled() => None,
     };
-    if let Some(scratch) = &scratch
-        && let Err(error) = scratch.remove().await
-    {
-        eprintln!("warning: {error:#}");
+    if outcome.is_none() {
+        // The system was told to stop with the signal: let its workers
+        // finish before their queues and database go away.
+        let _ = tokio::time::timeout(Duration::from_secs(30), stopped.recv()).await;
     }
+    let removed = match &scratch {
+        Some(scratch) => match scratch.remove().await {
+            Ok(()) => "; the benchmark's namespace and database were removed",
+            Err(error) => {
+                eprintln!("warning: {error:#}");
+                ""
+            }
+        },
+        None => "",
+    };
     let Some(report) = outcome else {
-        eprintln!("interrupted; the benchmark's namespace and database were removed");
+        eprintln!("interrupted{removed}");
         return Ok(ExitCode::from(130));
     };
     let report = report?;

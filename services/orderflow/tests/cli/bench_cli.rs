@@ -1,9 +1,15 @@
 //! `orderflow bench` against a running system: every order ends as expected
 //! and the report line has the promised fields; in-process with `--baseline`:
-//! the ceiling is reported and nothing is left behind.
+//! the ceiling is reported and nothing is left behind; in-process and stopped
+//! with SIGTERM midway: its namespace and database are removed all the same.
+
+use std::process::Stdio;
+use std::time::Duration;
 
 use orderflow_tests::system::System;
+use secrecy::{ExposeSecret, SecretString};
 use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 
 use crate::support::{BIN, run};
@@ -54,37 +60,13 @@ async fn bench_reports_one_json_line_with_every_order_accounted_for() {
     system.stop().await;
 }
 
-/// Queue and database names an in-process bench leaves behind, if any.
-async fn leftovers() -> (Vec<String>, Vec<String>) {
-    let queues = tokio::process::Command::new("rabbitmqctl")
-        .args(["list_queues", "name", "-q"])
-        .stdin(std::process::Stdio::null())
-        .output()
-        .await
-        .map(|out| String::from_utf8_lossy(&out.stdout).into_owned())
-        .unwrap_or_default()
-        .lines()
-        .filter(|name| name.starts_with("bench-"))
-        .map(str::to_owned)
-        .collect();
-    let mut admin =
-        <sqlx::PgConnection as sqlx::Connection>::connect(&orderflow_tests::admin_database_url())
-            .await
-            .unwrap();
-    let databases: Vec<String> = sqlx::query_scalar(
-        "SELECT datname::text FROM pg_database WHERE datname LIKE 'orderflow\\_bench\\_%'",
-    )
-    .fetch_all(&mut admin)
-    .await
-    .unwrap();
-    (queues, databases)
-}
-
-#[tokio::test]
-async fn bench_in_process_with_baseline_reports_the_ceiling_and_leaves_nothing_behind() {
-    let before = leftovers().await;
-    let out = run(Command::new(BIN)
-        .args(["bench", "--orders", "6", "--concurrency", "2", "--baseline"])
+/// An in-process bench on the test's broker, with its own database put on
+/// the test's server; `args` after `bench`.
+fn in_process_bench(args: &[&str]) -> Command {
+    let mut command = Command::new(BIN);
+    command
+        .arg("bench")
+        .args(args)
         .env("ORDERFLOW_AMQP_URL", orderflow_tests::amqp_url())
         // The bench puts its own database on this server.
         .env(
@@ -92,9 +74,61 @@ async fn bench_in_process_with_baseline_reports_the_ceiling_and_leaves_nothing_b
             orderflow_tests::admin_database_url(),
         )
         .env_remove("ORDERFLOW_NAMESPACE")
-        .env_remove("ORDERFLOW_API_URL"))
-    .await
-    .succeeded();
+        .env_remove("ORDERFLOW_API_URL");
+    command
+}
+
+/// The namespace and database an in-process bench named on its stderr.
+fn scratch_named_in(stderr: &str) -> (String, String) {
+    let line = stderr
+        .lines()
+        .find_map(|line| line.strip_prefix("in-process run: namespace "))
+        .unwrap_or_else(|| panic!("no namespace named in: {stderr}"));
+    let (namespace, rest) = line.split_once(", database ").unwrap();
+    let database = rest.split_whitespace().next().unwrap();
+    (namespace.to_owned(), database.to_owned())
+}
+
+/// The queues of `namespace` and whether `database` exists.
+async fn left_of(namespace: &str, database: &str) -> (Vec<String>, bool) {
+    let listed = Command::new("rabbitmqctl")
+        .args(["list_queues", "name", "-q"])
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .unwrap();
+    assert!(listed.status.success(), "rabbitmqctl list_queues failed");
+    let prefix = format!("{namespace}.");
+    let queues = String::from_utf8_lossy(&listed.stdout)
+        .lines()
+        .filter(|name| name.starts_with(&prefix))
+        .map(str::to_owned)
+        .collect();
+    let mut admin =
+        <sqlx::PgConnection as sqlx::Connection>::connect(&orderflow_tests::admin_database_url())
+            .await
+            .unwrap();
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+            .bind(database)
+            .fetch_one(&mut admin)
+            .await
+            .unwrap();
+    (queues, exists)
+}
+
+#[tokio::test]
+async fn bench_in_process_with_baseline_reports_the_ceiling_and_leaves_nothing_behind() {
+    let ended = run(&mut in_process_bench(&[
+        "--orders",
+        "6",
+        "--concurrency",
+        "2",
+        "--baseline",
+    ]))
+    .await;
+    let (namespace, database) = scratch_named_in(&ended.err);
+    let out = ended.succeeded();
     let report: Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(report["mode"], "in-process", "{report}");
     assert_eq!(report["failures"], 0, "{report}");
@@ -120,9 +154,86 @@ async fn bench_in_process_with_baseline_reports_the_ceiling_and_leaves_nothing_b
         (fraction - report["orders_per_s"].as_f64().unwrap() / ceiling).abs() < 1e-9,
         "{report}"
     );
-    // The throwaway namespace and database are gone (other tests' benches
-    // may run at the same time: compare with what was there before).
-    let after = leftovers().await;
-    assert!(after.0.iter().all(|q| before.0.contains(q)), "{after:?}");
-    assert!(after.1.iter().all(|d| before.1.contains(d)), "{after:?}");
+    // The throwaway namespace and database are gone.
+    assert_eq!(
+        left_of(&namespace, &database).await,
+        (vec![], false),
+        "{namespace} / {database}"
+    );
+}
+
+#[tokio::test]
+async fn bench_stopped_with_sigterm_midway_removes_its_namespace_and_database() {
+    // Far more orders than it can finish before the signal.
+    let mut child = in_process_bench(&["--orders", "100000", "--concurrency", "4"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
+    let first = tokio::time::timeout(Duration::from_secs(30), stderr.next_line())
+        .await
+        .expect("the bench named nothing within 30 s")
+        .unwrap()
+        .expect("the bench ended before naming its namespace");
+    let (namespace, database) = scratch_named_in(&first);
+    // Midway: its system is up and orders are going through.
+    let running = async {
+        loop {
+            let orders: Option<i64> = async {
+                let url = orderflow_shared::store::url_with_database(
+                    &SecretString::from(orderflow_tests::admin_database_url()),
+                    &database,
+                )
+                .ok()?;
+                let mut db = <sqlx::PgConnection as sqlx::Connection>::connect(url.expose_secret())
+                    .await
+                    .ok()?;
+                sqlx::query_scalar("SELECT count(*) FROM orders.orders")
+                    .fetch_one(&mut db)
+                    .await
+                    .ok()
+            }
+            .await;
+            if orders.is_some_and(|n| n >= 10) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_mins(2), running)
+        .await
+        .expect("no 10 orders in the bench's database within 2 minutes");
+    let (queues, exists) = left_of(&namespace, &database).await;
+    assert!(!queues.is_empty() && exists, "nothing to remove yet");
+
+    let pid = child.id().unwrap();
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let status = tokio::time::timeout(Duration::from_mins(1), child.wait())
+        .await
+        .expect("the bench did not stop within 60 s of SIGTERM")
+        .unwrap();
+    let mut said = String::new();
+    while let Ok(Ok(Some(line))) =
+        tokio::time::timeout(Duration::from_secs(5), stderr.next_line()).await
+    {
+        said.push_str(&line);
+        said.push('\n');
+    }
+    assert_eq!(status.code(), Some(130), "{status}; stderr: {said}");
+    assert!(
+        said.contains("interrupted; the benchmark's namespace and database were removed"),
+        "{said}"
+    );
+    assert_eq!(
+        left_of(&namespace, &database).await,
+        (vec![], false),
+        "{namespace} / {database} left behind"
+    );
 }
