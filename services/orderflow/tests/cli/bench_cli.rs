@@ -12,7 +12,7 @@ use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 
-use crate::support::{BIN, run};
+use crate::support::{BIN, run, stop_with_sigterm};
 
 #[tokio::test]
 async fn bench_reports_one_json_line_with_every_order_accounted_for() {
@@ -209,16 +209,7 @@ async fn bench_stopped_with_sigterm_midway_removes_its_namespace_and_database() 
     let (queues, exists) = left_of(&namespace, &database).await;
     assert!(!queues.is_empty() && exists, "nothing to remove yet");
 
-    let pid = child.id().unwrap();
-    let killed = std::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
-    let status = tokio::time::timeout(Duration::from_mins(1), child.wait())
-        .await
-        .expect("the bench did not stop within 60 s of SIGTERM")
-        .unwrap();
+    let status = stop_with_sigterm(&mut child, Duration::from_mins(1), "the bench").await;
     let mut said = String::new();
     while let Ok(Ok(Some(line))) =
         tokio::time::timeout(Duration::from_secs(5), stderr.next_line()).await

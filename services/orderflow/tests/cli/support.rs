@@ -118,3 +118,22 @@ impl WaitForQueue for TestEnv {
         .await;
     }
 }
+
+/// Sends SIGTERM to `child` and waits up to `patience` for it to end; how
+/// it ended. `what` names the program in the failure.
+pub async fn stop_with_sigterm(
+    child: &mut Child,
+    patience: Duration,
+    what: &str,
+) -> std::process::ExitStatus {
+    let pid = child.id().expect("the process is still running");
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    tokio::time::timeout(patience, child.wait())
+        .await
+        .unwrap_or_else(|_| panic!("{what} did not stop within {patience:?} of SIGTERM"))
+        .unwrap()
+}

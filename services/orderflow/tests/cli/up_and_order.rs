@@ -10,7 +10,7 @@ use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-use crate::support::{BIN, Ended, orderflow_in, run, spawn_logging_warnings};
+use crate::support::{BIN, Ended, orderflow_in, run, spawn_logging_warnings, stop_with_sigterm};
 
 /// Starts `orderflow up` on the test's namespace and database; returns the
 /// child, the API URL it printed and the console's development operator token.
@@ -114,16 +114,7 @@ async fn up_serves_orders_and_survives_sigkill() {
         .failed_saying(&["SKU:QUANTITY"]);
 
     // SIGTERM: a graceful stop.
-    let pid = second.id().unwrap();
-    let killed = std::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
-    let status = tokio::time::timeout(Duration::from_secs(30), second.wait())
-        .await
-        .expect("`orderflow up` stops within 30 s of SIGTERM")
-        .unwrap();
+    let status = stop_with_sigterm(&mut second, Duration::from_secs(30), "`orderflow up`").await;
     assert!(status.success(), "{status}");
     env.cleanup().await;
 }
