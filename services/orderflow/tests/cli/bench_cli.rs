@@ -6,6 +6,7 @@
 use std::process::Stdio;
 use std::time::Duration;
 
+use orderflow_tests::eventually;
 use orderflow_tests::system::System;
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::Value;
@@ -180,32 +181,27 @@ async fn bench_stopped_with_sigterm_midway_removes_its_namespace_and_database() 
         .expect("the bench ended before naming its namespace");
     let (namespace, database) = scratch_named_in(&first);
     // Midway: its system is up and orders are going through.
-    let running = async {
-        loop {
-            let orders: Option<i64> = async {
-                let url = orderflow_shared::store::url_with_database(
-                    &SecretString::from(orderflow_tests::admin_database_url()),
-                    &database,
-                )
-                .ok()?;
-                let mut db = <sqlx::PgConnection as sqlx::Connection>::connect(url.expose_secret())
-                    .await
-                    .ok()?;
-                sqlx::query_scalar("SELECT count(*) FROM orders.orders")
-                    .fetch_one(&mut db)
-                    .await
-                    .ok()
-            }
-            .await;
-            if orders.is_some_and(|n| n >= 10) {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    };
-    tokio::time::timeout(Duration::from_mins(2), running)
-        .await
-        .expect("no 10 orders in the bench's database within 2 minutes");
+    let url = orderflow_shared::store::url_with_database(
+        &SecretString::from(orderflow_tests::admin_database_url()),
+        &database,
+    )
+    .unwrap();
+    eventually(
+        Duration::from_mins(2),
+        "10 orders in the bench's database",
+        || async {
+            let Ok(mut db) =
+                <sqlx::PgConnection as sqlx::Connection>::connect(url.expose_secret()).await
+            else {
+                return false;
+            };
+            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM orders.orders")
+                .fetch_one(&mut db)
+                .await
+                .is_ok_and(|n| n >= 10)
+        },
+    )
+    .await;
     let (queues, exists) = left_of(&namespace, &database).await;
     assert!(!queues.is_empty() && exists, "nothing to remove yet");
 
